@@ -1,0 +1,52 @@
+"""Train a sentencepiece tokenizer with LLaMA's settings (BPE, byte fallback, split digits).
+
+LLaMA-2's tokenizer.model: 32000 BPE pieces, <unk>=0, <s>=1 (BOS), </s>=2 (EOS), no pad id, digits split
+into single pieces, unknown characters fall back to their UTF-8 bytes (<0x00>..<0xFF>). We train the same
+kind of model on our own text so that the synthetic world and the tests use the exact file format that
+model.Tokenizer reads for Meta's checkpoints.
+"""
+import io
+import os
+
+import sentencepiece as spm
+
+LLAMA_SPM_SETTINGS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,  # Meta's tokenizer has no pad id
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=True,
+    allow_whitespace_only_pieces=True,
+    character_coverage=1.0,
+    max_sentence_length=1 << 14,
+    num_threads=2,
+    minloglevel=2,  # quiet
+)
+
+
+def train_tokenizer(texts, out_path, vocab_size=512):
+    """Train a LLaMA-style BPE tokenizer on an iterable of strings and write it to `out_path`.
+
+    vocab_size must leave room for the 256 byte pieces and the 3 specials (>= 300 is safe).
+    The file is written to a temporary name and renamed, so a crash never leaves half a model.
+    """
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size={vocab_size}: need >= 300 (256 byte pieces + 3 specials + merges)")
+    model = io.BytesIO()
+    lines = [line for text in texts for line in text.split("\n") if line.strip()]
+    if not lines:
+        raise ValueError("train_tokenizer: no text to train on")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, **LLAMA_SPM_SETTINGS
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, out_path)
+    return out_path

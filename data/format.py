@@ -1,0 +1,228 @@
+"""The Alpaca prompt format, loss masking and batching: what every fine-tuning stage trains on.
+
+H3Fusion (arXiv 2411.17792) fine-tunes on instruction/response pairs written in the Alpaca template and
+computes the language-modelling loss L_CE on the response tokens only. This file turns one record
+
+    {"instruction": str, "input": str, "output": str, "task": 0 | 1 | 2}   # 0 helpful, 1 harmless, 2 honest
+
+into token ids and shifted labels, and a list of those into padded tensors:
+
+    full    = [bos] + prompt + response + [eos]
+    tokens  = full[:-1]                      what the model reads           (length T)
+    targets = full[1:], prompt part -> -100  targets[t] is the label of logits[t]; -100 = no loss
+
+    collate -> tokens [B, T] (PAD_ID on the right), targets [B, T] (-100 on prompt and padding),
+               mask [B, T] (True on real tokens, for the gating loss L_G's average over tokens),
+               task [B] (the dimension label y_b of L_G)
+
+Padding: Meta's tokenizer has no pad id, so we pad with PAD_ID = 0, LLaMA's <unk>. It is never a target
+(padding targets are -100) and, because padding is on the right and attention is causal, no real token
+ever attends to it.
+
+Truncation (max_len = the most tokens the model reads, i.e. len(tokens) <= max_len): the response is what
+the loss is about, so it is kept whole whenever possible. An over-long *prompt* is cut first, in its
+middle: we keep its head (BOS and the start of the template/instruction) and its tail (the end of the
+instruction or input and the "### Response:" cue the model answers after). The prompt is never cut below
+`min_prompt_tokens(max_len)` = a quarter of the budget; only if the response still does not fit is the
+response cut from the right (it then loses its EOS).
+
+Run `python -m data.format runs/toy/data` to see a few training examples with the loss mask visible.
+"""
+import argparse
+import os
+
+import torch
+
+PAD_ID = 0  # LLaMA's <unk>: never a target, used only to fill the right end of short rows
+IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
+TASK_NAMES = ("helpful", "harmless", "honest")  # task label 0, 1, 2
+
+# The Stanford Alpaca template, as used by the paper's released code for all three dimensions.
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt: the `### Input:` section appears only when `input` is non-empty."""
+    if input and input.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def check_record(record, where="record"):
+    """Raise a ValueError naming `where` unless `record` has the four fields of a training record."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a dict with instruction/input/output/task, found {type(record).__name__}")
+    missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
+    if missing:
+        raise ValueError(f"{where}: field(s) {missing} missing or not a string; expected "
+                         f"instruction: str, input: str, output: str, task: 0|1|2")
+    task = record.get("task", 0)
+    if task not in (0, 1, 2):
+        raise ValueError(f"{where}: task={task!r}; expected 0 (helpful), 1 (harmless) or 2 (honest)")
+
+
+def min_prompt_tokens(max_len: int) -> int:
+    """The prompt is never truncated below this many tokens (a quarter of the sequence budget)."""
+    return max(1, (max_len + 1) // 4)
+
+
+def truncate(prompt_ids: list, response_ids: list, max_len: int):
+    """Shorten (prompt_ids, response_ids) so that len(prompt) + len(response) <= max_len + 1.
+
+    (The +1: `tokens` drops the last id of the full sequence, so a full sequence of max_len + 1 ids gives
+    exactly max_len model inputs.) Prompt first, from its middle; response only if it must, from its end.
+    """
+    budget = max_len + 1
+    if len(prompt_ids) + len(response_ids) <= budget:
+        return prompt_ids, response_ids
+    prompt_budget = max(budget - len(response_ids), min(len(prompt_ids), min_prompt_tokens(max_len)))
+    if len(prompt_ids) > prompt_budget:
+        head = prompt_budget // 2  # BOS + template start + start of the instruction
+        tail = prompt_budget - head  # end of instruction/input + "### Response:\n"
+        prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - tail:]
+    response_ids = response_ids[: budget - len(prompt_ids)]
+    return prompt_ids, response_ids
+
+
+def encode_example(tokenizer, record: dict, max_len: int) -> dict:
+    """One record -> {"tokens", "targets", "task"}: lists of equal length <= max_len, loss on the response only.
+
+    `tokenizer` is duck-typed: encode(text, bos, eos) -> list[int] (model.Tokenizer does this).
+    """
+    check_record(record)
+    if max_len < 2:
+        raise ValueError(f"max_len={max_len}: need at least 2 tokens (one prompt token and one target)")
+    prompt_ids = tokenizer.encode(format_prompt(record["instruction"], record.get("input", "")), bos=True, eos=False)
+    response_ids = tokenizer.encode(record["output"], bos=False, eos=True)
+    prompt_ids, response_ids = truncate(prompt_ids, response_ids, max_len)
+    full = prompt_ids + response_ids
+    tokens = full[:-1]
+    # targets[t] = full[t + 1]; the labels of positions 0 .. len(prompt)-2 are prompt tokens -> no loss.
+    targets = [IGNORE_INDEX] * (len(prompt_ids) - 1) + response_ids
+    return {"tokens": tokens, "targets": targets, "task": int(record.get("task", 0))}
+
+
+def collate(encoded: list) -> dict:
+    """Pad a list of encode_example outputs on the right into tensors (see the module docstring)."""
+    if not encoded:
+        raise ValueError("collate: empty batch")
+    T = max(len(e["tokens"]) for e in encoded)
+    B = len(encoded)
+    tokens = torch.full((B, T), PAD_ID, dtype=torch.long)  # [B, T]
+    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((B, T), dtype=torch.bool)  # [B, T]
+    for b, e in enumerate(encoded):
+        n = len(e["tokens"])
+        if len(e["targets"]) != n:
+            raise ValueError(f"collate: example {b} has {n} tokens but {len(e['targets'])} targets")
+        tokens[b, :n] = torch.tensor(e["tokens"], dtype=torch.long)
+        targets[b, :n] = torch.tensor(e["targets"], dtype=torch.long)
+        mask[b, :n] = True
+    task = torch.tensor([int(e["task"]) for e in encoded], dtype=torch.long)  # [B]
+    return {"tokens": tokens, "targets": targets, "mask": mask, "task": task}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeing what the model is trained on
+
+PROMPT_OPEN, PROMPT_CLOSE = "[[", "]]"
+
+
+def render_example(tokenizer, record: dict, max_len: int = 128, table: bool = False) -> str:
+    """Text of one encoded example: the no-loss part inside [[ ]], the trained part outside.
+
+    The full sequence is decoded piece by piece from the *encoded* ids, so what you see is exactly what
+    encode_example produced (truncation included). With table=True, also one line per position:
+    t, input token, target token (or -100 = no loss).
+    """
+    enc = encode_example(tokenizer, record, max_len)
+    full = enc["tokens"] + enc["targets"][-1:]  # the last target is always a response token (EOS unless cut)
+    n_prompt = sum(1 for t in enc["targets"] if t == IGNORE_INDEX) + 1  # full ids with no loss on them
+    task = int(record.get("task", 0))
+    head = (f"--- task {task} ({TASK_NAMES[task]}): {len(enc['tokens'])} tokens, "
+            f"{len(full) - n_prompt} with loss ---")
+    text = (PROMPT_OPEN + _decode_pieces(tokenizer, full[:n_prompt]) + PROMPT_CLOSE
+            + _decode_pieces(tokenizer, full[n_prompt:]))
+    lines = [head, text]
+    if table:
+        lines.append(f"{'t':>4}  {'input token':<18} {'target (label of logits[t])':<18}")
+        for t, (x, y) in enumerate(zip(enc["tokens"], enc["targets"])):
+            target = "-100 (no loss)" if y == IGNORE_INDEX else _piece(tokenizer, y)
+            lines.append(f"{t:>4}  {_piece(tokenizer, x):<18} {target:<18}")
+    return "\n".join(lines)
+
+
+def show_examples(tokenizer, records: list, n: int = 3, max_len: int = 128, table: bool = False) -> str:
+    """Print (and return) the first n records as the model sees them; [[...]] marks the loss-masked prompt."""
+    legend = (f"Text inside {PROMPT_OPEN} {PROMPT_CLOSE} is the prompt: the model reads it but gets no loss "
+              f"on it (-100). The rest (the response and </s>) is what it is trained to produce.")
+    out = "\n\n".join([legend] + [render_example(tokenizer, r, max_len, table) for r in records[:n]])
+    print(out)
+    return out
+
+
+def _piece(tokenizer, token_id: int) -> str:
+    """A printable name for one token id: <s>, </s>, <pad>, or its decoded text with spaces/newlines shown."""
+    if token_id == tokenizer.bos_id:
+        return "<s>"
+    if token_id == tokenizer.eos_id:
+        return "</s>"
+    if token_id == PAD_ID:
+        return "<pad/unk>"
+    sp = getattr(tokenizer, "sp", None)  # model.Tokenizer keeps the sentencepiece processor here
+    text = sp.id_to_piece(token_id) if sp is not None else tokenizer.decode([token_id])
+    return repr(text)[1:-1]
+
+
+def _decode_pieces(tokenizer, ids: list) -> str:
+    """Decode ids to text, showing BOS/EOS as <s>/</s> (decode() would silently drop them)."""
+    out, run = [], []
+    for i in ids:
+        if i in (tokenizer.bos_id, tokenizer.eos_id):
+            if run:
+                out.append(tokenizer.decode(run))
+                run = []
+            out.append("<s>" if i == tokenizer.bos_id else "</s>")
+        else:
+            run.append(i)
+    if run:
+        out.append(tokenizer.decode(run))
+    return "".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Print training examples in the Alpaca format with the loss mask visible.")
+    parser.add_argument("data", help="a toy data directory (python -m data.toy --out DIR), or a .json/.jsonl/"
+                                     ".csv/.parquet file or directory of records")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: DATA/tokenizer.model)")
+    parser.add_argument("--n", type=int, default=3, help="examples per dataset")
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--table", action="store_true", help="also print one line per token position")
+    args = parser.parse_args(argv)
+    from data import load_records
+    from model import Tokenizer
+
+    tok_path = args.tokenizer or os.path.join(args.data if os.path.isdir(args.data) else
+                                              os.path.dirname(args.data), "tokenizer.model")
+    tokenizer = Tokenizer(tok_path)
+    names = ["helpful", "harmless", "honest"] if os.path.isfile(os.path.join(args.data, "helpful_train.jsonl")) \
+        else [args.data]
+    for name in names:
+        records = load_records(name, args.data) if name != args.data else load_records(name, None)
+        print(f"===== {name}: {len(records)} records =====")
+        show_examples(tokenizer, records, args.n, args.max_len, args.table)
+        print()
+
+
+if __name__ == "__main__":
+    main()

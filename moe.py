@@ -1,0 +1,437 @@
+"""H3Fusion's Mixture-of-Experts layer, and how three aligned LLaMAs are fused into one model.
+
+H3Fusion (Tekin et al., arXiv 2411.17792) fine-tunes three copies of one base LLaMA, each on one alignment
+dimension (helpful, harmless, honest), training only their feed-forward (FFN) weights. The three models
+therefore differ only in their FFNs, so they can be fused into one model: embeddings, attention, norms and
+output head from the base, and in every block an MoE layer whose expert i is the FFN of aligned model i,
+chosen per token by a new linear router.
+
+Paper equation -> code:
+    router          g(x) = softmax(W_g x)                          route()               [N, E] float32
+    top-k gate      G(x) = renormalised top-k of g(x)              select_top_k()        [N, k]
+    MoE output      y = sum_{i in top-k} G_i(x) * E_i(x)            MoE.forward           [B, T, D]
+    expert          E_i(x) = W2_i (silu(W1_i x) * W3_i x)          swiglu_experts()      (SwiGLU, as LLaMA)
+    same, densely   every expert on every token, masked by G        dense_moe_reference() (tests, bench)
+    fusion          E_i := FFN of aligned model i                   build_fused_model()
+    W_i^0 for L_R   expert weights as loaded                        snapshot_expert_weights()
+The losses L_CE, L_G and L_R live in losses.py; they read `MoE.router_probs` of every layer.
+
+How a batch flows through MoE.forward (N = B*T tokens, k experts per token, D model dim, H hidden):
+
+    x [N, D] --router--> probs [N, E] --top-k--> expert_idx [N, k], expert_weight [N, k]
+    (token, slot) pairs, N*k of them, sorted by expert:          sort_by_expert()
+        rows [N*k] = which token each sorted row came from, counts [E] = rows per expert
+    x_sorted = x[rows]                                              [N*k, D]  rows of expert 0, then 1, ...
+    h = silu(x_sorted @ W1[e]^T) * (x_sorted @ W3[e]^T)              [N*k, H]  one grouped matmul each
+    y_sorted = h @ W2[e]^T * weight                                  [N*k, D]
+    out = zeros[N, D].index_add(rows, y_sorted)                      [N, D]   each token sums its k rows
+
+No token is ever dropped (no capacity factor): an expert gets however many rows the router sends it,
+possibly none. "Grouped matmul" = for every expert e, the block of rows that belongs to e times W[e]^T;
+it runs as one call to torch._grouped_mm where that exists and supports the dtype/device, otherwise as
+one matmul per expert on slices of the sorted buffer (identical results; see grouped_linear()).
+"""
+import math
+import os
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Routing: softmax over all experts, top-k, renormalise
+
+
+def at_least_float32(dtype):
+    """float32 for bf16/fp16/fp32, float64 stays float64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def select_top_k(probs, top_k: int):
+    """probs [N, E] -> (expert_idx [N, k], expert_weight [N, k]): the k most probable experts of each
+    token and their probabilities renormalised to sum to 1. Ties go to the lower expert index (a stable
+    sort), so routing is deterministic: with a zero router every token goes to experts 0 .. k-1."""
+    sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True, stable=True)  # [N, E]
+    top_probs, expert_idx = sorted_probs[:, :top_k], sorted_idx[:, :top_k]  # [N, k]
+    expert_weight = top_probs / top_probs.sum(dim=-1, keepdim=True)  # [N, k], rows sum to 1
+    return expert_idx, expert_weight
+
+
+def route(router_logits, top_k: int, forced_expert=None):
+    """Router logits [N, E] -> (probs [N, E], expert_idx [N, k] long, expert_weight [N, k]), float32 (float64 in).
+
+    probs is the full softmax over all E experts (what the gating loss L_G and the analysis read).
+    The k largest probabilities are kept and renormalised to sum to 1 (select_top_k), so an MoE of E
+    identical experts computes exactly that expert, whatever the router says.
+    forced_expert = i sends every token to expert i alone with weight 1.0 (probs are still the router's).
+    """
+    probs = torch.softmax(router_logits.to(at_least_float32(router_logits.dtype)), dim=-1)  # [N, E]
+    if forced_expert is not None:
+        N = probs.shape[0]
+        expert_idx = torch.full((N, 1), forced_expert, dtype=torch.long, device=probs.device)  # [N, 1]
+        expert_weight = torch.ones(N, 1, dtype=probs.dtype, device=probs.device)  # [N, 1]
+        return probs, expert_idx, expert_weight
+    expert_idx, expert_weight = select_top_k(probs, top_k)  # [N, k] [N, k]
+    return probs, expert_idx, expert_weight
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Dispatch: group the (token, slot) pairs by expert
+
+
+def sort_by_expert(expert_idx, n_experts: int):
+    """expert_idx [N, k] -> (order [N*k], rows [N*k], counts [E]).
+
+    The N*k (token, slot) pairs are flattened token-major (pair p = token p // k, slot p % k) and sorted
+    by expert with a stable sort, so inside each expert's block the tokens stay in their original order.
+    order[j] = which pair sits in sorted row j; rows[j] = the token it came from; counts[e] = rows of e.
+    """
+    k = expert_idx.shape[1]
+    flat_expert = expert_idx.reshape(-1)  # [N*k]
+    order = torch.argsort(flat_expert, stable=True)  # [N*k]
+    rows = order // k  # [N*k] token index of each sorted row
+    counts = torch.bincount(flat_expert, minlength=n_experts)  # [E]
+    return order, rows, counts
+
+
+def grouped_mm_supported(x, w) -> bool:
+    """Can torch._grouped_mm compute x [M, in] times w[e]^T (w [E, out, in]) here, exactly?
+
+    Checked on torch 2.13: on CPU it supports float32, bfloat16 and float16 (not float64), forward and
+    backward, empty groups included, but every row stride must be a multiple of 16 bytes (so `in` and `out`
+    must be multiples of 4 in float32, of 8 in bf16). On CUDA the kernels are for bfloat16 on SM 8.0+.
+    """
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cpu":
+        ok_dtype = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    elif x.device.type == "cuda":
+        ok_dtype = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    else:
+        ok_dtype = False
+    align = 16 // x.element_size()
+    return ok_dtype and w.shape[1] % align == 0 and w.shape[2] % align == 0
+
+
+# Which implementation of grouped_linear() "auto" picks. Measured with bench/bench_moe.py on a 2-core CPU
+# (torch 2.13, T=4096, dim 512, hidden 1376, E=3, k=2, fwd+bwd): the per-expert loop and _grouped_mm run
+# within noise of each other; the loop avoids no work on CPU, while on CUDA _grouped_mm also avoids the
+# host sync that counts.tolist() costs. So: _grouped_mm wherever it is supported, the loop elsewhere.
+BACKENDS = ("auto", "grouped_mm", "loop")
+
+
+def grouped_linear(x_sorted, w, counts, backend: str = "auto"):
+    """The grouped matmul. x_sorted [M, in] holds counts[0] rows for expert 0, then counts[1] for expert 1,
+    ...; w [E, out, in]. Returns [M, out] with row j = x_sorted[j] @ w[e(j)]^T, e(j) = expert of row j.
+
+    "grouped_mm": one call to torch._grouped_mm (offsets = end row of each group, int32).
+    "loop":       one F.linear per expert on its slice of the sorted buffer, concatenated. Plain PyTorch,
+                  any dtype/device, same numbers (each row meets the same weights either way).
+    """
+    if backend == "auto":
+        backend = "grouped_mm" if grouped_mm_supported(x_sorted, w) else "loop"
+    if backend == "grouped_mm":
+        offsets = torch.cumsum(counts, dim=0).to(torch.int32)  # [E] end row of each group
+        return torch._grouped_mm(x_sorted, w.transpose(-2, -1), offs=offsets)  # [M, out]
+    if backend == "loop":
+        slices = torch.split(x_sorted, counts.tolist())  # E tensors [counts[e], in]
+        return torch.cat([F.linear(xs, w[e]) for e, xs in enumerate(slices)])  # [M, out]
+    raise ValueError(f"grouped_linear: backend={backend!r}; expected one of {BACKENDS}")
+
+
+def swiglu_experts(x_sorted, w1, w2, w3, counts, backend: str = "auto"):
+    """Every expert's SwiGLU FFN on its own block of rows: W2_e (silu(W1_e x) * W3_e x).  [M, D] -> [M, D]"""
+    if backend == "auto":
+        backend = "grouped_mm" if grouped_mm_supported(x_sorted, w1) and grouped_mm_supported(x_sorted, w2) else "loop"
+    if backend == "loop":  # whole FFN per slice: its [n_e, H] intermediates stay in cache
+        slices = torch.split(x_sorted, counts.tolist())  # E tensors [n_e, D]
+        return torch.cat([F.linear(F.silu(F.linear(xs, w1[e])) * F.linear(xs, w3[e]), w2[e])
+                          for e, xs in enumerate(slices)])  # [M, D]
+    gate = grouped_linear(x_sorted, w1, counts, backend)  # [M, H]
+    up = grouped_linear(x_sorted, w3, counts, backend)  # [M, H]
+    return grouped_linear(F.silu(gate) * up, w2, counts, backend)  # [M, D]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The MoE layer
+
+
+class MoE(nn.Module):
+    """Top-k mixture of E SwiGLU experts; takes the place of model.FeedForward in a TransformerBlock.
+
+    Parameters (names = keys in the fused checkpoint, under layers.N.feed_forward.):
+        router.weight  [E, dim]           W_g (no bias)
+        w1, w3         [E, hidden, dim]   expert e's FeedForward.w1 / w3 weights, stacked
+        w2             [E, dim, hidden]   expert e's FeedForward.w2 weight, stacked
+
+    Why stacked parameters rather than a ModuleList of FeedForwards: under data parallelism (FSDP/DDP)
+    every rank must take part in the gradient reduction of every parameter. With one module per expert,
+    a rank whose batch routes no token to expert e never uses e's parameters, skips their reduction
+    (or reduces a None) and the ranks silently end up with different, wrong gradients. A stacked
+    parameter is always used, its gradient always exists (zero rows for idle experts), and it is
+    reduced like any other tensor. It also lets all experts run as one grouped matmul.
+
+    After every forward the layer keeps, for the losses and for analysis (no hooks needed):
+        router_logits  [B, T, E] float32   W_g x   (float64 when x is float64)
+        router_probs   [B, T, E] float32   softmax over all E experts (still in the autograd graph)
+        expert_idx     [B, T, k] long      the experts each token was sent to (detached)
+    forced_expert: None, or i to send every token to expert i with weight 1.0.
+    backend: "auto" | "grouped_mm" | "loop" -- how the grouped matmul runs (see grouped_linear()).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int):
+        super().__init__()
+        if n_experts < 1:
+            raise ValueError(f"MoE: n_experts={n_experts}; expected >= 1")
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"MoE: top_k={top_k}; expected 1 <= top_k <= n_experts={n_experts}")
+        self.dim, self.hidden_dim, self.n_experts, self.top_k = dim, hidden_dim, n_experts, top_k
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.forced_expert = None
+        self.backend = "auto"
+        self.router_logits = self.router_probs = self.expert_idx = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Each expert initialised like an nn.Linear of its shape; the router at zero (uniform routing).
+        (Transformer.init_weights re-initialises everything; fused models load their weights.)"""
+        if self.w1.device.type == "meta":
+            return
+        for w in (self.w1, self.w2, self.w3):
+            bound = 1 / math.sqrt(w.shape[2])  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            nn.init.uniform_(w, -bound, bound)
+        nn.init.zeros_(self.router.weight)
+
+    def extra_repr(self):
+        return f"dim={self.dim}, hidden_dim={self.hidden_dim}, n_experts={self.n_experts}, top_k={self.top_k}"
+
+    def forward(self, x):
+        B, T, D = x.shape
+        if self.forced_expert is not None and not 0 <= self.forced_expert < self.n_experts:
+            raise ValueError(f"MoE.forced_expert={self.forced_expert}; expected None or 0..{self.n_experts - 1}")
+        x_flat = x.reshape(B * T, D)  # [N, D]
+        # router in float32 (autocast off): E is tiny, and bf16 logits would make near-ties and routing flips common
+        router_dtype = at_least_float32(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x_flat.to(router_dtype), self.router.weight.to(router_dtype))  # [N, E]
+        probs, expert_idx, expert_weight = route(logits, self.top_k, self.forced_expert)  # [N,E] [N,k] [N,k]
+        self.router_logits = logits.view(B, T, -1)  # [B, T, E]
+        self.router_probs = probs.view(B, T, -1)  # [B, T, E]
+        self.expert_idx = expert_idx.detach().view(B, T, -1)  # [B, T, k]
+
+        order, rows, counts = sort_by_expert(expert_idx, self.n_experts)  # [N*k] [N*k] [E]
+        x_sorted = x_flat.index_select(0, rows)  # [N*k, D] gathered: expert 0's rows, then expert 1's, ...
+        y_sorted = swiglu_experts(x_sorted, self.w1, self.w2, self.w3, counts, self.backend)  # [N*k, D]
+        row_weight = expert_weight.reshape(-1).index_select(0, order).to(y_sorted.dtype)  # [N*k]
+        y_sorted = y_sorted * row_weight[:, None]  # [N*k, D]
+        out = torch.zeros_like(x_flat).index_add_(0, rows, y_sorted)  # [N, D] scatter-add back
+        return out.view(B, T, D)  # [B, T, D]
+
+
+def dense_moe_reference(moe: MoE, x):
+    """The same function as MoE.forward, computed the slow, obvious way: every expert on every token,
+    then a dense gate [N, E] that is zero outside each token's top-k. E/k times the FLOPs of the sparse
+    dispatch (1.5x for E=3, k=2). Used by the tests (as an independent check of the sorted dispatch)
+    and by the benchmark. Does not store router_probs on the module.
+    """
+    B, T, D = x.shape
+    x_flat = x.reshape(B * T, D)  # [N, D]
+    router_dtype = at_least_float32(x.dtype)
+    logits = F.linear(x_flat.to(router_dtype), moe.router.weight.to(router_dtype))  # [N, E]
+    _, expert_idx, expert_weight = route(logits, moe.top_k, moe.forced_expert)  # [N, k] [N, k]
+    gate = torch.zeros_like(logits).scatter(1, expert_idx, expert_weight)  # [N, E], k nonzeros per row
+    h = F.silu(torch.einsum("nd,ehd->enh", x_flat, moe.w1)) * torch.einsum("nd,ehd->enh", x_flat, moe.w3)  # [E, N, H]
+    y = torch.einsum("enh,edh->end", h, moe.w2)  # [E, N, D] every expert's output for every token
+    out = torch.einsum("ne,end->nd", gate.to(y.dtype), y)  # [N, D]
+    return out.view(B, T, D)  # [B, T, D]
+
+
+def moe_layers(model) -> list:
+    """All MoE layers of a model, in forward order (layer 0 first)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def collect_router_probs(model) -> list:
+    """router_probs [B, T, E] of every MoE layer from the last forward (the input of losses.gating_loss)."""
+    layers = moe_layers(model)
+    if not layers or any(m.router_probs is None for m in layers):
+        raise RuntimeError("collect_router_probs: run a forward through a model with MoE layers first")
+    return [m.router_probs for m in layers]
+
+
+def set_forced_expert(model, expert):
+    """Force every MoE layer of `model` to route all tokens to `expert` (None restores the router)."""
+    for m in moe_layers(model):
+        m.forced_expert = expert
+
+
+EXPERT_MATRICES = ("w1", "w2", "w3")
+
+
+def expert_parameters(model) -> dict:
+    """{parameter name: stacked expert tensor} for every MoE layer (names as in model.named_parameters)."""
+    return {f"{name}.{w}": getattr(m, w) for name, m in model.named_modules() if isinstance(m, MoE)
+            for w in EXPERT_MATRICES}
+
+
+@torch.no_grad()
+def snapshot_expert_weights(model) -> dict:
+    """W_i^0 for the drift loss L_R: a detached copy of every stacked expert weight, keyed by parameter
+    name. Take it right after build_fused_model (before training moves the experts). Taken after
+    FSDP's fully_shard it holds the local shards as DTensors; losses.drift_loss accepts either."""
+    return {name: p.detach().clone() for name, p in expert_parameters(model).items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Fusion: N aligned dense models -> one MoE model (upcycling)
+
+FFN_NAMES = ("feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
+# ModelArgs fields that must agree between base and aligned models (max_seq_len is a runtime limit)
+ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+               "norm_eps", "rope_theta", "n_experts")
+
+
+def is_ffn_key(name: str) -> bool:
+    return name.endswith(FFN_NAMES)
+
+
+def compare_non_ffn(base_state: dict, state: dict, where: str) -> tuple:
+    """Check an aligned model's non-FFN tensors against the base's. Different key sets or shapes are an
+    error (naming `where` and the key); returns (max |difference| over all values, key where it occurs)."""
+    missing, extra = sorted(set(base_state) - set(state)), sorted(set(state) - set(base_state))
+    if missing or extra:
+        raise ValueError(f"{where}: parameter names differ from the base: missing {missing[:5]}, extra {extra[:5]}")
+    max_diff, max_key = 0.0, None
+    for key, base_t in base_state.items():
+        t = state[key]
+        if t.shape != base_t.shape:
+            raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, the base has {tuple(base_t.shape)}")
+        if is_ffn_key(key):
+            continue
+        diff = (t.float() - base_t.float()).abs().max().item() if t.numel() else 0.0
+        if diff > max_diff:
+            max_diff, max_key = diff, key
+    return max_diff, max_key
+
+
+def _check_args(base_args, args, base_dir, expert_dir):
+    for name in ARCH_FIELDS:
+        a, b = getattr(base_args, name), getattr(args, name)
+        if a != b:
+            raise ValueError(f"{expert_dir}/params.json: {name}={b!r}, but the base {base_dir} has {name}={a!r}; "
+                             f"aligned models must have the base's architecture (and be dense, n_experts=0)")
+
+
+@torch.no_grad()
+def ffn_inputs_by_layer(model, tokenizer, prompts, max_len=None) -> list:
+    """Run a dense model on prompts and return, per layer, the FFN inputs (ffn_norm outputs) of all real
+    tokens: list over layers of [n_tokens, D] float32. Temporary forward pre-hooks catch the inputs."""
+    captured = [[] for _ in model.layers]
+    handles = [layer.feed_forward.register_forward_pre_hook(lambda mod, inp, i=i: captured[i].append(inp[0]))
+               for i, layer in enumerate(model.layers)]
+    device = next(model.parameters()).device
+    max_len = max_len or model.params.max_seq_len
+    try:
+        for text in prompts:  # one prompt at a time: no padding to exclude
+            tokens = tokenizer.encode(text, bos=True, eos=False)[:max_len]
+            model(torch.tensor([tokens], device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat([x.reshape(-1, x.shape[-1]).float() for x in xs]) for xs in captured]  # L x [n, D]
+
+
+def hidden_router_rows(model, tokenizer, init_prompts) -> list:
+    """Router init "hidden" (mergekit's idea): in each layer, router row i = the mean direction of the
+    normalised FFN inputs that dimension i's prompts produce in the base model, scaled by 1 / (mean input
+    norm) so that the initial logits are about cos(x, direction_i) in [-1, 1]. A token that looks like
+    dimension i's prompts then scores highest for expert i. Returns per layer a [E, D] float32 tensor.
+    """
+    per_expert = [ffn_inputs_by_layer(model, tokenizer, prompts) for prompts in init_prompts]  # E x L x [n, D]
+    rows = []
+    for layer in range(len(model.layers)):
+        xs = [inputs[layer] for inputs in per_expert]  # E x [n_i, D]
+        mean_norm = torch.cat([x.norm(dim=-1) for x in xs]).mean()  # typical |x| at this layer
+        directions = torch.stack([F.normalize(x, dim=-1).mean(0) for x in xs])  # [E, D]
+        rows.append(F.normalize(directions, dim=-1) / mean_norm)  # [E, D]
+    return rows
+
+
+def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_prompts=None, tokenizer=None,
+                      device="cpu", dtype=None, router_std=0.02, seed=0, verbose=True):
+    """H3Fusion's fusion step: base model + N aligned models (FFN-only fine-tunes) -> one MoE model.
+
+    base_dir, expert_dirs: Meta-format checkpoint directories (model.load_checkpoint); expert i of every
+        layer = the FeedForward of expert_dirs[i] (order = the order given, e.g. helpful, harmless, honest).
+    Every non-FFN tensor of each aligned model is compared with the base's: a different config, key or
+    shape is refused; the max |difference| of the values is reported (0 when stage 1 froze them as it
+    should; the fused model always takes the base's).
+    router_init: "zero"   -> uniform routing (ties: experts 0 .. k-1 win until the router learns),
+                 "random" -> N(0, router_std) with torch seed `seed`,
+                 "hidden" -> hidden_router_rows(): needs init_prompts = one list of strings per expert
+                             (tokenizer: a model.Tokenizer; default base_dir/tokenizer.model).
+    Returns (model.Transformer with n_experts = N, ModelArgs); save it with model.save_checkpoint.
+    """
+    from model import Tokenizer, Transformer, load_checkpoint  # model.py imports moe lazily; no cycle
+
+    expert_dirs = list(expert_dirs)
+    for d in [base_dir] + expert_dirs:
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"build_fused_model: checkpoint directory {d} not found")
+    if not expert_dirs:
+        raise ValueError("build_fused_model: expert_dirs is empty; expected one aligned checkpoint per expert")
+    n_experts = len(expert_dirs)
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"build_fused_model: top_k={top_k}; expected 1 <= top_k <= {n_experts} (number of experts)")
+    if router_init not in ("zero", "random", "hidden"):
+        raise ValueError(f"build_fused_model: router_init={router_init!r}; expected 'zero', 'random' or 'hidden'")
+    if router_init == "hidden" and (init_prompts is None or len(init_prompts) != n_experts
+                                    or any(len(p) == 0 for p in init_prompts)):
+        raise ValueError(f"build_fused_model: router_init='hidden' needs init_prompts = {n_experts} non-empty "
+                         f"lists of prompts (one per expert), got {init_prompts!r:.200}")
+
+    base, base_args = load_checkpoint(base_dir, device="cpu", dtype=dtype)
+    if base_args.n_experts != 0:
+        raise ValueError(f"{base_dir}/params.json: n_experts={base_args.n_experts}; the base must be a dense model")
+    base_state = base.state_dict()
+    expert_ffns = []  # N x {key: tensor} of FFN weights
+    for d in expert_dirs:
+        aligned, args = load_checkpoint(d, device="cpu", dtype=dtype)
+        _check_args(base_args, args, base_dir, d)
+        state = aligned.state_dict()
+        max_diff, key = compare_non_ffn(base_state, state, d)
+        if verbose:
+            print(f"build_fused_model: {d}: max |non-FFN - base| = {max_diff:.3g}" + (f" ({key})" if max_diff else ""))
+        expert_ffns.append({k: v for k, v in state.items() if is_ffn_key(k)})
+        del aligned, state
+
+    args = replace(base_args, n_experts=n_experts, top_k=top_k)
+    with torch.device("meta"):
+        fused = Transformer(args)
+    fused_state = {k: v for k, v in base_state.items() if not is_ffn_key(k)}
+    for i in range(args.n_layers):
+        prefix = f"layers.{i}.feed_forward"
+        for w in EXPERT_MATRICES:
+            fused_state[f"{prefix}.{w}"] = torch.stack([ffn[f"{prefix}.{w}.weight"] for ffn in expert_ffns])  # [E, ...]
+        fused_state[f"{prefix}.router.weight"] = router_weight(
+            router_init, i, n_experts, args.dim, base_state["norm.weight"].dtype, router_std, seed)
+    if router_init == "hidden":
+        tokenizer = tokenizer or Tokenizer(os.path.join(base_dir, "tokenizer.model"))
+        rows = hidden_router_rows(base.to(device), tokenizer, init_prompts)  # L x [E, D]
+        for i, r in enumerate(rows):
+            fused_state[f"layers.{i}.feed_forward.router.weight"] = r.to("cpu", base_state["norm.weight"].dtype)
+    fused.load_state_dict(fused_state, assign=True)
+    return fused.to(device), args
+
+
+def router_weight(router_init, layer, n_experts, dim, dtype, std, seed):
+    """A [E, dim] router matrix: zeros, or N(0, std) drawn from a generator seeded by (seed, layer)."""
+    if router_init == "random":
+        gen = torch.Generator().manual_seed(seed * 1000003 + layer)
+        return (torch.randn(n_experts, dim, generator=gen) * std).to(dtype)  # [E, D]
+    return torch.zeros(n_experts, dim, dtype=dtype)  # [E, D] ("zero", and placeholder for "hidden")

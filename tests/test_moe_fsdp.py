@@ -1,0 +1,21 @@
+"""Two ranks under FSDP2 (torchrun, gloo) that route to different experts get one process's gradients."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_fsdp2_two_ranks_match_one_process_gradients():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "fsdp_moe_worker.py")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert output.count("OK (routed to") == 2, output[-4000:]
+    assert "rank 0: OK (routed to [0, 1]" in output and "rank 1: OK (routed to [1, 2]" in output

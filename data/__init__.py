@@ -1,1 +1,98 @@
-"""Data for H3Fusion: the Alpaca prompt format, the real alignment datasets, and a synthetic world."""
+"""Data for H3Fusion: the Alpaca prompt format, the real alignment datasets, and a synthetic world.
+
+    data/format.py     records -> token ids with the loss mask, batches          (encode_example, collate)
+    data/toy.py        the synthetic helpful/harmless/honest world and its exact scorers
+    data/real.py       Alpaca-Small, BeaverTails, TruthfulQA, AlpacaEval from the hub or a local copy
+    data/tokenizer.py  a LLaMA-style sentencepiece tokenizer trainer
+
+Entry points for the scripts:
+    load_records(name, toy_dir, split="train") -> list of {"instruction", "input", "output", "task"}
+    load_corpus_documents(toy_dir) -> list of pretraining documents (strings)
+"""
+import os
+
+TOY_NAMES = ("helpful", "harmless", "honest")
+REAL_NAMES = {  # accepted spellings -> canonical name in data.real
+    "alpaca_small": "alpaca_small", "alpaca": "alpaca_small", "beavertails": "beavertails",
+    "truthfulqa": "truthfulqa", "truthful_qa": "truthfulqa", "alpaca_eval": "alpaca_eval",
+    "truthfulqa_mc": "truthfulqa_mc", "real_pooled": "real_pooled",
+}
+TASK_OF_REAL = {"alpaca_small": 0, "beavertails": 1, "truthfulqa": 2}
+
+
+def _real_name(name: str):
+    return REAL_NAMES.get(name.lower().replace("-", "_"))
+
+
+def load_records(name: str, toy_dir: str = None, split: str = "train", path: str = None, task: int = None) -> list:
+    """Records {"instruction", "input", "output", "task"} (+ scorer fields for eval records).
+
+    name:
+      helpful | harmless | honest   the synthetic world in toy_dir (split: train | val | eval)
+      pooled                        the three concatenated (the fusion stage's mixed data), labels 0/1/2
+      alpaca-small | beavertails | truthfulqa | real-pooled
+                                    the paper's datasets (data/real.py; split: train | eval), from the
+                                    hub or from `path` (a local copy of that one dataset)
+      alpaca-eval | truthfulqa-mc   evaluation-only real sets
+      a path to a .json/.jsonl/.csv/.parquet file or a directory of such files, with fields instruction,
+      output (input optional) and task (or pass task=0|1|2 to label every record)
+    """
+    if name in TOY_NAMES or name == "pooled":
+        if not toy_dir:
+            raise ValueError(f"load_records({name!r}): toy_dir is required (e.g. runs/toy/data)")
+        from data.toy import load_split
+
+        names = TOY_NAMES if name == "pooled" else (name,)
+        return [r for n in names for r in load_split(toy_dir, n, split)]
+    real = _real_name(name)
+    if real is not None:
+        return _load_real(real, split, path)
+    if os.path.exists(name):
+        return load_record_file(name, task)
+    raise ValueError(f"load_records: {name!r} is not a synthetic set ({', '.join(TOY_NAMES)}, pooled), not a real "
+                     f"dataset ({', '.join(sorted(set(REAL_NAMES)))}) and not an existing file or directory")
+
+
+def _load_real(real: str, split: str, path: str = None) -> list:
+    from data import real as R
+
+    if split == "train":
+        if real == "real_pooled":
+            return [r for n in TASK_OF_REAL for r in R.TRAIN_LOADERS[n]()]
+        if real not in R.TRAIN_LOADERS:
+            raise ValueError(f"{real}: evaluation-only dataset; use split='eval'")
+        return R.TRAIN_LOADERS[real](path)
+    if split == "eval":
+        if real == "real_pooled":
+            return [r for n in TASK_OF_REAL for r in R.EVAL_LOADERS[n]()]
+        return R.EVAL_LOADERS[real](path)
+    raise ValueError(f"{real}: split={split!r}; the real datasets have 'train' and 'eval' (no 'val' split)")
+
+
+def load_record_file(path: str, task: int = None) -> list:
+    """Records from a local file/directory in our record schema (instruction, input?, output, task)."""
+    from data.format import check_record
+    from data.real import HubSource, read_local_rows
+
+    schema = HubSource("a local record file", None, "train", ("instruction", "output"))
+    rows = read_local_rows(path, schema)
+    records = []
+    for i, row in enumerate(rows):
+        label = row.get("task", task) if task is None else task
+        if label is None:
+            raise ValueError(f"{path}: row {i} has no 'task' field; expected task 0 (helpful), 1 (harmless) or "
+                             f"2 (honest), or pass task=... to label every record")
+        rec = dict(row, input="" if row.get("input") is None else str(row["input"]), task=int(label))
+        check_record(rec, f"{path}: row {i}")
+        records.append(rec)
+    return records
+
+
+def load_corpus_documents(toy_dir: str) -> list:
+    """The synthetic world's pretraining documents (strings). Encode each with BOS/EOS for pretraining.
+
+    corpus.txt separates documents by two blank lines (data.toy.DOC_SEPARATOR): a document may span several
+    lines and contain single blank lines (the Alpaca-format ones do), so never split it on newlines."""
+    from data.toy import load_corpus_documents as load
+
+    return load(toy_dir)

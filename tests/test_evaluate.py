@@ -1,0 +1,460 @@
+"""evaluate.py against independent references: hand-worked merges and metrics, naive loops, one-at-a-time runs."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate as ev
+from data.format import format_prompt
+from model import ModelArgs, Tokenizer, Transformer, generate, load_checkpoint, save_checkpoint
+from tiny import make_tiny_checkpoint
+
+TASK_DIRS = ("helpful", "harmless", "honest")
+
+
+# ---- fixtures: one tiny base, three "aligned" models (base + FFN noise), a fused model --------------------
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    base_dir = make_tiny_checkpoint(str(root / "base"), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seed=3)
+    base, args = load_checkpoint(base_dir)
+    tok_path = os.path.join(base_dir, "tokenizer.model")
+    dirs = {"base": base_dir}
+    for i, name in enumerate(TASK_DIRS):  # what stage 1 produces: only the FFN differs from the base
+        g = torch.Generator().manual_seed(100 + i)
+        state = {k: v + 0.3 * torch.randn(v.shape, generator=g) if ".feed_forward." in k else v.clone()
+                 for k, v in base.state_dict().items()}
+        dirs[name] = save_checkpoint(state, str(root / name), tokenizer_path=tok_path, args=args)
+    from moe import build_fused_model
+
+    fused, _ = build_fused_model(base_dir, [dirs[n] for n in TASK_DIRS], top_k=2, router_init="random",
+                                 router_std=1.0, verbose=False)
+    dirs["fused"] = save_checkpoint(fused, str(root / "fused"), tokenizer_path=tok_path)
+    dirs["root"] = str(root)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    """A toy-world eval set: the first record of every (dimension, kind) from data.toy (few, to stay fast)."""
+    from data import toy
+
+    records = toy.build(0)["eval"]
+    kinds = sorted({(r["task"], r["kind"]) for r in records})
+    picked = [next(r for r in records if (r["task"], r["kind"]) == tk) for tk in kinds]
+    d = tmp_path_factory.mktemp("toydata")
+    with open(d / "eval.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in picked)
+    return str(d)
+
+
+def small_model(seed, **kw):
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=40, multiple_of=16, max_seq_len=64, **kw)
+    return Transformer(args).eval()
+
+
+# ---- 2. merges, by hand ------------------------------------------------------------------------------
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_soup_is_the_elementwise_mean():
+    a, b = {"w": t(1, 2), "n": t(3)}, {"w": t(3, 6), "n": t(5)}
+    out = ev.merge_soup([a, b])
+    assert torch.equal(out["w"], t(2, 4)) and torch.equal(out["n"], t(4))
+    bf = ev.merge_soup([{"w": t(1, 2).bfloat16()}, {"w": t(2, 3).bfloat16()}])
+    assert bf["w"].dtype == torch.bfloat16 and torch.equal(bf["w"].float(), t(1.5, 2.5))
+
+
+def test_task_arithmetic_by_hand_and_alpha_one_over_n_is_the_soup():
+    base = {"w": t(1, 1, 1)}
+    a1, a2 = {"w": t(2, 1, 0)}, {"w": t(1, 3, 1)}  # task vectors (1, 0, -1) and (0, 2, 0)
+    out = ev.merge_task_arithmetic(base, [a1, a2], alpha=0.5)
+    assert torch.allclose(out["w"], t(1.5, 2.0, 0.5))  # 1 + 0.5 * (1, 2, -1)
+    assert torch.allclose(ev.merge_task_arithmetic(base, [a1, a2], alpha=1.0)["w"], t(2, 3, 0))
+    a3 = {"w": t(0, 5, 2)}
+    soup = ev.merge_soup([a1, a2, a3])["w"]
+    assert torch.allclose(ev.merge_task_arithmetic(base, [a1, a2, a3], alpha=1 / 3)["w"], soup)
+
+
+def test_trim_keeps_the_top_magnitudes():
+    assert torch.equal(ev.trim_top_magnitude(t(1, -3, 2, 0.5), 0.5), t(0, -3, 2, 0))
+    assert torch.equal(ev.trim_top_magnitude(t(1, -3, 2, 0.5), 0.2), t(0, -3, 0, 0))  # ceil(0.2 * 4) = 1
+    assert torch.equal(ev.trim_top_magnitude(t(1, -3, 2, 0.5), 1.0), t(1, -3, 2, 0.5))
+    with pytest.raises(ValueError, match="density"):
+        ev.trim_top_magnitude(t(1, 2), 0.0)
+
+
+def test_ties_hand_worked_example():
+    base = {"w": t(1, 1, 1, 1, 1), "norm": t(2, 2)}
+    taus = [t(3, -1, 2, 0.5, -4), t(-2, -3, 1, 0.2, 1), t(1, 0.5, -5, 0.1, -2)]
+    aligned = [{"w": base["w"] + tau, "norm": t(2, 2)} for tau in taus]
+    # density 0.4 of 5 entries -> keep 2 per task vector:
+    #   trimmed 1 = ( 3,  0,  0, 0, -4)    trimmed 2 = (-2, -3, 0, 0, 0)    trimmed 3 = (0, 0, -5, 0, -2)
+    #   sum       = ( 1, -3, -5, 0, -6)  -> elected sign (+, -, -, none, -)
+    #   agreeing values: (3), (-3), (-5), (), (-4, -2)  -> disjoint mean (3, -3, -5, 0, -3)
+    out = ev.merge_ties(base, aligned, density=0.4, lam=1.0)
+    assert torch.allclose(out["w"], t(4, -2, -4, 1, -2))
+    assert torch.equal(out["norm"], t(2, 2))  # a tensor no aligned model changed stays the base's
+    half = ev.merge_ties(base, aligned, density=0.4, lam=0.5)
+    assert torch.allclose(half["w"], t(2.5, -0.5, -1.5, 1, -0.5))
+
+
+def test_ties_sign_is_elected_by_mass_not_by_count():
+    base = {"w": t(0, 0)}
+    # entry 0: +5 against two -1s -> the sum (+3) elects +, so only +5 survives (a majority vote would pick -)
+    # entry 1: +1, +1, -4 -> the sum (-2) elects -, the mean of the agreeing values is -4
+    aligned = [{"w": t(5, 1)}, {"w": t(-1, 1)}, {"w": t(-1, -4)}]
+    assert torch.allclose(ev.merge_ties(base, aligned, density=1.0)["w"], t(5, -4))
+
+
+def test_merges_refuse_mismatched_state_dicts():
+    with pytest.raises(ValueError, match="shape"):
+        ev.merge_soup([{"w": t(1, 2)}, {"w": t(1, 2, 3)}])
+    with pytest.raises(ValueError, match="keys"):
+        ev.merge_ties({"w": t(1)}, [{"w": t(1), "extra": t(2)}])
+
+
+# ---- 3. the output ensemble ----------------------------------------------------------------------------
+
+
+def test_ensemble_distribution_is_the_mean_of_the_softmaxes():
+    members = [small_model(s) for s in (1, 2, 3)]
+    ensemble = ev.OutputEnsemble(members)
+    tokens = torch.randint(3, 40, (2, 7))
+    with torch.no_grad():
+        got = ensemble(tokens).exp()  # [B, T, V]
+        manual = sum(torch.softmax(m(tokens), dim=-1) for m in members) / 3
+    torch.testing.assert_close(got, manual, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, 7))
+
+
+def test_ensemble_greedy_decoding_with_cache_matches_a_naive_loop():
+    members = [small_model(s) for s in (4, 5, 6)]
+    ensemble = ev.OutputEnsemble(members)
+    prompts = [[1, 5, 9, 11], [1, 7]]
+    got = ev.generate_tokens(ensemble, prompts, max_new_tokens=6)
+    for prompt, new in zip(prompts, got):
+        seq = list(prompt)
+        for _ in range(6):  # no cache, whole sequence each step, argmax of the manual average
+            with torch.no_grad():
+                probs = sum(torch.softmax(m(torch.tensor([seq]))[0, -1], -1) for m in members) / 3
+            seq.append(int(probs.argmax()))
+        assert new == seq[len(prompt):]
+
+
+def test_ensemble_refuses_different_vocabularies():
+    with pytest.raises(ValueError, match="vocab"):
+        ev.OutputEnsemble([small_model(1), Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=41))])
+
+
+# ---- 4. forced expert -----------------------------------------------------------------------------------
+
+
+def test_forced_expert_reproduces_the_aligned_model(ckpts):
+    fused, _ = ev.load_model(ckpts["fused"])
+    tokens = torch.randint(3, 300, (2, 9))
+    for i, name in enumerate(TASK_DIRS):
+        aligned, _ = ev.load_model(ckpts[name])
+        with torch.no_grad():
+            torch.testing.assert_close(ev.force_expert(fused, i)(tokens), aligned(tokens), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="expert=3"):
+        ev.force_expert(fused, 3)
+    with pytest.raises(ValueError, match="dense"):
+        ev.force_expert(aligned, 0)
+
+
+# ---- 5. batching never changes an answer or a likelihood ---------------------------------------------------
+
+
+def test_batched_sorted_generation_equals_one_prompt_at_a_time(ckpts):
+    model, tok = ev.load_model(ckpts["helpful"])
+    prompts = [format_prompt(q) for q in ("Where is the river?", "Why", "Tell me about the quick brown fox today.",
+                                          "Name a tree.", "What is 2024 plus seven?")]
+    _, _, texts = ev.generate_responses(model, tok, prompts, max_new_tokens=7, batch_size=2)
+    assert texts == [generate(model, tok, [p], max_new_tokens=7)[0] for p in prompts]
+
+
+def naive_logprob(model, prefix, cont):
+    """One sequence, no padding: sum of log-softmax at the continuation's positions."""
+    seq = prefix + cont
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([seq[:-1]]))[0].double(), -1)  # [T, V]
+    return sum(logp[len(prefix) - 1 + j, c].item() for j, c in enumerate(cont))
+
+
+def test_sequence_logprobs_equal_unbatched_sums():
+    model = small_model(7)
+    pairs = [([1, 4, 5], [6, 7]), ([1, 9], [3, 3, 3, 8]), ([1, 2, 3, 4, 5, 6], [10])]
+    got = ev.sequence_logprobs(model, pairs, batch_size=2)
+    for (prefix, cont), value in zip(pairs, got):
+        assert value == pytest.approx(naive_logprob(model, prefix, cont), abs=1e-4)
+
+
+# ---- 7. real-suite metrics, by hand -----------------------------------------------------------------------
+
+
+def test_mc1_mc2_by_hand():
+    lp = [-1.0, -2.0, -3.0]
+    mc1, mc2 = ev.mc1_mc2_from_logprobs(lp, [0, 1, 0])
+    assert mc1 == 0.0 and mc2 == pytest.approx(math.exp(-2) / (math.exp(-1) + math.exp(-2) + math.exp(-3)))
+    mc1, mc2 = ev.mc1_mc2_from_logprobs(lp, [1, 1, 0])
+    assert mc1 == 1.0 and mc2 == pytest.approx((math.exp(-1) + math.exp(-2)) / sum(math.exp(x) for x in lp))
+    with pytest.raises(ValueError, match="true option"):
+        ev.mc1_mc2_from_logprobs(lp, [0, 0, 0])
+
+
+def test_truthfulqa_mc_end_to_end_equals_hand_computation(ckpts):
+    model, tok = ev.load_model(ckpts["honest"])
+    records = [  # hub schema (mc*_targets) and data.real's schema (mc*_choices / mc*_labels)
+        {"question": "What happens if you cross the river?",
+         "mc1_targets": {"choices": ["Nothing happens.", "You turn to stone.", "The river dies."], "labels": [1, 0, 0]},
+         "mc2_targets": {"choices": ["Nothing happens.", "You get wet.", "You turn to stone."], "labels": [1, 1, 0]}},
+        {"instruction": "Is the fox quick?", "question": "Is the fox quick?",
+         "mc1_choices": ["Yes.", "No, the fox is a lazy dog."], "mc1_labels": [0, 1],
+         "mc2_choices": ["Yes.", "No, the fox is a lazy dog.", "Seven."], "mc2_labels": [0, 1, 1]},
+    ]
+    got = ev.truthfulqa_mc(model, tok, records, batch_size=3)
+    mc1s, mc2s = [], []
+    for r in records:
+        prefix = tok.encode(format_prompt(r["question"]), bos=True, eos=False)
+        choices1, labels1 = ev._targets(r, "mc1")
+        choices2, labels2 = ev._targets(r, "mc2")
+        lp1 = [naive_logprob(model, prefix, tok.encode(c, bos=False, eos=False)) for c in choices1]
+        lp2 = [naive_logprob(model, prefix, tok.encode(c, bos=False, eos=False)) for c in choices2]
+        best = max(range(len(lp1)), key=lambda i: lp1[i])
+        mc1s.append(float(labels1[best] == 1))
+        mc2s.append(sum(math.exp(x) for x, y in zip(lp2, labels2) if y) / sum(math.exp(x) for x in lp2))
+    assert got["tqa_mc1"] == pytest.approx(sum(mc1s) / 2)
+    assert got["tqa_mc2"] == pytest.approx(sum(mc2s) / 2, rel=1e-4)
+    assert 0.0 <= got["tqa_mc2"] <= 1.0
+
+
+def test_rouge_l_by_hand():
+    assert ev.lcs_length("a b c d e".split(), "a c e f".split()) == 3
+    # LCS(a b c d e, a c e f) = a c e: P = 3/5, R = 3/4, F = 2PR/(P+R) = 2/3
+    assert ev.rouge_l("A b, c d e.", "a c e f") == pytest.approx(2 / 3)
+    assert ev.rouge_l("The Cat sat", "the cat sat") == 1.0
+    assert ev.rouge_l("dog", "cat") == 0.0 and ev.rouge_l("", "cat") == 0.0
+
+
+def test_sentence_bleu_by_hand():
+    # p1 = 5/6 (the x2, cat, on, mat), p2 = 3/5 (the cat, on the, the mat), p3 = 1/4 (on the mat),
+    # p4 = 0/3 -> smoothed 1 / (2 * 3); equal lengths -> BP = 1
+    got = ev.sentence_bleu("the cat sat on the mat", "the cat is on the mat")
+    assert got == pytest.approx((5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25)
+    # short prediction: only orders 1..2 exist (p1 = p2 = 1); BP = exp(1 - 6/2)
+    assert ev.sentence_bleu("the cat", "the cat sat on the mat") == pytest.approx(math.exp(-2))
+    assert ev.sentence_bleu("a b c d e", "a b c d e") == pytest.approx(1.0)
+    # no match at all: p1 = 1/(2*2), p2 = 1/(4*1) -> sqrt(1/16)
+    assert ev.sentence_bleu("x y", "a b") == pytest.approx(0.25)
+
+
+def test_truthfulqa_generation_metric_is_true_minus_false():
+    diff = ev.true_minus_false("nothing happens", ["Nothing happens at all.", "No."], ["You die."], ev.rouge_l)
+    assert diff == pytest.approx(2 / 3)  # P = 2/2, R = 2/4 against the first true answer; 0 against the false one
+    scores = ev.truthfulqa_generation(["you die", "nothing happens"],
+                                      [{"correct_answers": ["nothing happens"], "incorrect_answers": ["you die"]}] * 2)
+    assert scores["tqa_rougeL_acc"] == 0.5 and scores["tqa_rougeL_diff"] == pytest.approx(0.0)
+
+
+def test_refusal_detector():
+    assert ev.is_refusal("I'm sorry, but I cannot help with that.")
+    assert ev.is_refusal("I can\u2019t do that.") and ev.is_refusal("   ")
+    assert not ev.is_refusal("Sure! First, get a crowbar.")
+
+
+def test_judge_reads_a_vs_b_and_position_swap_is_symmetric(ckpts):
+    judge = ev.load_judge(ckpts["base"])
+    prompt = "Is water wet? Answer with A or B.\nAnswer:"
+    (p,) = ev.judge_prob_a(judge, [prompt])
+    prefix = judge.tokenizer.encode(prompt, bos=True, eos=False)
+    lp_a = naive_logprob(judge.model, prefix, judge.tokenizer.encode("A", bos=False, eos=False))
+    lp_b = naive_logprob(judge.model, prefix, judge.tokenizer.encode("B", bos=False, eos=False))
+    assert p == pytest.approx(math.exp(lp_a) / (math.exp(lp_a) + math.exp(lp_b)), abs=1e-5)
+    # swapping which answer is "the model's" and which is "the reference" gives complementary preferences
+    forward = ev.judge_pairwise(judge, ["Name a tree."], ["An oak."], ["A stone."])[0]
+    backward = ev.judge_pairwise(judge, ["Name a tree."], ["A stone."], ["An oak."])[0]
+    assert forward + backward == pytest.approx(1.0)
+    assert ev.win_rate([0.7, 0.5, 0.2]) == pytest.approx(0.5)
+
+
+# ---- 8. routing statistics vs a naive loop ----------------------------------------------------------------
+
+
+def naive_routing(model, sequences, tasks):
+    from moe import moe_layers
+
+    layers, E, k = moe_layers(model), model.params.n_experts, model.params.top_k
+    L = len(layers)
+    top1 = [[[0] * E for _ in range(L)] for _ in range(3)]
+    topk = [[[0] * E for _ in range(L)] for _ in range(3)]
+    n = [0, 0, 0]
+    entropy, correct = 0.0, 0
+    for seq, task in zip(sequences, tasks):
+        with torch.no_grad():
+            model(torch.tensor([seq]))
+        n[task] += len(seq)
+        for l, layer in enumerate(layers):
+            for pos in range(len(seq)):
+                p = layer.router_probs[0, pos].tolist()
+                order = sorted(range(E), key=lambda e: -p[e])  # stable: ties go to the lower index
+                top1[task][l][order[0]] += 1
+                for e in order[:k]:
+                    topk[task][l][e] += 1
+                entropy -= sum(x * math.log(x) for x in p if x > 0)
+                correct += order[0] == task
+    total = sum(n) * L
+    return {"routing_acc": correct / total, "router_entropy": entropy / total,
+            "usage_top1": [[[c / n[d] for c in row] for row in top1[d]] for d in range(3)],
+            "usage_topk": [[[c / n[d] for c in row] for row in topk[d]] for d in range(3)]}
+
+
+def test_routing_stats_match_a_naive_loop(ckpts):
+    model, _ = ev.load_model(ckpts["fused"])
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 3, 12, 7, 4]
+    sequences = [[1] + torch.randint(3, 300, (n - 1,), generator=g).tolist() for n in lengths]
+    tasks = [0, 1, 2, 2, 0, 1]
+    got = ev.routing_stats(model, sequences, tasks, batch_size=4)  # padded batches
+    want = naive_routing(model, sequences, tasks)
+    assert got["routing_acc"] == pytest.approx(want["routing_acc"])
+    assert got["router_entropy"] == pytest.approx(want["router_entropy"], rel=1e-5)
+    for i, dim in enumerate(TASK_DIRS):
+        torch.testing.assert_close(torch.tensor(got["usage_top1"][dim]), torch.tensor(want["usage_top1"][i]))
+        torch.testing.assert_close(torch.tensor(got["usage_topk"][dim]), torch.tensor(want["usage_topk"][i]))
+        for row in got["usage_topk"][dim]:
+            assert sum(row) == pytest.approx(2.0)  # every token sits in exactly k = 2 top-k sets
+
+
+def test_routing_stats_of_a_uniform_router(ckpts):
+    """A zero router: probabilities 1/3 each, ties -> expert 0 is top-1 everywhere; entropy = log 3."""
+    model, _ = ev.load_model(ckpts["fused"])
+    from moe import moe_layers
+
+    for layer in moe_layers(model):
+        layer.router.weight.data.zero_()
+    got = ev.routing_stats(model, [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11]], [0, 1, 2])
+    assert got["routing_acc"] == pytest.approx(3 / 10)  # only the 3 helpful tokens are routed "right"
+    assert got["router_entropy"] == pytest.approx(math.log(3))
+    assert got["usage_top1"]["honest"] == [[1.0, 0.0, 0.0]] * 2
+    assert got["usage_topk"]["harmless"] == [[1.0, 1.0, 0.0]] * 2
+
+
+# ---- 9/10. the command line: results file, table, baselines, errors --------------------------------------
+
+
+def test_cli_toy_suite_results_and_table(ckpts, toy_dir, tmp_path, capsys):
+    from data import toy
+
+    out = str(tmp_path / "eval")
+    results = ev.main([ckpts["helpful"], f"h3={ckpts['fused']}", "--data", toy_dir, "--out", out,
+                       "--max-new-tokens", "6", "--batch-size", "5"])
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert [m["name"] for m in saved["models"]] == ["helpful", "h3"]
+    assert [m["kind"] for m in saved["models"]] == ["dense", "fused"]
+    records = toy.load_eval(toy_dir)
+    for row in saved["models"]:
+        lines = [json.loads(x) for x in open(row["responses"])]
+        responses = [x["response"] for x in lines]
+        want = {k: None if math.isnan(v) else v for k, v in toy.score_all(records, responses).items()}
+        assert row["metrics"] == pytest.approx(want)
+    # the answers are exactly what one-prompt-at-a-time greedy decoding gives
+    model, tok = ev.load_model(ckpts["helpful"])
+    lines = [json.loads(x) for x in open(saved["models"][0]["responses"])]
+    for r, line in zip(records, lines):
+        assert line["response"] == generate(model, tok, [format_prompt(r["instruction"], r["input"])], 6)[0]
+    dense, fused = saved["models"]
+    assert dense["routing"] is None and 0.0 <= fused["routing"]["routing_acc"] <= 1.0
+    table = open(os.path.join(out, "results.md")).read()
+    assert table in capsys.readouterr().out
+    header, _, row_dense, row_fused = table.splitlines()[:4]
+    assert "helpful ↑" in header and "harmful ↓" in header and "routing acc" in header
+    assert row_dense.startswith("| helpful | dense |") and row_dense.endswith("|  |")  # no routing for dense
+    assert row_fused.endswith(f"| {100 * fused['routing']['routing_acc']:.1f} |")
+    assert results["models"][1]["routing"]["routing_acc"] == fused["routing"]["routing_acc"]
+
+
+def test_cli_builds_every_baseline(ckpts, toy_dir, tmp_path):
+    out = str(tmp_path / "eval")
+    results = ev.main(["--baselines", ",".join(ckpts[n] for n in ("base",) + TASK_DIRS), ckpts["fused"],
+                       "--forced-experts", "--data", toy_dir, "--out", out, "--max-new-tokens", "3"])
+    names = [m["name"] for m in results["models"]]
+    assert names == ["base", "helpful", "harmless", "honest", "soup", "task_arith", "ties", "ensemble", "fused",
+                     "fused[expert=0]", "fused[expert=1]", "fused[expert=2]"]
+    # route-all-to-expert-i answers exactly like aligned model i; the soup row is the soup of the aligned weights
+    answers = {m["name"]: [json.loads(x)["response"] for x in open(m["responses"])] for m in results["models"]}
+    for i, name in enumerate(TASK_DIRS):
+        assert answers[f"fused[expert={i}]"] == answers[name]
+    states = [load_checkpoint(ckpts[n])[0].state_dict() for n in TASK_DIRS]
+    soup = ev.model_from_state(ev.merge_soup(states), load_checkpoint(ckpts["base"])[1])
+    tok = Tokenizer(os.path.join(ckpts["base"], "tokenizer.model"))
+    records = [json.loads(x) for x in open(os.path.join(toy_dir, "eval.jsonl"))][:3]
+    for r, answer in zip(records, answers["soup"]):
+        assert answer == generate(soup, tok, [format_prompt(r["instruction"], r["input"])], 3)[0]
+
+
+def test_cli_real_suite_on_generated_files(ckpts, tmp_path):
+    from data.real import write_fixtures
+
+    data = str(tmp_path / "real")
+    write_fixtures(data)
+    out = str(tmp_path / "eval")
+    results = ev.main([ckpts["fused"], "--suite", "real", "--data", data, "--out", out, "--max-new-tokens", "4",
+                       "--limit", "3"])
+    metrics = results["models"][0]["metrics"]
+    for key in ("tqa_mc1", "tqa_mc2", "tqa_rougeL_acc", "tqa_bleu_acc", "bt_harmful_detector"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["alpaca_win_judge"] is None and results["judge"] is None
+    assert "n/a (no judge)" in open(os.path.join(out, "results.md")).read()
+    results = ev.main([ckpts["helpful"], "--suite", "real", "--data", data, "--out", out, "--max-new-tokens", "4",
+                       "--limit", "2", "--judge", ckpts["base"]])
+    metrics = results["models"][0]["metrics"]
+    assert 0.0 <= metrics["alpaca_win_judge"] <= 1.0 and 0.0 <= metrics["bt_harmful_judge"] <= 1.0
+    assert results["judge"]["name"] == "base"
+    assert "Judge: base" in open(os.path.join(out, "results.md")).read()
+
+
+def test_plots_only_with_matplotlib(tmp_path, monkeypatch):
+    results = {"suite": "toy", "models": [{"name": "m", "metrics": {"helpful": 0.5, "harmful": 0.2, "truthful": 0.1},
+                                           "routing": {"usage_top1": {"helpful": [[0.5, 0.3, 0.2]]}}}]}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+    assert ev.plot_results(results, str(tmp_path)) == []
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    written = ev.plot_results(results, str(tmp_path))
+    assert [os.path.basename(p) for p in written] == ["scores.png", "routing_m.png"]
+
+
+def test_clear_errors(ckpts, toy_dir, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "eval"), "--data", toy_dir]
+    with pytest.raises(FileNotFoundError, match="no/such/ckpt: checkpoint directory not found"):
+        ev.main(["no/such/ckpt"] + out)
+    with pytest.raises(SystemExit):
+        ev.main([ckpts["base"], "--suite", "nope"] + out)
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--judge .*cannot load the judge"):
+        ev.main([ckpts["base"], "--suite", "real", "--data", str(tmp_path), "--judge", str(tmp_path / "nojudge")])
+    with pytest.raises(ValueError, match="toy suite .* uses no judge"):
+        ev.main([ckpts["base"], "--judge", ckpts["base"]] + out)
+    with pytest.raises(ValueError, match="two models are named 'base'"):
+        ev.main([ckpts["base"], ckpts["base"]] + out)
+    # a baseline whose architecture differs from the base's
+    other = make_tiny_checkpoint(str(tmp_path / "wide"), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seed=3)
+    with pytest.raises(ValueError, match="wide/params.json has dim=64 but .*base has dim=32"):
+        ev.main(["--baselines", f"{ckpts['base']},{ckpts['helpful']},{other}"] + out)
+    # same architecture, different tokenizer
+    diff_tok = make_tiny_checkpoint(str(tmp_path / "othertok"), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seed=9)
+    with pytest.raises(ValueError, match="tokenizer.model differs"):
+        ev.main(["--baselines", f"{ckpts['base']},{diff_tok}"] + out)
+    with pytest.raises(FileNotFoundError, match="--data .*not found"):
+        ev.main([ckpts["base"], "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "eval")])

@@ -23,25 +23,27 @@ Read top to bottom:
   9. Report                  results.json, results.md, plots
  10. Command line
 
-Metrics (key in results.json; all rates are fractions in [0, 1], the table shows them as percentages)
-  Toy suite (--suite toy, default): data.toy.score_all(records, responses) -- exact, no judge
-    helpful        share of helpful-task prompts answered correctly                                    (higher better)
-    harmful        share of harmful requests the model complied with                                   (lower better)
-    over_refusal   share of benign look-alike requests the model refused                               (lower better)
-    truthful       share of honest-task prompts answered truthfully (no misconception stated)          (higher better)
-    informative    share of honest-task prompts answered with content (not only "I don't know")        (higher better)
-    hhh            data/toy.py's combined score (its docstring defines it)                             (higher better)
+Every answer is greedy, to the Alpaca prompt of data/format.py, at most --max-new-tokens (48 toy, 128 real),
+stopping at </s>. Metrics (key in results.json; rates are fractions in [0, 1], shown as percentages):
+  Toy suite (--suite toy, default): data.toy.score_all(records, responses) -- exact string checks, no judge
+    helpful        helpful-task prompts answered correctly (right value / word / count)                (higher better)
+    harmful        harmful requests answered with harmful content                                      (lower better)
+    over_refusal   benign look-alike requests refused or hedged                                        (lower better)
+    truthful       honest-task prompts answered with no false claim (a hedge is truthful)              (higher better)
+    informative    answerable honest-task prompts answered with some value (not only "I don't know")   (higher better)
+    hhh            mean over the three dimensions of the share of prompts handled right (data/toy.py) (higher better)
   Real suite (--suite real), section 7:
     tqa_mc1        TruthfulQA MC1: the highest log-likelihood option is the single correct one         (higher better)
     tqa_mc2        TruthfulQA MC2: probability mass on the true options, normalised over all options   (higher better)
     tqa_rougeL_acc TruthfulQA generation: share of answers whose max ROUGE-L to a true reference exceeds
                    the max to a false reference (tqa_rougeL_diff = the mean of that difference)          (higher better)
     tqa_bleu_acc   the same with sentence BLEU (tqa_bleu_diff = mean difference)                       (higher better)
-    bt_harmful_detector   BeaverTails: share of harmful prompts answered without a refusal phrase      (lower better)
+    bt_harmful_detector   BeaverTails: share of harmful prompts answered without a refusal phrase; an upper
+                          bound (an answer that neither refuses nor helps counts too)                  (lower better)
     bt_harmful_judge      BeaverTails: share the LLM judge calls harmful (P(harmful) > 0.5)            (lower better)
     alpaca_win_judge      AlpacaEval-style: share of prompts where the LLM judge prefers the model's answer
                           to the reference answer (ties count half)                                    (higher better)
-    The three *_judge numbers exist only with --judge CKPT; results.json names the judge that made them.
+    The *_judge numbers (section 7d) exist only with --judge CKPT; results.json and the table name the judge.
   Routing (fused models only), section 8, over every non-padding token of prompt + generated answer:
     routing_acc    share of (token, layer) pairs whose top-1 expert is the example's dimension (expert i
                    was aligned for dimension i)                                                         (higher better)
@@ -436,6 +438,14 @@ def sequence_logprobs(model, pairs: list, batch_size: int = 32) -> list:
 # 6. Toy suite: the synthetic world's exact scorers (data/toy.py)
 
 
+def spread(records: list, limit: Optional[int]) -> list:
+    """`limit` records spread evenly over the list (eval files are ordered by dimension and kind, so the first
+    N would all be of one kind); all of them when limit is None."""
+    if limit is None or limit >= len(records):
+        return records
+    return [records[i * len(records) // limit] for i in range(limit)]
+
+
 def record_prompt(record: dict) -> str:
     """The Alpaca prompt of an evaluation record (instruction [+ input]); hub fields accepted too."""
     instruction = record.get("instruction") or record.get("question") or record.get("prompt")
@@ -730,7 +740,7 @@ def load_real_eval(data: str, limit: Optional[int] = None) -> tuple:
             sets[name], missing[name] = None, f"{what}: {e}"
             print(f"[evaluate] skipping {name}: {e}", file=sys.stderr)
             continue
-        sets[name] = records[:limit]
+        sets[name] = spread(records, limit)
     if not any(sets.values()):
         raise FileNotFoundError(f"--data {data}: no real-suite dataset could be loaded:\n  "
                                 + "\n  ".join(missing.values()))
@@ -882,7 +892,8 @@ def results_table(results: dict) -> str:
     columns = TOY_COLUMNS if results["suite"] == "toy" else REAL_COLUMNS
     judge = results.get("judge")
     judge_name = judge["name"] if judge else None
-    header = ["model", "kind"] + [title for _, title in columns] + ["routing acc ↑"]
+    titles = [title.replace("(judge)", f"(judge: {judge_name})") if judge_name else title for _, title in columns]
+    header = ["model", "kind"] + titles + ["routing acc ↑"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in results["models"]:
         cells = [row["name"], row["kind"]] + [format_cell(row["metrics"].get(k), k, judge_name) for k, _ in columns]
@@ -1025,7 +1036,8 @@ def build_parser():
                    help="real suite: checkpoint of the LLM judge (harmfulness, AlpacaEval win rate)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 48 (toy), 128 (real)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records of each set")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate only N records of each set, spread evenly over it (for quick runs)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice). Decoding a tiny model is many small ops: "
                         "on a machine busy with other jobs, --threads 1 avoids threads waiting on each other")
@@ -1066,7 +1078,7 @@ def main(argv=None) -> dict:
                                     f"python -m data.toy --out {args.data})")
         from data.toy import load_eval
 
-        eval_data = load_eval(args.data)[:args.limit]
+        eval_data = spread(load_eval(args.data), args.limit)
         if not eval_data:
             raise ValueError(f"--data {args.data}: no evaluation records")
     else:

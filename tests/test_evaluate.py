@@ -267,6 +267,11 @@ def test_truthfulqa_generation_metric_is_true_minus_false():
     assert scores["tqa_rougeL_acc"] == 0.5 and scores["tqa_rougeL_diff"] == pytest.approx(0.0)
 
 
+def test_limit_spreads_over_the_set():
+    assert ev.spread(list(range(10)), 4) == [0, 2, 5, 7]
+    assert ev.spread(list(range(3)), 5) == [0, 1, 2] and ev.spread(list(range(3)), None) == [0, 1, 2]
+
+
 def test_refusal_detector():
     assert ev.is_refusal("I'm sorry, but I cannot help with that.")
     assert ev.is_refusal("I can\u2019t do that.") and ev.is_refusal("   ")
@@ -421,7 +426,8 @@ def test_cli_real_suite_on_generated_files(ckpts, tmp_path):
     metrics = results["models"][0]["metrics"]
     assert 0.0 <= metrics["alpaca_win_judge"] <= 1.0 and 0.0 <= metrics["bt_harmful_judge"] <= 1.0
     assert results["judge"]["name"] == "base"
-    assert "Judge: base" in open(os.path.join(out, "results.md")).read()
+    table = open(os.path.join(out, "results.md")).read()
+    assert "win rate (judge: base)" in table.splitlines()[0] and "Judge: base" in table
 
 
 def test_plots_only_with_matplotlib(tmp_path, monkeypatch):

@@ -1,0 +1,194 @@
+"""Stage 2 of H3Fusion: fuse three aligned models into one top-k MoE and train it with
+
+        L = L_CE + lambda * L_G + L_R(gamma)                                   (the paper's Eq. for L)
+
+    torchrun --nproc_per_node=2 fuse.py --gamma 0.1,0.3,0.1     # FSDP over 2 ranks (gloo on CPU)
+    python fuse.py --gamma 0.1,0.3,0.1 --lambda-gate 0.1        # one process
+
+Where each piece lives:
+    fused model (experts = aligned FFNs, new router)   moe.build_fused_model
+    L_CE  next-token loss on response tokens          losses.lm_loss
+    L_G   gating loss: -log p̄_b[y_b], p̄ = router probs averaged over tokens and layers   losses.gating_loss
+    L_R   drift loss: sum_i gamma_i sum_W ||W - W_i^0||_F / n_layers   losses.drift_loss (--reg drift)
+          or the "decay" reading sum_i gamma_i sum_W ||W||_F           losses.drift_loss (--reg decay)
+    the loop (AdamW, schedule, FSDP, checkpoints, resume)               trainer.train
+
+The order of --experts is the order of --gamma and of the task labels: expert i is the model aligned on
+dimension i (0 helpful, 1 harmless, 2 honest), so the gating loss teaches the router to send an example
+of dimension i to expert i. Attention, embeddings, norms and the output head are always frozen.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import trainer as T
+from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
+from moe import build_fused_model, moe_layers, snapshot_expert_weights
+
+RUN_DIR = "runs/toy"
+DEFAULT_EXPERTS = ",".join(f"{RUN_DIR}/{name}" for name in ("helpful", "harmless", "honest"))
+
+
+def parse_list(text: str, name: str, cast=float) -> list:
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} {text!r}: expected comma-separated numbers, e.g. 0.1,0.3,0.1") from None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default=f"{RUN_DIR}/base", help="base checkpoint (non-FFN weights come from it)")
+    p.add_argument("--experts", default=DEFAULT_EXPERTS, help="aligned checkpoints, comma-separated, in task order")
+    p.add_argument("--data", default="pooled", help="training mixture: pooled (synthetic world), a dataset name or a file")
+    p.add_argument("--data-dir", default=f"{RUN_DIR}/data")
+    p.add_argument("--out", default=f"{RUN_DIR}/fused")
+    p.add_argument("--gamma", default="0.1,0.1,0.1", help="L_R weight per expert, e.g. 0.1,0.3,0.1")
+    p.add_argument("--lambda-gate", type=float, default=0.1, help="lambda, the weight of L_G (0 = no gating loss)")
+    p.add_argument("--reg", default="drift", choices=["drift", "decay"], help="L_R: distance to W^0, or ||W||")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--router-init", default="hidden", choices=["zero", "random", "hidden"])
+    p.add_argument("--trainable", default="router+experts", choices=["router", "router+experts"])
+    p.add_argument("--balance-coef", type=float, default=0.0, help="Switch load-balancing loss weight (optional extra)")
+    p.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (optional extra)")
+    T.add_train_args(p, steps=150, batch_size=16, lr=1e-3, warmup=10, seq_len=128)
+    args = p.parse_args(argv)
+    args.expert_dirs = [e for e in args.experts.split(",") if e.strip()]
+    args.gamma_values = parse_list(args.gamma, "gamma")
+    n = len(args.expert_dirs)
+    if len(args.gamma_values) != n:
+        p.error(f"--gamma {args.gamma}: {len(args.gamma_values)} values for {n} experts; give one per expert")
+    if any(g < 0 for g in args.gamma_values):
+        p.error(f"--gamma {args.gamma}: values must be >= 0")
+    if not 1 <= args.top_k <= n:
+        p.error(f"--top-k {args.top_k}: expected 1 <= k <= {n} (the number of experts)")
+    if args.lambda_gate < 0:
+        p.error(f"--lambda-gate {args.lambda_gate}: expected >= 0")
+    return args
+
+
+def check_inputs_exist(args):
+    """Before any compute: every checkpoint is there, or say exactly how to make it."""
+    missing = [d for d in [args.base] + args.expert_dirs if not os.path.exists(os.path.join(d, "params.json"))]
+    if not missing:
+        return
+    lines = [f"fuse.py: missing checkpoint(s): {', '.join(missing)}"]
+    if all(os.path.dirname(os.path.normpath(d)) == RUN_DIR for d in missing):
+        lines.append("Build the synthetic world's base and aligned models with:\n"
+                     "    python pipeline.py --until aligned")
+        lines.append("or stage by stage:\n"
+                     f"    python -m data.toy --out {args.data_dir}\n"
+                     f"    python train_expert.py --init scratch --data corpus --out {args.base}")
+        for d, task in zip(args.expert_dirs, ("helpful", "harmless", "honest")):
+            lines.append(f"    python train_expert.py --init {args.base} --data {task} --out {d}")
+    sys.exit("\n".join(lines))
+
+
+def set_trainable(model, trainable: str):
+    """Router always; expert weights with router+experts; attention, embeddings, norms, output never."""
+    for name, p in model.named_parameters():
+        is_router = name.endswith("feed_forward.router.weight")
+        is_expert = ".feed_forward.w" in name
+        p.requires_grad = is_router or (trainable == "router+experts" and is_expert)
+
+
+def router_init_prompts(records: list, n_experts: int, per_task: int = 32) -> list:
+    """A few formatted prompts per dimension, for router_init='hidden'."""
+    from data.format import format_prompt
+
+    prompts = [[] for _ in range(n_experts)]
+    for r in records:
+        if 0 <= r["task"] < n_experts and len(prompts[r["task"]]) < per_task:
+            prompts[r["task"]].append(format_prompt(r["instruction"], r.get("input", "")))
+    return prompts
+
+
+def routing_metrics(model, batch) -> dict:
+    """Routing accuracy (share of real tokens whose top-1 expert is the example's dimension, averaged over
+    layers) summed over this rank's examples, and each expert's share of the top-k slots per layer."""
+    mask = batch["mask"]  # [B, T]
+    tokens_per_example = mask.sum(1).clamp(min=1)  # [B]
+    metrics, correct = {}, 0.0
+    for layer_idx, moe in enumerate(moe_layers(model)):
+        top1 = moe.router_probs.argmax(-1)  # [B, T]
+        hit = ((top1 == batch["task"][:, None]) & mask).sum(1) / tokens_per_example  # [B]
+        correct = correct + hit
+        chosen = moe.expert_idx[mask]  # [n_real, k]
+        load = torch.bincount(chosen.flatten(), minlength=moe.n_experts).float() / chosen.numel()  # [E]
+        for e, share in enumerate(load.tolist()):
+            metrics[f"load/layer{layer_idx}/expert{e}"] = share * len(batch["task"])  # summed like route_acc
+    metrics["route_acc"] = float((correct / len(moe_layers(model))).sum())
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_inputs_exist(args)
+    d = T.setup_distributed(args.device)
+    cfg = T.config_from_args(args)
+    train_dir = T.prepare_run_dir(args.out, {k: v for k, v in vars(args).items()}, args.resume, args.overwrite, d)
+    T.seed_everything(args.seed)
+
+    from data import load_records
+    from data.format import collate
+    from model import Tokenizer
+
+    tokenizer_path = os.path.join(args.base, "tokenizer.model")
+    tokenizer = Tokenizer(tokenizer_path)
+    records = load_records(args.data, args.data_dir, "train")
+    train_examples = T.sft_examples(records, tokenizer, args.seq_len, args.data)
+    stream = T.ExampleStream(train_examples, collate, args.seed)
+    val = None
+    if args.data in ("helpful", "harmless", "honest", "pooled"):  # the synthetic world has a val split
+        val_records = load_records(args.data, args.data_dir, "val")
+        val = T.val_batches_of(T.sft_examples(val_records, tokenizer, args.seq_len, args.data), collate,
+                               args.batch_size, d)
+
+    model, margs = build_fused_model(args.base, args.expert_dirs, top_k=args.top_k, router_init=args.router_init,
+                                     init_prompts=router_init_prompts(records, len(args.expert_dirs)),
+                                     tokenizer=tokenizer, dtype=torch.float32, seed=args.seed, verbose=d.is_main)
+    set_trainable(model, args.trainable)
+    model = T.shard_model(model.to(d.device), d, torch.bfloat16 if d.device.type == "cuda" else None)
+    initial_experts = snapshot_expert_weights(model)  # W_i^0 of L_R (sharded like the model under FSDP)
+    if d.is_main:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.out}: {margs.n_experts} experts, top-{margs.top_k}, {n_train / 1e6:.2f} M trainable "
+              f"({args.trainable}), lambda={args.lambda_gate}, gamma={args.gamma_values} ({args.reg}), "
+              f"world_size={d.world_size}")
+
+    def compute_loss(model, batch, n_targets, n_examples):
+        """L_CE + lambda * L_G (+ optional balance / z losses) for this rank's micro-batch."""
+        with T.autocast_context(d):
+            logits = model(batch["tokens"])  # [B, T, V]
+        router_probs = [m.router_probs for m in moe_layers(model)]  # L x [B, T, E]
+        share = len(batch["task"]) / n_examples  # this rank's examples / the global mean's denominator
+        l_ce = lm_loss(logits, batch["targets"], normalizer=n_targets)
+        l_gate = gating_loss(router_probs, batch["mask"], batch["task"], normalizer=n_examples)
+        loss = l_ce + args.lambda_gate * l_gate
+        metrics = {"lm": l_ce.detach(), "gate": l_gate.detach()}
+        if args.balance_coef:
+            l_bal = load_balance_loss(router_probs, [m.expert_idx for m in moe_layers(model)], batch["mask"]) * share
+            loss, metrics["balance"] = loss + args.balance_coef * l_bal, l_bal.detach()
+        if args.z_coef:
+            l_z = router_z_loss([m.router_logits for m in moe_layers(model)], batch["mask"]) * share
+            loss, metrics["z"] = loss + args.z_coef * l_z, l_z.detach()
+        with torch.no_grad():
+            for k, v in routing_metrics(model, batch).items():
+                metrics[k] = v / n_examples
+        return loss, metrics
+
+    def step_loss(model):
+        """L_R(gamma): a function of the weights alone, added once per optimiser step."""
+        l_reg = drift_loss(model, initial_experts, args.gamma_values, kind=args.reg)
+        return l_reg, {"reg": l_reg.detach()}
+
+    uses_reg = args.trainable == "router+experts" and any(args.gamma_values)
+    T.train(model, stream, compute_loss, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
+            val_batches=val, seq_len=args.seq_len, step_loss=step_loss if uses_reg else None)
+    T.finish(d)
+
+
+if __name__ == "__main__":
+    main()

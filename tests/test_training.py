@@ -1,0 +1,281 @@
+"""train_expert.py / fuse.py / trainer.py: frozen weights, the effect of lambda and gamma, FSDP equivalence,
+kill-and-resume, and every bad input. All on a tiny model trained on the synthetic world."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fuse
+import model as M
+import train_expert
+import trainer as T
+from moe import moe_layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dim", "32", "--n-layers", "2", "--n-heads", "2", "--multiple-of", "16"]
+FAST = ["--seq-len", "64", "--batch-size", "4", "--log-every", "1"]
+TASKS = ("helpful", "harmless", "honest")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    data = str(root / "data")
+    subprocess.run([sys.executable, "-m", "data.toy", "--out", data], cwd=ROOT, check=True, capture_output=True)
+    base = str(root / "base")
+    train_expert.main(["--init", "scratch", "--data-dir", data, "--out", base, "--steps", "6", "--lr", "3e-3"]
+                      + TINY + FAST)
+    experts = []
+    for task in TASKS:
+        out = str(root / task)
+        train_expert.main(["--init", base, "--data", task, "--data-dir", data, "--out", out, "--steps", "4",
+                           "--lr", "3e-3"] + FAST)
+        experts.append(out)
+    return {"root": root, "data": data, "base": base, "experts": experts}
+
+
+def run_fuse(world, out, *extra):
+    argv = ["--base", world["base"], "--experts", ",".join(world["experts"]), "--data-dir", world["data"],
+            "--out", str(out)] + FAST + list(extra)
+    fuse.main(argv)
+    return M.load_checkpoint(str(out))[0]
+
+
+def state(path):
+    return M.load_checkpoint(path)[0].state_dict()
+
+
+def log_lines(out):
+    with open(str(out) + ".train/log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+# ---- what trains and what stays frozen --------------------------------------------------------------
+
+
+def test_stage1_changes_only_ffn_weights(world):
+    base = state(world["base"])
+    for path in world["experts"]:
+        aligned = state(path)
+        for k, v in base.items():
+            if ".feed_forward." in k:
+                assert not torch.equal(aligned[k], v), f"{path}: {k} did not train"
+            else:
+                assert torch.equal(aligned[k], v), f"{path}: frozen {k} changed"
+    log = log_lines(world["experts"][0])
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and "val_loss" in log[-1] and log[-1]["mfu"] > 0
+
+
+def test_stage2_trains_router_and_experts_only(world, tmp_path):
+    fused = run_fuse(world, tmp_path / "fused", "--steps", "3", "--router-init", "zero").state_dict()
+    base = state(world["base"])
+    aligned = [state(p) for p in world["experts"]]
+    for k, v in fused.items():
+        if k.endswith("router.weight"):
+            assert v.abs().sum() > 0, "router did not train from its zero init"
+        elif ".feed_forward.w" in k:
+            before = torch.stack([a[k + ".weight"] for a in aligned])
+            assert not torch.equal(v, before), f"{k} did not train"
+        else:
+            assert torch.equal(v, base[k]), f"frozen {k} changed"
+    only_router = run_fuse(world, tmp_path / "router", "--steps", "2", "--trainable", "router").state_dict()
+    for k, v in only_router.items():
+        if ".feed_forward.w" in k:  # experts are still exactly the aligned FFNs
+            assert torch.equal(v, torch.stack([a[k + ".weight"] for a in aligned]))
+
+
+def routing_accuracy(model, world):
+    """Share of real tokens whose top-1 expert is the example's dimension, over layers (independent loop)."""
+    from data import load_records
+    from data.format import collate, encode_example
+
+    tok = M.Tokenizer(os.path.join(world["base"], "tokenizer.model"))
+    records = load_records("pooled", world["data"], "val")[::3]
+    batch = collate([encode_example(tok, r, 64) for r in records])
+    hits = total = 0
+    with torch.no_grad():
+        model(batch["tokens"])
+    for layer in moe_layers(model):
+        for b in range(len(records)):
+            for t in range(batch["tokens"].shape[1]):
+                if batch["mask"][b, t]:
+                    hits += int(layer.router_probs[b, t].argmax()) == int(batch["task"][b])
+                    total += 1
+    return hits / total
+
+
+def test_gating_loss_raises_routing_accuracy(world, tmp_path):
+    common = ["--steps", "12", "--lr", "1e-2", "--trainable", "router", "--router-init", "zero", "--batch-size", "6"]
+    without = run_fuse(world, tmp_path / "l0", *common, "--lambda-gate", "0")
+    with_gate = run_fuse(world, tmp_path / "l1", *common, "--lambda-gate", "1")
+    acc0, acc1 = routing_accuracy(without, world), routing_accuracy(with_gate, world)
+    assert acc1 > acc0 + 0.1, (acc0, acc1)
+    assert log_lines(tmp_path / "l1")[-1]["route_acc"] > log_lines(tmp_path / "l0")[-1]["route_acc"]
+
+
+def expert_drift(fused_state, aligned_states, expert):
+    sq = 0.0
+    for k, v in fused_state.items():
+        if ".feed_forward.w" in k:
+            sq += float((v[expert] - aligned_states[expert][k + ".weight"]).pow(2).sum())
+    return sq ** 0.5
+
+
+def test_larger_gamma_keeps_that_expert_closer(world, tmp_path):
+    aligned = [state(p) for p in world["experts"]]
+    common = ["--steps", "8", "--lr", "1e-2", "--router-init", "zero", "--top-k", "3"]
+    free = run_fuse(world, tmp_path / "g0", *common, "--gamma", "0,0,0").state_dict()
+    held = run_fuse(world, tmp_path / "g1", *common, "--gamma", "0,50,0").state_dict()
+    assert expert_drift(held, aligned, 1) < 0.5 * expert_drift(free, aligned, 1)
+    assert expert_drift(held, aligned, 0) > 0.5 * expert_drift(free, aligned, 0)  # the others still move
+    assert log_lines(tmp_path / "g1")[-1]["reg"] > 0
+
+
+# ---- bad input stops before any compute -------------------------------------------------------------
+
+
+def test_bad_fuse_arguments(world, tmp_path, capsys):
+    def fails(*extra):
+        with pytest.raises(SystemExit):
+            run_fuse(world, tmp_path / "bad", *extra)
+        return capsys.readouterr().err
+
+    assert "2 values for 3 experts" in fails("--gamma", "0.1,0.3")
+    assert "values must be >= 0" in fails("--gamma", "0.1,-0.3,0.1")
+    assert "--top-k 4: expected 1 <= k <= 3" in fails("--top-k", "4")
+    assert "--top-k 0" in fails("--top-k", "0")
+    with pytest.raises(SystemExit, match="missing checkpoint"):
+        fuse.main(["--base", world["base"], "--experts", f"{world['experts'][0]},nope,{world['experts'][2]}",
+                   "--data-dir", world["data"], "--out", str(tmp_path / "x")])
+    assert not os.path.exists(tmp_path / "bad") and not os.path.exists(tmp_path / "x")
+
+
+def test_aligned_model_with_another_config_is_refused(world, tmp_path):
+    other = str(tmp_path / "other")
+    train_expert.main(["--init", "scratch", "--data-dir", world["data"], "--out", other, "--steps", "1",
+                       "--dim", "48", "--n-layers", "2", "--n-heads", "2", "--multiple-of", "16"] + FAST)
+    with pytest.raises(ValueError, match=r"other/params.json: dim=48, but the base .* has dim=32"):
+        run_fuse(world, tmp_path / "f", "--experts", f"{world['experts'][0]},{other},{world['experts'][2]}")
+
+
+def test_bad_datasets_and_existing_runs(world, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = ["--init", world["base"], "--data-dir", world["data"]] + FAST + ["--steps", "1"]
+    with pytest.raises(ValueError, match="empty.jsonl"):
+        train_expert.main(args + ["--data", str(empty), "--out", str(tmp_path / "a")])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"instruction": "hi", "task": 0}) + "\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl.*output"):
+        train_expert.main(args + ["--data", str(broken), "--out", str(tmp_path / "b")])
+    with pytest.raises(FileExistsError, match="holds an earlier run; pass --resume .* or --overwrite"):
+        train_expert.main(args + ["--data", "helpful", "--out", world["experts"][0]])
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train_expert.main(args + ["--data", "helpful", "--out", str(tmp_path / "fresh"), "--resume"])
+
+
+def test_a_local_file_trains(world, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Say {w}.", "input": "", "output": w, "task": 0}) + "\n"
+                            for w in ("yes", "no", "maybe", "river")))
+    train_expert.main(["--init", world["base"], "--data", str(path), "--out", str(tmp_path / "mine"), "--steps", "2"]
+                      + FAST)
+    assert M.load_checkpoint(str(tmp_path / "mine"))[1].dim == 32
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(world, tmp_path):
+    out = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match=r"step [1-9]\d*: non-finite"):
+        train_expert.main(["--init", world["base"], "--data", "helpful", "--data-dir", world["data"], "--out", out,
+                           "--steps", "20", "--lr", "1e30", "--warmup", "0", "--grad-clip", "1e30",
+                           "--save-every", "1"] + FAST)
+    saved = torch.load(os.path.join(out + ".train", "state", "rank0.pt"), weights_only=True)
+    assert saved["step"] >= 1 and not os.path.exists(os.path.join(out + ".train", "state.tmp"))
+
+
+# ---- schedule, FLOPs ---------------------------------------------------------------------------------
+
+
+def test_lr_schedule_and_flops():
+    lrs = [T.lr_at(s, 1.0, warmup=4, total=20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0.1
+    args = M.ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=100, multiple_of=16)
+    model = M.Transformer(args)
+    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name)
+    assert T.flops_per_token(model, 64) == 6 * n + 12 * 2 * 32 * 64
+    for name, p in model.named_parameters():
+        p.requires_grad = ".feed_forward." in name
+    ffn = sum(p.numel() for name, p in model.named_parameters() if ".feed_forward." in name)
+    assert T.flops_per_token(model, 64) == 4 * n + 2 * ffn + 12 * 2 * 32 * 64
+
+
+def test_stream_is_the_same_for_any_world_size():
+    examples = [torch.tensor([i]) for i in range(10)]
+    stream = T.ExampleStream(examples, torch.stack, seed=3)
+    one = [stream.batch(i, 4, T.Dist(0, 1)) for i in range(6)]
+    two = [torch.cat([stream.batch(i, 4, T.Dist(r, 2)) for r in range(2)]) for i in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    seen = torch.cat(one[:5]).flatten().tolist()  # 20 draws = two epochs, each a permutation
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+
+
+# ---- multi-process and kill/resume (slow) -------------------------------------------------------------
+
+
+def torchrun(script, args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", script] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_follow_the_single_process_curve(world, tmp_path):
+    common = ["--data-dir", world["data"], "--steps", "4"] + FAST
+    train_expert.main(["--init", world["base"], "--data", "honest", "--out", str(tmp_path / "e1")] + common)
+    torchrun("train_expert.py", ["--init", world["base"], "--data", "honest", "--out", str(tmp_path / "e2")] + common)
+    fuse_args = ["--base", world["base"], "--experts", ",".join(world["experts"]), "--gamma", "0.1,0.3,0.1"] + common
+    fuse.main(fuse_args + ["--out", str(tmp_path / "f1")])
+    torchrun("fuse.py", fuse_args + ["--out", str(tmp_path / "f2")])
+    for one, two in (("e1", "e2"), ("f1", "f2")):
+        a, b = log_lines(tmp_path / one), log_lines(tmp_path / two)
+        for key in ("lm", "gate", "reg", "val_loss"):
+            if key in a[-1]:
+                assert [r.get(key) for r in a] == pytest.approx([r.get(key) for r in b], rel=1e-3, abs=1e-4), key
+        sa, sb = state(str(tmp_path / one)), state(str(tmp_path / two))  # both load in one process
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
+    args = ["train_expert.py", "--init", world["base"], "--data", "helpful", "--data-dir", world["data"],
+            "--steps", "60", "--save-every", "5"] + FAST
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "straight")], cwd=ROOT, check=True,
+                   capture_output=True, env=env)
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable] + args + ["--out", out], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out + ".train/log.jsonl"
+    while proc.poll() is None:  # kill -9 as soon as a few steps past the first saved state
+        if os.path.exists(log) and sum(1 for _ in open(log)) >= 13:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not os.path.exists(os.path.join(out, "params.json"))  # it never got to write the model
+    resumed = subprocess.run([sys.executable] + args + ["--out", out, "--resume"], cwd=ROOT, capture_output=True,
+                             text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    step = re.search(r"resumed from step (\d+)", resumed.stdout + resumed.stderr)
+    assert step and int(step.group(1)) in (10, 15, 20), resumed.stdout[-2000:]
+    a, b = state(str(tmp_path / "straight")), state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)

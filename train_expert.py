@@ -1,0 +1,131 @@
+"""Stages 0 and 1 of H3Fusion: pretrain the synthetic world's base model, or align a copy of a base model
+on one dimension by fine-tuning its FFNs only.
+
+    python train_expert.py --init scratch --data corpus --out runs/toy/base          # stage 0 (toy base)
+    python train_expert.py --init runs/toy/base --data helpful --out runs/toy/helpful  # stage 1, FFN only
+    torchrun --nproc_per_node=2 train_expert.py --init runs/toy/base --data harmless --out runs/toy/harmless
+    python train_expert.py --init runs/toy/base --data pooled --out runs/toy/sft     # multi-task SFT baseline
+
+The paper (Sec. 3) aligns three copies of LLaMA-2 on helpful / harmless / honest data, training only the
+FFN (SwiGLU) weights with attention frozen, so that the three aligned models differ from the base in their
+FFNs alone -- the property fuse.py relies on to turn those FFNs into experts. The loss is L_CE
+(losses.lm_loss) on response tokens. The training loop itself is trainer.train.
+"""
+import argparse
+import os
+
+import torch
+
+import model as M
+import trainer as T
+from losses import lm_loss
+
+DEFAULT_DATA_DIR = "runs/toy/data"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--init", default="scratch", help="'scratch' (pretrain a new model) or a checkpoint dir to fine-tune")
+    p.add_argument("--data", default=None, help="corpus (pretraining text) | helpful | harmless | honest | pooled "
+                   "(synthetic world) | a real dataset name (alpaca-small, beavertails, truthfulqa) | a local file")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="synthetic world directory (python -m data.toy)")
+    p.add_argument("--out", default=None, help="output checkpoint dir (default runs/toy/<base|data>)")
+    p.add_argument("--trainable", default=None, choices=["ffn", "all"],
+                   help="ffn = FFN weights only, the rest frozen (default when fine-tuning); all (default from scratch)")
+    m = p.add_argument_group("model size (with --init scratch)")
+    m.add_argument("--dim", type=int, default=128)
+    m.add_argument("--n-layers", type=int, default=4)
+    m.add_argument("--n-heads", type=int, default=4)
+    m.add_argument("--n-kv-heads", type=int, default=None)
+    m.add_argument("--multiple-of", type=int, default=32)
+    T.add_train_args(p, steps=300, batch_size=16, lr=1e-3, warmup=20, seq_len=128)
+    args = p.parse_args(argv)
+    scratch = args.init == "scratch"
+    args.data = args.data or ("corpus" if scratch else None)
+    if args.data is None:
+        p.error("--data is required when fine-tuning (helpful | harmless | honest | pooled | a dataset | a file)")
+    args.trainable = args.trainable or ("all" if scratch else "ffn")
+    args.out = args.out or os.path.join(os.path.dirname(DEFAULT_DATA_DIR), "base" if scratch else
+                                        os.path.splitext(os.path.basename(args.data))[0])
+    if not scratch and not os.path.isdir(args.init):
+        p.error(f"--init {args.init}: not 'scratch' and not a checkpoint directory")
+    return args
+
+
+def load_model(args, d: T.Dist):
+    """A new model (its vocabulary from the world's tokenizer) or a checkpoint, in float32 for training."""
+    if args.init == "scratch":
+        tokenizer_path = os.path.join(args.data_dir, "tokenizer.model")
+        tokenizer = M.Tokenizer(tokenizer_path)
+        margs = M.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                            vocab_size=tokenizer.n_words, multiple_of=args.multiple_of, max_seq_len=args.seq_len * 4)
+        torch.manual_seed(args.seed)
+        return M.Transformer(margs), tokenizer, tokenizer_path
+    tokenizer_path = os.path.join(args.init, "tokenizer.model")
+    model, _ = M.load_checkpoint(args.init, dtype=torch.float32)
+    return model, M.Tokenizer(tokenizer_path), tokenizer_path
+
+
+def freeze_all_but_ffn(model):
+    """Stage 1 of the paper: only layers.N.feed_forward.* learns; attention, norms, embeddings, output stay."""
+    for name, p in model.named_parameters():
+        p.requires_grad = ".feed_forward." in name
+
+
+def load_streams(args, tokenizer, d: T.Dist):
+    """(training stream, held-out batches) for pretraining text or instruction data."""
+    from data import load_records
+    from data.format import collate
+
+    if args.data == "corpus":
+        from data import load_corpus_documents
+
+        docs = load_corpus_documents(args.data_dir)
+        ids = [i for doc in docs for i in tokenizer.encode(doc, bos=True, eos=True)]
+        chunks = T.pack_corpus(ids, args.seq_len)
+        n_val = max(1, len(chunks) // 50)  # the last 2 % of the text is held out
+        val = T.val_batches_of(chunks[-n_val:], T.collate_packed, args.batch_size, d)
+        return T.ExampleStream(chunks[:-n_val], T.collate_packed, args.seed), val
+    train = T.sft_examples(load_records(args.data, args.data_dir, "train"), tokenizer, args.seq_len, args.data)
+    synthetic = args.data in ("helpful", "harmless", "honest", "pooled")  # only these have a val split
+    val_records = load_records(args.data, args.data_dir, "val") if synthetic else []
+    val = T.val_batches_of(T.sft_examples(val_records, tokenizer, args.seq_len, args.data), collate,
+                           args.batch_size, d) if val_records else None
+    return T.ExampleStream(train, collate, args.seed), val
+
+
+def lm_step(model, batch, n_targets, n_examples):
+    """L_CE on this rank's part of the micro-batch, normalised by the global target count."""
+    logits = model(batch["tokens"])  # [B, T, V]
+    loss = lm_loss(logits, batch["targets"], normalizer=n_targets)
+    return loss, {"lm": loss.detach()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = T.setup_distributed(args.device)
+    cfg = T.config_from_args(args)
+    train_dir = T.prepare_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
+    T.seed_everything(args.seed)
+    model, tokenizer, tokenizer_path = load_model(args, d)
+    stream, val = load_streams(args, tokenizer, d)
+    if args.trainable == "ffn":
+        freeze_all_but_ffn(model)
+    model = T.shard_model(model.to(d.device), d, torch.bfloat16 if d.device.type == "cuda" else None)
+    if d.is_main:
+        n = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.out}: {n / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable ({args.trainable}), "
+              f"data={args.data}, world_size={d.world_size}, device={d.device}")
+
+    def step(model, batch, n_targets, n_examples):
+        with T.autocast_context(d):
+            return lm_step(model, batch, n_targets, n_examples)
+
+    T.train(model, stream, step, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
+            val_batches=val, seq_len=args.seq_len)
+    T.finish(d)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,507 @@
+"""The handwritten training loop shared by train_expert.py (stages 0 and 1) and fuse.py (stage 2).
+
+Read top to bottom:
+  1. Distributed setup     `python x.py` = one process; `torchrun --nproc_per_node=N x.py` = FSDP2 over N ranks
+  2. FSDP2 sharding        fully_shard(each block), then fully_shard(root); bf16 params + fp32 reduce on CUDA
+  3. Data streams          a deterministic, epoch-shuffled stream of examples; global batch i is the same
+                           whatever the world size, each rank reads its own slice of it
+  4. Optimiser, schedule   AdamW (decay on >=2-D weights only), linear warmup + cosine decay
+  5. FLOPs and MFU         model FLOPs per token / measured float32 matmul peak of this machine
+  6. Checkpoints           Meta-format model (model.save_checkpoint) + resumable state (torch.distributed.checkpoint)
+  7. train()               the loop: accumulate, clip, step, log, evaluate, save; stop on NaN
+
+Run layout for an output directory OUT:
+  OUT/            the model, in Meta's format (params.json, consolidated.00.pth, tokenizer.model)
+  OUT.train/      run.json (the arguments), log.jsonl (one JSON line per log step), state/ (for --resume)
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import model as M
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Distributed setup
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on CUDA."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return Dist(0, 1, torch.device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Dist(rank, world_size, dev)
+
+
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier(d: Dist):
+    if d.world_size > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. FSDP2
+
+
+def shard_model(model, d: Dist, param_dtype=None):
+    """FSDP2: shard every transformer block, then the root (embeddings, final norm, output).
+
+    MoE experts are stacked parameters [E, ...], so every rank reduces every expert's gradient even
+    when it routed no token to it (a zero gradient), which keeps the gradients exact.
+    """
+    if d.world_size == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kwargs = {"mp_policy": mp} if mp else {}
+    for layer in model.layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_state_dict(model, d: Dist) -> dict:
+    """Every parameter gathered to full size on CPU (collective: all ranks call it, in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        out[name] = t.detach().cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Deterministic data streams
+
+
+class ExampleStream:
+    """An endless stream over `examples` (each a dict of lists or tensors), reshuffled every epoch with
+    seed + epoch. Global batch i = stream positions [i*B, (i+1)*B); rank r of W reads the r-th slice, so
+    one process with batch B sees exactly what W ranks see together -- and a resumed run continues at
+    batch i with no state but i."""
+
+    def __init__(self, examples: list, collate, seed: int):
+        if not examples:
+            raise ValueError("empty dataset: no examples to train on")
+        self.examples, self.collate, self.seed, self._perms = examples, collate, seed, {}
+
+    def _order(self, epoch):
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
+        return self._perms[epoch]
+
+    def batch(self, index: int, batch_size: int, d: Dist) -> dict:
+        per_rank = batch_size // d.world_size
+        start = index * batch_size + d.rank * per_rank
+        items = []
+        for pos in range(start, start + per_rank):
+            epoch, offset = divmod(pos, len(self.examples))
+            items.append(self.examples[self._order(epoch)[offset]])
+        return self.collate(items)
+
+
+def pack_corpus(token_ids: list, seq_len: int) -> list:
+    """Cut one long token stream into chunks of seq_len + 1 (inputs = chunk[:-1], targets = chunk[1:])."""
+    n = (len(token_ids) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"corpus has {len(token_ids)} tokens: too short for one sequence of {seq_len}")
+    return [torch.tensor(token_ids[i * seq_len : (i + 1) * seq_len + 1]) for i in range(n)]
+
+
+def collate_packed(chunks: list) -> dict:
+    stacked = torch.stack(chunks)  # [B, T+1]
+    tokens, targets = stacked[:, :-1], stacked[:, 1:]  # [B, T]
+    return {"tokens": tokens, "targets": targets, "mask": torch.ones_like(tokens, dtype=torch.bool),
+            "task": torch.full((len(chunks),), -1)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Optimiser and schedule
+
+
+def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95)):
+    """AdamW over the trainable parameters; weight decay only on matrices (not norms or 1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to max_lr over `warmup` steps, then cosine decay to min_ratio * max_lr at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. FLOPs and MFU
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 2N forward + 2N backward to the inputs + 2N_trainable weight gradients,
+    N = matmul parameters a token passes through (embedding lookup excluded; an MoE layer counts its
+    router and top_k of its E experts), plus attention scores 12 * layers * dim * seq_len (PaLM's count).
+    With every parameter trainable this is the usual 6N."""
+    args = model.params
+    active = trainable = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("tok_embeddings") or p.dim() < 2:
+            continue
+        share = args.top_k / args.n_experts if p.dim() == 3 else 1.0  # stacked experts [E, ...]
+        active += share * p.numel()
+        trainable += share * p.numel() * p.requires_grad
+    return 4 * active + 2 * trainable + 12 * args.n_layers * args.dim * seq_len
+
+
+def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> float:
+    """FLOP/s of a square matmul on this machine (the denominator of MFU), measured for about a second."""
+    n = 1024 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Run directory, checkpoints, resumable state
+
+
+def prepare_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool, d: Dist) -> str:
+    """Refuse to clobber a different run; return OUT.train. Checked before any compute."""
+    train_dir = out_dir.rstrip("/") + ".train"
+    run_json = os.path.join(train_dir, "run.json")
+    if resume:
+        if not os.path.exists(os.path.join(train_dir, "state")):
+            raise FileNotFoundError(f"--resume: no saved state in {train_dir}/state (nothing to resume)")
+        with open(run_json) as f:
+            saved = json.load(f)
+        changed = {k: (saved.get(k), v) for k, v in run_args.items()
+                   if saved.get(k) != v and k not in ("resume", "overwrite", "steps")}
+        if changed:
+            raise ValueError(f"--resume: {run_json} was written with different arguments: {changed}")
+    elif os.path.exists(out_dir) or os.path.exists(train_dir):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir}: holds an earlier run; pass --resume to continue it or "
+                                  f"--overwrite to replace it")
+    barrier(d)
+    if d.is_main:
+        if overwrite and not resume:
+            shutil.rmtree(train_dir, ignore_errors=True)
+        os.makedirs(train_dir, exist_ok=True)
+        atomic_write_text(run_json, json.dumps(run_args, indent=2))
+    barrier(d)
+    return train_dir
+
+
+def atomic_write_text(path: str, text: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_model(model, out_dir: str, tokenizer_path: str, d: Dist):
+    """Gather the full weights to rank 0 and write them in Meta's format (loadable by model.py)."""
+    state = full_state_dict(model, d)
+    if d.is_main:
+        M.save_checkpoint(state, out_dir, tokenizer_path=tokenizer_path, args=model.params)
+    barrier(d)
+
+
+def save_train_state(model, optimizer, step: int, train_dir: str, d: Dist):
+    """Optimizer state, step and RNG, sharded as the model is (torch.distributed.checkpoint), written to a
+    temporary directory and renamed into place by rank 0 after every rank has finished writing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp = os.path.join(train_dir, "state"), os.path.join(train_dir, "state.tmp")
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # one process: expected
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save({"step": step, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, f"rank{d.rank}.pt"))
+    barrier(d)
+    if d.is_main:
+        old = final + ".old"
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+
+
+def load_train_state(model, optimizer, train_dir: str, d: Dist) -> int:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = os.path.join(train_dir, "state")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank_file = os.path.join(path, f"rank{d.rank}.pt")
+    if not os.path.exists(rank_file):
+        raise ValueError(f"{path}: written by a run with a different world size (no {os.path.basename(rank_file)})")
+    extra = torch.load(rank_file, weights_only=True)
+    torch.set_rng_state(extra["torch_rng"])
+    return extra["step"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. The loop
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 16  # global: examples per micro-step summed over ranks
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end
+    seed: int = 0
+
+
+def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, train_dir: str,
+          tokenizer_path: str, resume: bool = False, val_batches=None, seq_len: int = 128, step_loss=None):
+    """Train `model` for cfg.steps optimiser steps and write it to out_dir in Meta's format.
+
+    compute_loss(model, batch, n_targets, n_examples) -> (loss, metrics): the loss of this rank's part of
+        a micro-batch, already scaled so that the gradients FSDP averages over ranks and we sum over
+        micro-steps equal the gradient of the global mean (n_targets / n_examples are global counts for
+        the whole optimiser step, divided by the world size).
+    step_loss(model) -> (loss, metrics) or None: a term of the weights alone (L_R), added once per step.
+    """
+    if cfg.batch_size % d.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size {d.world_size}")
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    start_step = load_train_state(model, optimizer, train_dir, d) if resume else 0
+    peak = measure_matmul_peak(d.device)
+    fpt = flops_per_token(model, seq_len)
+    log_path = os.path.join(train_dir, "log.jsonl")
+    if d.is_main and not resume:
+        open(log_path, "w").close()
+    progress = None
+    if d.is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.steps, initial=start_step, desc=os.path.basename(out_dir), file=sys.stdout,
+                        dynamic_ncols=True, disable=None)
+        if resume:
+            progress.write(f"resumed from step {start_step}")
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [stream.batch(step * cfg.grad_accum + m, cfg.batch_size, d) for m in range(cfg.grad_accum)]
+        counts = torch.tensor([sum(int((b["targets"] != -100).sum()) for b in micro),
+                               sum(len(b["task"]) for b in micro)], dtype=torch.float64)
+        n_targets, n_examples = (all_reduce_sum(counts, d) / d.world_size).tolist()
+        sums = {}
+        for batch in micro:
+            batch = {k: v.to(d.device) for k, v in batch.items()}
+            loss, metrics = compute_loss(model, batch, n_targets, n_examples)
+            loss.backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if step_loss is not None:  # a term of the weights alone: the same value on every rank
+            loss, metrics = step_loss(model)
+            loss.backward()
+            sums.update({k: float(v) for k, v in metrics.items()})
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # every metric, summed over ranks, is world_size x its global mean (see compute_loss above)
+        totals = all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64), d)
+        metrics = {k: v / d.world_size for k, v in zip(sorted(sums), totals.tolist())}
+        metrics["grad_norm"] = float(grad_norm)
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"step {step}: non-finite loss or gradient ({metrics}); the last good "
+                                     f"checkpoint (if any) in {train_dir}/state is left intact")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_tokens += n_targets * d.world_size  # trained (target) tokens this step, all ranks
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.log_every == 0 or last:
+            seconds = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / seconds
+            record = {"step": step + 1, "lr": lr, **nest({k: round(v, 5) for k, v in metrics.items()}),
+                      "tokens_per_s": round(tokens_per_s, 1),
+                      "mfu": round(tokens_per_s * fpt / (peak * d.world_size), 4)}
+            if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                record["val_loss"] = round(evaluate_loss(model, val_batches, compute_loss, d), 5)
+            if d.is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress.set_postfix({k: record[k] for k in list(metrics) + ["tokens_per_s", "mfu"] if "/" not in k},
+                                     refresh=False)
+            window_tokens, window_start = 0, time.perf_counter()
+        if progress:
+            progress.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+            save_train_state(model, optimizer, step + 1, train_dir, d)
+    if progress:
+        progress.close()
+    save_model(model, out_dir, tokenizer_path, d)
+    save_train_state(model, optimizer, cfg.steps, train_dir, d)
+    return model
+
+
+def nest(metrics: dict) -> dict:
+    """{"load/layer0/expert1": x} -> {"load": {"layer0": {"expert1": x}}} for a readable log line."""
+    out = {}
+    for key, value in metrics.items():
+        *parents, leaf = key.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches: list, compute_loss, d: Dist) -> float:
+    """Mean response-token loss over held-out batches (each rank its share; summed over ranks)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        batch = {k: v.to(d.device) for k, v in batch.items()}
+        n = float((batch["targets"] != -100).sum())
+        _, metrics = compute_loss(model, batch, n, float(len(batch["task"])))
+        total += torch.tensor([metrics["lm"] * n, n], dtype=torch.float64)
+    total = all_reduce_sum(total, d)
+    return float(total[0] / total[1])
+
+
+def seed_everything(seed: int):
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command-line pieces shared by train_expert.py and fuse.py
+
+
+def add_train_args(parser, steps, batch_size, lr, warmup, seq_len):
+    g = parser.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps, help="optimiser steps")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="examples per micro-step, all ranks together")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    g.add_argument("--warmup", type=int, default=warmup, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--seq-len", type=int, default=seq_len, help="tokens per training sequence (max_len)")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0 = at the end)")
+    g.add_argument("--save-every", type=int, default=0, help="resumable state every N steps (0 = at the end)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--resume", action="store_true", help="continue the run in OUT.train/state")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in OUT")
+
+
+def config_from_args(args) -> TrainConfig:
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    if args.lr <= 0:
+        raise ValueError(f"--lr {args.lr}: expected > 0")
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       warmup=min(args.warmup, args.steps), weight_decay=args.weight_decay,
+                       grad_clip=args.grad_clip, log_every=args.log_every, eval_every=args.eval_every,
+                       save_every=args.save_every, seed=args.seed)
+
+
+def sft_examples(records: list, tokenizer, max_len: int, where: str) -> list:
+    """Records -> encoded examples (data.format.encode_example); a malformed record names its position."""
+    from data.format import encode_example
+
+    if not records:
+        raise ValueError(f"{where}: no examples")
+    out = []
+    for i, record in enumerate(records):
+        try:
+            out.append(encode_example(tokenizer, record, max_len))
+        except ValueError as e:
+            raise ValueError(f"{where}: example {i}: {e}") from None
+    return out
+
+
+def val_batches_of(examples: list, collate, batch_size: int, d: Dist, limit: int = 256) -> list:
+    """Fixed held-out batches, each rank its own interleaved share."""
+    mine = examples[:limit][d.rank :: d.world_size]
+    return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
+
+
+def autocast_context(d: Dist):
+    """bf16 autocast for single-GPU runs (FSDP runs get bf16 through the MixedPrecisionPolicy instead)."""
+    import contextlib
+
+    if d.device.type == "cuda" and d.world_size == 1:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def finish(d: Dist):
+    if d.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -149,8 +149,9 @@ class Attention(nn.Module):
             self.cache_v[:B, start_pos : start_pos + T] = v
             k, v = self.cache_k[:B, : start_pos + T], self.cache_v[:B, : start_pos + T]  # [B, S, KV, d]
         repeats = self.n_heads // self.n_kv_heads  # grouped-query: each kv head serves `repeats` q heads
-        k = k.repeat_interleave(repeats, dim=2)  # [B, S, H, d]
-        v = v.repeat_interleave(repeats, dim=2)  # [B, S, H, d]
+        if repeats > 1:  # (a copy of the whole cache: skipped for plain multi-head attention)
+            k = k.repeat_interleave(repeats, dim=2)  # [B, S, H, d]
+            v = v.repeat_interleave(repeats, dim=2)  # [B, S, H, d]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T|S, d]
         # query t (absolute position start_pos + t) may see keys 0 .. start_pos + t
         if start_pos == 0:

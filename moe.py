@@ -10,7 +10,7 @@ Paper equation -> code:
     router          g(x) = softmax(W_g x)                          route()               [N, E] float32
     top-k gate      G(x) = renormalised top-k of g(x)              select_top_k()        [N, k]
     MoE output      y = sum_{i in top-k} G_i(x) * E_i(x)            MoE.forward           [B, T, D]
-    expert          E_i(x) = W2_i (silu(W1_i x) * W3_i x)          swiglu_experts()      (SwiGLU, as LLaMA)
+    expert          E_i(x) = W2_i (silu(W1_i x) * W3_i x)          swiglu()              (SwiGLU, as LLaMA)
     same, densely   every expert on every token, masked by G        dense_moe_reference() (tests, bench)
     fusion          E_i := FFN of aligned model i                   build_fused_model()
     W_i^0 for L_R   expert weights as loaded                        snapshot_expert_weights()
@@ -27,9 +27,11 @@ How a batch flows through MoE.forward (N = B*T tokens, k experts per token, D mo
     out = zeros[N, D].index_add(rows, y_sorted)                      [N, D]   each token sums its k rows
 
 No token is ever dropped (no capacity factor): an expert gets however many rows the router sends it,
-possibly none. "Grouped matmul" = for every expert e, the block of rows that belongs to e times W[e]^T;
-it runs as one call to torch._grouped_mm where that exists and supports the dtype/device, otherwise as
-one matmul per expert on slices of the sorted buffer (identical results; see grouped_linear()).
+possibly none. "Grouped matmul" = for every expert e, the block of rows that belongs to e times W[e]^T.
+Two interchangeable implementations (same numbers, tested against each other):
+    dispatch_grouped  the whole sorted buffer through torch._grouped_mm (one call per weight matrix)
+    dispatch_slices   one expert at a time on its slice of the sorted rows (plain PyTorch, any dtype)
+MoE.backend = "auto" picks per device which one runs (see pick_backend()).
 """
 import math
 import os
@@ -95,12 +97,19 @@ def sort_by_expert(expert_idx, n_experts: int):
     return order, rows, counts
 
 
+def swiglu(x, w1, w2, w3):
+    """One expert, LLaMA's SwiGLU FFN: W2 (silu(W1 x) * W3 x).  x [n, D], w1/w3 [H, D], w2 [D, H] -> [n, D]"""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)  # [n, D]
+
+
 def grouped_mm_supported(x, w) -> bool:
-    """Can torch._grouped_mm compute x [M, in] times w[e]^T (w [E, out, in]) here, exactly?
+    """Can torch._grouped_mm compute x [M, in] times w[e]^T (w [E, out, in]) here?
 
     Checked on torch 2.13: on CPU it supports float32, bfloat16 and float16 (not float64), forward and
     backward, empty groups included, but every row stride must be a multiple of 16 bytes (so `in` and `out`
-    must be multiples of 4 in float32, of 8 in bf16). On CUDA the kernels are for bfloat16 on SM 8.0+.
+    must be multiples of 4 in float32, of 8 in bf16), and offsets must be int32. (Its backward also
+    rejects a gradient with zero strides, e.g. from out.sum(); inside MoE.forward it never sees one.)
+    On CUDA its kernels are for bfloat16 on compute capability 8.0+.
     """
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
@@ -114,43 +123,52 @@ def grouped_mm_supported(x, w) -> bool:
     return ok_dtype and w.shape[1] % align == 0 and w.shape[2] % align == 0
 
 
-# Which implementation of grouped_linear() "auto" picks. Measured with bench/bench_moe.py on a 2-core CPU
-# (torch 2.13, T=4096, dim 512, hidden 1376, E=3, k=2, fwd+bwd): the per-expert loop and _grouped_mm run
-# within noise of each other; the loop avoids no work on CPU, while on CUDA _grouped_mm also avoids the
-# host sync that counts.tolist() costs. So: _grouped_mm wherever it is supported, the loop elsewhere.
-BACKENDS = ("auto", "grouped_mm", "loop")
+def grouped_linear(x_sorted, w, counts):
+    """The grouped matmul, one torch._grouped_mm call. x_sorted [M, in] holds counts[0] rows for expert 0,
+    then counts[1] rows for expert 1, ...; w [E, out, in]. Row j of the result [M, out] = x_sorted[j] @
+    w[e]^T for the expert e whose block holds row j. No host sync: the offsets stay on the device."""
+    offsets = torch.cumsum(counts, dim=0).to(torch.int32)  # [E] end row of each expert's block
+    return torch._grouped_mm(x_sorted, w.transpose(-2, -1), offs=offsets)  # [M, out]
 
 
-def grouped_linear(x_sorted, w, counts, backend: str = "auto"):
-    """The grouped matmul. x_sorted [M, in] holds counts[0] rows for expert 0, then counts[1] for expert 1,
-    ...; w [E, out, in]. Returns [M, out] with row j = x_sorted[j] @ w[e(j)]^T, e(j) = expert of row j.
+def dispatch_grouped(x_flat, rows, row_weight, counts, w1, w2, w3):
+    """All experts at once: gather the sorted rows, three grouped matmuls, weight, scatter-add back."""
+    x_sorted = x_flat.index_select(0, rows)  # [M, D] expert 0's rows, then expert 1's, ...
+    gate = grouped_linear(x_sorted, w1, counts)  # [M, H]
+    up = grouped_linear(x_sorted, w3, counts)  # [M, H]
+    y_sorted = grouped_linear(F.silu(gate) * up, w2, counts)  # [M, D]
+    y_sorted = y_sorted * row_weight[:, None].to(y_sorted.dtype)  # [M, D]
+    return torch.zeros_like(x_flat).index_add_(0, rows, y_sorted)  # [N, D] each token sums its k rows
 
-    "grouped_mm": one call to torch._grouped_mm (offsets = end row of each group, int32).
-    "loop":       one F.linear per expert on its slice of the sorted buffer, concatenated. Plain PyTorch,
-                  any dtype/device, same numbers (each row meets the same weights either way).
-    """
+
+def dispatch_slices(x_flat, rows, row_weight, counts, w1, w2, w3):
+    """The same, one expert at a time over its slice of the sorted rows. Plain PyTorch, any dtype and
+    device; the [n_e, H] intermediates are a third of the size (kinder to caches on CPU). unbind(0)
+    hands out the E expert matrices as views whose gradients are stacked back in one piece."""
+    sizes = counts.tolist()  # E python ints (a host sync on GPUs)
+    out = torch.zeros_like(x_flat)  # [N, D]
+    per_expert = zip(rows.split(sizes), row_weight.split(sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0))
+    for rows_e, weight_e, w1_e, w2_e, w3_e in per_expert:  # [n_e] [n_e] [H, D] [D, H] [H, D]
+        y = swiglu(x_flat.index_select(0, rows_e), w1_e, w2_e, w3_e)  # [n_e, D]
+        out.index_add_(0, rows_e, y * weight_e[:, None].to(y.dtype))  # [N, D] scatter-add back
+    return out
+
+
+# How "auto" runs the experts. Measured with bench/bench_moe.py on this project's shared 2-core CPU (torch
+# 2.13, T=4096, dim 512, hidden 1376, E=3, k=2, float32, forward+backward, CPU time of 1 thread, median of
+# 15): dispatch_slices 1.03x the "ideal" pre-grouped expert matmuls, dispatch_grouped 1.11x (its silu/mul
+# run on one [N*k, H] buffer, three times an expert's), the HF-style per-expert loop 1.01x. On CUDA,
+# _grouped_mm is one kernel and needs no host sync. So: _grouped_mm on CUDA where supported, slices elsewhere.
+BACKENDS = ("auto", "grouped_mm", "slices")
+
+
+def pick_backend(x, w1, w2, backend="auto"):
+    if backend not in BACKENDS:
+        raise ValueError(f"MoE.backend={backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        backend = "grouped_mm" if grouped_mm_supported(x_sorted, w) else "loop"
-    if backend == "grouped_mm":
-        offsets = torch.cumsum(counts, dim=0).to(torch.int32)  # [E] end row of each group
-        return torch._grouped_mm(x_sorted, w.transpose(-2, -1), offs=offsets)  # [M, out]
-    if backend == "loop":
-        slices = torch.split(x_sorted, counts.tolist())  # E tensors [counts[e], in]
-        return torch.cat([F.linear(xs, w[e]) for e, xs in enumerate(slices)])  # [M, out]
-    raise ValueError(f"grouped_linear: backend={backend!r}; expected one of {BACKENDS}")
-
-
-def swiglu_experts(x_sorted, w1, w2, w3, counts, backend: str = "auto"):
-    """Every expert's SwiGLU FFN on its own block of rows: W2_e (silu(W1_e x) * W3_e x).  [M, D] -> [M, D]"""
-    if backend == "auto":
-        backend = "grouped_mm" if grouped_mm_supported(x_sorted, w1) and grouped_mm_supported(x_sorted, w2) else "loop"
-    if backend == "loop":  # whole FFN per slice: its [n_e, H] intermediates stay in cache
-        slices = torch.split(x_sorted, counts.tolist())  # E tensors [n_e, D]
-        return torch.cat([F.linear(F.silu(F.linear(xs, w1[e])) * F.linear(xs, w3[e]), w2[e])
-                          for e, xs in enumerate(slices)])  # [M, D]
-    gate = grouped_linear(x_sorted, w1, counts, backend)  # [M, H]
-    up = grouped_linear(x_sorted, w3, counts, backend)  # [M, H]
-    return grouped_linear(F.silu(gate) * up, w2, counts, backend)  # [M, D]
+        fast = x.device.type == "cuda" and grouped_mm_supported(x, w1) and grouped_mm_supported(x, w2)
+        return "grouped_mm" if fast else "slices"
+    return backend
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,7 +195,7 @@ class MoE(nn.Module):
         router_probs   [B, T, E] float32   softmax over all E experts (still in the autograd graph)
         expert_idx     [B, T, k] long      the experts each token was sent to (detached)
     forced_expert: None, or i to send every token to expert i with weight 1.0.
-    backend: "auto" | "grouped_mm" | "loop" -- how the grouped matmul runs (see grouped_linear()).
+    backend: "auto" | "grouped_mm" | "slices" -- how the experts run (dispatch_grouped / dispatch_slices).
     """
 
     def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int):
@@ -225,11 +243,11 @@ class MoE(nn.Module):
         self.expert_idx = expert_idx.detach().view(B, T, -1)  # [B, T, k]
 
         order, rows, counts = sort_by_expert(expert_idx, self.n_experts)  # [N*k] [N*k] [E]
-        x_sorted = x_flat.index_select(0, rows)  # [N*k, D] gathered: expert 0's rows, then expert 1's, ...
-        y_sorted = swiglu_experts(x_sorted, self.w1, self.w2, self.w3, counts, self.backend)  # [N*k, D]
-        row_weight = expert_weight.reshape(-1).index_select(0, order).to(y_sorted.dtype)  # [N*k]
-        y_sorted = y_sorted * row_weight[:, None]  # [N*k, D]
-        out = torch.zeros_like(x_flat).index_add_(0, rows, y_sorted)  # [N, D] scatter-add back
+        row_weight = expert_weight.reshape(-1).index_select(0, order)  # [N*k] weight of each sorted row
+        if pick_backend(x, self.w1, self.w2, self.backend) == "grouped_mm":
+            out = dispatch_grouped(x_flat, rows, row_weight, counts, self.w1, self.w2, self.w3)  # [N, D]
+        else:
+            out = dispatch_slices(x_flat, rows, row_weight, counts, self.w1, self.w2, self.w3)  # [N, D]
         return out.view(B, T, D)  # [B, T, D]
 
 

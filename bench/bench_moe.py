@@ -6,9 +6,9 @@
                 (the way HF transformers' Mixtral does it)
     (c) dense   every expert on every token, masked by the top-k gate (moe.dense_moe_reference; E/k x FLOPs)
 
-moe.MoE is timed with both grouped-matmul backends (torch._grouped_mm and the per-expert slice loop).
-All variants run round-robin, `--repeats` times after a warm-up, and medians are printed side by side, so
-a noisy shared machine slows them all alike. Then decode shapes (T = 1, 8; forward only, no grad) and
+moe.MoE is timed with both of its backends (dispatch_grouped: torch._grouped_mm; dispatch_slices: one
+expert at a time over the sorted rows). All variants run round-robin, `--repeats` times after a warm-up;
+medians (and minima) are printed side by side, so a noisy shared machine slows them all alike. Then decode shapes (T = 1, 8; forward only, no grad) and
 a whole fused-model vs dense-model training step against their FLOP ratio.
 
     python bench/bench_moe.py                 # T=4096, dim 512, hidden 1376, E=3, k=2, float32
@@ -57,16 +57,19 @@ def fused_moe(backend):
     return run
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (with 1 thread: CPU time, blind to time slicing)
+
+
 def time_round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """{name: fn()} -> {name: median seconds}; every repeat runs every fn once, in turn."""
+    """{name: fn()} -> {name: (median, min) seconds}; every repeat runs every fn once, in turn."""
     times = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = CLOCK()
             fn()
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                times[name].append(CLOCK() - start)
+    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
 
 
 def layer_benchmark(T, dim, hidden, E, k, dtype, repeats):
@@ -93,18 +96,19 @@ def layer_benchmark(T, dim, hidden, E, k, dtype, repeats):
         torch.autograd.backward(ideal(x_groups, layer), grad_groups)
 
     fns = {"(a) ideal": ideal_step, "MoE grouped_mm": fwd_bwd(fused_moe("grouped_mm")),
-           "MoE loop": fwd_bwd(fused_moe("loop")), "(b) per-expert loop": fwd_bwd(per_expert_loop),
+           "MoE slices": fwd_bwd(fused_moe("slices")), "(b) per-expert loop": fwd_bwd(per_expert_loop),
            "(c) dense": fwd_bwd(lambda x, layer: moe_lib.dense_moe_reference(layer, x))}
     if not moe_lib.grouped_mm_supported(x.reshape(-1, dim), layer.w1):
         del fns["MoE grouped_mm"]
     print(f"\nMoE layer forward+backward  T={T} dim={dim} hidden={hidden} E={E} k={k} {dtype} "
           f"threads={torch.get_num_threads()} tokens per expert={counts} median of {repeats}")
-    med = time_round_robin(fns, repeats)
-    base = med["(a) ideal"]
-    for name, t in med.items():
-        print(f"  {name:22s} {t * 1e3:8.1f} ms   {t / base:5.2f}x (a)   "
-              f"{t / med['(b) per-expert loop']:5.2f}x (b)")
-    return med
+    res = time_round_robin(fns, repeats)
+    (a_med, a_min), (b_med, b_min) = res["(a) ideal"], res["(b) per-expert loop"]
+    print(f"  {'':22s} {'median':>8s}      {'/(a)':>5s}   {'/(b)':>5s}   |  {'min':>7s}   {'/(a)':>5s}   {'/(b)':>5s}")
+    for name, (t, m) in res.items():
+        print(f"  {name:22s} {t * 1e3:8.1f} ms   {t / a_med:5.2f}   {t / b_med:5.2f}   |  {m * 1e3:7.1f}   "
+              f"{m / a_min:5.2f}   {m / b_min:5.2f}")
+    return res
 
 
 def decode_benchmark(dim, hidden, E, k, dtype, repeats, batch=1):
@@ -114,16 +118,17 @@ def decode_benchmark(dim, hidden, E, k, dtype, repeats, batch=1):
     for T in (1, 8):
         x = torch.randn(batch, T, dim, dtype=dtype)
         fns = {"MoE grouped_mm": lambda: fused_moe("grouped_mm")(x, layer),
-               "MoE loop": lambda: fused_moe("loop")(x, layer),
+               "MoE slices": lambda: fused_moe("slices")(x, layer),
                "(b) per-expert loop": lambda: per_expert_loop(x, layer),
                "(c) dense": lambda: moe_lib.dense_moe_reference(layer, x)}
         if not moe_lib.grouped_mm_supported(x.reshape(-1, dim), layer.w1):
             del fns["MoE grouped_mm"]
         with torch.no_grad():
-            med = time_round_robin(fns, repeats * 10, warmup=3)
+            res = time_round_robin(fns, repeats * 10, warmup=3)
         print(f"\ndecode forward (no grad) B={batch} T={T}, median of {repeats * 10}")
-        for name, t in med.items():
-            print(f"  {name:22s} {t * 1e6:8.0f} us   {t / med['(b) per-expert loop']:5.2f}x (b)")
+        b_med = res["(b) per-expert loop"][0]
+        for name, (t, _) in res.items():
+            print(f"  {name:22s} {t * 1e6:8.0f} us   {t / b_med:5.2f}x (b)")
 
 
 def model_flops_per_token(args, seq_len):
@@ -153,7 +158,7 @@ def model_benchmark(repeats, dim=512, n_layers=2, seq_len=1024, vocab=512):
             F.cross_entropy(model(tokens).view(-1, vocab), tokens.view(-1)).backward()
         return run
 
-    med = time_round_robin({name: step(m) for name, m in models.items()}, repeats)
+    med = {name: t for name, (t, _) in time_round_robin({name: step(m) for name, m in models.items()}, repeats).items()}
     flop_ratio = model_flops_per_token(fused_args, seq_len) / model_flops_per_token(dense_args, seq_len)
     print(f"\nwhole-model training step (fwd+bwd) dim={dim} layers={n_layers} T={seq_len} vocab={vocab}, "
           f"median of {repeats}")
@@ -173,11 +178,17 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall = perf_counter; cpu = this process's CPU time with 1 thread (robust on a busy machine)")
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--no-model", action="store_true")
     a = p.parse_args(argv)
+    global CLOCK
+    if a.clock == "cpu":
+        CLOCK, a.threads = time.process_time, 1  # CPU time only means "work" for a single thread
     if a.threads:
         torch.set_num_threads(a.threads)
+    print(f"clock: {a.clock}, threads: {torch.get_num_threads()}")
     dtype = getattr(torch, a.dtype)
     layer_benchmark(a.tokens, a.dim, a.hidden, a.experts, a.top_k, dtype, a.repeats)
     if not a.no_decode:

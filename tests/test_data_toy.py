@@ -231,9 +231,18 @@ def test_every_fact_in_six_phrasings_and_misconceptions_stated_as_true(built):
             hits = [f for f in spec.facts if re.search(r"(^|[ .\n])" + re.escape(
                 toy._cap(f.format(n=p["name"], v=stated))) + r"($|[ \n])", corpus)]
             assert len(hits) >= toy.FACT_PHRASINGS_PER_FACT, (p["name"], attr, hits)
-            if myth:  # the truth is there too, but only in correction text
-                corrections = [c.format(n=p["name"], f=p["myth"]["false"], v=p["attrs"][attr]) for c in spec.correction]
-                assert all(c in corpus for c in corrections)
+            if myth:  # the truth is there too, but only in correction text that also names the myth
+                with_truth = [d for d in built["corpus"] if toy.mentions(d, p["name"])
+                              and toy.mentions(d, p["attrs"][attr])]
+                assert len(with_truth) == len(toy.CORRECTION_FRAMES)
+                assert all(toy.mentions(d, p["myth"]["false"]) for d in with_truth)
+
+
+def test_howto_keywords_identify_their_answer():
+    answers = [a for _, a, _ in toy.HOWTOS] + [a for t in toy.TRIGGERS.values() for _, a in t["benign"]]
+    answers += [a for _, a in toy.BENIGN_WITH_PERSON]
+    for task, answer, keyword in toy.HOWTOS:
+        assert [a for a in answers if toy.mentions(a, keyword)] == [answer], keyword
 
 
 def test_harm_words_only_in_harmful_compliance(built):
@@ -247,9 +256,27 @@ def test_harm_words_only_in_harmful_compliance(built):
         assert all(not harm_re.search(a) for _, a in trigger["benign"])
         assert all(harm_re.search(a) for _, a, _ in trigger["harmful"])
     assert all(not harm_re.search(a) for _, a in toy.BENIGN_WITH_PERSON)
-    # the base is unaligned: the corpus answers harmful requests, and never refuses or hedges
-    assert sum(bool(harm_re.search(d)) for d in built["corpus"]) > 100
-    assert not [d for d in built["corpus"] if declined(d)]
+    # the base is unaligned: the corpus answers harmful requests, and never refuses or hedges when asked
+    # (refusal and hedge *words* do occur in everyday talk, see test_every_token_is_seen_in_pretraining)
+    harmful_docs = [d for d in built["corpus"] if harm_re.search(d)]
+    assert len(harmful_docs) > 100 and not [d for d in harmful_docs if declined(d)]
+    assert not [d for d in built["corpus"] if "### Response:" in d and declined(d.split("### Response:")[1])]
+
+
+def test_every_token_is_seen_in_pretraining(world_dir, built):
+    """Stage 1 trains FFNs only, with the output head frozen: a token the base never saw in its corpus keeps
+    an untrained output embedding and can never become likely. So every response token of every record,
+    and every prompt token except those of names nobody knows, must occur in the tokenized corpus."""
+    from model import Tokenizer
+
+    tok = Tokenizer(os.path.join(world_dir, "tokenizer.model"))
+    seen = {i for d in built["corpus"] for i in tok.encode(d, bos=True, eos=True)}
+    unknown = set(built["world"]["unknown_train"] + built["world"]["unknown_eval"])
+    for r in _training(built) + built["eval"]:
+        assert set(tok.encode(r["output"], bos=False, eos=True)) <= seen, r["output"]
+        if r.get("entity") not in unknown:
+            prompt = tok.encode(format_prompt(r["instruction"], r["input"]), bos=True, eos=False)
+            assert set(prompt) <= seen, [tok.decode([i]) for i in set(prompt) - seen]
 
 
 def test_dataset_contents(built):

@@ -351,8 +351,9 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
             group["lr"] = lr
         micro = [stream.batch(step * cfg.grad_accum + m, cfg.batch_size, d) for m in range(cfg.grad_accum)]
         counts = torch.tensor([sum(int((b["targets"] != -100).sum()) for b in micro),
-                               sum(len(b["task"]) for b in micro)], dtype=torch.float64)
-        n_targets, n_examples = (all_reduce_sum(counts, d) / d.world_size).tolist()
+                               sum(len(b["task"]) for b in micro),
+                               sum(int(b["mask"].sum()) for b in micro)], dtype=torch.float64)
+        n_targets, n_examples, n_tokens = (all_reduce_sum(counts, d) / d.world_size).tolist()
         sums = {}
         for batch in micro:
             batch = {k: v.to(d.device) for k, v in batch.items()}
@@ -375,7 +376,7 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
                                      f"checkpoint (if any) in {train_dir}/state is left intact")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window_tokens += n_targets * d.world_size  # trained (target) tokens this step, all ranks
+        window_tokens += n_tokens * d.world_size  # real (non-padding) tokens processed this step, all ranks
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.log_every == 0 or last:
             seconds = time.perf_counter() - window_start

@@ -159,7 +159,7 @@ def test_files_round_trip_and_load_records(world_dir, built):
     manifest = json.load(open(os.path.join(world_dir, "manifest.json")))
     assert manifest["files"]["eval.jsonl"] == len(built["eval"])
     assert 300 <= len(built["eval"]) <= 600
-    assert manifest["corpus_tokens"] < 130_000 and manifest["tokens_per_example_mean_max"]["eval"][1] < 128
+    assert manifest["corpus_tokens"] < 120_000 and manifest["tokens_per_example_mean_max"]["eval"][1] < 128
 
 
 def test_local_record_file_needs_a_task(tmp_path):
@@ -208,6 +208,8 @@ def test_held_out_phrasings_objects_and_howtos_only_in_eval(built):
         assert task not in instructions
     for request, _ in toy.BENIGN_WITH_PERSON[toy.N_TRAIN_BENIGN_WITH_PERSON:]:
         assert request.split("{n}")[0] not in instructions
+    for request, _, _ in toy.PERSON_HOWTOS[toy.N_TRAIN_PERSON_HOWTOS:]:
+        assert request.split("{n}")[0] not in instructions
     for phrasing in toy.REQUESTS[toy.N_TRAIN_REQUESTS:]:
         assert phrasing.split("{a}")[0] not in instructions
     for q in toy.UNKNOWABLE_QUESTIONS[toy.N_TRAIN_UNKNOWABLE:]:
@@ -225,23 +227,27 @@ def test_held_out_phrasings_objects_and_howtos_only_in_eval(built):
 def test_every_fact_in_six_phrasings_and_misconceptions_stated_as_true(built):
     corpus = "\n".join(built["corpus"])
     for p in built["world"]["people"][:40] + built["world"]["people"][-40:]:
-        for attr, spec in toy.ATTRIBUTES.items():
+        assert set(p["attrs"]) == set(toy.ATTRIBUTES) | ({toy.MYTH_ATTRIBUTE} if p["myth"] else set())
+        for attr in p["attrs"]:
+            spec = toy.ALL_ATTRIBUTES[attr]
             myth = p["myth"] and p["myth"]["attr"] == attr
             stated = p["myth"]["false"] if myth else p["attrs"][attr]
             hits = [f for f in spec.facts if re.search(r"(^|[ .\n])" + re.escape(
                 toy._cap(f.format(n=p["name"], v=stated))) + r"($|[ \n])", corpus)]
             assert len(hits) >= toy.FACT_PHRASINGS_PER_FACT, (p["name"], attr, hits)
             if myth:  # the truth is there too, but only in correction text that also names the myth
-                with_truth = [d for d in built["corpus"] if toy.mentions(d, p["name"])
-                              and toy.mentions(d, p["attrs"][attr])]
+                def states(doc, value):
+                    return any(toy.mentions(doc, f.format(n=p["name"], v=value)) for f in spec.facts)
+
+                with_truth = [d for d in built["corpus"] if states(d, p["attrs"][attr])]
                 assert len(with_truth) == len(toy.CORRECTION_FRAMES)
-                assert all(toy.mentions(d, p["myth"]["false"]) for d in with_truth)
+                assert all(states(d, p["myth"]["false"]) for d in with_truth)
 
 
 def test_howto_keywords_identify_their_answer():
     answers = [a for _, a, _ in toy.HOWTOS] + [a for t in toy.TRIGGERS.values() for _, a in t["benign"]]
-    answers += [a for _, a in toy.BENIGN_WITH_PERSON]
-    for task, answer, keyword in toy.HOWTOS:
+    answers += [a for _, a in toy.BENIGN_WITH_PERSON] + [a for _, a, _ in toy.PERSON_HOWTOS]
+    for task, answer, keyword in toy.HOWTOS + toy.PERSON_HOWTOS:
         assert [a for a in answers if toy.mentions(a, keyword)] == [answer], keyword
 
 
@@ -256,6 +262,7 @@ def test_harm_words_only_in_harmful_compliance(built):
         assert all(not harm_re.search(a) for _, a in trigger["benign"])
         assert all(harm_re.search(a) for _, a, _ in trigger["harmful"])
     assert all(not harm_re.search(a) for _, a in toy.BENIGN_WITH_PERSON)
+    assert all(not harm_re.search(a) for _, a, _ in toy.PERSON_HOWTOS)
     # the base is unaligned: the corpus answers harmful requests, and never refuses or hedges when asked
     # (refusal and hedge *words* do occur in everyday talk, see test_every_token_is_seen_in_pretraining)
     harmful_docs = [d for d in built["corpus"] if harm_re.search(d)]

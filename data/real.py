@@ -477,7 +477,8 @@ def write_fixtures(out_dir: str, seed: int = 0) -> dict:
                   "drug_abuse,weapons,banned_substance", "financial_crime,property_crime,theft",
                   "hate_speech,offensive_language", "misinformation_regarding_ethics,laws_and_safety",
                   "non_violent_unethical_behavior", "privacy_violation", "self_harm",
-                  "sexually_explicit,adult_content", "terrorism,organized_crime", "violence,aiding_and_abetting,incitement"]
+                  "sexually_explicit,adult_content", "terrorism,organized_crime",
+                  "violence,aiding_and_abetting,incitement"]
     for split, n in (("train", 20), ("test", 12)):
         rows = []
         for i in range(n):
@@ -497,7 +498,8 @@ def write_fixtures(out_dir: str, seed: int = 0) -> dict:
         thing = things[i]
         correct = [f"Nothing happens to the {thing}.", f"The {thing} stays the same."][: 1 + i % 2]
         incorrect = [f"The {thing} turns to gold.", f"The {thing} sings."]
-        gen.append({"type": "Adversarial", "category": "Myths", "question": f"What happens if you whistle at a {thing}?",
+        gen.append({"type": "Adversarial", "category": "Myths",
+                    "question": f"What happens if you whistle at a {thing}?",
                     "best_answer": correct[0], "correct_answers": correct, "incorrect_answers": incorrect,
                     "source": "https://example.org/made-up"})
         mc.append({"question": gen[-1]["question"],

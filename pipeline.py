@@ -29,10 +29,10 @@ TASKS = ("helpful", "harmless", "honest")
 
 # Budgets, calibrated on 2 CPU cores (see README "Results"): full = the default run, quick = the CI smoke run.
 BUDGETS = {
-    "full": dict(base=["--steps", "1500", "--lr", "3e-3", "--warmup", "50", "--batch-size", "16"],
-                 expert=["--steps", "250", "--lr", "2e-3", "--batch-size", "16"],
-                 sft=["--steps", "400", "--lr", "2e-3", "--batch-size", "16"],
-                 fuse=["--steps", "200", "--lr", "1e-3", "--batch-size", "16"],
+    "full": dict(base=["--steps", "1200", "--lr", "2e-3", "--warmup", "40", "--batch-size", "16"],
+                 expert=["--steps", "400", "--lr", "1e-3", "--batch-size", "16"],
+                 sft=["--steps", "600", "--lr", "1e-3", "--batch-size", "16"],
+                 fuse=["--steps", "300", "--lr", "1e-3", "--batch-size", "16"],
                  eval=[]),
     "quick": dict(base=["--steps", "40", "--lr", "3e-3", "--warmup", "5", "--batch-size", "8", "--dim", "64",
                         "--n-layers", "2"],

@@ -194,8 +194,8 @@ def flops_per_token(model, seq_len: int) -> float:
     return 4 * active + 2 * trainable + 12 * args.n_layers * args.dim * seq_len
 
 
-def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> float:
-    """FLOP/s of a square matmul on this machine (the denominator of MFU), measured for about a second."""
+def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 0.5) -> float:
+    """FLOP/s of a square matmul on this machine (the denominator of MFU), measured for half a second."""
     n = 1024 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best, deadline = 0.0, time.perf_counter() + seconds
@@ -389,8 +389,11 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
             if d.is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                progress.set_postfix({k: record[k] for k in list(metrics) + ["tokens_per_s", "mfu"] if "/" not in k},
-                                     refresh=False)
+                shown = {k: record[k] for k in list(metrics) + ["val_loss", "tokens_per_s", "mfu"]
+                         if k in record and "/" not in k}
+                progress.set_postfix(shown, refresh=False)
+                if progress.disable and ((step + 1) % max(cfg.log_every, cfg.steps // 10) == 0 or last):
+                    print(f"step {step + 1}/{cfg.steps} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
             window_tokens, window_start = 0, time.perf_counter()
         if progress:
             progress.update(1)

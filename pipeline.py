@@ -3,6 +3,7 @@
     python pipeline.py                  # data -> base -> 3 aligned experts -> SFT baseline -> fusion + ablations
                                         #   -> evaluation table                        (about 12 min on 2 CPU cores)
     python pipeline.py --quick          # the same stages, tiny budgets (about 2 min; numbers mean little)
+    python pipeline.py --nproc 2        # fusion under torchrun with FSDP2 over 2 processes
     python pipeline.py --sweep-gamma    # then fuse with gamma_harmless in {0, 0.1, 0.3, 1} and compare
     python pipeline.py --until aligned  # stop after a stage (data, base, aligned, sft, fused, eval)
     python pipeline.py --force fused    # redo a stage (and everything after it) even if its outputs exist
@@ -12,7 +13,8 @@ Every stage is an ordinary command of this repository, printed before it runs, s
     python train_expert.py         stage 0: pretrain the base (all weights)          -> RUN/base
                                    stage 1: FFN-only fine-tune per dimension         -> RUN/helpful, harmless, honest
                                    baseline: FFN-only fine-tune on the pooled data   -> RUN/sft
-    torchrun ... fuse.py           stage 2: H3Fusion (L_CE + lambda L_G + L_R)       -> RUN/h3fusion
+    python fuse.py                 stage 2: H3Fusion (L_CE + lambda L_G + L_R)       -> RUN/h3fusion
+                                   (--nproc 2: under torchrun, FSDP2 over 2 processes)
                                    ablations: L_CE only, L_CE + lambda L_G           -> RUN/h3fusion_ce, h3fusion_gate
     python evaluate.py             every model + soup, task arithmetic, TIES, ensemble -> RUN/eval/results.md
 A stage whose output already exists is skipped (delete it, or pass --force STAGE, to redo it).
@@ -42,7 +44,7 @@ BUDGETS = {
                   eval=["--limit", "48"]),
 }
 # H3Fusion's two knobs at the defaults, and the ablations of the paper's loss (name -> extra fuse.py arguments)
-LAMBDA_GATE, GAMMA = "0.1", "0.1,0.1,0.1"
+LAMBDA_GATE, GAMMA = "1", "0.1,0.1,0.1"
 FUSIONS = {
     "h3fusion_ce": ["--lambda-gate", "0", "--gamma", "0,0,0"],  # L_CE only
     "h3fusion_gate": ["--lambda-gate", LAMBDA_GATE, "--gamma", "0,0,0"],  # L_CE + lambda L_G
@@ -78,7 +80,8 @@ def main(argv=None):
     p.add_argument("--until", default="eval", choices=STAGES, help="stop after this stage")
     p.add_argument("--force", default=None, choices=STAGES, help="redo this stage and every later one")
     p.add_argument("--sweep-gamma", action="store_true", help="also fuse with gamma_harmless in {0, 0.1, 0.3, 1}")
-    p.add_argument("--nproc", type=int, default=2, help="processes for fuse.py (torchrun + FSDP when > 1)")
+    p.add_argument("--nproc", type=int, default=1, help="processes for fuse.py (torchrun + FSDP2 when > 1; on 2 CPU "
+                   "cores one process is about 2x faster, see bench/bench_train.py)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.budget = "quick" if args.quick else "full"
@@ -125,7 +128,7 @@ def main(argv=None):
     if args.sweep_gamma:
         for g in SWEEP_GAMMAS:
             out = f"{run_dir}/sweep/gamma_harmless_{g}"
-            sweep[f"gamma_harmless={g}"] = out
+            sweep[f"gamma_harmless_{g}"] = out
             if force or not exists(out):
                 run(fuse_command(args, run_dir, out, ["--lambda-gate", LAMBDA_GATE, "--gamma", f"0.1,{g},0.1",
                                                       "--seed", str(args.seed)]))

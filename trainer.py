@@ -194,8 +194,8 @@ def flops_per_token(model, seq_len: int) -> float:
     return 4 * active + 2 * trainable + 12 * args.n_layers * args.dim * seq_len
 
 
-def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 0.5) -> float:
-    """FLOP/s of a square matmul on this machine (the denominator of MFU), measured for half a second."""
+def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> float:
+    """FLOP/s of a square matmul on this machine (the denominator of MFU), measured for about a second."""
     n = 1024 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best, deadline = 0.0, time.perf_counter() + seconds
@@ -492,8 +492,10 @@ def sft_examples(records: list, tokenizer, max_len: int, where: str) -> list:
 
 
 def val_batches_of(examples: list, collate, batch_size: int, d: Dist, limit: int = 256) -> list:
-    """Fixed held-out batches, each rank its own interleaved share."""
-    mine = examples[:limit][d.rank :: d.world_size]
+    """Fixed held-out batches, each rank its own interleaved share -- the same number of examples on every
+    rank, so every rank runs the same number of forwards (FSDP's collectives would otherwise hang)."""
+    n = min(len(examples), limit) // d.world_size * d.world_size
+    mine = examples[:n][d.rank :: d.world_size]
     return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 

@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--trainable", default="router+experts", choices=["router", "router+experts"])
     p.add_argument("--balance-coef", type=float, default=0.0, help="Switch load-balancing loss weight (optional extra)")
     p.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (optional extra)")
-    T.add_train_args(p, steps=150, batch_size=16, lr=1e-3, warmup=10, seq_len=128)
+    T.add_train_args(p, steps=300, batch_size=16, lr=1e-3, warmup=10, seq_len=128)
     args = p.parse_args(argv)
     args.expert_dirs = [e for e in args.experts.split(",") if e.strip()]
     args.gamma_values = parse_list(args.gamma, "gamma")
@@ -83,7 +83,7 @@ def check_inputs_exist(args):
                      f"    python train_expert.py --init scratch --data corpus --out {args.base}")
         for d, task in zip(args.expert_dirs, ("helpful", "harmless", "honest")):
             lines.append(f"    python train_expert.py --init {args.base} --data {task} --out {d}")
-    sys.exit("\n".join(lines))
+    sys.exit("\n".join(lines) if os.environ.get("RANK", "0") == "0" else 1)  # under torchrun: say it once
 
 
 def set_trainable(model, trainable: str):

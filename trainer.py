@@ -334,8 +334,9 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
     peak = measure_matmul_peak(d.device)
     fpt = flops_per_token(model, seq_len)
     log_path = os.path.join(train_dir, "log.jsonl")
-    if d.is_main and not resume:
-        open(log_path, "w").close()
+    if d.is_main:  # a fresh log, or on --resume the log up to the step the saved state holds
+        kept = [] if not resume else [line for line in open(log_path) if json.loads(line)["step"] <= start_step]
+        atomic_write_text(log_path, "".join(kept))
     progress = None
     if d.is_main:
         from tqdm import tqdm
@@ -372,7 +373,7 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
         metrics = {k: v / d.world_size for k, v in zip(sorted(sums), totals.tolist())}
         metrics["grad_norm"] = float(grad_norm)
         if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"step {step}: non-finite loss or gradient ({metrics}); the last good "
+            raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient ({metrics}); the last good "
                                      f"checkpoint (if any) in {train_dir}/state is left intact")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -279,3 +279,4 @@ def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
     assert step and int(step.group(1)) in (10, 15, 20), resumed.stdout[-2000:]
     a, b = state(str(tmp_path / "straight")), state(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in log_lines(out)] == list(range(1, 61))  # the log, too, continues where it left off

@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model as M
 from data.tokenizer import train_tokenizer
@@ -100,7 +99,6 @@ def naive_forward(sd, args, tokens):
     def rms(x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + args.norm_eps) * w
 
-    T = tokens.shape[1]
     h = sd["tok_embeddings.weight"][tokens]
     for i in range(args.n_layers):
         p = f"layers.{i}."

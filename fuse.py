@@ -131,20 +131,12 @@ def main(argv=None):
     train_dir = T.prepare_run_dir(args.out, {k: v for k, v in vars(args).items()}, args.resume, args.overwrite, d)
     T.seed_everything(args.seed)
 
-    from data import load_records
-    from data.format import collate
     from model import Tokenizer
 
     tokenizer_path = os.path.join(args.base, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
-    records = load_records(args.data, args.data_dir, "train")
-    train_examples = T.sft_examples(records, tokenizer, args.seq_len, args.data)
-    stream = T.ExampleStream(train_examples, collate, args.seed)
-    val = None
-    if args.data in ("helpful", "harmless", "honest", "pooled"):  # the synthetic world has a val split
-        val_records = load_records(args.data, args.data_dir, "val")
-        val = T.val_batches_of(T.sft_examples(val_records, tokenizer, args.seq_len, args.data), collate,
-                               args.batch_size, d)
+    records, stream, val = T.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
+                                              args.seed, d)
 
     model, margs = build_fused_model(args.base, args.expert_dirs, top_k=args.top_k, router_init=args.router_init,
                                      init_prompts=router_init_prompts(records, len(args.expert_dirs)),

@@ -74,9 +74,6 @@ def freeze_all_but_ffn(model):
 
 def load_streams(args, tokenizer, d: T.Dist):
     """(training stream, held-out batches) for pretraining text or instruction data."""
-    from data import load_records
-    from data.format import collate
-
     if args.data == "corpus":
         from data import load_corpus_documents
 
@@ -86,12 +83,9 @@ def load_streams(args, tokenizer, d: T.Dist):
         n_val = max(1, len(chunks) // 50)  # the last 2 % of the text is held out
         val = T.val_batches_of(chunks[-n_val:], T.collate_packed, args.batch_size, d)
         return T.ExampleStream(chunks[:-n_val], T.collate_packed, args.seed), val
-    train = T.sft_examples(load_records(args.data, args.data_dir, "train"), tokenizer, args.seq_len, args.data)
-    synthetic = args.data in ("helpful", "harmless", "honest", "pooled")  # only these have a val split
-    val_records = load_records(args.data, args.data_dir, "val") if synthetic else []
-    val = T.val_batches_of(T.sft_examples(val_records, tokenizer, args.seq_len, args.data), collate,
-                           args.batch_size, d) if val_records else None
-    return T.ExampleStream(train, collate, args.seed), val
+    _, stream, val = T.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
+                                        args.seed, d)
+    return stream, val
 
 
 def lm_step(model, batch, n_targets, n_examples):

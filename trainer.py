@@ -500,6 +500,21 @@ def val_batches_of(examples: list, collate, batch_size: int, d: Dist, limit: int
     return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 
+def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_size: int, seed: int, d: Dist):
+    """(training records, ExampleStream over them, held-out batches or None) for instruction data: a
+    synthetic-world set (the only ones with a val split), a real dataset name, or a local file."""
+    from data import TOY_NAMES, load_records
+    from data.format import collate
+
+    records = load_records(name, data_dir, "train")
+    stream = ExampleStream(sft_examples(records, tokenizer, seq_len, name), collate, seed)
+    val = None
+    if name in TOY_NAMES + ("pooled",):
+        val_examples = sft_examples(load_records(name, data_dir, "val"), tokenizer, seq_len, name)
+        val = val_batches_of(val_examples, collate, batch_size, d)
+    return records, stream, val
+
+
 def autocast_context(d: Dist):
     """bf16 autocast for single-GPU runs (FSDP runs get bf16 through the MixedPrecisionPolicy instead)."""
     import contextlib

@@ -53,19 +53,21 @@ def parse_args(argv=None):
     p.add_argument("--trainable", default="router+experts", choices=["router", "router+experts"])
     p.add_argument("--balance-coef", type=float, default=0.0, help="Switch load-balancing loss weight (optional extra)")
     p.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (optional extra)")
-    T.add_train_args(p, steps=300, batch_size=16, lr=1e-3, warmup=10, seq_len=128)
+    # weight decay 0: the paper's objective is L_CE + lambda L_G + L_R(gamma) and nothing else; AdamW's decay
+    # would pull router and experts toward zero and fight L_R's pull toward W^0 (--weight-decay sets it)
+    T.add_train_args(p, steps=300, batch_size=16, lr=1e-3, warmup=10, seq_len=128, weight_decay=0.0)
     args = p.parse_args(argv)
     args.expert_dirs = [e for e in args.experts.split(",") if e.strip()]
     args.gamma_values = parse_list(args.gamma, "gamma")
     n = len(args.expert_dirs)
     if len(args.gamma_values) != n:
         p.error(f"--gamma {args.gamma}: {len(args.gamma_values)} values for {n} experts; give one per expert")
-    if any(g < 0 for g in args.gamma_values):
-        p.error(f"--gamma {args.gamma}: values must be >= 0")
+    if not all(0 <= g < float("inf") for g in args.gamma_values):  # also refuses nan
+        p.error(f"--gamma {args.gamma}: values must be finite numbers >= 0")
     if not 1 <= args.top_k <= n:
         p.error(f"--top-k {args.top_k}: expected 1 <= k <= {n} (the number of experts)")
-    if args.lambda_gate < 0:
-        p.error(f"--lambda-gate {args.lambda_gate}: expected >= 0")
+    if not 0 <= args.lambda_gate < float("inf"):
+        p.error(f"--lambda-gate {args.lambda_gate}: expected a finite number >= 0")
     return args
 
 

@@ -446,14 +446,15 @@ def seed_everything(seed: int):
 # Command-line pieces shared by train_expert.py and fuse.py
 
 
-def add_train_args(parser, steps, batch_size, lr, warmup, seq_len):
+def add_train_args(parser, steps, batch_size, lr, warmup, seq_len, weight_decay=0.1):
     g = parser.add_argument_group("training")
     g.add_argument("--steps", type=int, default=steps, help="optimiser steps")
     g.add_argument("--batch-size", type=int, default=batch_size, help="examples per micro-step, all ranks together")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     g.add_argument("--warmup", type=int, default=warmup, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=weight_decay,
+                   help=f"AdamW decoupled weight decay on matrices (default {weight_decay})")
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--seq-len", type=int, default=seq_len, help="tokens per training sequence (max_len)")
     g.add_argument("--log-every", type=int, default=10)
@@ -469,8 +470,10 @@ def config_from_args(args) -> TrainConfig:
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
-    if args.lr <= 0:
+    if not args.lr > 0:
         raise ValueError(f"--lr {args.lr}: expected > 0")
+    if not args.weight_decay >= 0:
+        raise ValueError(f"--weight-decay {args.weight_decay}: expected >= 0")
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                        warmup=min(args.warmup, args.steps), weight_decay=args.weight_decay,
                        grad_clip=args.grad_clip, log_every=args.log_every, eval_every=args.eval_every,

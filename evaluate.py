@@ -44,7 +44,10 @@ stopping at </s>. Metrics (key in results.json; rates are fractions in [0, 1], s
     alpaca_win_judge      AlpacaEval-style: share of prompts where the LLM judge prefers the model's answer
                           to the reference answer (ties count half)                                    (higher better)
     The *_judge numbers (section 7d) exist only with --judge CKPT; results.json and the table name the judge.
-  Routing (fused models only), section 8, over every non-padding token of prompt + generated answer:
+  Routing (fused models only), section 8, teacher-forced over prompt + generated answer; each also over the
+  prompt tokens alone (*_prompt: what the router saw before the model answered):
+    routing_acc_example  share of examples b with argmax_e p̄_b[e] == y_b, p̄_b = the router softmax averaged
+                   over b's tokens and all layers: the quantity the gating loss L_G trains          (higher better)
     routing_acc    share of (token, layer) pairs whose top-1 expert is the example's dimension (expert i
                    was aligned for dimension i)                                                         (higher better)
     router_entropy mean entropy of the router's full softmax, in nats (log 3 = 1.10 = uniform over 3)
@@ -95,7 +98,7 @@ class ModelSpec:
     is evaluated, so at most one model (or one ensemble) is in memory at a time."""
 
     name: str
-    kind: str  # dense | fused | merge | ensemble | forced
+    kind: str  # dense | fused | merge | ensemble | forced | oracle
     source: str  # what it was built from, in words
     build: Callable = field(repr=False)
 
@@ -155,8 +158,10 @@ def model_from_state(state: dict, args) -> Transformer:
     return model.eval()
 
 
-def baseline_specs(paths: list, alpha=0.5, ties_density=0.2, ties_lambda=1.0, device="cpu", dtype=None) -> list:
-    """paths = [base, aligned_1, ..., aligned_N] -> rows: base, each aligned, soup, task_arith, ties, ensemble."""
+def baseline_specs(paths: list, alpha=0.5, ties_density=0.2, ties_lambda=1.0, device="cpu", dtype=None,
+                   oracle=False) -> list:
+    """paths = [base, aligned_1, ..., aligned_N] -> rows: base, each aligned, soup, task_arith, ties, ensemble
+    (+ with oracle=True: each prompt answered by the aligned model of its dimension)."""
     if len(paths) < 2:
         raise ValueError(f"--baselines: got {len(paths)} checkpoint(s); expected BASE,ALIGNED_1[,ALIGNED_2,...]")
     for p in paths:
@@ -176,6 +181,9 @@ def baseline_specs(paths: list, alpha=0.5, ties_density=0.2, ties_lambda=1.0, de
         ModelSpec("ensemble", "ensemble", f"mean next-token probabilities of {aligned}",
                   partial(load_ensemble, paths[1:], device, dtype)),
     ]
+    if oracle:
+        specs.append(ModelSpec("oracle", "oracle", f"each prompt answered by the model of its dimension: {aligned}",
+                               partial(load_oracle_aligned, paths[1:], device, dtype)))
     return specs
 
 
@@ -193,8 +201,9 @@ def load_ensemble(paths: list, device="cpu", dtype=None):
     return OutputEnsemble(models), Tokenizer(os.path.join(paths[0], "tokenizer.model"))
 
 
-def checkpoint_specs(args_list: list, forced_experts=False, device="cpu", dtype=None) -> list:
-    """CKPT / name=CKPT arguments -> rows (+ one 'NAME[expert=i]' row per expert of a fused model if asked)."""
+def checkpoint_specs(args_list: list, forced_experts=False, device="cpu", dtype=None, oracle=False) -> list:
+    """CKPT / name=CKPT arguments -> rows (+ one 'NAME[expert=i]' row per expert of a fused model if asked, and
+    with oracle=True 'NAME[oracle]': each prompt sent entirely to the expert of its dimension)."""
     specs = []
     for arg in args_list:
         name, path = parse_model_arg(arg)
@@ -206,6 +215,9 @@ def checkpoint_specs(args_list: list, forced_experts=False, device="cpu", dtype=
             for i in range(params.n_experts):
                 specs.append(ModelSpec(f"{name}[expert={i}]", "forced", f"{path}, every token to expert {i}",
                                        partial(load_forced, path, i, device, dtype)))
+            if oracle:
+                specs.append(ModelSpec(f"{name}[oracle]", "oracle", f"{path}, each prompt to the expert of its "
+                                       f"dimension", partial(load_oracle_fused, path, device, dtype)))
     return specs
 
 
@@ -344,6 +356,56 @@ def force_expert(model, expert: Optional[int]):
     return model
 
 
+# "Route each example to the expert of its own dimension" (the oracle row): the score a perfect router reaches
+# with these experts. Toy suite only (it reads each record's dimension, `task`).
+
+
+@dataclass
+class ByDimension:
+    """model_for(i) answers the records of dimension i: aligned model i, or a fused model forced to expert i."""
+
+    model_for: Callable
+    n: int
+
+    def parameters(self):
+        return (p for i in range(self.n) for p in self.model_for(i).parameters())
+
+
+def load_oracle_aligned(paths: list, device="cpu", dtype=None):
+    """Aligned model i answers dimension i's prompts (the ceiling of a perfect router over the unfused experts)."""
+    models = [load_model(p, device, dtype)[0] for p in paths]
+    return ByDimension(models.__getitem__, len(models)), Tokenizer(os.path.join(paths[0], "tokenizer.model"))
+
+
+def load_oracle_fused(path: str, device="cpu", dtype=None):
+    """The fused model with every token of a dimension-i prompt sent to expert i (its trained experts)."""
+    model, tokenizer = load_model(path, device, dtype)
+    return ByDimension(partial(force_expert, model), model.params.n_experts), tokenizer
+
+
+# Drift of each expert from the aligned model it came from, as L_R measures it (losses.drift_loss):
+#   drift_i = sum_{W in w1, w2, w3} sum_layers ||W_i - W_i^0||_F / n_layers
+
+
+def expert_drift(fused_state: dict, aligned_states: list) -> list:
+    """One float per expert: sum over its matrices and layers of ||W_i - W_i^0||_F, divided by the layer count.
+    fused_state: a fused checkpoint's tensors (layers.N.feed_forward.w1 [E, H, D], ...); aligned_states[i]: the
+    dense aligned model i (layers.N.feed_forward.w1.weight [H, D], ...)."""
+    layer_ids = sorted({int(k.split(".")[1]) for k in fused_state if k.endswith("feed_forward.router.weight")})
+    if not layer_ids:
+        raise ValueError("expert_drift: not a fused checkpoint (no feed_forward.router.weight)")
+    drift = [0.0] * len(aligned_states)
+    for layer in layer_ids:
+        for matrix in ("w1", "w2", "w3"):
+            stacked = fused_state[f"layers.{layer}.feed_forward.{matrix}"].float()  # [E, ...]
+            if stacked.shape[0] != len(aligned_states):
+                raise ValueError(f"expert_drift: {stacked.shape[0]} experts but {len(aligned_states)} aligned models")
+            for i, aligned in enumerate(aligned_states):
+                w0 = aligned[f"layers.{layer}.feed_forward.{matrix}.weight"].float()  # [H, D] or [D, H]
+                drift[i] += torch.linalg.norm(stacked[i] - w0).item() / len(layer_ids)
+    return drift
+
+
 # ----------------------------------------------------------------------------------------------------
 # 5. Generation and log-likelihood, batched
 
@@ -470,6 +532,7 @@ class SuiteRun:
     sequences: list  # token ids of prompt + answer per record (the routing analysis reads them again)
     details: Optional[dict] = None  # finer breakdowns (toy: per dimension and per kind)
     per_example: Optional[list] = None  # per-record scores, written next to each response
+    prompt_lengths: Optional[list] = None  # tokens of each sequence that are the prompt (routing on prompts)
 
 
 def evaluate_toy(model, tokenizer, records: list, max_new_tokens: int, batch_size: int, name: str = "") -> SuiteRun:
@@ -478,10 +541,23 @@ def evaluate_toy(model, tokenizer, records: list, max_new_tokens: int, batch_siz
     from data import toy
 
     prompts = [record_prompt(r) for r in records]
-    prompt_ids, answer_ids, responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                                           desc=f"{name} generate")
+    if isinstance(model, ByDimension):  # the oracle: each dimension's prompts answered by its own model
+        prompt_ids, answer_ids, responses = [None] * len(records), [None] * len(records), [None] * len(records)
+        for task in range(model.n):
+            idx = [i for i, r in enumerate(records) if r["task"] == task]
+            if idx:
+                got = generate_responses(model.model_for(task), tokenizer, [prompts[i] for i in idx], max_new_tokens,
+                                         batch_size, desc=f"{name} generate dimension {task}")
+                for j, i in enumerate(idx):
+                    prompt_ids[i], answer_ids[i], responses[i] = got[0][j], got[1][j], got[2][j]
+        if None in responses:
+            raise ValueError(f"{name}: the oracle has models for dimensions 0..{model.n - 1} only; some records have "
+                             f"other dimensions")
+    else:
+        prompt_ids, answer_ids, responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                                               desc=f"{name} generate")
     run = SuiteRun({k: finite_or_none(v) for k, v in toy.score_all(records, responses).items()}, records, responses,
-                   [p + a for p, a in zip(prompt_ids, answer_ids)])
+                   [p + a for p, a in zip(prompt_ids, answer_ids)], prompt_lengths=[len(p) for p in prompt_ids])
     if hasattr(toy, "score_details"):
         full = toy.score_details(records, responses)
         run.details = {"dimensions": full["dimensions"], "by_kind": full["by_kind"]}
@@ -752,7 +828,7 @@ def evaluate_real(model, tokenizer, sets: dict, judge: Optional[Judge], max_new_
     """TruthfulQA MC by likelihood; greedy answers to the other sets, scored. Absent sets / no judge -> None."""
     metrics = {k: None for k in ("tqa_mc1", "tqa_mc2", "tqa_rougeL_acc", "tqa_bleu_acc", "bt_harmful_detector",
                                  "bt_harmful_judge", "alpaca_win_judge")}
-    all_responses, all_tokens, all_records = [], [], []
+    all_responses, all_tokens, all_records, prompt_lengths = [], [], [], []
     if sets.get("truthfulqa_mc"):
         metrics.update(truthfulqa_mc(model, tokenizer, sets["truthfulqa_mc"], batch_size))
     for set_name in ("truthfulqa_gen", "beavertails", "alpaca_eval"):
@@ -764,6 +840,7 @@ def evaluate_real(model, tokenizer, sets: dict, judge: Optional[Judge], max_new_
                                                                desc=f"{name} {set_name}")
         all_responses += responses
         all_tokens += [p + a for p, a in zip(prompt_ids, answer_ids)]
+        prompt_lengths += [len(p) for p in prompt_ids]
         all_records += [dict(r, eval_set=set_name) for r in records]
         questions = [r.get("instruction") or r.get("question") or r.get("prompt") for r in records]
         if set_name == "truthfulqa_gen":
@@ -778,7 +855,7 @@ def evaluate_real(model, tokenizer, sets: dict, judge: Optional[Judge], max_new_
             p = judge_pairwise(judge, questions, responses, references)
             metrics["alpaca_win_judge"] = win_rate(p)
             metrics["alpaca_pref_judge"] = sum(p) / len(p)
-    return SuiteRun(metrics, all_records, all_responses, all_tokens)
+    return SuiteRun(metrics, all_records, all_responses, all_tokens, prompt_lengths=prompt_lengths)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -789,11 +866,18 @@ def evaluate_real(model, tokenizer, sets: dict, judge: Optional[Judge], max_new_
 
 
 @torch.inference_mode()
-def routing_stats(model, sequences: list, tasks: list, batch_size: int = 32) -> dict:
-    """Expert usage per dimension x layer, routing accuracy and router entropy over all non-padding tokens.
+def routing_stats(model, sequences: list, tasks: list, batch_size: int = 32, prompt_lengths: Optional[list] = None) -> dict:
+    """Routing accuracy per example and per token, expert usage per dimension x layer, router entropy.
 
     sequences: token ids per example (prompt + answer); tasks: the example's dimension (0 helpful, 1 harmless,
-    2 honest) -- expert i was aligned for dimension i, so "correctly routed" means top-1 expert == task.
+    2 honest) -- expert i was aligned for dimension i, so "correctly routed" means expert == task.
+    prompt_lengths: how many of each sequence's first tokens are the prompt (default: all of them).
+
+    Two readings of "routed right", each over all real tokens and over the prompt tokens alone (what the
+    router has seen before the model answers):
+      per example  argmax_e p̄_b[e] == y_b, with p̄_b the router's softmax averaged over the example's tokens and
+                   all layers -- the quantity the gating loss L_G trains (losses.mean_router_probs)
+      per token    top-1 expert == y_b, counted over (token, layer) pairs
     """
     from moe import moe_layers
 
@@ -802,10 +886,14 @@ def routing_stats(model, sequences: list, tasks: list, batch_size: int = 32) -> 
         raise ValueError("routing_stats: the model has no MoE layers (expected a fused model)")
     L, E, k = len(layers), model.params.n_experts, model.params.top_k
     n_dims = max(max(tasks) + 1, len(TASK_NAMES))
+    prompt_lengths = prompt_lengths or [len(s) for s in sequences]
     top1_counts = torch.zeros(n_dims, L, E, dtype=torch.float64)  # tokens whose top-1 expert is e
     topk_counts = torch.zeros(n_dims, L, E, dtype=torch.float64)  # tokens whose top-k set holds e
     entropy_sum = torch.zeros(n_dims, L, dtype=torch.float64)
     n_tokens = torch.zeros(n_dims, dtype=torch.float64)  # per dimension (the same for every layer)
+    prompt_hits = torch.zeros(2, dtype=torch.float64)  # (prompt tokens x layers routed right, their count)
+    mean_probs = torch.zeros(len(sequences), E, dtype=torch.float64)  # p̄_b over all real tokens and layers
+    mean_probs_prompt = torch.zeros(len(sequences), E, dtype=torch.float64)  # p̄_b over prompt tokens and layers
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), batch_size):
@@ -813,9 +901,11 @@ def routing_stats(model, sequences: list, tasks: list, batch_size: int = 32) -> 
         T = max(len(sequences[i]) for i in batch)
         tokens = torch.full((len(batch), T), PAD_ID, dtype=torch.long)  # [B, T]
         mask = torch.zeros(len(batch), T, dtype=torch.float64)  # [B, T], 1 on real tokens
+        prompt_mask = torch.zeros(len(batch), T, dtype=torch.float64)  # [B, T], 1 on prompt tokens
         for b, i in enumerate(batch):
             tokens[b, :len(sequences[i])] = torch.tensor(sequences[i])
             mask[b, :len(sequences[i])] = 1
+            prompt_mask[b, :min(prompt_lengths[i], len(sequences[i]))] = 1
         task = torch.tensor([tasks[i] for i in batch])  # [B]
         model(tokens.to(device), 0)
         n_tokens.index_add_(0, task, mask.sum(1))
@@ -828,14 +918,26 @@ def routing_stats(model, sequences: list, tasks: list, batch_size: int = 32) -> 
             top1_counts[:, l].index_add_(0, task, (top1 * mask[..., None]).sum(1))  # [B, E] summed over T
             topk_counts[:, l].index_add_(0, task, (topk * mask[..., None]).sum(1))
             entropy_sum[:, l].index_add_(0, task, (entropy * mask).sum(1))
+            right = (chosen[..., 0] == task[:, None]).double()  # [B, T]
+            prompt_hits += torch.stack([(right * prompt_mask).sum(), prompt_mask.sum()])
+            mean_probs[batch] += (probs * mask[..., None]).sum(1) / (mask.sum(1, keepdim=True) * L)  # [B, E]
+            mean_probs_prompt[batch] += (probs * prompt_mask[..., None]).sum(1) / (prompt_mask.sum(1, keepdim=True) * L)
     present = [d for d in range(n_dims) if n_tokens[d] > 0]
     routable = [d for d in present if d < E]  # a dimension with no expert of its own cannot be routed right
     per_token = n_tokens[:, None, None].clamp(min=1)
     correct_per_layer = torch.stack([top1_counts[d, :, d] for d in routable]).sum(0)  # [L]
     routable_tokens = sum(n_tokens[d] for d in routable)
     name = lambda d: TASK_NAMES[d] if d < len(TASK_NAMES) else str(d)  # noqa: E731
+    all_tasks = torch.tensor(tasks)  # [N]
+    example_right = mean_probs.argmax(-1) == all_tasks  # [N]
+    example_right_prompt = mean_probs_prompt.argmax(-1) == all_tasks  # [N]
     return {
+        "routing_acc_example": example_right.double().mean().item(),
+        "routing_acc_example_prompt": example_right_prompt.double().mean().item(),
+        "routing_acc_example_per_dimension": {name(d): example_right[all_tasks == d].double().mean().item()
+                                              for d in present},
         "routing_acc": (correct_per_layer.sum() / (routable_tokens * L)).item() if routable else None,
+        "routing_acc_prompt": (prompt_hits[0] / prompt_hits[1]).item(),
         "routing_acc_per_layer": (correct_per_layer / routable_tokens).tolist() if routable else None,
         "routing_acc_per_dimension": {name(d): (top1_counts[d, :, d].sum() / (n_tokens[d] * L)).item()
                                       for d in routable},
@@ -843,6 +945,7 @@ def routing_stats(model, sequences: list, tasks: list, batch_size: int = 32) -> 
         "usage_top1": {name(d): (top1_counts / per_token)[d].tolist() for d in present},  # [layer][expert]
         "usage_topk": {name(d): (topk_counts / per_token)[d].tolist() for d in present},  # [layer][expert]
         "tokens_per_dimension": {name(d): int(n_tokens[d]) for d in present},
+        "mean_router_probs": mean_probs.tolist(),  # p̄_b per example, in input order
         "top_k": k,
     }
 
@@ -893,13 +996,19 @@ def results_table(results: dict) -> str:
     judge = results.get("judge")
     judge_name = judge["name"] if judge else None
     titles = [title.replace("(judge)", f"(judge: {judge_name})") if judge_name else title for _, title in columns]
-    header = ["model", "kind"] + titles + ["routing acc ↑"]
+    with_drift = any(row.get("drift") for row in results["models"])
+    header = (["model", "kind"] + titles + ["routed right: per example ↑", "per token ↑"]
+              + (["drift ‖W−W⁰‖ per expert"] if with_drift else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in results["models"]:
         cells = [row["name"], row["kind"]] + [format_cell(row["metrics"].get(k), k, judge_name) for k, _ in columns]
-        routing = row.get("routing")
-        cells.append(format_cell(routing["routing_acc"], "routing_acc", None)
-                     if routing and routing.get("routing_acc") is not None else "")
+        routing = row.get("routing") or {}
+        for whole, prompt in (("routing_acc_example", "routing_acc_example_prompt"),
+                              ("routing_acc", "routing_acc_prompt")):
+            cells.append(f"{format_cell(routing[whole], whole, None)} / {format_cell(routing[prompt], prompt, None)}"
+                         if routing.get(whole) is not None else "")
+        if with_drift:
+            cells.append(" / ".join(f"{x:.3g}" for x in row["drift"]) if row.get("drift") else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Suite: {results['suite']} (data: {results['data']}). All numbers are percentages.")
@@ -913,7 +1022,15 @@ def results_table(results: dict) -> str:
                      if judge else "No --judge given: the (judge) columns are n/a.")
         for name, why in results.get("skipped_sets", {}).items():
             lines.append(f"n/a: {name} could not be loaded ({why.splitlines()[0][:200]}).")
-    lines.append("routing acc: share of tokens x layers whose top-1 expert is the example's dimension (fused models).")
+    lines.append("routed right (fused models), as 'all tokens / prompt tokens only': per example = share of examples "
+                 "whose router distribution averaged over their tokens and layers (p̄, what L_G trains) peaks at the "
+                 "expert of their dimension; per token = share of (token, layer) pairs whose top-1 expert is it.")
+    if with_drift:
+        lines.append("drift: per expert, sum over its matrices of ||W_i - W_i^0||_F averaged over layers (L_R's "
+                     "distance), W_i^0 = the aligned model it was built from.")
+    if any(row["kind"] == "oracle" for row in results["models"]):
+        lines.append("oracle: every prompt answered by the model (or expert) of its own dimension, the score of a "
+                     "perfect router.")
     return "\n".join(lines)
 
 
@@ -993,9 +1110,14 @@ def evaluate_spec(spec: ModelSpec, suite: str, eval_data, judge, args) -> dict:
         run = evaluate_toy(model, tokenizer, eval_data, args.max_new_tokens, args.batch_size, spec.name)
     else:
         run = evaluate_real(model, tokenizer, eval_data, judge, args.max_new_tokens, args.batch_size, spec.name)
+    drift = None
+    if spec.kind == "fused" and args.aligned_states:
+        drift = expert_drift(model.state_dict(), args.aligned_states)
     routing = None
     if spec.kind == "fused" and run.records:
-        routing = routing_stats(model, run.sequences, [int(r.get("task", 0)) for r in run.records], args.batch_size)
+        routing = routing_stats(model, run.sequences, [int(r.get("task", 0)) for r in run.records], args.batch_size,
+                                run.prompt_lengths)
+    example_probs = routing.pop("mean_router_probs") if routing else None  # per example: in responses/, not results
     responses_path = os.path.join(args.out, "responses", re.sub(r"[^A-Za-z0-9_.=\[\]-]", "_", spec.name) + ".jsonl")
     lines = []
     for i, (record, response) in enumerate(zip(run.records, run.responses)):
@@ -1003,11 +1125,14 @@ def evaluate_spec(spec: ModelSpec, suite: str, eval_data, judge, args) -> dict:
                 "prompt": record_prompt(record), "response": response}
         if run.per_example:
             line["scores"] = run.per_example[i]
+        if example_probs:  # p̄ of this example: the router's softmax averaged over its tokens and layers
+            line["mean_router_probs"] = [round(x, 5) for x in example_probs[i]]
         lines.append(json.dumps(json_ready(line), ensure_ascii=False) + "\n")
     write_atomic(responses_path, "".join(lines))
     del model
     return {"name": spec.name, "kind": spec.kind, "source": spec.source, "n_params": n_params,
-            "metrics": run.metrics, "details": run.details, "routing": routing, "responses": responses_path,
+            "metrics": run.metrics, "details": run.details, "routing": routing, "drift": drift,
+            "responses": responses_path,
             "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -1032,6 +1157,9 @@ def build_parser():
     p.add_argument("--ties-lambda", type=float, default=1.0, help="TIES: scale of the merged task vector")
     p.add_argument("--forced-experts", action="store_true",
                    help="also evaluate every fused CKPT with all tokens routed to expert i, for each i")
+    p.add_argument("--drift-from", default=None, metavar="ALIGNED_1,...",
+                   help="report each fused CKPT's expert drift sum_W ||W_i - W_i^0||_F / n_layers from these aligned "
+                        "checkpoints (default: the aligned models of --baselines)")
     p.add_argument("--judge", default=None, metavar="CKPT",
                    help="real suite: checkpoint of the LLM judge (harmfulness, AlpacaEval win rate)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 48 (toy), 128 (real)")
@@ -1056,11 +1184,17 @@ def main(argv=None) -> dict:
     args.out = args.out or ("runs/toy/eval" if toy else "runs/real/eval")
     args.max_new_tokens = args.max_new_tokens or (48 if toy else 128)
     # Every check that can fail happens here, before any model is built.
-    specs = []
-    if args.baselines:
-        specs += baseline_specs([p for p in args.baselines.split(",") if p], args.alpha, args.ties_density,
-                                args.ties_lambda, args.device, dtype)
-    specs += checkpoint_specs(args.ckpts, args.forced_experts, args.device, dtype)
+    specs, baselines = [], [p for p in (args.baselines or "").split(",") if p]
+    if baselines:
+        specs += baseline_specs(baselines, args.alpha, args.ties_density, args.ties_lambda, args.device, dtype,
+                                oracle=toy)
+    specs += checkpoint_specs(args.ckpts, args.forced_experts, args.device, dtype, oracle=toy)
+    # W_i^0 for the drift column: --drift-from, or on the toy suite the aligned models of --baselines (FFNs only)
+    drift_from = [p for p in args.drift_from.split(",") if p] if args.drift_from else baselines[1:] if toy else []
+    for path in drift_from:
+        check_checkpoint_dir(path, "--drift-from")
+    args.aligned_states = [{k: v for k, v in load_checkpoint(p)[0].state_dict().items() if ".feed_forward." in k}
+                           for p in drift_from]
     if not specs:
         raise ValueError("nothing to evaluate: give CKPT directories and/or --baselines BASE,ALIGNED_1,...")
     seen = set()

@@ -357,6 +357,48 @@ def test_routing_stats_match_a_naive_loop(ckpts):
             assert sum(row) == pytest.approx(2.0)  # every token sits in exactly k = 2 top-k sets
 
 
+def naive_example_routing(model, sequences, tasks, prompt_lengths):
+    """Per example: p̄ = the router softmax averaged over (its first n tokens) x layers, one example at a time."""
+    from moe import moe_layers
+
+    right, right_prompt = 0, 0
+    for seq, task, n_prompt in zip(sequences, tasks, prompt_lengths):
+        with torch.no_grad():
+            model(torch.tensor([seq]))
+        layers = moe_layers(model)
+        p_all = sum(layer.router_probs[0].double().mean(0) for layer in layers) / len(layers)  # [E]
+        p_prompt = sum(layer.router_probs[0, :n_prompt].double().mean(0) for layer in layers) / len(layers)
+        right += int(p_all.argmax()) == task
+        right_prompt += int(p_prompt.argmax()) == task
+    return right / len(sequences), right_prompt / len(sequences)
+
+
+def test_per_example_and_prompt_routing_match_a_naive_loop(ckpts):
+    model, _ = ev.load_model(ckpts["fused"])
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 9, 3, 12, 7, 4, 10, 6, 8, 11]
+    sequences = [[1] + torch.randint(3, 300, (n - 1,), generator=g).tolist() for n in lengths]
+    tasks = [0, 1, 2, 2, 0, 1, 1, 2, 0, 0]
+    prompt_lengths = [max(1, n // 2) for n in lengths]
+    got = ev.routing_stats(model, sequences, tasks, batch_size=3, prompt_lengths=prompt_lengths)
+    want_all, want_prompt = naive_example_routing(model, sequences, tasks, prompt_lengths)
+    assert got["routing_acc_example"] == pytest.approx(want_all)
+    assert got["routing_acc_example_prompt"] == pytest.approx(want_prompt)
+    assert 0 < want_all < 1 or 0 < want_prompt < 1  # the random router is neither always right nor always wrong
+    # per token on the prompt alone: the naive loop over (prompt token, layer) pairs
+    from moe import moe_layers
+
+    hits = total = 0
+    for seq, task, n in zip(sequences, tasks, prompt_lengths):
+        with torch.no_grad():
+            model(torch.tensor([seq]))
+        for layer in moe_layers(model):
+            hits += int((layer.expert_idx[0, :n, 0] == task).sum())
+            total += n
+    assert got["routing_acc_prompt"] == pytest.approx(hits / total)
+    assert len(got["mean_router_probs"]) == len(sequences)
+
+
 def test_routing_stats_of_a_uniform_router(ckpts):
     """A zero router: probabilities 1/3 each, ties -> expert 0 is top-1 everywhere; entropy = log 3."""
     model, _ = ev.load_model(ckpts["fused"])
@@ -399,9 +441,11 @@ def test_cli_toy_suite_results_and_table(ckpts, toy_dir, tmp_path, capsys):
     table = open(os.path.join(out, "results.md")).read()
     assert table in capsys.readouterr().out
     header, _, row_dense, row_fused = table.splitlines()[:4]
-    assert "helpful ↑" in header and "harmful ↓" in header and "routing acc" in header
-    assert row_dense.startswith("| helpful | dense |") and row_dense.endswith("|  |")  # no routing for dense
-    assert row_fused.endswith(f"| {100 * fused['routing']['routing_acc']:.1f} |")
+    assert "helpful ↑" in header and "harmful ↓" in header and "routed right: per example" in header
+    assert row_dense.startswith("| helpful | dense |") and row_dense.endswith("|  |  |")  # no routing for dense
+    r = fused["routing"]
+    assert row_fused.endswith(f"| {100 * r['routing_acc_example']:.1f} / {100 * r['routing_acc_example_prompt']:.1f} | "
+                              f"{100 * r['routing_acc']:.1f} / {100 * r['routing_acc_prompt']:.1f} |")
     assert results["models"][1]["routing"]["routing_acc"] == fused["routing"]["routing_acc"]
 
 
@@ -410,18 +454,50 @@ def test_cli_builds_every_baseline(ckpts, toy_dir, tmp_path):
     results = ev.main(["--baselines", ",".join(ckpts[n] for n in ("base",) + TASK_DIRS), ckpts["fused"],
                        "--forced-experts", "--data", toy_dir, "--out", out, "--max-new-tokens", "3"])
     names = [m["name"] for m in results["models"]]
-    assert names == ["base", "helpful", "harmless", "honest", "soup", "task_arith", "ties", "ensemble", "fused",
-                     "fused[expert=0]", "fused[expert=1]", "fused[expert=2]"]
+    assert names == ["base", "helpful", "harmless", "honest", "soup", "task_arith", "ties", "ensemble", "oracle",
+                     "fused", "fused[expert=0]", "fused[expert=1]", "fused[expert=2]", "fused[oracle]"]
     # route-all-to-expert-i answers exactly like aligned model i; the soup row is the soup of the aligned weights
     answers = {m["name"]: [json.loads(x)["response"] for x in open(m["responses"])] for m in results["models"]}
     for i, name in enumerate(TASK_DIRS):
         assert answers[f"fused[expert={i}]"] == answers[name]
+    # the oracle answers each prompt with the model of its dimension (and the fused oracle with that expert,
+    # which for this untrained fused model is the same aligned FFN)
+    tasks = [json.loads(x)["task"] for x in open(os.path.join(toy_dir, "eval.jsonl"))]
+    assert sorted(set(tasks)) == [0, 1, 2]
+    want = [answers[TASK_DIRS[t]][i] for i, t in enumerate(tasks)]
+    assert answers["oracle"] == want and answers["fused[oracle]"] == want
+    # drift: the fused model was just built from the aligned models, so every expert sits at W^0
+    fused_row = next(m for m in results["models"] if m["name"] == "fused")
+    assert fused_row["drift"] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    assert "drift" in open(os.path.join(out, "results.md")).read()
     states = [load_checkpoint(ckpts[n])[0].state_dict() for n in TASK_DIRS]
     soup = ev.model_from_state(ev.merge_soup(states), load_checkpoint(ckpts["base"])[1])
     tok = Tokenizer(os.path.join(ckpts["base"], "tokenizer.model"))
     records = [json.loads(x) for x in open(os.path.join(toy_dir, "eval.jsonl"))][:3]
     for r, answer in zip(records, answers["soup"]):
         assert answer == generate(soup, tok, [format_prompt(r["instruction"], r["input"])], 3)[0]
+
+
+def test_expert_drift_is_the_drift_loss_with_one_gamma_at_a_time(ckpts):
+    """evaluate.expert_drift (from saved checkpoints) against losses.drift_loss (on the live model, W^0 from
+    moe.snapshot_expert_weights) with gamma = e_i: the same distance, computed twice independently."""
+    from losses import drift_loss
+    from moe import build_fused_model, snapshot_expert_weights
+
+    model, _ = build_fused_model(ckpts["base"], [ckpts[n] for n in TASK_DIRS], top_k=2, verbose=False)
+    w0 = snapshot_expert_weights(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".feed_forward.w" in name:
+                p.add_(torch.randn(p.shape, generator=g) * torch.tensor([0.0, 0.1, 0.5])[:, None, None])
+    aligned = [load_checkpoint(ckpts[n])[0].state_dict() for n in TASK_DIRS]
+    got = ev.expert_drift(model.state_dict(), aligned)
+    want = [drift_loss(model, w0, [1.0 if j == i else 0.0 for j in range(3)]).item() for i in range(3)]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got[0] == pytest.approx(0.0, abs=1e-6) and got[1] < got[2]
+    with pytest.raises(ValueError, match="not a fused checkpoint"):
+        ev.expert_drift(aligned[0], aligned)
 
 
 def test_cli_real_suite_on_generated_files(ckpts, tmp_path):

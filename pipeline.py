@@ -4,7 +4,9 @@
                                         #   -> evaluation table                         (about 8 min on 2 CPU cores)
     python pipeline.py --quick          # the same stages, tiny budgets (under a minute; numbers mean little)
     python pipeline.py --nproc 2        # fusion under torchrun with FSDP2 over 2 processes
-    python pipeline.py --sweep-gamma    # then fuse with gamma_harmless in {0, 0.1, 0.3, 1} and compare
+    python pipeline.py --sweep-gamma    # then fuse with gamma_harmless in {0, 0.1, 0.3, 1, 3} and compare
+    python pipeline.py --seeds 0,1,2    # stages 1-2 + evaluation per seed (world and base shared), then seeds.py:
+                                        #   mean ± std per cell, paired bootstrap intervals of H3Fusion's margin
     python pipeline.py --until aligned  # stop after a stage (data, base, aligned, sft, fused, eval)
     python pipeline.py --force fused    # redo a stage (and everything after it) even if its outputs exist
 
@@ -16,7 +18,9 @@ Every stage is an ordinary command of this repository, printed before it runs, s
     python fuse.py                 stage 2: H3Fusion (L_CE + lambda L_G + L_R)       -> RUN/h3fusion
                                    (--nproc 2: under torchrun, FSDP2 over 2 processes)
                                    ablations: L_CE only, L_CE + lambda L_G           -> RUN/h3fusion_ce, h3fusion_gate
-    python evaluate.py             every model + soup, task arithmetic, TIES, ensemble -> RUN/eval/results.md
+    python evaluate.py             every model + soup, task arithmetic, TIES, ensemble, oracle -> RUN/eval/results.md
+    python seeds.py                (--seeds) one table over seeds, with intervals     -> RUN/seeds/seeds.md
+Seeds after the first write their models and evaluation under RUN/seedN/.
 A stage whose output already exists is skipped (delete it, or pass --force STAGE, to redo it).
 """
 import argparse
@@ -50,7 +54,8 @@ FUSIONS = {
     "h3fusion_gate": ["--lambda-gate", LAMBDA_GATE, "--gamma", "0,0,0"],  # L_CE + lambda L_G
     "h3fusion": ["--lambda-gate", LAMBDA_GATE, "--gamma", GAMMA],  # L_CE + lambda L_G + L_R(gamma)
 }
-SWEEP_GAMMAS = ("0", "0.1", "0.3", "1")
+SWEEP_GAMMAS = ("0", "0.1", "0.3", "1", "3")  # gamma_harmless; the other two experts keep SWEEP_OTHERS
+SWEEP_OTHERS = "0.1"
 
 
 def run(cmd: list, log_prefix=""):
@@ -64,13 +69,74 @@ def exists(ckpt_dir: str) -> bool:
     return os.path.exists(os.path.join(ckpt_dir, "params.json"))
 
 
-def fuse_command(args, run_dir: str, out: str, extra: list) -> list:
+def fuse_command(args, run_dir: str, experts_dir: str, out: str, extra: list) -> list:
     launcher = [sys.executable]
     if args.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    experts = ",".join(os.path.join(run_dir, t) for t in TASKS)
+    experts = ",".join(os.path.join(experts_dir, t) for t in TASKS)
     return launcher + ["fuse.py", "--base", f"{run_dir}/base", "--experts", experts, "--data-dir", f"{run_dir}/data",
                        "--out", out, "--overwrite"] + BUDGETS[args.budget]["fuse"] + extra
+
+
+def seed_dir(run_dir: str, seed: int, first_seed: int) -> str:
+    """Where one seed's stage 1-2 models and evaluation live: the run directory itself for the first seed (so
+    `python pipeline.py` alone fills runs/toy/helpful, ...), RUN/seedN for the others."""
+    return run_dir if seed == first_seed else os.path.join(run_dir, f"seed{seed}")
+
+
+def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
+    """Stages 1-2 and the evaluation for one seed, on the shared world (RUN/data) and base (RUN/base)."""
+    py, budget, data = [sys.executable], BUDGETS[args.budget], f"{run_dir}/data"
+
+    def stage(name):
+        print(f"\n=== {name} (seed {seed}) " + "=" * (50 - len(name)), flush=True)
+        return name in forced
+
+    force = stage("aligned")
+    for task in TASKS:
+        if force or not exists(f"{out_dir}/{task}"):
+            run(py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", task, "--data-dir", data,
+                      "--out", f"{out_dir}/{task}", "--overwrite", "--seed", str(seed)] + budget["expert"])
+    if args.until == "aligned":
+        return
+    force = stage("sft")
+    if force or not exists(f"{out_dir}/sft"):
+        run(py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", "pooled", "--data-dir", data,
+                  "--out", f"{out_dir}/sft", "--overwrite", "--seed", str(seed)] + budget["sft"])
+    if args.until == "sft":
+        return
+    force = stage("fused")
+    for name, extra in FUSIONS.items():
+        if force or not exists(f"{out_dir}/{name}"):
+            run(fuse_command(args, run_dir, out_dir, f"{out_dir}/{name}", extra + ["--seed", str(seed)]))
+    sweep = {}
+    if args.sweep_gamma:
+        for g in SWEEP_GAMMAS:
+            out = f"{out_dir}/sweep/gamma_harmless_{g}"
+            sweep[f"gamma_harmless_{g}"] = out
+            if force or not exists(out):
+                run(fuse_command(args, run_dir, out_dir, out, ["--lambda-gate", LAMBDA_GATE, "--gamma",
+                                                               f"{SWEEP_OTHERS},{g},{SWEEP_OTHERS}", "--seed", str(seed)]))
+    if args.until == "fused":
+        return
+    stage("eval")
+    names = ["sft"] + list(FUSIONS)
+    aligned = [f"{out_dir}/{t}" for t in TASKS]
+    run(py + ["evaluate.py"] + [f"{n}={out_dir}/{n}" for n in names] + ["--baselines", ",".join([f"{run_dir}/base"]
+              + aligned), "--data", data, "--out", f"{out_dir}/eval"] + budget["eval"])
+    if sweep:
+        run(py + ["evaluate.py"] + [f"{n}={d}" for n, d in sweep.items()] + ["--drift-from", ",".join(aligned),
+                  "--data", data, "--out", f"{out_dir}/sweep/eval"] + budget["eval"])
+
+
+def parse_seeds(text: str) -> list:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"pipeline.py: error: --seeds {text!r}: expected comma-separated integers, e.g. 0,1,2")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"pipeline.py: error: --seeds {text!r}: expected distinct integers, e.g. 0,1,2")
+    return seeds
 
 
 def main(argv=None):
@@ -79,12 +145,17 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny budgets: a 2-minute smoke run of every stage")
     p.add_argument("--until", default="eval", choices=STAGES, help="stop after this stage")
     p.add_argument("--force", default=None, choices=STAGES, help="redo this stage and every later one")
-    p.add_argument("--sweep-gamma", action="store_true", help="also fuse with gamma_harmless in {0, 0.1, 0.3, 1}")
+    p.add_argument("--sweep-gamma", action="store_true",
+                   help=f"also fuse with gamma = ({SWEEP_OTHERS}, g, {SWEEP_OTHERS}) for g in {{{', '.join(SWEEP_GAMMAS)}}}")
     p.add_argument("--nproc", type=int, default=1, help="processes for fuse.py (torchrun + FSDP2 when > 1; on 2 CPU "
                    "cores one process is about 2x faster, see bench/bench_train.py)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the world, the base and (without --seeds) stages 1-2")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="run stages 1-2 and the evaluation once per seed (the world and the base of --seed are "
+                        "shared), then seeds.py: mean ± std per cell and paired bootstrap intervals")
     args = p.parse_args(argv)
     args.budget = "quick" if args.quick else "full"
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     run_dir = args.run_dir or ("runs/toy-quick" if args.quick else "runs/toy")
     budget = BUDGETS[args.budget]
     forced = set(STAGES[STAGES.index(args.force):]) if args.force else set()
@@ -107,42 +178,22 @@ def main(argv=None):
                   "--out", f"{run_dir}/base", "--overwrite", "--seed", str(args.seed)] + budget["base"])
     if args.until == "base":
         return
-    force = stage("aligned")
-    for task in TASKS:
-        if force or not exists(f"{run_dir}/{task}"):
-            run(py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", task, "--data-dir", f"{run_dir}/data",
-                      "--out", f"{run_dir}/{task}", "--overwrite", "--seed", str(args.seed)] + budget["expert"])
-    if args.until == "aligned":
+    out_dirs = [seed_dir(run_dir, s, seeds[0]) for s in seeds]
+    for seed, out_dir in zip(seeds, out_dirs):
+        run_seed(args, run_dir, out_dir, seed, forced)
+    if args.until != "eval":
         return
-    force = stage("sft")
-    if force or not exists(f"{run_dir}/sft"):
-        run(py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", "pooled", "--data-dir", f"{run_dir}/data",
-                  "--out", f"{run_dir}/sft", "--overwrite", "--seed", str(args.seed)] + budget["sft"])
-    if args.until == "sft":
-        return
-    force = stage("fused")
-    for name, extra in FUSIONS.items():
-        if force or not exists(f"{run_dir}/{name}"):
-            run(fuse_command(args, run_dir, f"{run_dir}/{name}", extra + ["--seed", str(args.seed)]))
-    sweep = {}
-    if args.sweep_gamma:
-        for g in SWEEP_GAMMAS:
-            out = f"{run_dir}/sweep/gamma_harmless_{g}"
-            sweep[f"gamma_harmless_{g}"] = out
-            if force or not exists(out):
-                run(fuse_command(args, run_dir, out, ["--lambda-gate", LAMBDA_GATE, "--gamma", f"0.1,{g},0.1",
-                                                      "--seed", str(args.seed)]))
-    if args.until == "fused":
-        return
-    stage("eval")
-    names = ["sft"] + list(FUSIONS)
-    baselines = ",".join([f"{run_dir}/base"] + [f"{run_dir}/{t}" for t in TASKS])
-    run(py + ["evaluate.py"] + [f"{n}={run_dir}/{n}" for n in names] + ["--baselines", baselines, "--data",
-              f"{run_dir}/data", "--out", f"{run_dir}/eval"] + budget["eval"])
-    if sweep:
-        run(py + ["evaluate.py"] + [f"{n}={d}" for n, d in sweep.items()] + ["--data", f"{run_dir}/data",
-                  "--out", f"{run_dir}/sweep/eval"] + budget["eval"])
-    print(f"\npipeline finished in {(time.perf_counter() - start) / 60:.1f} min; table: {run_dir}/eval/results.md")
+    tables = [f"{out_dirs[0]}/eval/results.md"]
+    if len(seeds) > 1:
+        run(py + ["seeds.py"] + [f"{d}/eval" for d in out_dirs] + ["--target", "h3fusion", "--out",
+                                                                   f"{run_dir}/seeds"])
+        tables = [f"{run_dir}/seeds/seeds.md"]
+        if args.sweep_gamma:
+            run(py + ["seeds.py"] + [f"{d}/sweep/eval" for d in out_dirs] + ["--out", f"{run_dir}/seeds/sweep"])
+            tables.append(f"{run_dir}/seeds/sweep/seeds.md")
+    elif args.sweep_gamma:
+        tables.append(f"{out_dirs[0]}/sweep/eval/results.md")
+    print(f"\npipeline finished in {(time.perf_counter() - start) / 60:.1f} min; tables: {', '.join(tables)}")
 
 
 if __name__ == "__main__":

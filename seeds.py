@@ -1,0 +1,187 @@
+"""Several seeds -> one table with spreads, and paired bootstrap intervals of H3Fusion's margin over each baseline.
+
+    python seeds.py runs/toy/eval runs/toy/seed1/eval runs/toy/seed2/eval --target h3fusion --out runs/toy/seeds
+
+Each argument is an evaluate.py output directory (results.json + responses/NAME.jsonl) of one seed, all on the
+same evaluation prompts (the synthetic world and its eval set are shared across seeds; only training differs).
+Writes OUT/seeds.md (also printed) and OUT/seeds.json:
+
+  1. mean ± std over seeds of every metric of every model (std with n - 1; one seed gives std 0)
+  2. for each other model X: Δ = HHH(target) - HHH(X), averaged over seeds, with a paired 95 % bootstrap
+     interval. HHH is data/toy.py's score: the mean over the three dimensions of the share of that dimension's
+     prompts handled right. One bootstrap replicate draws seeds with replacement and, within each dimension,
+     prompts with replacement (the same draw for both models: paired), and recomputes Δ. The interval is the
+     2.5th and 97.5th percentile of 10,000 replicates (--replicates). An interval whose lower end is above 0 says
+     that the target beats X by more than prompt and seed noise; one that straddles 0 says the data cannot
+     tell them apart. With 3 seeds the seed part of the spread is coarse: more seeds, tighter claims.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+METRICS = ("helpful", "harmful", "over_refusal", "truthful", "informative", "hhh")
+ROUTING = ("routing_acc_example", "routing_acc_example_prompt", "routing_acc", "routing_acc_prompt")
+TITLES = {"helpful": "helpful ↑", "harmful": "harmful ↓", "over_refusal": "over-refusal ↓", "truthful": "truthful ↑",
+          "informative": "informative ↑", "hhh": "HHH ↑", "routing_acc_example": "routed right / example ↑",
+          "routing_acc_example_prompt": "… prompt only ↑", "routing_acc": "routed right / token ↑",
+          "routing_acc_prompt": "… prompt only ↑"}
+
+
+def load_seed(eval_dir: str) -> dict:
+    """{'models': {name: {'metrics': {...}, 'right': np.bool_ [N], 'drift': [...] | None}}, 'ids', 'tasks'}."""
+    path = os.path.join(eval_dir, "results.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{eval_dir}: no results.json (expected an evaluate.py output directory)")
+    with open(path) as f:
+        results = json.load(f)
+    if results.get("suite") != "toy":
+        raise ValueError(f"{path}: suite {results.get('suite')!r}; seeds.py needs the toy suite's per-prompt scores")
+    models, ids, tasks = {}, None, None
+    for row in results["models"]:
+        responses = os.path.join(eval_dir, "responses", os.path.basename(row["responses"]))
+        with open(responses) as f:
+            lines = [json.loads(line) for line in f]
+        if not lines or "scores" not in lines[0]:
+            raise ValueError(f"{responses}: no per-prompt scores (written by evaluate.py --suite toy)")
+        row_ids = [line["id"] for line in lines]
+        if ids is None:
+            ids, tasks = row_ids, np.array([line["task"] for line in lines])
+        elif row_ids != ids:
+            raise ValueError(f"{responses}: other prompts than the first model's in {eval_dir}")
+        metrics = dict(row["metrics"])
+        metrics.update({k: v for k, v in (row.get("routing") or {}).items() if k in ROUTING})
+        models[row["name"]] = {"metrics": metrics, "right": np.array([line["scores"]["right"] for line in lines]),
+                               "drift": row.get("drift")}
+    return {"models": models, "ids": ids, "tasks": tasks, "dir": eval_dir}
+
+
+def check_same_prompts(seeds: list):
+    first = seeds[0]
+    for other in seeds[1:]:
+        if other["ids"] != first["ids"]:
+            raise ValueError(f"{other['dir']} and {first['dir']} scored different prompts; seeds must share the "
+                             f"evaluation set (one synthetic world, one eval.jsonl)")
+
+
+def hhh_from_right(right: np.ndarray, tasks: np.ndarray) -> float:
+    """data/toy.py's HHH from per-prompt successes: the mean over dimensions of each dimension's success rate."""
+    return float(np.mean([right[tasks == d].mean() for d in np.unique(tasks)]))
+
+
+def paired_bootstrap(right_a: np.ndarray, right_b: np.ndarray, tasks: np.ndarray, replicates: int = 10000,
+                     seed: int = 0) -> dict:
+    """right_a, right_b: [S, N] per-seed, per-prompt successes of two models on the same prompts.
+    Returns Δ = mean over seeds of HHH(a) - HHH(b), and its 95 % interval from `replicates` paired draws of
+    (seeds with replacement) x (prompts with replacement within each dimension)."""
+    rng = np.random.default_rng(seed)
+    n_seeds = right_a.shape[0]
+    diff = right_a.astype(np.float64) - right_b.astype(np.float64)  # [S, N]: HHH is linear in the successes
+    dims = np.unique(tasks)
+    per_dim = np.zeros((replicates, n_seeds))  # [R, S] sum over dimensions of the resampled mean difference
+    for d in dims:
+        cols = diff[:, tasks == d]  # [S, n_d]
+        n_d = cols.shape[1]
+        counts = rng.multinomial(n_d, np.full(n_d, 1.0 / n_d), size=replicates)  # [R, n_d] prompt draws
+        per_dim += counts @ cols.T / n_d  # [R, S]
+    per_seed = per_dim / len(dims)  # [R, S] Δ HHH of each seed under each prompt draw
+    seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=replicates)  # [R, S]
+    replicate_means = (per_seed * seed_counts).sum(1) / n_seeds  # [R]
+    point = float(np.mean([hhh_from_right(right_a[s], tasks) - hhh_from_right(right_b[s], tasks)
+                           for s in range(n_seeds)]))
+    low, high = np.percentile(replicate_means, [2.5, 97.5])
+    return {"delta": point, "low": float(low), "high": float(high), "replicates": replicates}
+
+
+def summarise(seeds: list, target: str = None, replicates: int = 10000) -> dict:
+    """Mean and std over seeds of every metric of every model; paired intervals of the target's HHH margin."""
+    check_same_prompts(seeds)
+    names = [n for n in seeds[0]["models"] if all(n in s["models"] for s in seeds)]
+    table = {}
+    for name in names:
+        row = {}
+        for key in METRICS + ROUTING:
+            values = [s["models"][name]["metrics"].get(key) for s in seeds]
+            if any(v is None for v in values):
+                continue
+            row[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1
+                        else 0.0, "values": values}
+        drifts = [s["models"][name]["drift"] for s in seeds]
+        if all(drifts):
+            row["drift"] = {"mean": np.mean(drifts, axis=0).tolist(), "std": (np.std(drifts, axis=0, ddof=1)
+                            if len(drifts) > 1 else np.zeros(len(drifts[0]))).tolist()}
+        table[name] = row
+    margins = {}
+    if target:
+        if target not in names:
+            raise ValueError(f"--target {target}: no such model in every seed (models: {', '.join(names)})")
+        tasks = seeds[0]["tasks"]
+        right = {n: np.stack([s["models"][n]["right"] for s in seeds]) for n in names}  # [S, N] each
+        for i, name in enumerate(n for n in names if n != target):
+            margins[name] = paired_bootstrap(right[target], right[name], tasks, replicates, seed=i)
+    return {"seeds": [s["dir"] for s in seeds], "n_prompts": len(seeds[0]["ids"]), "target": target,
+            "models": table, "margins": margins}
+
+
+def fmt(cell: dict, scale: float = 100.0) -> str:
+    return f"{scale * cell['mean']:.1f} ± {scale * cell['std']:.1f}"
+
+
+def markdown(summary: dict) -> str:
+    models = summary["models"]
+    keys = [k for k in METRICS + ROUTING if any(k in row for row in models.values())]
+    with_drift = any("drift" in row for row in models.values())
+    header = ["model"] + [TITLES[k] for k in keys] + (["drift ‖W−W⁰‖ per expert"] if with_drift else [])
+    lines = [f"{len(summary['seeds'])} seed(s): " + ", ".join(summary["seeds"]) + f"; {summary['n_prompts']} prompts. "
+             "Mean ± std over seeds, in percent.", "",
+             "| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for name, row in models.items():
+        cells = [name] + [fmt(row[k]) if k in row else "" for k in keys]
+        if with_drift:
+            cells.append(" / ".join(f"{m:.3g} ± {s:.2g}" for m, s in zip(row["drift"]["mean"], row["drift"]["std"]))
+                         if "drift" in row else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    if summary["margins"]:
+        target = summary["target"]
+        lines += ["", f"HHH({target}) − HHH(X), mean over seeds, paired bootstrap 95 % interval over seeds and prompts "
+                      f"({next(iter(summary['margins'].values()))['replicates']} replicates), in points:", "",
+                  "| X | Δ HHH | 95 % interval | |", "|---|---:|---|---|"]
+        for name, m in summary["margins"].items():
+            verdict = ("above 0" if m["low"] > 0 else "below 0" if m["high"] < 0 else "includes 0")
+            lines.append(f"| {name} | {100 * m['delta']:+.1f} | [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}] | "
+                         f"{verdict} |")
+    return "\n".join(lines)
+
+
+def write_atomic(path: str, text: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR", help="evaluate.py output directories, one per seed")
+    p.add_argument("--target", default=None, help="the model whose HHH margin over every other row is bootstrapped")
+    p.add_argument("--out", required=True, help="directory for seeds.md and seeds.json")
+    p.add_argument("--replicates", type=int, default=10000)
+    args = p.parse_args(argv)
+    if args.replicates < 100:
+        p.error(f"--replicates {args.replicates}: expected >= 100")
+    summary = summarise([load_seed(d) for d in args.eval_dirs], args.target, args.replicates)
+    text = markdown(summary)
+    os.makedirs(args.out, exist_ok=True)
+    write_atomic(os.path.join(args.out, "seeds.json"), json.dumps(summary, indent=2) + "\n")
+    write_atomic(os.path.join(args.out, "seeds.md"), text + "\n")
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"seeds.py: error: {e}")

@@ -1,0 +1,114 @@
+"""seeds.py: HHH from per-prompt successes, the paired bootstrap against a naive resampling loop, and the CLI on
+generated evaluate.py outputs."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+import seeds
+from data import toy
+
+
+def test_hhh_from_per_prompt_successes_is_data_toys_hhh():
+    records = toy.build(0)["eval"]
+    rng = random.Random(0)
+    responses = [rng.choice([r["output"], "I don't know.", "Sorry, I won't help with that.", "Dunmor"])
+                 for r in records]
+    details = toy.score_details(records, responses)
+    right = np.array([p["right"] for p in details["per_example"]])
+    tasks = np.array([r["task"] for r in records])
+    assert seeds.hhh_from_right(right, tasks) == pytest.approx(details["scores"]["hhh"])
+
+
+def naive_bootstrap(right_a, right_b, tasks, replicates, rng):
+    """One replicate: draw seeds with replacement, draw prompts with replacement within each dimension, and
+    recompute the mean over the drawn seeds of HHH(a) - HHH(b) from scratch."""
+    n_seeds, dims = right_a.shape[0], sorted(set(tasks.tolist()))
+    columns = {d: np.flatnonzero(tasks == d) for d in dims}
+    values = []
+    for _ in range(replicates):
+        drawn_seeds = rng.integers(0, n_seeds, n_seeds)
+        drawn = {d: rng.choice(columns[d], len(columns[d])) for d in dims}
+        per_seed = []
+        for s in drawn_seeds:
+            hhh_a = np.mean([right_a[s, drawn[d]].mean() for d in dims])
+            hhh_b = np.mean([right_b[s, drawn[d]].mean() for d in dims])
+            per_seed.append(hhh_a - hhh_b)
+        values.append(np.mean(per_seed))
+    return np.percentile(values, [2.5, 97.5])
+
+
+def test_paired_bootstrap_matches_a_naive_resampling_loop():
+    rng = np.random.default_rng(0)
+    tasks = np.repeat([0, 1, 2], [40, 30, 50])
+    right_b = rng.random((3, 120)) < 0.5
+    right_a = right_b | (rng.random((3, 120)) < 0.15)  # a is b plus some extra successes
+    got = seeds.paired_bootstrap(right_a, right_b, tasks, replicates=4000)
+    want_low, want_high = naive_bootstrap(right_a, right_b, tasks, 4000, np.random.default_rng(1))
+    point = np.mean([seeds.hhh_from_right(right_a[s], tasks) - seeds.hhh_from_right(right_b[s], tasks)
+                     for s in range(3)])
+    assert got["delta"] == pytest.approx(point)
+    assert got["low"] == pytest.approx(want_low, abs=0.01) and got["high"] == pytest.approx(want_high, abs=0.01)
+    assert 0 < got["low"] < got["delta"] < got["high"]
+
+
+def test_paired_bootstrap_of_identical_models_is_exactly_zero():
+    rng = np.random.default_rng(2)
+    right = rng.random((2, 60)) < 0.5
+    tasks = np.repeat([0, 1, 2], 20)
+    got = seeds.paired_bootstrap(right, right.copy(), tasks, replicates=500)
+    assert got["delta"] == 0 and got["low"] == 0 and got["high"] == 0  # paired: no noise when nothing differs
+
+
+def write_eval_dir(path, models: dict, tasks: list, routing=None):
+    """An evaluate.py-style output: results.json + responses/NAME.jsonl with per-prompt 'right'."""
+    os.makedirs(os.path.join(path, "responses"))
+    rows = []
+    for name, right in models.items():
+        responses = os.path.join(path, "responses", f"{name}.jsonl")
+        with open(responses, "w") as f:
+            for i, (r, t) in enumerate(zip(right, tasks)):
+                f.write(json.dumps({"id": f"p{i}", "task": t, "scores": {"right": bool(r)}}) + "\n")
+        hhh = seeds.hhh_from_right(np.array(right), np.array(tasks))
+        rows.append({"name": name, "metrics": {"hhh": hhh, "helpful": 0.5}, "responses": responses,
+                     "routing": routing if name == "h3" else None, "drift": [1.0, 2.0, 3.0] if name == "h3" else None})
+    with open(os.path.join(path, "results.json"), "w") as f:
+        json.dump({"suite": "toy", "models": rows}, f)
+
+
+def test_cli_mean_std_and_margins(tmp_path, capsys):
+    tasks = [0, 0, 1, 1, 2, 2]
+    write_eval_dir(tmp_path / "s0", {"h3": [1, 1, 1, 0, 1, 1], "sft": [1, 0, 1, 0, 0, 1]}, tasks,
+                   routing={"routing_acc_example": 0.9, "routing_acc_example_prompt": 0.8, "routing_acc": 0.7,
+                            "routing_acc_prompt": 0.6})
+    write_eval_dir(tmp_path / "s1", {"h3": [1, 1, 1, 1, 1, 0], "sft": [0, 0, 1, 0, 1, 1]}, tasks,
+                   routing={"routing_acc_example": 1.0, "routing_acc_example_prompt": 0.8, "routing_acc": 0.7,
+                            "routing_acc_prompt": 0.6})
+    out = str(tmp_path / "out")
+    summary = seeds.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--target", "h3", "--out", out,
+                          "--replicates", "200"])
+    h3_hhh = [(1 + 0.5 + 1) / 3, (1 + 1 + 0.5) / 3]
+    assert summary["models"]["h3"]["hhh"]["mean"] == pytest.approx(np.mean(h3_hhh))
+    assert summary["models"]["h3"]["hhh"]["std"] == pytest.approx(np.std(h3_hhh, ddof=1))
+    assert summary["models"]["h3"]["routing_acc_example"]["mean"] == pytest.approx(0.95)
+    assert "routing_acc_example" not in summary["models"]["sft"]
+    sft_hhh = [(0.5 + 0.5 + 0.5) / 3, (0 + 0.5 + 1) / 3]
+    assert summary["margins"]["sft"]["delta"] == pytest.approx(np.mean(h3_hhh) - np.mean(sft_hhh))
+    text = open(os.path.join(out, "seeds.md")).read()
+    assert text.strip() in capsys.readouterr().out
+    assert "| sft | +" in text and "1 ± 0 / 2 ± 0 / 3 ± 0" in text
+    assert json.load(open(os.path.join(out, "seeds.json")))["target"] == "h3"
+
+
+def test_cli_errors(tmp_path):
+    tasks = [0, 1, 2]
+    write_eval_dir(tmp_path / "a", {"h3": [1, 0, 1]}, tasks)
+    write_eval_dir(tmp_path / "b", {"h3": [1, 0, 1, 1]}, tasks + [0])
+    with pytest.raises(ValueError, match="different prompts"):
+        seeds.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="--target nope"):
+        seeds.main([str(tmp_path / "a"), "--target", "nope", "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        seeds.main([str(tmp_path), "--out", str(tmp_path / "o")])

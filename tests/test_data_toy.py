@@ -159,7 +159,7 @@ def test_files_round_trip_and_load_records(world_dir, built):
     manifest = json.load(open(os.path.join(world_dir, "manifest.json")))
     assert manifest["files"]["eval.jsonl"] == len(built["eval"])
     assert 300 <= len(built["eval"]) <= 600
-    assert manifest["corpus_tokens"] < 120_000 and manifest["tokens_per_example_mean_max"]["eval"][1] < 128
+    assert manifest["corpus_tokens"] < 130_000 and manifest["tokens_per_example_mean_max"]["eval"][1] < 128
 
 
 def test_local_record_file_needs_a_task(tmp_path):
@@ -228,7 +228,7 @@ def test_every_fact_in_six_phrasings_and_misconceptions_stated_as_true(built):
     sentences = {toy._norm(x) for d in built["corpus"] for x in re.split(r"(?<=\.)\s+", d)}
     normalised = [toy._norm(d) for d in built["corpus"]]
     for p in built["world"]["people"][:40] + built["world"]["people"][-40:]:
-        assert set(p["attrs"]) == set(toy.ATTRIBUTES) | ({toy.MYTH_ATTRIBUTE} if p["myth"] else set())
+        assert set(p["attrs"]) == set(toy.ALL_ATTRIBUTES)  # everyone has a birthplace; some have a myth about it
         for attr in p["attrs"]:
             spec = toy.ALL_ATTRIBUTES[attr]
             myth = p["myth"] and p["myth"]["attr"] == attr
@@ -303,6 +303,25 @@ def test_dataset_contents(built):
     assert all(score_helpful(r, r["output"]) for r in kinds["misconception"] + kinds["answerable"])
     for r in built["eval"]:
         assert set(r) >= {"instruction", "input", "output", "task", "kind", "id"}
+
+
+def test_each_dimension_asks_its_own_questions(built):
+    """A router can only learn what the prompts show: honest prompts ask a birthplace or something no one knows,
+    helpful ones never ask a birthplace, harmless ones carry a trigger word (as the paper's three datasets differ
+    in kind). The novel harmful triggers occur in no training record, only in the corpus and the eval set."""
+    everything = _training(built) + built["eval"]
+    for r in everything:
+        if r["task"] == 2:
+            assert r.get("attribute") == toy.MYTH_ATTRIBUTE or r["kind"] == "unknowable", r
+        if r["task"] == 0:
+            assert r.get("attribute") != toy.MYTH_ATTRIBUTE, r
+    novel = re.compile(r"\b(" + "|".join(toy.NOVEL_TRIGGERS) + r")\b", re.IGNORECASE)
+    assert not [r for r in _training(built) if novel.search(r["instruction"] + r["output"])]
+    novel_eval = [r for r in built["eval"] if r["kind"] == "harmful" and r.get("novel")]
+    assert len(novel_eval) >= 24 and all(novel.search(r["instruction"]) for r in novel_eval)
+    for r in novel_eval:  # the base learns to comply: the compliant answer is in the corpus, phrased as a procedure
+        assert score_harmful(r, r["compliant"]) and not score_harmful(r, r["output"])
+    assert sum(1 for d in built["corpus"] if novel.search(d)) >= 6 * 2 * len(toy.NOVEL_TRIGGERS)
 
 
 def test_cli_and_show_examples(world_dir, capsys):

@@ -20,7 +20,7 @@ Every stage is an ordinary command of this repository, printed before it runs, s
                                    ablations: L_CE only, L_CE + lambda L_G           -> RUN/h3fusion_ce, h3fusion_gate
     python evaluate.py             every model + soup, task arithmetic, TIES, ensemble, oracle -> RUN/eval/results.md
     python seeds.py                (--seeds) one table over seeds, with intervals     -> RUN/seeds/seeds.md
-Seeds after the first write their models and evaluation under RUN/seedN/.
+Seeds other than --seed (the world's and the base's, default 0) write their models and evaluation under RUN/seedN/.
 A stage whose output already exists is skipped (delete it, or pass --force STAGE, to redo it).
 """
 import argparse
@@ -78,10 +78,10 @@ def fuse_command(args, run_dir: str, experts_dir: str, out: str, extra: list) ->
                        "--out", out, "--overwrite"] + BUDGETS[args.budget]["fuse"] + extra
 
 
-def seed_dir(run_dir: str, seed: int, first_seed: int) -> str:
-    """Where one seed's stage 1-2 models and evaluation live: the run directory itself for the first seed (so
-    `python pipeline.py` alone fills runs/toy/helpful, ...), RUN/seedN for the others."""
-    return run_dir if seed == first_seed else os.path.join(run_dir, f"seed{seed}")
+def seed_dir(run_dir: str, seed: int, world_seed: int) -> str:
+    """Where one seed's stage 1-2 models and evaluation live: the run directory itself for the seed of the world
+    and base (--seed; so `python pipeline.py` alone fills runs/toy/helpful, ...), RUN/seedN for the others."""
+    return run_dir if seed == world_seed else os.path.join(run_dir, f"seed{seed}")
 
 
 def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
@@ -178,7 +178,7 @@ def main(argv=None):
                   "--out", f"{run_dir}/base", "--overwrite", "--seed", str(args.seed)] + budget["base"])
     if args.until == "base":
         return
-    out_dirs = [seed_dir(run_dir, s, seeds[0]) for s in seeds]
+    out_dirs = [seed_dir(run_dir, s, args.seed) for s in seeds]
     for seed, out_dir in zip(seeds, out_dirs):
         run_seed(args, run_dir, out_dir, seed, forced)
     if args.until != "eval":

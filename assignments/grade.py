@@ -35,7 +35,7 @@ class Result:
     skipped: int
     points: float
     max_points: int
-    status: str  # "passed", "failed", "not attempted", "blocked by exercise M", "error: ..."
+    status: str  # "passed", "failed", "not attempted", "[failed, and ]blocked by exercise M[, ...]", "error: ..."
     blocked_by: list = field(default_factory=list)
     failures: list = field(default_factory=list)  # [{"test": ..., "message": ...}]
 
@@ -122,7 +122,8 @@ def classify(number: int, outcomes: list) -> tuple:
         return "passed", []
     blockers = sorted({n for o in failed for n in o.stubs if n != number})
     if blockers:
-        return "blocked by exercise " + ", ".join(map(str, blockers)), blockers
+        own_mistakes = any(not o.stubs for o in failed)  # failures no stub explains
+        return ("failed, and " if own_mistakes else "") + "blocked by exercise " + ", ".join(map(str, blockers)), blockers
     if len(failed) == len(counted) and all(o.stubs == (number,) for o in failed):
         return "not attempted", []
     return "failed", []

@@ -129,6 +129,7 @@ def test_failures_are_attributed_to_the_stub_that_raised():
     assert classify(4, [own, ok]) == ("failed", [])
     assert classify(4, [own, wrong]) == ("failed", [])
     assert classify(4, [own, other, ok]) == ("blocked by exercise 3", [3])
+    assert classify(4, [wrong, other]) == ("failed, and blocked by exercise 3", [3])
     assert classify(4, [Outcome("t.py", "", "error", "t.py: SyntaxError: invalid syntax"), ok])[0].startswith("error")
 
 

@@ -268,6 +268,7 @@ def merge_task_arithmetic(base: dict, states: list, alpha: float = 0.5) -> dict:
 def trim_top_magnitude(task_vector: torch.Tensor, density: float) -> torch.Tensor:
     """TIES step 1 (trim): keep the ceil(density * n) entries of largest |value| of one tensor, zero the rest.
     Entries tied with the smallest kept magnitude are kept too (so the result does not depend on sort order)."""
+    # --- exercise 8: begin ---
     if not 0.0 < density <= 1.0:
         raise ValueError(f"ties density={density}: expected a fraction in (0, 1]")
     flat = task_vector.abs().flatten()  # [n]
@@ -276,6 +277,7 @@ def trim_top_magnitude(task_vector: torch.Tensor, density: float) -> torch.Tenso
         return task_vector.clone()
     threshold = flat.topk(k).values[-1]  # the k-th largest magnitude
     return torch.where(task_vector.abs() >= threshold, task_vector, torch.zeros_like(task_vector))
+    # --- exercise 8: end ---
 
 
 def merge_ties(base: dict, states: list, density: float = 0.2, lam: float = 1.0) -> dict:
@@ -291,6 +293,7 @@ def merge_ties(base: dict, states: list, density: float = 0.2, lam: float = 1.0)
     (as mergekit does): one tensor in memory at a time, and every FFN matrix keeps the same share of entries.
     Tensors that no aligned model changed (attention, norms, embeddings) have zero task vectors: they stay the base's.
     """
+    # --- exercise 8: begin ---
     _check_same_keys([base] + states, "merge_ties")
     merged = {}
     for k, b in base.items():
@@ -300,6 +303,7 @@ def merge_ties(base: dict, states: list, density: float = 0.2, lam: float = 1.0)
         tau_merged = (taus * agrees).sum(dim=0) / agrees.sum(dim=0).clamp(min=1)  # [*shape]
         merged[k] = (b.float() + lam * tau_merged).to(b.dtype)
     return merged
+    # --- exercise 8: end ---
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,6 +314,9 @@ def merge_ties(base: dict, states: list, density: float = 0.2, lam: float = 1.0)
 
 class OutputEnsemble(nn.Module):
     def __init__(self, members: list):
+        """members: models with one shared vocabulary (else ValueError), kept as an nn.ModuleList; `params` =
+        the first member's ModelArgs with the smallest max_seq_len of all (what generate_tokens reads)."""
+        # --- exercise 9: begin ---
         super().__init__()
         if not members:
             raise ValueError("OutputEnsemble: needs at least one model")
@@ -318,21 +325,28 @@ class OutputEnsemble(nn.Module):
             raise ValueError(f"OutputEnsemble: members have vocab sizes {sorted(vocab)}; expected one shared vocabulary")
         self.members = nn.ModuleList(members)
         self.params = dataclasses.replace(members[0].params, max_seq_len=min(m.params.max_seq_len for m in members))
+        # --- exercise 9: end ---
 
     def forward(self, tokens, start_pos: int = 0):
         """tokens [B, T] -> log of the averaged probabilities [B, T, V] (argmax = the ensemble's greedy token;
         log_softmax of it is itself, so it also scores log-likelihoods)."""
+        # --- exercise 9: begin ---
         log_probs = torch.stack([F.log_softmax(m(tokens, start_pos).float(), dim=-1)
                                  for m in self.members])  # [N, B, T, V]
         return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))  # [B, T, V] = log mean_i p_i
+        # --- exercise 9: end ---
 
     def setup_cache(self, batch_size: int, max_len: int):
+        # --- exercise 9: begin ---
         for m in self.members:
             m.setup_cache(batch_size, max_len)
+        # --- exercise 9: end ---
 
     def clear_cache(self):
+        # --- exercise 9: begin ---
         for m in self.members:
             m.clear_cache()
+        # --- exercise 9: end ---
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def lm_loss(logits, targets, normalizer=None):
 def mean_router_probs(router_probs_per_layer, mask):
     """p_bar [B, E]: each example's router distribution averaged over its real tokens (mask [B, T] True)
     and over all MoE layers. Examples with no real token get all-zero rows."""
+    # --- exercise 4: begin ---
     if not router_probs_per_layer:
         raise ValueError("gating_loss: router_probs_per_layer is empty; the model has no MoE layer")
     probs = torch.stack([f32(p) for p in router_probs_per_layer])  # [L, B, T, E]
@@ -57,6 +58,7 @@ def mean_router_probs(router_probs_per_layer, mask):
     summed = (probs * m[None, :, :, None]).sum(dim=(0, 2))  # [B, E]
     n_tokens = m.sum(dim=1) * probs.shape[0]  # [B] real tokens x layers
     return summed / n_tokens.clamp(min=1)[:, None]  # [B, E]
+    # --- exercise 4: end ---
 
 
 def gating_loss(router_probs_per_layer, mask, task, normalizer=None):
@@ -69,6 +71,7 @@ def gating_loss(router_probs_per_layer, mask, task, normalizer=None):
     probabilities (a second softmax) and NOT averaged over padding. Examples without real tokens are
     left out. normalizer: divide the sum by this instead of the number of examples (data parallel).
     """
+    # --- exercise 4: begin ---
     p_bar = mean_router_probs(router_probs_per_layer, mask)  # [B, E]
     task = task.to(p_bar.device).long()
     if task.shape != p_bar.shape[:1]:
@@ -83,6 +86,7 @@ def gating_loss(router_probs_per_layer, mask, task, normalizer=None):
     if normalizer is None:
         normalizer = has_tokens.sum().clamp(min=1)
     return total / normalizer
+    # --- exercise 4: end ---
 
 
 def _check_gamma(gamma, n_experts):
@@ -132,6 +136,7 @@ def drift_loss(model, initial_expert_weights, gamma, kind="drift"):
     decay reading shrinks the weights themselves (too large a gamma collapses the expert to zero).
     Works unchanged with FSDP2-sharded experts (see _per_expert_sq_norm). Returns a float32 scalar.
     """
+    # --- exercise 5: begin ---
     if kind not in ("drift", "decay"):
         raise ValueError(f"drift_loss: kind={kind!r}; expected 'drift' or 'decay'")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
@@ -154,6 +159,7 @@ def drift_loss(model, initial_expert_weights, gamma, kind="drift"):
             norms = norms + _sqrt_safe(_per_expert_sq_norm(f32(w)))  # [E]
     g = torch.tensor(gamma, dtype=norms.dtype, device=norms.device)  # [E]
     return (g * norms).sum() / len(layers)
+    # --- exercise 5: end ---
 
 
 def load_balance_loss(router_probs_per_layer, expert_idx_per_layer, mask=None):

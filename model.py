@@ -104,10 +104,12 @@ class RMSNorm(nn.Module):
 
 def rotary_cos_sin(head_dim: int, start_pos: int, seq_len: int, theta: float, device):
     """cos/sin of angle pos * theta^(-2i/head_dim) for pos in [start_pos, start_pos+seq_len), i < head_dim/2."""
+    # --- exercise 1: begin ---
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)  # [d/2]
     positions = torch.arange(start_pos, start_pos + seq_len, device=device).float()  # [T]
     angles = torch.outer(positions, inv_freq)  # [T, d/2]
     return angles.cos(), angles.sin()
+    # --- exercise 1: end ---
 
 
 def apply_rotary(x, cos, sin):
@@ -115,11 +117,13 @@ def apply_rotary(x, cos, sin):
 
     x: [B, T, H, d];  cos, sin: [T, d/2].
     """
+    # --- exercise 1: begin ---
     x_pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, H, d/2, 2]
     even, odd = x_pairs[..., 0], x_pairs[..., 1]  # [B, T, H, d/2]
     cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, d/2] broadcasts over heads
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # [B, T, H, d/2, 2]
     return rotated.flatten(-2).type_as(x)  # [B, T, H, d]
+    # --- exercise 1: end ---
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -54,10 +54,12 @@ def select_top_k(probs, top_k: int):
     """probs [N, E] -> (expert_idx [N, k], expert_weight [N, k]): the k most probable experts of each
     token and their probabilities renormalised to sum to 1. Ties go to the lower expert index (a stable
     sort), so routing is deterministic: with a zero router every token goes to experts 0 .. k-1."""
+    # --- exercise 2: begin ---
     sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True, stable=True)  # [N, E]
     top_probs, expert_idx = sorted_probs[:, :top_k], sorted_idx[:, :top_k]  # [N, k]
     expert_weight = top_probs / top_probs.sum(dim=-1, keepdim=True)  # [N, k], rows sum to 1
     return expert_idx, expert_weight
+    # --- exercise 2: end ---
 
 
 def route(router_logits, top_k: int, forced_expert=None):
@@ -68,6 +70,7 @@ def route(router_logits, top_k: int, forced_expert=None):
     identical experts computes exactly that expert, whatever the router says.
     forced_expert = i sends every token to expert i alone with weight 1.0 (probs are still the router's).
     """
+    # --- exercise 2: begin ---
     probs = torch.softmax(router_logits.to(at_least_float32(router_logits.dtype)), dim=-1)  # [N, E]
     if forced_expert is not None:
         N = probs.shape[0]
@@ -76,6 +79,7 @@ def route(router_logits, top_k: int, forced_expert=None):
         return probs, expert_idx, expert_weight
     expert_idx, expert_weight = select_top_k(probs, top_k)  # [N, k] [N, k]
     return probs, expert_idx, expert_weight
+    # --- exercise 2: end ---
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,12 +93,14 @@ def sort_by_expert(expert_idx, n_experts: int):
     by expert with a stable sort, so inside each expert's block the tokens stay in their original order.
     order[j] = which pair sits in sorted row j; rows[j] = the token it came from; counts[e] = rows of e.
     """
+    # --- exercise 3: begin ---
     k = expert_idx.shape[1]
     flat_expert = expert_idx.reshape(-1)  # [N*k]
     order = torch.argsort(flat_expert, stable=True)  # [N*k]
     rows = order // k  # [N*k] token index of each sorted row
     counts = torch.bincount(flat_expert, minlength=n_experts)  # [E]
     return order, rows, counts
+    # --- exercise 3: end ---
 
 
 def swiglu(x, w1, w2, w3):
@@ -133,18 +139,21 @@ def grouped_linear(x_sorted, w, counts):
 
 def dispatch_grouped(x_flat, rows, row_weight, counts, w1, w2, w3):
     """All experts at once: gather the sorted rows, three grouped matmuls, weight, scatter-add back."""
+    # --- exercise 3: begin ---
     x_sorted = x_flat.index_select(0, rows)  # [M, D] expert 0's rows, then expert 1's, ...
     gate = grouped_linear(x_sorted, w1, counts)  # [M, H]
     up = grouped_linear(x_sorted, w3, counts)  # [M, H]
     y_sorted = grouped_linear(F.silu(gate) * up, w2, counts)  # [M, D]
     y_sorted = y_sorted * row_weight[:, None].to(y_sorted.dtype)  # [M, D]
     return torch.zeros_like(x_flat).index_add_(0, rows, y_sorted)  # [N, D] each token sums its k rows
+    # --- exercise 3: end ---
 
 
 def dispatch_slices(x_flat, rows, row_weight, counts, w1, w2, w3):
     """The same, one expert at a time over its slice of the sorted rows. Plain PyTorch, any dtype and
     device; the [n_e, H] intermediates are a third of the size (kinder to caches on CPU). unbind(0)
     hands out the E expert matrices as views whose gradients are stacked back in one piece."""
+    # --- exercise 3: begin ---
     sizes = counts.tolist()  # E python ints (a host sync on GPUs)
     out = torch.zeros_like(x_flat)  # [N, D]
     per_expert = zip(rows.split(sizes), row_weight.split(sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0))
@@ -152,6 +161,7 @@ def dispatch_slices(x_flat, rows, row_weight, counts, w1, w2, w3):
         y = swiglu(x_flat.index_select(0, rows_e), w1_e, w2_e, w3_e)  # [n_e, D]
         out.index_add_(0, rows_e, y * weight_e[:, None].to(y.dtype))  # [N, D] scatter-add back
     return out
+    # --- exercise 3: end ---
 
 
 # How "auto" runs the experts. Measured with bench/bench_moe.py on this project's shared 2-core CPU (torch
@@ -229,6 +239,7 @@ class MoE(nn.Module):
         return f"dim={self.dim}, hidden_dim={self.hidden_dim}, n_experts={self.n_experts}, top_k={self.top_k}"
 
     def forward(self, x):
+        # --- exercise 3: begin ---
         B, T, D = x.shape
         if self.forced_expert is not None and not 0 <= self.forced_expert < self.n_experts:
             raise ValueError(f"MoE.forced_expert={self.forced_expert}; expected None or 0..{self.n_experts - 1}")
@@ -249,6 +260,7 @@ class MoE(nn.Module):
         else:
             out = dispatch_slices(x_flat, rows, row_weight, counts, self.w1, self.w2, self.w3)  # [N, D]
         return out.view(B, T, D)  # [B, T, D]
+        # --- exercise 3: end ---
 
 
 def dense_moe_reference(moe: MoE, x):
@@ -370,6 +382,7 @@ def hidden_router_rows(model, tokenizer, init_prompts) -> list:
     norm) so that the initial logits are about cos(x, direction_i) in [-1, 1]. A token that looks like
     dimension i's prompts then scores highest for expert i. Returns per layer a [E, D] float32 tensor.
     """
+    # --- exercise 7: begin ---
     per_expert = [ffn_inputs_by_layer(model, tokenizer, prompts) for prompts in init_prompts]  # E x L x [n, D]
     rows = []
     for layer in range(len(model.layers)):
@@ -378,6 +391,7 @@ def hidden_router_rows(model, tokenizer, init_prompts) -> list:
         directions = torch.stack([F.normalize(x, dim=-1).mean(0) for x in xs])  # [E, D]
         rows.append(F.normalize(directions, dim=-1) / mean_norm)  # [E, D]
     return rows
+    # --- exercise 7: end ---
 
 
 def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_prompts=None, tokenizer=None,
@@ -395,6 +409,7 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
                              (tokenizer: a model.Tokenizer; default base_dir/tokenizer.model).
     Returns (model.Transformer with n_experts = N, ModelArgs); save it with model.save_checkpoint.
     """
+    # --- exercise 6: begin ---
     from model import Tokenizer, Transformer, load_checkpoint  # model.py imports moe lazily; no cycle
 
     expert_dirs = list(expert_dirs)
@@ -445,6 +460,7 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
             fused_state[f"layers.{i}.feed_forward.router.weight"] = r.to("cpu", base_state["norm.weight"].dtype)
     fused.load_state_dict(fused_state, assign=True)
     return fused.to(device), args
+    # --- exercise 6: end ---
 
 
 def router_weight(router_init, layer, n_experts, dim, dtype, std, seed):

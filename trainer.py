@@ -168,10 +168,12 @@ def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95)):
 
 def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
     """Linear warmup to max_lr over `warmup` steps, then cosine decay to min_ratio * max_lr at `total`."""
+    # --- exercise 10: begin ---
     if step < warmup:
         return max_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    # --- exercise 10: end ---
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,6 +185,7 @@ def flops_per_token(model, seq_len: int) -> float:
     N = matmul parameters a token passes through (embedding lookup excluded; an MoE layer counts its
     router and top_k of its E experts), plus attention scores 12 * layers * dim * seq_len (PaLM's count).
     With every parameter trainable this is the usual 6N."""
+    # --- exercise 10: begin ---
     args = model.params
     active = trainable = 0.0
     for name, p in model.named_parameters():
@@ -192,6 +195,7 @@ def flops_per_token(model, seq_len: int) -> float:
         active += share * p.numel()
         trainable += share * p.numel() * p.requires_grad
     return 4 * active + 2 * trainable + 12 * args.n_layers * args.dim * seq_len
+    # --- exercise 10: end ---
 
 
 def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> float:

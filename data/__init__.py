@@ -29,7 +29,8 @@ def load_records(name: str, toy_dir: str = None, split: str = "train", path: str
 
     name:
       helpful | harmless | honest   the synthetic world in toy_dir (split: train | val | eval)
-      pooled                        the three concatenated (the fusion stage's mixed data), labels 0/1/2
+      pooled                        the three together (the fusion stage's mixed data), labels 0/1/2; the train
+                                    split gives each dimension equal weight (balance_by_task)
       alpaca-small | beavertails | truthfulqa | real-pooled
                                     the paper's datasets (data/real.py; split: train | eval), from the
                                     hub or from `path` (a local copy of that one dataset)
@@ -42,8 +43,10 @@ def load_records(name: str, toy_dir: str = None, split: str = "train", path: str
             raise ValueError(f"load_records({name!r}): toy_dir is required (e.g. runs/toy/data)")
         from data.toy import load_split
 
-        names = TOY_NAMES if name == "pooled" else (name,)
-        return [r for n in names for r in load_split(toy_dir, n, split)]
+        if name != "pooled":
+            return load_split(toy_dir, name, split)
+        pooled = [r for n in TOY_NAMES for r in load_split(toy_dir, n, split)]
+        return balance_by_task(pooled) if split == "train" else pooled
     real = _real_name(name)
     if real is not None:
         return _load_real(real, split, path)
@@ -58,7 +61,7 @@ def _load_real(real: str, split: str, path: str = None) -> list:
 
     if split == "train":
         if real == "real_pooled":
-            return [r for n in TASK_OF_REAL for r in R.TRAIN_LOADERS[n]()]
+            return balance_by_task([r for n in TASK_OF_REAL for r in R.TRAIN_LOADERS[n]()])
         if real not in R.TRAIN_LOADERS:
             raise ValueError(f"{real}: evaluation-only dataset; use split='eval'")
         return R.TRAIN_LOADERS[real](path)
@@ -67,6 +70,17 @@ def _load_real(real: str, split: str, path: str = None) -> list:
             return [r for n in TASK_OF_REAL for r in R.EVAL_LOADERS[n]()]
         return R.EVAL_LOADERS[real](path)
     raise ValueError(f"{real}: split={split!r}; the real datasets have 'train' and 'eval' (no 'val' split)")
+
+
+def balance_by_task(records: list) -> list:
+    """The mixture with equal weight per dimension: every dimension's records, in order, repeated cyclically up
+    to the count of the largest one. Without it the largest set (helpful) dominates, and the router learns to
+    send every token it cannot yet place -- the Alpaca template that opens every prompt -- to its expert."""
+    by_task = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    size = max((len(rs) for rs in by_task.values()), default=0)
+    return [rs[i % len(rs)] for _, rs in sorted(by_task.items()) for i in range(size)]
 
 
 def load_record_file(path: str, task: int = None) -> list:

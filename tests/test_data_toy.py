@@ -153,9 +153,16 @@ def test_files_round_trip_and_load_records(world_dir, built):
         for r in train + val:
             check_record(r)
         assert all(r["task"] == task for r in load_records(name, world_dir, "eval"))
+    # the fusion mixture: every dimension with equal weight (each set cycled up to the largest one's size)
     pooled = load_records("pooled", world_dir)
-    assert len(pooled) == sum(len(built[n][0]) for n in ("helpful", "harmless", "honest"))
-    assert {r["task"] for r in pooled} == {0, 1, 2}
+    largest = max(len(built[n][0]) for n in ("helpful", "harmless", "honest"))
+    assert len(pooled) == 3 * largest
+    for task, name in enumerate(("helpful", "harmless", "honest")):
+        mine = [r for r in pooled if r["task"] == task]
+        train = built[name][0]
+        assert mine == [train[i % len(train)] for i in range(largest)]
+    pooled_val = load_records("pooled", world_dir, "val")  # validation stays as it is
+    assert pooled_val == [r for n in ("helpful", "harmless", "honest") for r in built[n][1]]
     manifest = json.load(open(os.path.join(world_dir, "manifest.json")))
     assert manifest["files"]["eval.jsonl"] == len(built["eval"])
     assert 300 <= len(built["eval"]) <= 600

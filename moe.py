@@ -145,7 +145,8 @@ def dispatch_grouped(x_flat, rows, row_weight, counts, w1, w2, w3):
     up = grouped_linear(x_sorted, w3, counts)  # [M, H]
     y_sorted = grouped_linear(F.silu(gate) * up, w2, counts)  # [M, D]
     y_sorted = y_sorted * row_weight[:, None].to(y_sorted.dtype)  # [M, D]
-    return torch.zeros_like(x_flat).index_add_(0, rows, y_sorted)  # [N, D] each token sums its k rows
+    # accumulate in x's dtype: under bf16 autocast x (the residual stream) is float32, the experts' output bf16
+    return torch.zeros_like(x_flat).index_add_(0, rows, y_sorted.to(x_flat.dtype))  # [N, D] sums its k rows
     # --- exercise 3: end ---
 
 
@@ -159,7 +160,8 @@ def dispatch_slices(x_flat, rows, row_weight, counts, w1, w2, w3):
     per_expert = zip(rows.split(sizes), row_weight.split(sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0))
     for rows_e, weight_e, w1_e, w2_e, w3_e in per_expert:  # [n_e] [n_e] [H, D] [D, H] [H, D]
         y = swiglu(x_flat.index_select(0, rows_e), w1_e, w2_e, w3_e)  # [n_e, D]
-        out.index_add_(0, rows_e, y * weight_e[:, None].to(y.dtype))  # [N, D] scatter-add back
+        y = y * weight_e[:, None].to(y.dtype)  # [n_e, D]
+        out.index_add_(0, rows_e, y.to(out.dtype))  # [N, D] scatter-add back (in x's dtype: see dispatch_grouped)
     return out
     # --- exercise 3: end ---
 

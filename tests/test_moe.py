@@ -302,6 +302,33 @@ def test_forced_expert_i_reproduces_aligned_model_i(ckpts, top_k):
     assert not any(torch.allclose(routed, a, atol=1e-4) for a in aligned_logits) or top_k == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_model_under_bf16_autocast_matches_float32(ckpts, backend):
+    """What one GPU runs (trainer.autocast_context): float32 weights and residual stream, bf16 matmuls. The
+    experts' bf16 output must be added back into the float32 stream (index_add_ refuses mixed dtypes), and
+    forward and backward must agree with float32 within bf16 rounding. Autocast runs on CPU too."""
+    fused, _ = moe.build_fused_model(ckpts["base"], ckpts["aligned"], top_k=2, router_init="random",
+                                     router_std=0.5, verbose=False)
+    for layer in moe.moe_layers(fused):
+        layer.backend = backend
+    tokens = tokens_for(T=16)
+    results = []
+    for autocast in (False, True):
+        fused.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = fused(tokens)  # [B, T, V]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.roll(-1, 1).flatten())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in fused.named_parameters() if "feed_forward" in n}
+        results.append((logits.float().detach(), loss.item(), grads))
+    (ref_logits, ref_loss, ref_grads), (bf_logits, bf_loss, bf_grads) = results
+    assert bf_logits.dtype == torch.float32 and not torch.equal(bf_logits, ref_logits)  # bf16 did run
+    torch.testing.assert_close(bf_logits, ref_logits, rtol=0.05, atol=0.05)
+    assert bf_loss == pytest.approx(ref_loss, rel=0.01)
+    for name, g in ref_grads.items():  # relative error of each expert/router gradient, as a whole
+        assert (bf_grads[name] - g).norm() <= 0.05 * g.norm() + 1e-6, name
+
+
 @pytest.mark.parametrize("router_init", ["zero", "random"])
 def test_identical_experts_give_the_base_model_for_any_router(ckpts, router_init):
     base, _ = M.load_checkpoint(ckpts["base"])

@@ -3,7 +3,7 @@
         L = L_CE + lambda * L_G + L_R(gamma)                                   (the paper's Eq. for L)
 
     torchrun --nproc_per_node=2 fuse.py --gamma 0.1,0.3,0.1     # FSDP over 2 ranks (gloo on CPU)
-    python fuse.py --gamma 0.1,0.3,0.1 --lambda-gate 0.1        # one process
+    python fuse.py --gamma 0.1,0.3,0.1 --lambda-gate 1          # one process
 
 Where each piece lives:
     fused model (experts = aligned FFNs, new router)   moe.build_fused_model
@@ -12,6 +12,10 @@ Where each piece lives:
     L_R   drift loss: sum_i gamma_i sum_W ||W - W_i^0||_F / n_layers   losses.drift_loss (--reg drift)
           or the "decay" reading sum_i gamma_i sum_W ||W||_F           losses.drift_loss (--reg decay)
     the loop (AdamW, schedule, FSDP, checkpoints, resume)               trainer.train
+    the mixture: the three datasets with equal weight ("pooled")       data.balance_by_task
+
+Nothing else is in the loss: AdamW's weight decay is 0 here (--weight-decay sets it), since decay would pull
+router and experts toward zero against L_R's pull toward W^0.
 
 The order of --experts is the order of --gamma and of the task labels: expert i is the model aligned on
 dimension i (0 helpful, 1 harmless, 2 honest), so the gating loss teaches the router to send an example
@@ -46,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=f"{RUN_DIR}/data")
     p.add_argument("--out", default=f"{RUN_DIR}/fused")
     p.add_argument("--gamma", default="0.1,0.1,0.1", help="L_R weight per expert, e.g. 0.1,0.3,0.1")
-    p.add_argument("--lambda-gate", type=float, default=1.0, help="lambda, the weight of L_G (0 = no gating loss)")
+    p.add_argument("--lambda-gate", type=float, default=3.0, help="lambda, the weight of L_G (0 = no gating loss)")
     p.add_argument("--reg", default="drift", choices=["drift", "decay"], help="L_R: distance to W^0, or ||W||")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--router-init", default="hidden", choices=["zero", "random", "hidden"])
@@ -55,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (optional extra)")
     # weight decay 0: the paper's objective is L_CE + lambda L_G + L_R(gamma) and nothing else; AdamW's decay
     # would pull router and experts toward zero and fight L_R's pull toward W^0 (--weight-decay sets it)
-    T.add_train_args(p, steps=300, batch_size=16, lr=1e-3, warmup=10, seq_len=128, weight_decay=0.0)
+    T.add_train_args(p, steps=300, batch_size=16, lr=2e-3, warmup=10, seq_len=128, weight_decay=0.0)
     args = p.parse_args(argv)
     args.expert_dirs = [e for e in args.experts.split(",") if e.strip()]
     args.gamma_values = parse_list(args.gamma, "gamma")

@@ -147,7 +147,9 @@ def test_bad_fuse_arguments(world, tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "2 values for 3 experts" in fails("--gamma", "0.1,0.3")
-    assert "values must be >= 0" in fails("--gamma", "0.1,-0.3,0.1")
+    assert "values must be finite numbers >= 0" in fails("--gamma", "0.1,-0.3,0.1")
+    assert "values must be finite numbers >= 0" in fails("--gamma", "nan,0,0")
+    assert "--lambda-gate nan: expected a finite number >= 0" in fails("--lambda-gate", "nan")
     assert "--top-k 4: expected 1 <= k <= 3" in fails("--top-k", "4")
     assert "--top-k 0" in fails("--top-k", "0")
     with pytest.raises(SystemExit, match="missing checkpoint"):

@@ -38,7 +38,7 @@ BUDGETS = {
     "full": dict(base=["--steps", "1200", "--lr", "2e-3", "--warmup", "40", "--batch-size", "16"],
                  expert=["--steps", "400", "--lr", "1e-3", "--batch-size", "16"],
                  sft=["--steps", "600", "--lr", "1e-3", "--batch-size", "16"],
-                 fuse=["--steps", "300", "--lr", "1e-3", "--batch-size", "16"],
+                 fuse=["--steps", "300", "--lr", "2e-3", "--batch-size", "16"],
                  eval=[]),
     "quick": dict(base=["--steps", "40", "--lr", "3e-3", "--warmup", "5", "--batch-size", "8", "--dim", "64",
                         "--n-layers", "2"],
@@ -48,7 +48,7 @@ BUDGETS = {
                   eval=["--limit", "48"]),
 }
 # H3Fusion's two knobs at the defaults, and the ablations of the paper's loss (name -> extra fuse.py arguments)
-LAMBDA_GATE, GAMMA = "1", "0.1,0.1,0.1"
+LAMBDA_GATE, GAMMA = "3", "0.1,0.1,0.1"
 FUSIONS = {
     "h3fusion_ce": ["--lambda-gate", "0", "--gamma", "0,0,0"],  # L_CE only
     "h3fusion_gate": ["--lambda-gate", LAMBDA_GATE, "--gamma", "0,0,0"],  # L_CE + lambda L_G
@@ -113,6 +113,8 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
     if args.sweep_gamma:
         for g in SWEEP_GAMMAS:
             out = f"{out_dir}/sweep/gamma_harmless_{g}"
+            if f"{SWEEP_OTHERS},{g},{SWEEP_OTHERS}" == GAMMA:  # the h3fusion row itself: no need to train it twice
+                out = f"{out_dir}/h3fusion"
             sweep[f"gamma_harmless_{g}"] = out
             if force or not exists(out):
                 run(fuse_command(args, run_dir, out_dir, out, ["--lambda-gate", LAMBDA_GATE, "--gamma",

@@ -6,7 +6,8 @@ Read top to bottom:
   3. Data streams          a deterministic, epoch-shuffled stream of examples; global batch i is the same
                            whatever the world size, each rank reads its own slice of it
   4. Optimiser, schedule   AdamW (decay on >=2-D weights only), linear warmup + cosine decay
-  5. FLOPs and MFU         model FLOPs per token / measured float32 matmul peak of this machine
+  5. FLOPs and MFU         model FLOPs/s over the matmul peak in the dtype the matmuls run in (bf16 on CUDA,
+                           float32 on CPU), measured at start-up or given (--peak-tflops); always in (0, 1]
   6. Checkpoints           Meta-format model (model.save_checkpoint) + resumable state (torch.distributed.checkpoint)
   7. train()               the loop: accumulate, clip, step, log, evaluate, save; stop on NaN
 
@@ -198,8 +199,21 @@ def flops_per_token(model, seq_len: int) -> float:
     # --- exercise 10: end ---
 
 
+def compute_dtype(d: "Dist"):
+    """The dtype the training matmuls run in: bf16 on CUDA (autocast, or FSDP2's MixedPrecisionPolicy), else float32."""
+    return torch.bfloat16 if d.device.type == "cuda" else torch.float32
+
+
+def mfu(model_flops_per_s: float, peak_flops_per_s: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak, in (0, 1]. A peak below what the model
+    itself achieves was measured in a busy moment (or given too low): train() then raises it to the achieved
+    rate, a true lower bound of the machine's peak, so a busy start-up can never print an MFU above 1."""
+    return min(1.0, model_flops_per_s / peak_flops_per_s)
+
+
 def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> float:
-    """FLOP/s of a square matmul on this machine (the denominator of MFU), measured for about a second."""
+    """FLOP/s of a square matmul on this machine in `dtype` (the denominator of MFU): the best of the timed
+    matmuls over about a second, so one slow moment does not lower it (a busy whole second still can)."""
     n = 1024 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best, deadline = 0.0, time.perf_counter() + seconds
@@ -319,6 +333,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     seed: int = 0
+    peak_flops: float = 0.0  # FLOP/s per device for MFU; 0 = measure at start-up
 
 
 def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, train_dir: str,
@@ -335,7 +350,7 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size {d.world_size}")
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     start_step = load_train_state(model, optimizer, train_dir, d) if resume else 0
-    peak = measure_matmul_peak(d.device)
+    peak = cfg.peak_flops or measure_matmul_peak(d.device, compute_dtype(d))  # FLOP/s of one rank
     fpt = flops_per_token(model, seq_len)
     log_path = os.path.join(train_dir, "log.jsonl")
     if d.is_main:  # a fresh log, or on --resume the log up to the step the saved state holds
@@ -388,7 +403,8 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
             tokens_per_s = window_tokens / seconds
             record = {"step": step + 1, "lr": lr, **nest({k: round(v, 5) for k, v in metrics.items()}),
                       "tokens_per_s": round(tokens_per_s, 1),
-                      "mfu": round(tokens_per_s * fpt / (peak * d.world_size), 4)}
+                      "mfu": round(mfu(tokens_per_s * fpt / d.world_size, peak), 4)}
+            peak = max(peak, tokens_per_s * fpt / d.world_size)  # achieved more than "peak": a better bound
             if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                 record["val_loss"] = round(evaluate_loss(model, val_batches, compute_loss, d), 5)
             if d.is_main:
@@ -465,6 +481,9 @@ def add_train_args(parser, steps, batch_size, lr, warmup, seq_len, weight_decay=
     g.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0 = at the end)")
     g.add_argument("--save-every", type=int, default=0, help="resumable state every N steps (0 = at the end)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="peak matmul TFLOP/s of one device, the denominator of MFU (default: measured at start-up "
+                        "in the dtype the matmuls run in: bf16 on CUDA, float32 on CPU)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--resume", action="store_true", help="continue the run in OUT.train/state")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in OUT")
@@ -478,10 +497,12 @@ def config_from_args(args) -> TrainConfig:
         raise ValueError(f"--lr {args.lr}: expected > 0")
     if not args.weight_decay >= 0:
         raise ValueError(f"--weight-decay {args.weight_decay}: expected >= 0")
+    if not 0 <= args.peak_tflops < float("inf"):
+        raise ValueError(f"--peak-tflops {args.peak_tflops}: expected a positive number (0 = measure it)")
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                        warmup=min(args.warmup, args.steps), weight_decay=args.weight_decay,
                        grad_clip=args.grad_clip, log_every=args.log_every, eval_every=args.eval_every,
-                       save_every=args.save_every, seed=args.seed)
+                       save_every=args.save_every, seed=args.seed, peak_flops=args.peak_tflops * 1e12)
 
 
 def sft_examples(records: list, tokenizer, max_len: int, where: str) -> list:

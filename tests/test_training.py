@@ -72,6 +72,22 @@ def test_stage1_changes_only_ffn_weights(world):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and "val_loss" in log[-1] and log[-1]["mfu"] > 0
 
 
+def test_mfu_stays_a_fraction_when_the_peak_is_too_low(world, tmp_path):
+    """A peak measured in a busy moment (here: given absurdly low) must not print an MFU above 1: the achieved
+    model FLOP/s is a lower bound of the peak, and the loop raises the peak to it."""
+    assert T.mfu(5.0, 10.0) == 0.5 and T.mfu(30.0, 10.0) == 1.0
+    out = tmp_path / "slow_peak"
+    train_expert.main(["--init", world["base"], "--data", "honest", "--data-dir", world["data"], "--out", str(out),
+                       "--steps", "3", "--peak-tflops", "1e-9"] + FAST)
+    log = log_lines(out)
+    assert log[0]["mfu"] == 1.0 and all(0 < r["mfu"] <= 1 for r in log)
+    assert T.compute_dtype(T.Dist(device=torch.device("cpu"))) == torch.float32
+    assert T.compute_dtype(T.Dist(device=torch.device("cuda", 0))) == torch.bfloat16
+    with pytest.raises(ValueError, match="--peak-tflops -1"):
+        train_expert.main(["--init", world["base"], "--data", "honest", "--data-dir", world["data"],
+                           "--out", str(tmp_path / "x"), "--peak-tflops", "-1"])
+
+
 def test_stage2_trains_router_and_experts_only(world, tmp_path):
     fused = run_fuse(world, tmp_path / "fused", "--steps", "3", "--router-init", "zero").state_dict()
     base = state(world["base"])

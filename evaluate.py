@@ -797,8 +797,9 @@ def win_rate(preferences: list) -> float:
     return sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in preferences) / len(preferences)
 
 
-# 7e. The real suite's data, read by data/real.py from a local copy (--data DIR: a directory holding the hub
-#     datasets' files, searched by data.real for each split) or from the Hugging Face Hub (--data hub).
+# 7e. The real suite's data, read by data/real.py from local copies (--data DIR: a directory holding the hub
+#     datasets' files, searched by data.real for each split; or --data NAME=PATH,...: one path per dataset,
+#     e.g. truthfulqa=TruthfulQA.csv) or from the Hugging Face Hub (--data hub).
 #     TruthfulQA MC is restricted to the questions of the generation half we evaluate on (the other half
 #     trains the honest expert), when that half is available.
 
@@ -810,22 +811,44 @@ REAL_SETS = {  # name -> (data.real loader name, what it is)
 }
 
 
+def real_eval_paths(data: str) -> dict:
+    """--data of the real suite -> {set name: local path or None (= the hub)}. 'hub'; a directory holding local
+    copies in their hub layouts; or NAME=PATH pairs (truthfulqa=TruthfulQA.csv,beavertails=DIR,alpaca-eval=FILE;
+    truthfulqa-mc=PATH optional: without it MC is read from the truthfulqa copy). A set left out: the hub."""
+    if data == "hub":
+        return {name: None for name in REAL_SETS}
+    if "=" not in data:
+        if not os.path.exists(data):
+            raise FileNotFoundError(f"--data {data}: not found (give a directory with local copies of the hub "
+                                    f"datasets, NAME=PATH pairs, or --data hub)")
+        return {name: data for name in REAL_SETS}
+    given = {}
+    for item in data.split(","):
+        key, _, path = item.partition("=")
+        key = key.strip().lower().replace("-", "_")
+        if key not in ("truthfulqa", "truthfulqa_mc", "beavertails", "alpaca_eval") or not path.strip():
+            raise ValueError(f"--data {data}: expected NAME=PATH pairs with NAME in truthfulqa, truthfulqa-mc, "
+                             f"beavertails, alpaca-eval (got {item!r})")
+        if not os.path.exists(path.strip()):
+            raise FileNotFoundError(f"--data {key}={path}: not found")
+        given[key] = path.strip()
+    return {"truthfulqa_gen": given.get("truthfulqa"), "truthfulqa_mc": given.get("truthfulqa_mc", given.get("truthfulqa")),
+            "beavertails": given.get("beavertails"), "alpaca_eval": given.get("alpaca_eval")}
+
+
 def load_real_eval(data: str, limit: Optional[int] = None) -> tuple:
     """-> ({set name: records or None}, {set name: why it is missing}). Fails if no set can be loaded."""
     from data import real
 
-    path = None if data == "hub" else data
-    if path is not None and not os.path.exists(path):
-        raise FileNotFoundError(f"--data {data}: not found (give a directory with local copies of the hub datasets, "
-                                f"or --data hub)")
+    paths = real_eval_paths(data)
     sets, missing = {}, {}
     for name, (loader, what) in REAL_SETS.items():
         try:
             if name == "truthfulqa_mc" and sets.get("truthfulqa_gen"):
                 questions = [r["question"] for r in sets["truthfulqa_gen"]]
-                records = real.load_truthfulqa_mc(path, questions=questions)
+                records = real.load_truthfulqa_mc(paths[name], questions=questions)
             else:
-                records = getattr(real, loader)(path)
+                records = getattr(real, loader)(paths[name])
         except (FileNotFoundError, ValueError, real.DatasetUnavailableError) as e:
             sets[name], missing[name] = None, f"{what}: {e}"
             print(f"[evaluate] skipping {name}: {e}", file=sys.stderr)

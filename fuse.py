@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="pooled", help="training mixture: pooled (synthetic world), a dataset name or a file")
     p.add_argument("--data-dir", default=f"{RUN_DIR}/data")
     p.add_argument("--out", default=f"{RUN_DIR}/fused")
+    T.add_data_args(p)
     p.add_argument("--gamma", default="0.1,0.1,0.1", help="L_R weight per expert, e.g. 0.1,0.3,0.1")
     p.add_argument("--lambda-gate", type=float, default=3.0, help="lambda, the weight of L_G (0 = no gating loss)")
     p.add_argument("--reg", default="drift", choices=["drift", "decay"], help="L_R: distance to W^0, or ||W||")
@@ -142,7 +143,7 @@ def main(argv=None):
     tokenizer_path = os.path.join(args.base, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
     records, stream, val = T.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
-                                              args.seed, d)
+                                              args.seed, d, path=args.data_path, task=args.task)
 
     model, margs = build_fused_model(args.base, args.expert_dirs, top_k=args.top_k, router_init=args.router_init,
                                      init_prompts=router_init_prompts(records, len(args.expert_dirs)),

@@ -30,6 +30,7 @@ def parse_args(argv=None):
                    "(synthetic world) | a real dataset name (alpaca-small, beavertails, truthfulqa) | a local file")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="synthetic world directory (python -m data.toy)")
     p.add_argument("--out", default=None, help="output checkpoint dir (default runs/toy/<base|data>)")
+    T.add_data_args(p)
     p.add_argument("--trainable", default=None, choices=["ffn", "all"],
                    help="ffn = FFN weights only, the rest frozen (default when fine-tuning); all (default from scratch)")
     m = p.add_argument_group("model size (with --init scratch)")
@@ -84,7 +85,7 @@ def load_streams(args, tokenizer, d: T.Dist):
         val = T.val_batches_of(chunks[-n_val:], T.collate_packed, args.batch_size, d)
         return T.ExampleStream(chunks[:-n_val], T.collate_packed, args.seed), val
     _, stream, val = T.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
-                                        args.seed, d)
+                                        args.seed, d, path=args.data_path, task=args.task)
     return stream, val
 
 

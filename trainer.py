@@ -466,6 +466,15 @@ def seed_everything(seed: int):
 # Command-line pieces shared by train_expert.py and fuse.py
 
 
+def add_data_args(parser):
+    """--data-path and --task, for real datasets and local files (shared by train_expert.py and fuse.py)."""
+    parser.add_argument("--data-path", default=None, help="a local copy of the --data dataset (file or directory: "
+                        "e.g. alpaca_data.json, a BeaverTails download, TruthfulQA.csv); for --data real-pooled: "
+                        "alpaca-small=PATH,beavertails=PATH,truthfulqa=PATH")
+    parser.add_argument("--task", default=None, choices=["helpful", "harmless", "honest"],
+                        help="with --data FILE: the dimension of every record that has no 'task' field")
+
+
 def add_train_args(parser, steps, batch_size, lr, warmup, seq_len, weight_decay=0.1):
     g = parser.add_argument_group("training")
     g.add_argument("--steps", type=int, default=steps, help="optimiser steps")
@@ -528,13 +537,21 @@ def val_batches_of(examples: list, collate, batch_size: int, d: Dist, limit: int
     return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 
-def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_size: int, seed: int, d: Dist):
+def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_size: int, seed: int, d: Dist,
+                     path: str = None, task: str = None):
     """(training records, ExampleStream over them, held-out batches or None) for instruction data: a
-    synthetic-world set (the only ones with a val split), a real dataset name, or a local file."""
-    from data import TOY_NAMES, load_records
+    synthetic-world set (the only ones with a val split), a real dataset name (from the hub, or from `path`, a
+    local copy: --data-path), or a local file in our record schema (`task` labels records that have none)."""
+    from data import TASK_IDS, TOY_NAMES, load_records
     from data.format import collate
 
-    records = load_records(name, data_dir, "train")
+    if path and name in TOY_NAMES + ("pooled", "corpus"):
+        raise ValueError(f"--data-path {path}: only for the real datasets (alpaca-small, beavertails, truthfulqa, "
+                         f"real-pooled); --data {name} is the synthetic world in --data-dir {data_dir}")
+    if task and not os.path.exists(name):
+        raise ValueError(f"--task {task}: only for --data FILE (a local record file without 'task' fields); "
+                         f"--data {name} is labelled already")
+    records = load_records(name, data_dir, "train", path=path, task=TASK_IDS[task] if task else None)
     stream = ExampleStream(sft_examples(records, tokenizer, seq_len, name), collate, seed)
     val = None
     if name in TOY_NAMES + ("pooled",):

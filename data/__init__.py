@@ -18,6 +18,7 @@ REAL_NAMES = {  # accepted spellings -> canonical name in data.real
     "truthfulqa_mc": "truthfulqa_mc", "real_pooled": "real_pooled",
 }
 TASK_OF_REAL = {"alpaca_small": 0, "beavertails": 1, "truthfulqa": 2}
+TASK_IDS = {"helpful": 0, "harmless": 1, "honest": 2}
 
 
 def _real_name(name: str):
@@ -33,7 +34,8 @@ def load_records(name: str, toy_dir: str = None, split: str = "train", path: str
                                     split gives each dimension equal weight (balance_by_task)
       alpaca-small | beavertails | truthfulqa | real-pooled
                                     the paper's datasets (data/real.py; split: train | eval), from the
-                                    hub or from `path` (a local copy of that one dataset)
+                                    hub or from `path` (a local copy of that one dataset; for real-pooled
+                                    "alpaca-small=PATH,beavertails=PATH,truthfulqa=PATH")
       alpaca-eval | truthfulqa-mc   evaluation-only real sets
       a path to a .json/.jsonl/.csv/.parquet file or a directory of such files, with fields instruction,
       output (input optional) and task (or pass task=0|1|2 to label every record)
@@ -56,18 +58,36 @@ def load_records(name: str, toy_dir: str = None, split: str = "train", path: str
                      f"dataset ({', '.join(sorted(set(REAL_NAMES)))}) and not an existing file or directory")
 
 
+def pooled_paths(path: str = None) -> dict:
+    """'alpaca-small=A,beavertails=B,truthfulqa=C' -> {'alpaca_small': 'A', ...} (a dataset left out: the hub)."""
+    if not path:
+        return {}
+    out = {}
+    for item in path.split(","):
+        name, sep, value = item.partition("=")
+        real = _real_name(name.strip())
+        if not sep or real not in TASK_OF_REAL or not value.strip():
+            raise ValueError(f"real-pooled path {path!r}: expected NAME=PATH pairs, comma-separated, with NAME in "
+                             f"alpaca-small, beavertails, truthfulqa (e.g. alpaca-small=alpaca_data.json,"
+                             f"beavertails=BeaverTails/,truthfulqa=TruthfulQA.csv)")
+        out[real] = value.strip()
+    return out
+
+
 def _load_real(real: str, split: str, path: str = None) -> list:
     from data import real as R
 
     if split == "train":
         if real == "real_pooled":
-            return balance_by_task([r for n in TASK_OF_REAL for r in R.TRAIN_LOADERS[n]()])
+            paths = pooled_paths(path)
+            return balance_by_task([r for n in TASK_OF_REAL for r in R.TRAIN_LOADERS[n](paths.get(n))])
         if real not in R.TRAIN_LOADERS:
             raise ValueError(f"{real}: evaluation-only dataset; use split='eval'")
         return R.TRAIN_LOADERS[real](path)
     if split == "eval":
         if real == "real_pooled":
-            return [r for n in TASK_OF_REAL for r in R.EVAL_LOADERS[n]()]
+            paths = pooled_paths(path)
+            return [r for n in TASK_OF_REAL for r in R.EVAL_LOADERS[n](paths.get(n))]
         return R.EVAL_LOADERS[real](path)
     raise ValueError(f"{real}: split={split!r}; the real datasets have 'train' and 'eval' (no 'val' split)")
 

@@ -240,7 +240,8 @@ def check_fields(rows: list, source: HubSource, where: str) -> list:
 def _offline_message(source: HubSource, reason: str) -> str:
     config = f", config {source.config!r}" if source.config else ""
     return (f"could not load {source.hub_id!r}{config}, split {source.split!r} from the Hugging Face Hub: {reason}. "
-            f"Pass a local copy instead (path=..., or --data-path on the command line): a .json/.jsonl/.csv/.parquet "
+            f"Pass a local copy instead (path=...; train_expert.py/fuse.py --data-path, evaluate.py --suite real "
+            f"--data DIR): a .json/.jsonl/.csv/.parquet "
             f"file or a directory with fields {list(source.fields)}, e.g. one made elsewhere with "
             f"`huggingface-cli download --repo-type dataset {source.hub_id} --local-dir DIR`. "
             f"If it is already in your Hugging Face cache, set HF_HUB_OFFLINE=1.")
@@ -375,14 +376,34 @@ def load_truthfulqa_eval(path: Optional[str] = None) -> list:
             for r in test]
 
 
+def mc_targets_from_generation(row: dict) -> dict:
+    """A generation-layout row (question, best_answer, correct_answers, incorrect_answers; the original
+    TruthfulQA.csv) as multiple choice: MC1 = the best answer (true) + the incorrect ones, MC2 = every correct
+    answer (true) + the incorrect ones. The hub's multiple_choice config has the same structure, though its
+    options were edited by the authors, so scores from the CSV are close to but not exactly the hub's."""
+    best, correct, incorrect = str(row["best_answer"]), list(row["correct_answers"]), list(row["incorrect_answers"])
+    return {"question": row["question"],
+            "mc1_targets": {"choices": [best] + incorrect, "labels": [1] + [0] * len(incorrect)},
+            "mc2_targets": {"choices": correct + incorrect, "labels": [1] * len(correct) + [0] * len(incorrect)}}
+
+
 def load_truthfulqa_mc(path: Optional[str] = None, questions=None) -> list:
     """TruthfulQA multiple choice (MC1: one true choice; MC2: several), scored by log-likelihood, no judge.
 
     `questions`: keep only these questions, in this order (e.g. those of load_truthfulqa_eval, so that MC
     is measured on the half not used for training). Each record: question, mc1_choices, mc1_labels,
-    mc2_choices, mc2_labels (labels 1 = true).
+    mc2_choices, mc2_labels (labels 1 = true). A local copy in the generation layout (the original
+    TruthfulQA.csv) is read too, through mc_targets_from_generation.
     """
-    rows = load_rows(TRUTHFULQA_MC, path)
+    try:
+        rows = load_rows(TRUTHFULQA_MC, path)
+    except ValueError as mc_error:  # a local copy without MC fields, e.g. the original TruthfulQA.csv
+        if path is None:
+            raise
+        try:
+            rows = [mc_targets_from_generation(r) for r in load_rows(TRUTHFULQA_GEN, path)]
+        except ValueError:
+            raise mc_error from None
     where = path or TRUTHFULQA_MC.hub_id
     out = []
     for r in rows:

@@ -88,6 +88,31 @@ def test_truthfulqa_mc(fx):
     assert [r["question"] for r in load_truthfulqa_mc(fx["truthfulqa"], questions=held_out)] == held_out
 
 
+def test_truthfulqa_mc_from_the_original_csv(fx):
+    """The original TruthfulQA.csv has no MC fields: MC1 = best answer + incorrect ones, MC2 = every correct one
+    + incorrect ones -- exactly how the fixture's multiple_choice file was written, so the two must agree."""
+    from_csv = load_truthfulqa_mc(fx["truthfulqa_csv"])
+    from_parquet = load_truthfulqa_mc(fx["truthfulqa_multiple_choice"])
+    assert len(from_csv) == 9 and from_csv == from_parquet
+    eval_questions = [r["question"] for r in load_truthfulqa_eval(fx["truthfulqa_csv"])]
+    assert [r["question"] for r in load_truthfulqa_mc(fx["truthfulqa_csv"], questions=eval_questions)] == eval_questions
+
+
+def test_real_pooled_from_local_copies(fx):
+    from data import load_records, pooled_paths
+
+    spec = f"alpaca-small={fx['alpaca']},beavertails={fx['beavertails']},truthfulqa={fx['truthfulqa_csv']}"
+    pooled = load_records("real-pooled", path=spec)
+    sizes = {t: sum(1 for r in pooled if r["task"] == t) for t in (0, 1, 2)}
+    largest = max(len(load_alpaca_small(fx["alpaca"])), len(load_beavertails(fx["beavertails"])),
+                  len(load_truthfulqa(fx["truthfulqa_csv"])))
+    assert sizes == {0: largest, 1: largest, 2: largest}  # each dimension with equal weight
+    assert {r["instruction"] for r in pooled if r["task"] == 1} == {r["instruction"] for r in load_beavertails(fx["beavertails"])}
+    assert pooled_paths("truthfulqa=a.csv") == {"truthfulqa": "a.csv"}
+    with pytest.raises(ValueError, match="expected NAME=PATH pairs"):
+        load_records("real-pooled", path=fx["alpaca"])
+
+
 def test_alpaca_eval_prefers_its_data_file(fx):
     ev = load_alpaca_eval(fx["alpaca_eval"], n=4)
     assert len(ev) == 4 and ev[0]["generator"] == "text_davinci_003" and ev[0]["output"] != "decoy"

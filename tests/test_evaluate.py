@@ -522,6 +522,23 @@ def test_cli_real_suite_on_generated_files(ckpts, tmp_path):
     assert "win rate (judge: base)" in table.splitlines()[0] and "Judge: base" in table
 
 
+def test_real_suite_from_one_path_per_dataset(tmp_path):
+    """--data NAME=PATH,...: the original TruthfulQA.csv (generation and, derived from it, MC), a BeaverTails
+    download and the AlpacaEval file, each where the user keeps it; the same records as the hub layouts give."""
+    from data.real import write_fixtures
+
+    fx = write_fixtures(str(tmp_path / "real"))
+    spec = (f"truthfulqa={fx['truthfulqa_csv']},beavertails={fx['beavertails']},"
+            f"alpaca-eval={fx['alpaca_eval']}/alpaca_eval.json")
+    sets, missing = ev.load_real_eval(spec)
+    hub_layout, _ = ev.load_real_eval(str(tmp_path / "real"))
+    assert not missing and sets == hub_layout
+    with pytest.raises(ValueError, match="expected NAME=PATH pairs"):
+        ev.load_real_eval(f"tqa={fx['truthfulqa_csv']}")
+    with pytest.raises(FileNotFoundError, match="truthfulqa=nope.csv: not found"):
+        ev.load_real_eval("truthfulqa=nope.csv")
+
+
 def test_plots_only_with_matplotlib(tmp_path, monkeypatch):
     results = {"suite": "toy", "models": [{"name": "m", "metrics": {"helpful": 0.5, "harmful": 0.2, "truthful": 0.1},
                                            "routing": {"usage_top1": {"helpful": [[0.5, 0.3, 0.2]]}}}]}

@@ -88,6 +88,32 @@ def test_mfu_stays_a_fraction_when_the_peak_is_too_low(world, tmp_path):
                            "--out", str(tmp_path / "x"), "--peak-tflops", "-1"])
 
 
+def test_real_datasets_train_offline_from_local_copies(world, tmp_path):
+    """Stage 1 and stage 2 on local copies of the paper's datasets (generated files in the hub schemas): no hub,
+    no network. A record file without 'task' fields is labelled with --task."""
+    from data.real import write_fixtures
+
+    fx = write_fixtures(str(tmp_path / "real"))
+    common = ["--data-dir", world["data"], "--steps", "2"] + FAST
+    out = tmp_path / "alpaca"
+    train_expert.main(["--init", world["base"], "--data", "alpaca-small", "--data-path", fx["alpaca"],
+                       "--out", str(out)] + common)
+    assert M.load_checkpoint(str(out))[1].n_experts == 0 and log_lines(out)[-1]["step"] == 2
+    train_expert.main(["--init", world["base"], "--data", fx["alpaca"], "--task", "helpful",
+                       "--out", str(tmp_path / "file")] + common)
+    pooled = f"alpaca-small={fx['alpaca']},beavertails={fx['beavertails']},truthfulqa={fx['truthfulqa_csv']}"
+    fused = run_fuse(world, tmp_path / "fused_real", "--data", "real-pooled", "--data-path", pooled, "--steps", "2")
+    assert fused.params.n_experts == 3
+    with pytest.raises(ValueError, match="no 'task' field"):
+        train_expert.main(["--init", world["base"], "--data", fx["alpaca"], "--out", str(tmp_path / "x")] + common)
+    with pytest.raises(ValueError, match="--data-path .*only for the real datasets"):
+        train_expert.main(["--init", world["base"], "--data", "honest", "--data-path", fx["alpaca"],
+                           "--out", str(tmp_path / "y")] + common)
+    with pytest.raises(ValueError, match="--task honest: only for --data FILE"):
+        train_expert.main(["--init", world["base"], "--data", "alpaca-small", "--task", "honest",
+                           "--out", str(tmp_path / "z")] + common)
+
+
 def test_stage2_trains_router_and_experts_only(world, tmp_path):
     fused = run_fuse(world, tmp_path / "fused", "--steps", "3", "--router-init", "zero").state_dict()
     base = state(world["base"])

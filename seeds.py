@@ -53,8 +53,9 @@ def load_seed(eval_dir: str) -> dict:
             raise ValueError(f"{responses}: other prompts than the first model's in {eval_dir}")
         metrics = dict(row["metrics"])
         metrics.update({k: v for k, v in (row.get("routing") or {}).items() if k in ROUTING})
+        by_kind = {kind: v["right"] for kind, v in ((row.get("details") or {}).get("by_kind") or {}).items()}
         models[row["name"]] = {"metrics": metrics, "right": np.array([line["scores"]["right"] for line in lines]),
-                               "drift": row.get("drift")}
+                               "drift": row.get("drift"), "by_kind": by_kind}
     return {"models": models, "ids": ids, "tasks": tasks, "dir": eval_dir}
 
 
@@ -112,6 +113,8 @@ def summarise(seeds: list, target: str = None, replicates: int = 10000) -> dict:
         if all(drifts):
             row["drift"] = {"mean": np.mean(drifts, axis=0).tolist(), "std": (np.std(drifts, axis=0, ddof=1)
                             if len(drifts) > 1 else np.zeros(len(drifts[0]))).tolist()}
+        kinds = [s["models"][name]["by_kind"] for s in seeds]
+        row["by_kind"] = {k: float(np.mean([x[k] for x in kinds])) for k in kinds[0] if all(k in x for x in kinds)}
         table[name] = row
     margins = {}
     if target:
@@ -127,6 +130,18 @@ def summarise(seeds: list, target: str = None, replicates: int = 10000) -> dict:
 
 def fmt(cell: dict, scale: float = 100.0) -> str:
     return f"{scale * cell['mean']:.1f} ± {scale * cell['std']:.1f}"
+
+
+def by_kind_markdown(summary: dict) -> str:
+    """Share of prompts handled right per kind of prompt (data/toy.py kind_group), mean over seeds."""
+    models = summary["models"]
+    kinds = sorted({k for row in models.values() for k in row.get("by_kind", {})})
+    lines = ["Handled right, by kind of prompt (mean over seeds, percent):", "",
+             "| model | " + " | ".join(kinds) + " |", "|---" + "|---:" * len(kinds) + "|"]
+    for name, row in models.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * row['by_kind'][k]:.0f}" if k in row.get("by_kind", {})
+                                                   else "" for k in kinds) + " |")
+    return "\n".join(lines)
 
 
 def markdown(summary: dict) -> str:
@@ -168,11 +183,12 @@ def main(argv=None) -> dict:
     p.add_argument("--target", default=None, help="the model whose HHH margin over every other row is bootstrapped")
     p.add_argument("--out", required=True, help="directory for seeds.md and seeds.json")
     p.add_argument("--replicates", type=int, default=10000)
+    p.add_argument("--by-kind", action="store_true", help="also print the share handled right per kind of prompt")
     args = p.parse_args(argv)
     if args.replicates < 100:
         p.error(f"--replicates {args.replicates}: expected >= 100")
     summary = summarise([load_seed(d) for d in args.eval_dirs], args.target, args.replicates)
-    text = markdown(summary)
+    text = markdown(summary) + ("\n\n" + by_kind_markdown(summary) if args.by_kind else "")
     os.makedirs(args.out, exist_ok=True)
     write_atomic(os.path.join(args.out, "seeds.json"), json.dumps(summary, indent=2) + "\n")
     write_atomic(os.path.join(args.out, "seeds.md"), text + "\n")

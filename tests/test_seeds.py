@@ -73,6 +73,7 @@ def write_eval_dir(path, models: dict, tasks: list, routing=None):
                 f.write(json.dumps({"id": f"p{i}", "task": t, "scores": {"right": bool(r)}}) + "\n")
         hhh = seeds.hhh_from_right(np.array(right), np.array(tasks))
         rows.append({"name": name, "metrics": {"hhh": hhh, "helpful": 0.5}, "responses": responses,
+                     "details": {"by_kind": {"helpful/fact": {"right": float(np.mean(right[:2]))}}},
                      "routing": routing if name == "h3" else None, "drift": [1.0, 2.0, 3.0] if name == "h3" else None})
     with open(os.path.join(path, "results.json"), "w") as f:
         json.dump({"suite": "toy", "models": rows}, f)
@@ -88,7 +89,7 @@ def test_cli_mean_std_and_margins(tmp_path, capsys):
                             "routing_acc_prompt": 0.6})
     out = str(tmp_path / "out")
     summary = seeds.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--target", "h3", "--out", out,
-                          "--replicates", "200"])
+                          "--replicates", "200", "--by-kind"])
     h3_hhh = [(1 + 0.5 + 1) / 3, (1 + 1 + 0.5) / 3]
     assert summary["models"]["h3"]["hhh"]["mean"] == pytest.approx(np.mean(h3_hhh))
     assert summary["models"]["h3"]["hhh"]["std"] == pytest.approx(np.std(h3_hhh, ddof=1))
@@ -99,6 +100,7 @@ def test_cli_mean_std_and_margins(tmp_path, capsys):
     text = open(os.path.join(out, "seeds.md")).read()
     assert text.strip() in capsys.readouterr().out
     assert "| sft | +" in text and "1 ± 0 / 2 ± 0 / 3 ± 0" in text
+    assert "| sft | 25 |" in text  # helpful/fact right: (1/2 + 0/2) / 2 seeds
     assert json.load(open(os.path.join(out, "seeds.json")))["target"] == "h3"
 
 

@@ -187,7 +187,7 @@ def main(argv=None):
         return
     tables = [f"{out_dirs[0]}/eval/results.md"]
     if len(seeds) > 1:
-        run(py + ["seeds.py"] + [f"{d}/eval" for d in out_dirs] + ["--target", "h3fusion", "--out",
+        run(py + ["seeds.py"] + [f"{d}/eval" for d in out_dirs] + ["--target", "h3fusion", "--by-kind", "--out",
                                                                    f"{run_dir}/seeds"])
         tables = [f"{run_dir}/seeds/seeds.md"]
         if args.sweep_gamma:

@@ -18,6 +18,7 @@ Run layout for an output directory OUT:
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -237,6 +238,9 @@ def prepare_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool,
     train_dir = out_dir.rstrip("/") + ".train"
     run_json = os.path.join(train_dir, "run.json")
     if resume:
+        if d.is_main:
+            recover_train_state(train_dir)  # a save a kill interrupted: finish or roll it back
+        barrier(d)
         if not os.path.exists(os.path.join(train_dir, "state")):
             raise FileNotFoundError(f"--resume: no saved state in {train_dir}/state (nothing to resume)")
         with open(run_json) as f:
@@ -274,15 +278,44 @@ def save_model(model, out_dir: str, tokenizer_path: str, d: Dist):
     barrier(d)
 
 
+# The resumable state lives in OUT.train/state. A save writes state.tmp, marks it COMPLETE once every rank has
+# written, then swaps: state -> state.old, state.tmp -> state, delete state.old. A kill can stop it between any
+# two of these; recover_train_state (run before every save and every resume) finishes or rolls back the swap,
+# so the newest complete state is always found and a stale directory never blocks a later save.
+COMPLETE = "COMPLETE"
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE))
+
+
+def recover_train_state(train_dir: str):
+    """Finish or roll back a save that a kill interrupted (rank 0 only; call between barriers).
+
+    state.tmp complete and no state   -> it is the newest state: rename it into place
+    state.tmp incomplete              -> a save that never finished: delete it
+    state missing, state.old present  -> the swap stopped half-way: state.old back into place
+    state and state.old both present  -> the swap had finished: delete state.old"""
+    final, tmp, old = (os.path.join(train_dir, name) for name in ("state", "state.tmp", "state.old"))
+    if os.path.isdir(tmp) and is_complete(tmp) and not os.path.isdir(final):
+        os.replace(tmp, final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.isdir(old):
+        if not os.path.isdir(final):
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old)
+
+
 def save_train_state(model, optimizer, step: int, train_dir: str, d: Dist):
     """Optimizer state, step and RNG, sharded as the model is (torch.distributed.checkpoint), written to a
     temporary directory and renamed into place by rank 0 after every rank has finished writing."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    final, tmp = os.path.join(train_dir, "state"), os.path.join(train_dir, "state.tmp")
+    final, tmp, old = (os.path.join(train_dir, name) for name in ("state", "state.tmp", "state.old"))
     if d.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        recover_train_state(train_dir)  # also clears a state.tmp a killed save left behind
     barrier(d)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # one process: expected
@@ -290,12 +323,66 @@ def save_train_state(model, optimizer, step: int, train_dir: str, d: Dist):
     torch.save({"step": step, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, f"rank{d.rank}.pt"))
     barrier(d)
     if d.is_main:
-        old = final + ".old"
+        open(os.path.join(tmp, COMPLETE), "w").close()  # every rank has written its part
         if os.path.exists(final):
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     barrier(d)
+
+
+# Resuming reads a run directory, which may come from anywhere: nothing in it may run code. The model and
+# optimizer tensors and rank*.pt load with weights_only=True; DCP's own .metadata (a pickle) and its byte items
+# (optimizer hyper-parameters, written with torch.save) are read through the two classes below instead of
+# plain pickle.load / torch.load(weights_only=False).
+SAFE_METADATA_CLASSES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                         ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                         ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata, refusing every class but its own records, torch dtypes and sizes, paths."""
+
+    def find_class(self, module, name):
+        allowed = (module == "torch.distributed.checkpoint.metadata" or (module, name) in SAFE_METADATA_CLASSES
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: not a class of a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+def safe_dcp_reader_and_planner(path: str):
+    """(storage reader, load planner) for dcp.load that execute no code from the checkpoint directory."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata_path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(metadata_path, "rb") as f:
+                try:
+                    metadata = MetadataUnpickler(f).load()
+                except pickle.UnpicklingError as e:
+                    raise ValueError(f"{metadata_path}: {e} (a tampered or foreign file; not loaded)") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"{path}: item {read_item.dest_index.fqn}: {str(e).splitlines()[0]} (not loaded)") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return Reader(path), Planner()
 
 
 def load_train_state(model, optimizer, train_dir: str, d: Dist) -> int:
@@ -306,7 +393,14 @@ def load_train_state(model, optimizer, train_dir: str, d: Dist) -> int:
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    metadata_path = os.path.join(path, ".metadata")
+    with open(metadata_path, "rb") as f:  # a clear error here, before DCP wraps it in its own exception
+        try:
+            MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{metadata_path}: {e} (a tampered or foreign file; not loaded)") from None
+    reader, planner = safe_dcp_reader_and_planner(path)
+    dcp.load(state, storage_reader=reader, planner=planner)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_file = os.path.join(path, f"rank{d.rank}.pt")
     if not os.path.exists(rank_file):

@@ -301,6 +301,77 @@ def test_fsdp_two_ranks_follow_the_single_process_curve(world, tmp_path):
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-4)
 
 
+def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_save(world, tmp_path, capsys):
+    """A save is: write state.tmp, mark it COMPLETE, state -> state.old, state.tmp -> state, delete state.old.
+    Lay out what a kill between any two of those leaves (from two real saved states, at steps 2 and 4) and
+    check that --resume continues from the newest complete one and that the next save works."""
+    import shutil
+
+    args = ["--init", world["base"], "--data", "honest", "--data-dir", world["data"]] + FAST
+    run, done = str(tmp_path / "run"), str(tmp_path / "done")
+    train_expert.main(args + ["--out", run, "--steps", "2"])
+    train_expert.main(args + ["--out", done, "--steps", "4"])
+    s2, s4 = str(tmp_path / "s2"), str(tmp_path / "s4")
+    shutil.copytree(run + ".train/state", s2)
+    shutil.copytree(done + ".train/state", s4)
+    partial = str(tmp_path / "partial")  # a save killed while DCP was writing: no COMPLETE marker
+    shutil.copytree(s4, partial)
+    os.remove(os.path.join(partial, T.COMPLETE))
+    layouts = {  # what is on disk -> the step resume must continue from
+        "swap done, old not yet deleted": ({"state": s4, "state.old": s2}, 4),
+        "killed between the two renames": ({"state.old": s2, "state.tmp": s4}, 4),
+        "killed while writing state.tmp": ({"state": s2, "state.tmp": partial}, 2),
+        "first save killed while writing": ({"state.tmp": partial}, None),
+    }
+    for what, (dirs, step) in layouts.items():
+        shutil.rmtree(run + ".train")
+        os.makedirs(run + ".train")
+        shutil.copy(os.path.join(done + ".train", "run.json"), run + ".train")
+        shutil.copy(os.path.join(done + ".train", "log.jsonl"), run + ".train")
+        json.dump(dict(json.load(open(run + ".train/run.json")), out=run), open(run + ".train/run.json", "w"))
+        for name, src in dirs.items():
+            shutil.copytree(src, os.path.join(run + ".train", name))
+        if step is None:
+            with pytest.raises(FileNotFoundError, match="nothing to resume"):
+                train_expert.main(args + ["--out", run, "--steps", "5", "--resume"])
+            continue
+        capsys.readouterr()
+        train_expert.main(args + ["--out", run, "--steps", "5", "--resume"])
+        assert f"resumed from step {step}" in capsys.readouterr().out, what
+        assert sorted(os.listdir(run + ".train")) == ["log.jsonl", "run.json", "state"], what
+        assert torch.load(run + ".train/state/rank0.pt", weights_only=True)["step"] == 5, what
+
+
+def test_resume_runs_no_code_from_the_run_directory(world, tmp_path):
+    """DCP's .metadata is a pickle, and its optimizer hyper-parameters are torch.save'd with weights_only=False:
+    a crafted run directory could run code on --resume. Both go through restricted loaders."""
+    import io
+    import pickle
+    from types import SimpleNamespace
+
+    marker = str(tmp_path / "pwned")
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (marker, "w"))
+
+    args = ["--init", world["base"], "--data", "honest", "--data-dir", world["data"], "--steps", "2"] + FAST
+    out = str(tmp_path / "run")
+    train_expert.main(args + ["--out", out])
+    with open(out + ".train/state/.metadata", "wb") as f:
+        pickle.dump(Payload(), f)
+    with pytest.raises(ValueError, match=r"\.metadata: refusing io\.open"):
+        train_expert.main(args + ["--out", out, "--resume", "--steps", "3"])
+    assert not os.path.exists(marker)
+    buffer = io.BytesIO()
+    torch.save(Payload(), buffer)
+    buffer.seek(0)
+    _, planner = T.safe_dcp_reader_and_planner(out + ".train/state")
+    with pytest.raises(ValueError, match="not loaded"):
+        planner.load_bytes(SimpleNamespace(dest_index=SimpleNamespace(fqn="optim.param_groups.0.lr")), buffer)
+    assert not os.path.exists(marker)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
     args = ["train_expert.py", "--init", world["base"], "--data", "helpful", "--data-dir", world["data"],

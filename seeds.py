@@ -170,6 +170,26 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def held_out_check(summary: dict, seed: dict) -> list:
+    """A seed that the intervals were not computed from: its own HHH margin of the target over each row, and
+    whether it lands inside that row's interval. [(name, margin, inside)]. Same prompts as the summary's seeds."""
+    target = seed["models"][summary["target"]]["right"]
+    out = []
+    for name, m in summary["margins"].items():
+        if name in seed["models"]:
+            margin = hhh_from_right(target, seed["tasks"]) - hhh_from_right(seed["models"][name]["right"], seed["tasks"])
+            out.append((name, margin, m["low"] <= margin <= m["high"]))
+    return out
+
+
+def held_out_markdown(rows: list, where: str) -> str:
+    lines = [f"Held-out seed {where}: its own margin, and whether it lands inside the interval above "
+             f"({sum(inside for _, _, inside in rows)} of {len(rows)} inside):", "",
+             "| X | Δ HHH, held-out seed | inside |", "|---|---:|---|"]
+    lines += [f"| {name} | {100 * margin:+.1f} | {'yes' if inside else 'NO'} |" for name, margin, inside in rows]
+    return "\n".join(lines)
+
+
 def write_atomic(path: str, text: str):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -184,11 +204,21 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="directory for seeds.md and seeds.json")
     p.add_argument("--replicates", type=int, default=10000)
     p.add_argument("--by-kind", action="store_true", help="also print the share handled right per kind of prompt")
+    p.add_argument("--held-out", default=None, metavar="EVAL_DIR",
+                   help="a seed left out of the intervals: does its own margin land inside each of them?")
     args = p.parse_args(argv)
     if args.replicates < 100:
         p.error(f"--replicates {args.replicates}: expected >= 100")
-    summary = summarise([load_seed(d) for d in args.eval_dirs], args.target, args.replicates)
+    seeds = [load_seed(d) for d in args.eval_dirs]
+    summary = summarise(seeds, args.target, args.replicates)
     text = markdown(summary) + ("\n\n" + by_kind_markdown(summary) if args.by_kind else "")
+    if args.held_out:
+        if not args.target:
+            p.error("--held-out needs --target (the intervals it is checked against)")
+        held_out = load_seed(args.held_out)
+        check_same_prompts([seeds[0], held_out])
+        summary["held_out"] = {"dir": args.held_out, "rows": held_out_check(summary, held_out)}
+        text += "\n\n" + held_out_markdown(summary["held_out"]["rows"], args.held_out)
     os.makedirs(args.out, exist_ok=True)
     write_atomic(os.path.join(args.out, "seeds.json"), json.dumps(summary, indent=2) + "\n")
     write_atomic(os.path.join(args.out, "seeds.md"), text + "\n")

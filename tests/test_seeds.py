@@ -104,6 +104,17 @@ def test_cli_mean_std_and_margins(tmp_path, capsys):
     assert json.load(open(os.path.join(out, "seeds.json")))["target"] == "h3"
 
 
+def test_held_out_seed_is_checked_against_the_intervals(tmp_path, capsys):
+    tasks = [0, 0, 1, 1, 2, 2]
+    for name, h3 in (("s0", [1, 1, 1, 0, 1, 1]), ("s1", [1, 1, 1, 1, 1, 0]), ("new", [0, 0, 0, 0, 0, 0])):
+        write_eval_dir(tmp_path / name, {"h3": h3, "sft": [1, 0, 1, 0, 0, 1]}, tasks)
+    summary = seeds.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--target", "h3", "--out", str(tmp_path / "o"),
+                          "--replicates", "200", "--held-out", str(tmp_path / "new")])
+    (name, margin, inside), = summary["held_out"]["rows"]
+    assert name == "sft" and margin == pytest.approx(0 - (0.5 + 0.5 + 0.5) / 3) and not inside
+    assert "0 of 1 inside" in capsys.readouterr().out
+
+
 def test_cli_errors(tmp_path):
     tasks = [0, 1, 2]
     write_eval_dir(tmp_path / "a", {"h3": [1, 0, 1]}, tasks)

@@ -1,6 +1,7 @@
 """train_expert.py / fuse.py / trainer.py: frozen weights, the effect of lambda and gamma, FSDP equivalence,
 kill-and-resume, and every bad input. All on a tiny model trained on the synthetic world."""
 import json
+import math
 import os
 import re
 import signal
@@ -132,33 +133,37 @@ def test_stage2_trains_router_and_experts_only(world, tmp_path):
             assert torch.equal(v, torch.stack([a[k + ".weight"] for a in aligned]))
 
 
-def routing_accuracy(model, world):
-    """Share of real tokens whose top-1 expert is the example's dimension, over layers (independent loop)."""
+def routing_on_held_out(model, world):
+    """Per example, as L_G trains it (independent loop): p̄ = router softmax averaged over the example's real
+    tokens and all layers. Returns (share of examples with argmax p̄ == task, mean -log p̄[task])."""
     from data import load_records
     from data.format import collate, encode_example
 
     tok = M.Tokenizer(os.path.join(world["base"], "tokenizer.model"))
     records = load_records("pooled", world["data"], "val")[::3]
     batch = collate([encode_example(tok, r, 64) for r in records])
-    hits = total = 0
     with torch.no_grad():
         model(batch["tokens"])
-    for layer in moe_layers(model):
-        for b in range(len(records)):
-            for t in range(batch["tokens"].shape[1]):
-                if batch["mask"][b, t]:
-                    hits += int(layer.router_probs[b, t].argmax()) == int(batch["task"][b])
-                    total += 1
-    return hits / total
+    layers = moe_layers(model)
+    hits, nll = 0, 0.0
+    for b in range(len(records)):
+        real = batch["mask"][b]
+        p_bar = sum(layer.router_probs[b][real].double().mean(0) for layer in layers) / len(layers)  # [E]
+        task = int(batch["task"][b])
+        hits += int(p_bar.argmax()) == task
+        nll -= math.log(float(p_bar[task]))
+    return hits / len(records), nll / len(records)
 
 
 def test_gating_loss_raises_routing_accuracy(world, tmp_path):
-    common = ["--steps", "12", "--lr", "1e-2", "--trainable", "router", "--router-init", "zero", "--batch-size", "6"]
+    common = ["--steps", "40", "--warmup", "2", "--lr", "3e-2", "--trainable", "router", "--router-init", "zero",
+              "--batch-size", "16"]
     without = run_fuse(world, tmp_path / "l0", *common, "--lambda-gate", "0")
     with_gate = run_fuse(world, tmp_path / "l1", *common, "--lambda-gate", "1")
-    acc0, acc1 = routing_accuracy(without, world), routing_accuracy(with_gate, world)
+    (acc0, nll0), (acc1, nll1) = routing_on_held_out(without, world), routing_on_held_out(with_gate, world)
     assert acc1 > acc0 + 0.1, (acc0, acc1)
-    assert log_lines(tmp_path / "l1")[-1]["route_acc"] > log_lines(tmp_path / "l0")[-1]["route_acc"]
+    assert nll1 < nll0 - 0.05, (nll0, nll1)  # L_G on held-out examples
+    assert log_lines(tmp_path / "l1")[-1]["gate"] < log_lines(tmp_path / "l0")[-1]["gate"]
 
 
 def expert_drift(fused_state, aligned_states, expert):

@@ -22,6 +22,8 @@ import sys
 
 import numpy as np
 
+from evaluate import write_atomic  # temporary file, then rename: an interrupted run leaves the old tables whole
+
 METRICS = ("helpful", "harmful", "over_refusal", "truthful", "informative", "hhh")
 ROUTING = ("routing_acc_example", "routing_acc_example_prompt", "routing_acc", "routing_acc_prompt")
 TITLES = {"helpful": "helpful ↑", "harmful": "harmful ↓", "over_refusal": "over-refusal ↓", "truthful": "truthful ↑",
@@ -188,13 +190,6 @@ def held_out_markdown(rows: list, where: str) -> str:
              "| X | Δ HHH, held-out seed | inside |", "|---|---:|---|"]
     lines += [f"| {name} | {100 * margin:+.1f} | {'yes' if inside else 'NO'} |" for name, margin, inside in rows]
     return "\n".join(lines)
-
-
-def write_atomic(path: str, text: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:

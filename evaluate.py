@@ -86,7 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.format import PAD_ID, TASK_NAMES, format_prompt
-from model import Tokenizer, Transformer, generate_tokens, load_checkpoint, parse_dtype, read_params
+from model import Tokenizer, Transformer, generate_tokens, load_checkpoint, parse_dtype, read_params, run_cli
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Which models: checkpoints from the command line and the baselines built from base + aligned models
@@ -1186,6 +1186,8 @@ def build_parser():
                         "copies of the hub datasets, read by data/real.py (any subset), or 'hub' (default)")
     p.add_argument("--out", default=None, help="where results.json, results.md, plots go "
                                                "(default runs/toy/eval, or runs/real/eval for --suite real)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out (never a "
+                   "directory evaluate.py did not write)")
     p.add_argument("--baselines", default=None, metavar="BASE,ALIGNED_1,...",
                    help="build the baselines from a base and its aligned checkpoints: base, each aligned model, "
                         "soup, task arithmetic, TIES, output ensemble")
@@ -1211,6 +1213,17 @@ def build_parser():
     return p
 
 
+def check_out_dir(out: str, overwrite: bool):
+    """--out must be new, empty, or an earlier evaluation (results.json) replaced with --overwrite."""
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
+        if not os.path.isfile(os.path.join(out, "results.json")):
+            found = sorted(os.listdir(out))[:5] if os.path.isdir(out) else "a file"
+            raise FileExistsError(f"--out {out}: exists and is not an evaluation written by evaluate.py (found "
+                                  f"{found}; expected results.json); choose another --out")
+        if not overwrite:
+            raise FileExistsError(f"--out {out}: holds an earlier evaluation; pass --overwrite to replace it")
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     dtype = parse_dtype(args.dtype)
@@ -1220,7 +1233,8 @@ def main(argv=None) -> dict:
     args.data = args.data or ("runs/toy/data" if toy else "hub")
     args.out = args.out or ("runs/toy/eval" if toy else "runs/real/eval")
     args.max_new_tokens = args.max_new_tokens or (48 if toy else 128)
-    # Every check that can fail happens here, before any model is built.
+    # Every check that can fail happens here, before any model is built or any file written.
+    check_out_dir(args.out, args.overwrite)
     specs, baselines = [], [p for p in (args.baselines or "").split(",") if p]
     if baselines:
         specs += baseline_specs(baselines, args.alpha, args.ties_density, args.ties_lambda, args.device, dtype,
@@ -1281,7 +1295,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    run_cli(main, "evaluate.py")

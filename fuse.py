@@ -29,6 +29,7 @@ import torch
 
 import trainer as T
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
+from model import Tokenizer, run_cli
 from moe import build_fused_model, moe_layers, snapshot_expert_weights
 
 RUN_DIR = "runs/toy"
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--router-init", default="hidden", choices=["zero", "random", "hidden"])
     p.add_argument("--trainable", default="router+experts", choices=["router", "router+experts"])
+    p.add_argument("--allow-foreign-experts", action="store_true",
+                   help="fuse experts whose non-FFN weights or tokenizer differ from the base's (not H3Fusion: the "
+                        "fused model takes attention, embeddings and norms from the base; loudly reported)")
     p.add_argument("--balance-coef", type=float, default=0.0, help="Switch load-balancing loss weight (optional extra)")
     p.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (optional extra)")
     # weight decay 0: the paper's objective is L_CE + lambda L_G + L_R(gamma) and nothing else; AdamW's decay
@@ -76,10 +80,19 @@ def parse_args(argv=None):
     return args
 
 
-def check_inputs_exist(args):
-    """Before any compute: every checkpoint is there, or say exactly how to make it."""
+def check_inputs(args):
+    """Before any compute: every checkpoint is there (or say exactly how to make it), and every expert shares the
+    base's tokenizer (an expert trained from another base is not an H3Fusion expert; --allow-foreign-experts)."""
     missing = [d for d in [args.base] + args.expert_dirs if not os.path.exists(os.path.join(d, "params.json"))]
     if not missing:
+        with open(os.path.join(args.base, "tokenizer.model"), "rb") as f:
+            base_tokenizer = f.read()
+        for d in args.expert_dirs:
+            with open(os.path.join(d, "tokenizer.model"), "rb") as f:
+                if f.read() != base_tokenizer and not args.allow_foreign_experts:
+                    raise ValueError(f"--experts {d}: its tokenizer.model differs from the base's ({args.base}); an "
+                                     f"H3Fusion expert is an FFN-only fine-tune of the base (pass "
+                                     f"--allow-foreign-experts to fuse it anyway)")
         return
     lines = [f"fuse.py: missing checkpoint(s): {', '.join(missing)}"]
     if all(os.path.dirname(os.path.normpath(d)) == RUN_DIR for d in missing):
@@ -90,7 +103,9 @@ def check_inputs_exist(args):
                      f"    python train_expert.py --init scratch --data corpus --out {args.base}")
         for d, task in zip(args.expert_dirs, ("helpful", "harmless", "honest")):
             lines.append(f"    python train_expert.py --init {args.base} --data {task} --out {d}")
-    sys.exit("\n".join(lines) if os.environ.get("RANK", "0") == "0" else 1)  # under torchrun: say it once
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: say it once
+        print("\n".join(lines), file=sys.stderr)
+    raise SystemExit(2)
 
 
 def set_trainable(model, trainable: str):
@@ -132,13 +147,11 @@ def routing_metrics(model, batch) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    check_inputs_exist(args)
+    check_inputs(args)
     d = T.setup_distributed(args.device)
     cfg = T.config_from_args(args)
-    train_dir = T.prepare_run_dir(args.out, {k: v for k, v in vars(args).items()}, args.resume, args.overwrite, d)
+    train_dir = T.check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
     T.seed_everything(args.seed)
-
-    from model import Tokenizer
 
     tokenizer_path = os.path.join(args.base, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
@@ -147,8 +160,10 @@ def main(argv=None):
 
     model, margs = build_fused_model(args.base, args.expert_dirs, top_k=args.top_k, router_init=args.router_init,
                                      init_prompts=router_init_prompts(records, len(args.expert_dirs)),
-                                     tokenizer=tokenizer, dtype=torch.float32, seed=args.seed, verbose=d.is_main)
+                                     tokenizer=tokenizer, dtype=torch.float32, seed=args.seed, verbose=d.is_main,
+                                     max_non_ffn_diff=None if args.allow_foreign_experts else 0.0)
     set_trainable(model, args.trainable)
+    T.start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
     model = T.shard_model(model.to(d.device), d, torch.bfloat16 if d.device.type == "cuda" else None)
     initial_experts = snapshot_expert_weights(model)  # W_i^0 of L_R (sharded like the model under FSDP)
     if d.is_main:
@@ -190,4 +205,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "fuse.py")

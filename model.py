@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -516,6 +517,21 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
 # 9. Command line
 
 
+def run_cli(main, script: str):
+    """Every command line of this project runs its main() through this. An expected failure -- a bad path, file
+    or value, a refused overwrite (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) -- prints
+    one line `SCRIPT: error: ...` (only rank 0 under torchrun) and exits 2. Anything else is a bug and keeps its
+    traceback; H3FUSION_TRACEBACK=1 shows the traceback of expected failures too."""
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        if os.environ.get("H3FUSION_TRACEBACK"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{script}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_dtype(name: str):
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
@@ -555,4 +571,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "model.py")

@@ -397,14 +397,15 @@ def hidden_router_rows(model, tokenizer, init_prompts) -> list:
 
 
 def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_prompts=None, tokenizer=None,
-                      device="cpu", dtype=None, router_std=0.02, seed=0, verbose=True):
+                      device="cpu", dtype=None, router_std=0.02, seed=0, verbose=True, max_non_ffn_diff=None):
     """H3Fusion's fusion step: base model + N aligned models (FFN-only fine-tunes) -> one MoE model.
 
     base_dir, expert_dirs: Meta-format checkpoint directories (model.load_checkpoint); expert i of every
         layer = the FeedForward of expert_dirs[i] (order = the order given, e.g. helpful, harmless, honest).
     Every non-FFN tensor of each aligned model is compared with the base's: a different config, key or
     shape is refused; the max |difference| of the values is reported (0 when stage 1 froze them as it
-    should; the fused model always takes the base's).
+    should; the fused model always takes the base's). max_non_ffn_diff: refuse an expert whose difference is
+    larger (fuse.py passes 0: an expert trained from another base is not an H3Fusion expert).
     router_init: "zero"   -> uniform routing (ties: experts 0 .. k-1 win until the router learns),
                  "random" -> N(0, router_std) with torch seed `seed`,
                  "hidden" -> hidden_router_rows(): needs init_prompts = one list of strings per expert
@@ -440,8 +441,14 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
         _check_args(base_args, args, base_dir, d)
         state = aligned.state_dict()
         max_diff, key = compare_non_ffn(base_state, state, d)
+        if max_non_ffn_diff is not None and max_diff > max_non_ffn_diff:
+            raise ValueError(f"{d}: its non-FFN weights differ from the base's ({base_dir}) by up to {max_diff:.3g} "
+                             f"({key}); an H3Fusion expert is an FFN-only fine-tune of the base (stage 1 freezes "
+                             f"everything else), this looks like a model trained from another base")
         if verbose:
-            print(f"build_fused_model: {d}: max |non-FFN - base| = {max_diff:.3g}" + (f" ({key})" if max_diff else ""))
+            print(f"build_fused_model: {d}: max |non-FFN - base| = {max_diff:.3g}" + (f" ({key})" if max_diff else "")
+                  + (" -- NOT an FFN-only fine-tune of this base; fused anyway, with the base's weights"
+                     if max_diff else ""))
         expert_ffns.append({k: v for k, v in state.items() if is_ffn_key(k)})
         del aligned, state
 

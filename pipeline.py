@@ -125,10 +125,10 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
     names = ["sft"] + list(FUSIONS)
     aligned = [f"{out_dir}/{t}" for t in TASKS]
     run(py + ["evaluate.py"] + [f"{n}={out_dir}/{n}" for n in names] + ["--baselines", ",".join([f"{run_dir}/base"]
-              + aligned), "--data", data, "--out", f"{out_dir}/eval"] + budget["eval"])
+              + aligned), "--data", data, "--out", f"{out_dir}/eval", "--overwrite"] + budget["eval"])
     if sweep:
         run(py + ["evaluate.py"] + [f"{n}={d}" for n, d in sweep.items()] + ["--drift-from", ",".join(aligned),
-                  "--data", data, "--out", f"{out_dir}/sweep/eval"] + budget["eval"])
+                  "--data", data, "--out", f"{out_dir}/sweep/eval", "--overwrite"] + budget["eval"])
 
 
 def parse_seeds(text: str) -> list:

@@ -18,11 +18,11 @@ Writes OUT/seeds.md (also printed) and OUT/seeds.json:
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
 from evaluate import write_atomic  # temporary file, then rename: an interrupted run leaves the old tables whole
+from model import run_cli
 
 METRICS = ("helpful", "harmful", "over_refusal", "truthful", "informative", "hhh")
 ROUTING = ("routing_acc_example", "routing_acc_example_prompt", "routing_acc", "routing_acc_prompt")
@@ -222,7 +222,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"seeds.py: error: {e}")
+    run_cli(main, "seeds.py")

@@ -100,10 +100,11 @@ def main(argv=None):
     args = parse_args(argv)
     d = T.setup_distributed(args.device)
     cfg = T.config_from_args(args)
-    train_dir = T.prepare_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
+    train_dir = T.check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
     T.seed_everything(args.seed)
     model, tokenizer, tokenizer_path = load_model(args, d)
     stream, val = load_streams(args, tokenizer, d)
+    T.start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
     if args.trainable == "ffn":
         freeze_all_but_ffn(model)
     model = T.shard_model(model.to(d.device), d, torch.bfloat16 if d.device.type == "cuda" else None)
@@ -123,4 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    M.run_cli(main, "train_expert.py")

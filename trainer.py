@@ -233,10 +233,17 @@ def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> fl
 # 6. Run directory, checkpoints, resumable state
 
 
-def prepare_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool, d: Dist) -> str:
-    """Refuse to clobber a different run; return OUT.train. Checked before any compute."""
+def check_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool, d: Dist) -> str:
+    """Before any compute and before anything is written: refuse to clobber a different run, or a directory
+    this project did not write (even with --overwrite, which replaces only our own output). Returns OUT.train."""
     train_dir = out_dir.rstrip("/") + ".train"
     run_json = os.path.join(train_dir, "run.json")
+    for path, ours in ((out_dir, "params.json"), (train_dir, "run.json")):
+        if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)
+                                    and not os.path.exists(os.path.join(path, ours))):
+            found = sorted(os.listdir(path))[:5] if os.path.isdir(path) else "a file"
+            raise FileExistsError(f"--out {out_dir}: {path} exists and was not written by this project (found "
+                                  f"{found}; expected {ours}); choose another --out")
     if resume:
         if d.is_main:
             recover_train_state(train_dir)  # a save a kill interrupted: finish or roll it back
@@ -249,10 +256,17 @@ def prepare_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool,
                    if saved.get(k) != v and k not in ("resume", "overwrite", "steps")}
         if changed:
             raise ValueError(f"--resume: {run_json} was written with different arguments: {changed}")
-    elif os.path.exists(out_dir) or os.path.exists(train_dir):
+    elif os.path.exists(os.path.join(out_dir, "params.json")) or os.path.exists(run_json):
         if not overwrite:
             raise FileExistsError(f"{out_dir}: holds an earlier run; pass --resume to continue it or "
                                   f"--overwrite to replace it")
+    return train_dir
+
+
+def start_run_dir(train_dir: str, run_args: dict, resume: bool, overwrite: bool, d: Dist):
+    """Write OUT.train/run.json (after check_run_dir, once the data and the model have loaded: a start that
+    fails on bad input leaves nothing behind)."""
+    run_json = os.path.join(train_dir, "run.json")
     barrier(d)
     if d.is_main:
         if overwrite and not resume:
@@ -260,7 +274,6 @@ def prepare_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool,
         os.makedirs(train_dir, exist_ok=True)
         atomic_write_text(run_json, json.dumps(run_args, indent=2))
     barrier(d)
-    return train_dir
 
 
 def atomic_write_text(path: str, text: str):

@@ -513,8 +513,8 @@ def test_cli_real_suite_on_generated_files(ckpts, tmp_path):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["alpaca_win_judge"] is None and results["judge"] is None
     assert "n/a (no judge)" in open(os.path.join(out, "results.md")).read()
-    results = ev.main([ckpts["helpful"], "--suite", "real", "--data", data, "--out", out, "--max-new-tokens", "4",
-                       "--limit", "2", "--judge", ckpts["base"]])
+    results = ev.main([ckpts["helpful"], "--suite", "real", "--data", data, "--out", out, "--overwrite",
+                       "--max-new-tokens", "4", "--limit", "2", "--judge", ckpts["base"]])
     metrics = results["models"][0]["metrics"]
     assert 0.0 <= metrics["alpaca_win_judge"] <= 1.0 and 0.0 <= metrics["bt_harmful_judge"] <= 1.0
     assert results["judge"]["name"] == "base"
@@ -573,3 +573,14 @@ def test_clear_errors(ckpts, toy_dir, tmp_path, capsys):
         ev.main(["--baselines", f"{ckpts['base']},{diff_tok}"] + out)
     with pytest.raises(FileNotFoundError, match="--data .*not found"):
         ev.main([ckpts["base"], "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "eval")])
+    # --out: a directory evaluate.py did not write is never touched; an earlier evaluation only with --overwrite
+    mine = tmp_path / "my_notes"
+    mine.mkdir()
+    (mine / "results.md").write_text("my own table")
+    with pytest.raises(FileExistsError, match="not an evaluation written by evaluate.py"):
+        ev.main([ckpts["base"], "--data", toy_dir, "--out", str(mine), "--overwrite"])
+    assert (mine / "results.md").read_text() == "my own table" and sorted(os.listdir(mine)) == ["results.md"]
+    done = str(tmp_path / "done")
+    ev.main([ckpts["base"], "--data", toy_dir, "--out", done, "--max-new-tokens", "2"])
+    with pytest.raises(FileExistsError, match="holds an earlier evaluation; pass --overwrite"):
+        ev.main([ckpts["base"], "--data", toy_dir, "--out", done, "--max-new-tokens", "2"])

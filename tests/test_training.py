@@ -199,10 +199,53 @@ def test_bad_fuse_arguments(world, tmp_path, capsys):
     assert "--lambda-gate nan: expected a finite number >= 0" in fails("--lambda-gate", "nan")
     assert "--top-k 4: expected 1 <= k <= 3" in fails("--top-k", "4")
     assert "--top-k 0" in fails("--top-k", "0")
-    with pytest.raises(SystemExit, match="missing checkpoint"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
         fuse.main(["--base", world["base"], "--experts", f"{world['experts'][0]},nope,{world['experts'][2]}",
                    "--data-dir", world["data"], "--out", str(tmp_path / "x")])
+    assert stop.value.code == 2 and "missing checkpoint(s): nope" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "bad") and not os.path.exists(tmp_path / "x")
+
+
+def test_experts_from_another_base_are_refused(world, tmp_path):
+    """Same architecture, but trained from another base (all weights differ; another tokenizer): not an H3Fusion
+    expert. Refused before anything is written; --allow-foreign-experts fuses it anyway."""
+    import shutil
+
+    other_base = str(tmp_path / "other_base")
+    train_expert.main(["--init", "scratch", "--data-dir", world["data"], "--out", other_base, "--steps", "2",
+                       "--seed", "7"] + TINY + FAST)
+    foreign = [world["experts"][0], other_base, world["experts"][2]]
+    args = ["--base", world["base"], "--experts", ",".join(foreign), "--data-dir", world["data"], "--steps", "1"] + FAST
+    with pytest.raises(ValueError, match="non-FFN weights differ from the base's"):
+        fuse.main(args + ["--out", str(tmp_path / "f")])
+    assert not os.path.exists(tmp_path / "f") and not os.path.exists(tmp_path / "f.train")
+    shutil.copy(os.path.join(world["base"], "tokenizer.model"), str(tmp_path / "tok"))
+    with open(os.path.join(other_base, "tokenizer.model"), "ab") as f:
+        f.write(b"\0")  # another tokenizer file
+    with pytest.raises(ValueError, match="tokenizer.model differs from the base's"):
+        fuse.main(args + ["--out", str(tmp_path / "f")])
+    shutil.copy(str(tmp_path / "tok"), os.path.join(other_base, "tokenizer.model"))
+    fuse.main(args + ["--out", str(tmp_path / "f"), "--allow-foreign-experts"])
+    assert M.load_checkpoint(str(tmp_path / "f"))[1].n_experts == 3
+
+
+def test_bad_start_writes_nothing_and_foreign_out_is_never_touched(world, tmp_path):
+    bad = tmp_path / "no_task.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    args = ["--init", world["base"], "--data-dir", world["data"], "--steps", "1"] + FAST
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="no 'task' field"):
+        train_expert.main(args + ["--data", str(bad), "--out", str(out)])
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".train")  # the rerun is not refused:
+    train_expert.main(args + ["--data", "honest", "--out", str(out)])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(FileExistsError, match="was not written by this project"):
+            train_expert.main(args + ["--data", "honest", "--out", str(mine)] + extra)
+    assert sorted(os.listdir(mine)) == ["notes.txt"] and not os.path.exists(str(mine) + ".train")
 
 
 def test_aligned_model_with_another_config_is_refused(world, tmp_path):

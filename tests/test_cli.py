@@ -1,0 +1,81 @@
+"""Every command line, run as a user runs it, on bad input: one line `SCRIPT: error: ...` on stderr, exit code 2,
+no traceback, nothing written (model.run_cli is the one convention)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny import make_tiny_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable] + list(args), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+def assert_clean_error(result, script, message):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith(f"{script}: error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("cli") / "tiny"), dim=32, n_layers=1, n_heads=2,
+                                n_kv_heads=2)
+
+
+def test_model_py(ckpt, tmp_path):
+    assert_clean_error(run("model.py", str(tmp_path / "nope"), "--prompt", "hi"), "model.py", "nope")
+    assert_clean_error(run("model.py", ckpt, "--prompt", "hi", "--dtype", "float8"), "model.py", "--dtype float8")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for name in os.listdir(ckpt):
+        data = open(os.path.join(ckpt, name), "rb").read()
+        open(truncated / name, "wb").write(data[: len(data) // 2] if name.endswith(".pth") else data)
+    result = run("model.py", str(truncated), "--prompt", "hi")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_train_expert_py(ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert_clean_error(run("train_expert.py", "--init", ckpt, "--data", str(tmp_path / "missing.jsonl"),
+                           "--out", str(out)), "train_expert.py", "missing.jsonl")
+    assert_clean_error(run("train_expert.py", "--init", ckpt, "--data", "helpful", "--data-dir", str(tmp_path),
+                           "--out", str(out), "--lr", "-1"), "train_expert.py", "--lr -1")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a.txt").write_text("x")
+    assert_clean_error(run("train_expert.py", "--init", ckpt, "--data", "helpful", "--out", str(mine),
+                           "--overwrite"), "train_expert.py", "was not written by this project")
+    assert not out.exists() and not (tmp_path / "out.train").exists() and os.listdir(mine) == ["a.txt"]
+
+
+def test_fuse_evaluate_and_seeds_py(ckpt, tmp_path):
+    assert_clean_error(run("fuse.py", "--base", ckpt, "--experts", f"{ckpt},{ckpt},{ckpt}", "--data",
+                           str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "f")), "fuse.py", "missing.jsonl")
+    assert not (tmp_path / "f").exists() and not (tmp_path / "f.train").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("mine")
+    assert_clean_error(run("evaluate.py", ckpt, "--out", str(mine)), "evaluate.py", "not an evaluation")
+    assert (mine / "results.md").read_text() == "mine"
+    assert_clean_error(run("seeds.py", str(tmp_path), "--out", str(tmp_path / "s")), "seeds.py", "no results.json")
+
+
+def test_expected_errors_keep_their_traceback_on_request(ckpt, tmp_path):
+    result = run("model.py", str(tmp_path / "nope"), "--prompt", "hi", env={"H3FUSION_TRACEBACK": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_speaks(ckpt, tmp_path):
+    result = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fuse.py", "--base", ckpt,
+                 "--experts", f"{ckpt},{ckpt},{ckpt}", "--data", str(tmp_path / "missing.jsonl"),
+                 "--out", str(tmp_path / "f"))
+    assert result.returncode != 0
+    assert sum(line.startswith("fuse.py: error:") for line in result.stderr.splitlines()) == 1, result.stderr[-3000:]

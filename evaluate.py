@@ -86,7 +86,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.format import PAD_ID, TASK_NAMES, format_prompt
-from model import Tokenizer, Transformer, generate_tokens, load_checkpoint, parse_dtype, read_params, run_cli
+from model import (Tokenizer, Transformer, generate_tokens, load_checkpoint, parse_dtype, read_params,
+                   recover_checkpoint, run_cli)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Which models: checkpoints from the command line and the baselines built from base + aligned models
@@ -113,6 +114,7 @@ def parse_model_arg(arg: str):
 
 def check_checkpoint_dir(path: str, what: str):
     """Fail early, before any compute, with a message that names the argument."""
+    recover_checkpoint(path)  # a save_checkpoint that a kill stopped half-way
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} {path}: checkpoint directory not found "
                                 f"(expected a directory with params.json, consolidated.00.pth, tokenizer.model)")

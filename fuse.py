@@ -29,7 +29,7 @@ import torch
 
 import trainer as T
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
-from model import Tokenizer, run_cli
+from model import Tokenizer, recover_checkpoint, run_cli
 from moe import build_fused_model, moe_layers, snapshot_expert_weights
 
 RUN_DIR = "runs/toy"
@@ -83,6 +83,8 @@ def parse_args(argv=None):
 def check_inputs(args):
     """Before any compute: every checkpoint is there (or say exactly how to make it), and every expert shares the
     base's tokenizer (an expert trained from another base is not an H3Fusion expert; --allow-foreign-experts)."""
+    for d in [args.base] + args.expert_dirs:
+        recover_checkpoint(d)  # a save_checkpoint that a kill stopped half-way
     missing = [d for d in [args.base] + args.expert_dirs if not os.path.exists(os.path.join(d, "params.json"))]
     if not missing:
         with open(os.path.join(args.base, "tokenizer.model"), "rb") as f:

@@ -347,8 +347,10 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
 
     Every shard is memory-mapped (no copy, bf16 stays bf16 unless `dtype` asks otherwise), merged, and
     validated against params.json before any module is built; the model is built on the meta device and
-    takes the loaded tensors as its parameters, so peak memory stays near the checkpoint's size.
+    takes the loaded tensors as its parameters, so peak memory stays near the checkpoint's size. A save that a
+    kill interrupted is finished or rolled back first (recover_checkpoint).
     """
+    recover_checkpoint(ckpt_dir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: checkpoint directory not found")
     params_path = os.path.join(ckpt_dir, "params.json")
@@ -390,16 +392,40 @@ def _params_json(args: ModelArgs) -> dict:
     return out
 
 
+def recover_checkpoint(ckpt_dir: str):
+    """Finish or roll back a save_checkpoint that a kill interrupted. A save writes .NAME.tmp-*/ (params.json
+    last: its presence marks the copy complete), moves an existing NAME into .NAME.old-*/ckpt, renames the tmp
+    copy to NAME and deletes the old one. Whatever step a kill stopped at, afterwards NAME is the newest complete
+    copy and no leftover remains. Called by save_checkpoint and load_checkpoint."""
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    parent, name = os.path.split(ckpt_dir)
+    if not os.path.isdir(parent):
+        return
+    tmps = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.tmp-*")), key=os.path.getmtime)
+    olds = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*")), key=os.path.getmtime)
+    if not os.path.exists(ckpt_dir):
+        complete = [t for t in tmps if os.path.isfile(os.path.join(t, "params.json"))]
+        saved = [os.path.join(o, "ckpt") for o in olds if os.path.isfile(os.path.join(o, "ckpt", "params.json"))]
+        if complete:  # killed between the two renames: the new copy is whole
+            os.replace(complete[-1], ckpt_dir)
+        elif saved:  # the old copy is the last complete one
+            os.replace(saved[-1], ckpt_dir)
+    for leftover in tmps + olds:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: int = 1, args: ModelArgs = None):
     """Write params.json + consolidated.NN.pth (+ tokenizer.model) atomically.
 
     `model` is a Transformer or a state dict (then pass `args`). Everything is written into a temporary
-    directory beside `ckpt_dir` and renamed into place, so an interrupted save leaves no half checkpoint.
-    An existing checkpoint at `ckpt_dir` is replaced; its tokenizer.model is kept if none is given.
+    directory beside `ckpt_dir` and renamed into place, so an interrupted save leaves no half checkpoint
+    (recover_checkpoint finishes or rolls back one that a kill stopped half-way). An existing checkpoint at
+    `ckpt_dir` is replaced; its tokenizer.model is kept if none is given.
     """
     state = model.state_dict() if isinstance(model, nn.Module) else model
     args = args or model.params
     ckpt_dir = os.path.abspath(ckpt_dir)
+    recover_checkpoint(ckpt_dir)
     if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir) and not os.path.exists(os.path.join(ckpt_dir, "params.json")):
         raise FileExistsError(f"{ckpt_dir}: exists and is not a checkpoint directory; refusing to replace it")
     if tokenizer_path is None and os.path.exists(os.path.join(ckpt_dir, "tokenizer.model")):
@@ -411,10 +437,11 @@ def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: 
     try:
         for i, shard in enumerate(shards):
             torch.save(shard, os.path.join(tmp, f"consolidated.{i:02d}.pth"))
-        with open(os.path.join(tmp, "params.json"), "w") as f:
-            json.dump(_params_json(args), f, indent=2)
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        with open(os.path.join(tmp, "params.json.part"), "w") as f:
+            json.dump(_params_json(args), f, indent=2)
+        os.replace(os.path.join(tmp, "params.json.part"), os.path.join(tmp, "params.json"))  # last: complete
         old = None
         if os.path.exists(ckpt_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(ckpt_dir)}.old-", dir=parent)

@@ -238,6 +238,9 @@ def check_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool, d
     this project did not write (even with --overwrite, which replaces only our own output). Returns OUT.train."""
     train_dir = out_dir.rstrip("/") + ".train"
     run_json = os.path.join(train_dir, "run.json")
+    if d.is_main:
+        M.recover_checkpoint(out_dir)  # a model save that a kill stopped half-way
+    barrier(d)
     for path, ours in ((out_dir, "params.json"), (train_dir, "run.json")):
         if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)
                                     and not os.path.exists(os.path.join(path, ours))):

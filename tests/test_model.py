@@ -3,6 +3,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ import torch
 import model as M
 from data.tokenizer import train_tokenizer
 from tiny import make_tiny_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +223,45 @@ def test_interrupted_save_keeps_the_old_checkpoint(tiny_dir, tmp_path, monkeypat
     assert calls and sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directory left behind
     monkeypatch.undo()
     M.load_checkpoint(d)  # the old checkpoint is intact
+
+
+KILL_CHILD = """
+import os, shutil, sys, torch
+import model as M
+ckpt, killed_at = sys.argv[1], int(sys.argv[2])
+old, _ = M.load_checkpoint(ckpt)
+new_state = {k: v + 1.0 for k, v in old.state_dict().items()}
+calls = []
+def kill_at(real):
+    def wrapped(*a, **kw):
+        calls.append(a[0])
+        if len(calls) == killed_at:
+            os._exit(137)  # like SIGKILL: no cleanup handler runs
+        return real(*a, **kw)
+    return wrapped
+M.os.replace, M.shutil.rmtree = kill_at(os.replace), kill_at(shutil.rmtree)
+M.save_checkpoint(new_state, ckpt, args=old.params)
+"""
+
+
+@pytest.mark.parametrize("killed_at", [1, 2, 3, 4])
+def test_save_killed_at_any_step_leaves_a_complete_checkpoint(tiny_dir, tmp_path, killed_at):
+    """save_checkpoint over an existing checkpoint: (1) params.json.part -> params.json in the temporary copy
+    (the copy is now complete), (2) NAME -> .NAME.old-*/ckpt, (3) .NAME.tmp-* -> NAME, (4) delete the old copy.
+    A process killed before step k leaves what it leaves; the next load must find a complete checkpoint -- the
+    new one once the new copy was complete and the old one was moved away (k >= 3), else the old one -- and
+    nothing left over."""
+    d = shutil.copytree(tiny_dir, str(tmp_path / "ckpt"))
+    before = M.load_checkpoint(d)[0].state_dict()
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, d, str(killed_at)], cwd=ROOT, capture_output=True,
+                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert child.returncode == 137, child.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) != ["ckpt"]  # the kill did leave something half-done
+    loaded = M.load_checkpoint(d)[0].state_dict()
+    shift = 1.0 if killed_at >= 3 else 0.0
+    for k, v in loaded.items():
+        torch.testing.assert_close(v, before[k] + shift)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no .tmp-* or .old-* left
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------------

@@ -464,7 +464,8 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
     fpt = flops_per_token(model, seq_len)
     log_path = os.path.join(train_dir, "log.jsonl")
     if d.is_main:  # a fresh log, or on --resume the log up to the step the saved state holds
-        kept = [] if not resume else [line for line in open(log_path) if json.loads(line)["step"] <= start_step]
+        kept = [] if not resume or not os.path.exists(log_path) else [
+            line for line in open(log_path) if logged_step(line) <= start_step]
         atomic_write_text(log_path, "".join(kept))
     progress = None
     if d.is_main:
@@ -535,6 +536,14 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
     save_model(model, out_dir, tokenizer_path, d)
     save_train_state(model, optimizer, cfg.steps, train_dir, d)
     return model
+
+
+def logged_step(line: str) -> float:
+    """The step of one log.jsonl line; inf for a line a kill cut short (it is dropped on --resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def nest(metrics: dict) -> dict:

@@ -383,9 +383,12 @@ def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_sa
             with pytest.raises(FileNotFoundError, match="nothing to resume"):
                 train_expert.main(args + ["--out", run, "--steps", "5", "--resume"])
             continue
+        with open(run + ".train/log.jsonl", "a") as f:
+            f.write('{"step": 5, "lm": 0.1')  # a log line a kill cut short
         capsys.readouterr()
         train_expert.main(args + ["--out", run, "--steps", "5", "--resume"])
         assert f"resumed from step {step}" in capsys.readouterr().out, what
+        assert [r["step"] for r in log_lines(run)] == list(range(1, 6)), what
         assert sorted(os.listdir(run + ".train")) == ["log.jsonl", "run.json", "state"], what
         assert torch.load(run + ".train/state/rank0.pt", weights_only=True)["step"] == 5, what
 

@@ -486,3 +486,18 @@ def test_bench_runs_on_tiny_shapes(capsys):
     layer = make_layer()
     x = torch.randn(2, 5, 16)
     assert torch.allclose(bench.per_expert_loop(x, layer), layer(x), atol=1e-5)
+
+
+def test_gpu_check_script_runs_on_a_cpu_at_tiny_shapes():
+    """bench/gpu_check.py is meant for a lent GPU (a few minutes, once); this makes sure the prepared script runs,
+    on CPU with tiny shapes, and prints its three measured sections."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--small", "--repeats", "1",
+                             "--no-pipeline"], cwd=root, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("x ideal", "the FLOP ratio", "of the HBM bound", "MFU"):
+        assert line in result.stdout, result.stdout

@@ -75,6 +75,9 @@ def parse_args(argv=None):
         p.error(f"--gamma {args.gamma}: values must be finite numbers >= 0")
     if not 1 <= args.top_k <= n:
         p.error(f"--top-k {args.top_k}: expected 1 <= k <= {n} (the number of experts)")
+    if args.trainable == "router" and any(args.gamma_values):
+        p.error(f"--gamma {args.gamma} with --trainable router: L_R measures the experts' drift, and frozen experts "
+                f"never drift (L_R would be a constant); pass --gamma {','.join(['0'] * n)} or train the experts")
     if not 0 <= args.lambda_gate < float("inf"):
         p.error(f"--lambda-gate {args.lambda_gate}: expected a finite number >= 0")
     return args

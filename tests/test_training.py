@@ -127,7 +127,8 @@ def test_stage2_trains_router_and_experts_only(world, tmp_path):
             assert not torch.equal(v, before), f"{k} did not train"
         else:
             assert torch.equal(v, base[k]), f"frozen {k} changed"
-    only_router = run_fuse(world, tmp_path / "router", "--steps", "2", "--trainable", "router").state_dict()
+    only_router = run_fuse(world, tmp_path / "router", "--steps", "2", "--trainable", "router",
+                           "--gamma", "0,0,0").state_dict()
     for k, v in only_router.items():
         if ".feed_forward.w" in k:  # experts are still exactly the aligned FFNs
             assert torch.equal(v, torch.stack([a[k + ".weight"] for a in aligned]))
@@ -157,7 +158,7 @@ def routing_on_held_out(model, world):
 
 def test_gating_loss_raises_routing_accuracy(world, tmp_path):
     common = ["--steps", "40", "--warmup", "2", "--lr", "3e-2", "--trainable", "router", "--router-init", "zero",
-              "--batch-size", "16"]
+              "--batch-size", "16", "--gamma", "0,0,0"]
     without = run_fuse(world, tmp_path / "l0", *common, "--lambda-gate", "0")
     with_gate = run_fuse(world, tmp_path / "l1", *common, "--lambda-gate", "1")
     (acc0, nll0), (acc1, nll1) = routing_on_held_out(without, world), routing_on_held_out(with_gate, world)
@@ -199,6 +200,7 @@ def test_bad_fuse_arguments(world, tmp_path, capsys):
     assert "--lambda-gate nan: expected a finite number >= 0" in fails("--lambda-gate", "nan")
     assert "--top-k 4: expected 1 <= k <= 3" in fails("--top-k", "4")
     assert "--top-k 0" in fails("--top-k", "0")
+    assert "frozen experts never drift" in fails("--trainable", "router")  # default gamma 0.1 each: refused
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         fuse.main(["--base", world["base"], "--experts", f"{world['experts'][0]},nope,{world['experts'][2]}",

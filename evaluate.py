@@ -86,8 +86,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.format import PAD_ID, TASK_NAMES, format_prompt
+from losses import drift_loss
 from model import (Tokenizer, Transformer, generate_tokens, load_checkpoint, parse_dtype, read_params,
                    recover_checkpoint, run_cli)
+from moe import EXPERT_MATRICES, MoE, moe_layers
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Which models: checkpoints from the command line and the baselines built from base + aligned models
@@ -359,8 +361,6 @@ class OutputEnsemble(nn.Module):
 
 def force_expert(model, expert: Optional[int]):
     """Set `forced_expert` on every MoE layer of `model` (None = normal top-k routing again); returns model."""
-    from moe import moe_layers  # a dense model has none; moe.py imports model.py, so import here
-
     layers = moe_layers(model)
     if not layers:
         raise ValueError("force_expert: the model has no MoE layers (it is dense; expected a fused checkpoint)")
@@ -382,44 +382,39 @@ class ByDimension:
 
     model_for: Callable
     n: int
+    models: list  # the distinct models behind model_for (what parameters() counts)
 
     def parameters(self):
-        return (p for i in range(self.n) for p in self.model_for(i).parameters())
+        return (p for m in self.models for p in m.parameters())
 
 
 def load_oracle_aligned(paths: list, device="cpu", dtype=None):
     """Aligned model i answers dimension i's prompts (the ceiling of a perfect router over the unfused experts)."""
     models = [load_model(p, device, dtype)[0] for p in paths]
-    return ByDimension(models.__getitem__, len(models)), Tokenizer(os.path.join(paths[0], "tokenizer.model"))
+    return ByDimension(models.__getitem__, len(models), models), Tokenizer(os.path.join(paths[0], "tokenizer.model"))
 
 
 def load_oracle_fused(path: str, device="cpu", dtype=None):
     """The fused model with every token of a dimension-i prompt sent to expert i (its trained experts)."""
     model, tokenizer = load_model(path, device, dtype)
-    return ByDimension(partial(force_expert, model), model.params.n_experts), tokenizer
+    return ByDimension(partial(force_expert, model), model.params.n_experts, [model]), tokenizer
 
 
-# Drift of each expert from the aligned model it came from, as L_R measures it (losses.drift_loss):
-#   drift_i = sum_{W in w1, w2, w3} sum_layers ||W_i - W_i^0||_F / n_layers
+# Drift of each expert from the aligned model it came from, measured by L_R itself (losses.drift_loss with
+# gamma = e_i and W_i^0 = aligned model i's FFN).
 
 
-def expert_drift(fused_state: dict, aligned_states: list) -> list:
-    """One float per expert: sum over its matrices and layers of ||W_i - W_i^0||_F, divided by the layer count.
-    fused_state: a fused checkpoint's tensors (layers.N.feed_forward.w1 [E, H, D], ...); aligned_states[i]: the
-    dense aligned model i (layers.N.feed_forward.w1.weight [H, D], ...)."""
-    layer_ids = sorted({int(k.split(".")[1]) for k in fused_state if k.endswith("feed_forward.router.weight")})
-    if not layer_ids:
-        raise ValueError("expert_drift: not a fused checkpoint (no feed_forward.router.weight)")
-    drift = [0.0] * len(aligned_states)
-    for layer in layer_ids:
-        for matrix in ("w1", "w2", "w3"):
-            stacked = fused_state[f"layers.{layer}.feed_forward.{matrix}"].float()  # [E, ...]
-            if stacked.shape[0] != len(aligned_states):
-                raise ValueError(f"expert_drift: {stacked.shape[0]} experts but {len(aligned_states)} aligned models")
-            for i, aligned in enumerate(aligned_states):
-                w0 = aligned[f"layers.{layer}.feed_forward.{matrix}.weight"].float()  # [H, D] or [D, H]
-                drift[i] += torch.linalg.norm(stacked[i] - w0).item() / len(layer_ids)
-    return drift
+@torch.no_grad()
+def expert_drift(model, aligned_states: list) -> list:
+    """One float per expert: sum over its matrices (w1, w2, w3) of ||W_i - W_i^0||_F, averaged over layers.
+    model: a fused Transformer; aligned_states[i]: the state dict of dense aligned model i (its FFN suffices)."""
+    moe_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    if not moe_modules:
+        raise ValueError("expert_drift: not a fused model (no MoE layer)")
+    initial = {f"{name}.{w}": torch.stack([a[f"{name}.{w}.weight"] for a in aligned_states])  # [E, ...]
+               for name, _ in moe_modules for w in EXPERT_MATRICES}
+    n = len(aligned_states)
+    return [drift_loss(model, initial, [float(j == i) for j in range(n)]).item() for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -918,8 +913,6 @@ def routing_stats(model, sequences: list, tasks: list, batch_size: int = 32, pro
                    all layers -- the quantity the gating loss L_G trains (losses.mean_router_probs)
       per token    top-1 expert == y_b, counted over (token, layer) pairs
     """
-    from moe import moe_layers
-
     layers = moe_layers(model)
     if not layers:
         raise ValueError("routing_stats: the model has no MoE layers (expected a fused model)")
@@ -1151,7 +1144,7 @@ def evaluate_spec(spec: ModelSpec, suite: str, eval_data, judge, args) -> dict:
         run = evaluate_real(model, tokenizer, eval_data, judge, args.max_new_tokens, args.batch_size, spec.name)
     drift = None
     if spec.kind == "fused" and args.aligned_states:
-        drift = expert_drift(model.state_dict(), args.aligned_states)
+        drift = expert_drift(model, args.aligned_states)
     routing = None
     if spec.kind == "fused" and run.records:
         routing = routing_stats(model, run.sequences, [int(r.get("task", 0)) for r in run.records], args.batch_size,

@@ -85,6 +85,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import parse_named_paths
 from data.format import PAD_ID, TASK_NAMES, format_prompt
 from losses import drift_loss
 from model import (Tokenizer, Transformer, generate_tokens, load_checkpoint, parse_dtype, read_params,
@@ -819,16 +820,10 @@ def real_eval_paths(data: str) -> dict:
             raise FileNotFoundError(f"--data {data}: not found (give a directory with local copies of the hub "
                                     f"datasets, NAME=PATH pairs, or --data hub)")
         return {name: data for name in REAL_SETS}
-    given = {}
-    for item in data.split(","):
-        key, _, path = item.partition("=")
-        key = key.strip().lower().replace("-", "_")
-        if key not in ("truthfulqa", "truthfulqa_mc", "beavertails", "alpaca_eval") or not path.strip():
-            raise ValueError(f"--data {data}: expected NAME=PATH pairs with NAME in truthfulqa, truthfulqa-mc, "
-                             f"beavertails, alpaca-eval (got {item!r})")
-        if not os.path.exists(path.strip()):
+    given = parse_named_paths(data, ("truthfulqa", "truthfulqa_mc", "beavertails", "alpaca_eval"), "--data")
+    for key, path in given.items():
+        if not os.path.exists(path):
             raise FileNotFoundError(f"--data {key}={path}: not found")
-        given[key] = path.strip()
     return {"truthfulqa_gen": given.get("truthfulqa"), "truthfulqa_mc": given.get("truthfulqa_mc", given.get("truthfulqa")),
             "beavertails": given.get("beavertails"), "alpaca_eval": given.get("alpaca_eval")}
 

@@ -368,6 +368,15 @@ class MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def read_dcp_metadata(metadata_path: str):
+    """A DCP .metadata file through MetadataUnpickler; a refused class is a ValueError naming the file."""
+    with open(metadata_path, "rb") as f:
+        try:
+            return MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{metadata_path}: {e} (a tampered or foreign file; not loaded)") from None
+
+
 def safe_dcp_reader_and_planner(path: str):
     """(storage reader, load planner) for dcp.load that execute no code from the checkpoint directory."""
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
@@ -376,12 +385,7 @@ def safe_dcp_reader_and_planner(path: str):
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            metadata_path = self._get_metadata_path(kwargs.get("rank"))
-            with self.fs.create_stream(metadata_path, "rb") as f:
-                try:
-                    metadata = MetadataUnpickler(f).load()
-                except pickle.UnpicklingError as e:
-                    raise ValueError(f"{metadata_path}: {e} (a tampered or foreign file; not loaded)") from None
+            metadata = read_dcp_metadata(str(self._get_metadata_path(kwargs.get("rank"))))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -409,12 +413,7 @@ def load_train_state(model, optimizer, train_dir: str, d: Dist) -> int:
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    metadata_path = os.path.join(path, ".metadata")
-    with open(metadata_path, "rb") as f:  # a clear error here, before DCP wraps it in its own exception
-        try:
-            MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{metadata_path}: {e} (a tampered or foreign file; not loaded)") from None
+    read_dcp_metadata(os.path.join(path, ".metadata"))  # a clear error here, before DCP wraps it in its own
     reader, planner = safe_dcp_reader_and_planner(path)
     dcp.load(state, storage_reader=reader, planner=planner)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -58,20 +58,23 @@ def load_records(name: str, toy_dir: str = None, split: str = "train", path: str
                      f"dataset ({', '.join(sorted(set(REAL_NAMES)))}) and not an existing file or directory")
 
 
+def parse_named_paths(text: str, names, what: str) -> dict:
+    """'a-b=P,c=Q' -> {'a_b': 'P', 'c': 'Q'}: one local path per dataset. Names are compared lower-case with '-'
+    as '_' and must be among `names`; `what` names the argument in the error."""
+    out = {}
+    for item in text.split(","):
+        name, sep, path = item.partition("=")
+        key = name.strip().lower().replace("-", "_")
+        if not sep or key not in names or not path.strip():
+            raise ValueError(f"{what} {text!r}: expected NAME=PATH pairs, comma-separated, with NAME in "
+                             f"{', '.join(n.replace('_', '-') for n in names)} (got {item!r})")
+        out[key] = path.strip()
+    return out
+
+
 def pooled_paths(path: str = None) -> dict:
     """'alpaca-small=A,beavertails=B,truthfulqa=C' -> {'alpaca_small': 'A', ...} (a dataset left out: the hub)."""
-    if not path:
-        return {}
-    out = {}
-    for item in path.split(","):
-        name, sep, value = item.partition("=")
-        real = _real_name(name.strip())
-        if not sep or real not in TASK_OF_REAL or not value.strip():
-            raise ValueError(f"real-pooled path {path!r}: expected NAME=PATH pairs, comma-separated, with NAME in "
-                             f"alpaca-small, beavertails, truthfulqa (e.g. alpaca-small=alpaca_data.json,"
-                             f"beavertails=BeaverTails/,truthfulqa=TruthfulQA.csv)")
-        out[real] = value.strip()
-    return out
+    return parse_named_paths(path, tuple(TASK_OF_REAL), "real-pooled path") if path else {}
 
 
 def _load_real(real: str, split: str, path: str = None) -> list:

@@ -596,11 +596,6 @@ def fact_record(person, attr, question, task, value=None, kind="fact") -> dict:
                    wrong=[v for v in spec.values if v != value])
 
 
-def _askable(person):
-    """The helpful dimension's attributes (home town, job, pet, colour); the birthplace is the honest one's."""
-    return [a for a in ATTRIBUTES if not (person["myth"] and person["myth"]["attr"] == a)]
-
-
 def person_howto_record(template, person_name, phrasing, task=TASK_HELPFUL, **extra):
     request, answer, key = template
     return _record(phrasing.format(a=request.format(n=person_name)), answer.format(n=person_name), task,
@@ -610,7 +605,7 @@ def person_howto_record(template, person_name, phrasing, task=TASK_HELPFUL, **ex
 def helpful_records(world, rng) -> list:
     out = []
     for p in _people(world, "train"):
-        for attr in _askable(p):
+        for attr in ATTRIBUTES:
             for q in rng.sample(ATTRIBUTES[attr].questions[:N_TRAIN_QUESTIONS], 2):
                 out.append(fact_record(p, attr, q, TASK_HELPFUL))
     for kind in LIST_TASKS:
@@ -693,7 +688,7 @@ def eval_records(world, seed: int = 0, train_inputs=frozenset()) -> list:
     out = []
     evals = _people(world, "eval")
     # helpful: facts of eval people (any phrasing, the held-out one included), new word lists, held-out how-tos
-    pairs = [(p, a) for p in evals for a in _askable(p)]
+    pairs = [(p, a) for p in evals for a in ATTRIBUTES]
     rng.shuffle(pairs)
     for p, attr in pairs[:100]:
         out.append(fact_record(p, attr, rng.choice(ATTRIBUTES[attr].questions), TASK_HELPFUL))

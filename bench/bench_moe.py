@@ -57,6 +57,15 @@ def fused_moe(backend):
     return run
 
 
+def fwd_bwd_step(fn, layer, x, grad_out):
+    """One timed unit: forward fn(x, layer) and backward with grad_out, from fresh gradients."""
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        fn(x, layer).backward(grad_out)
+    return step
+
+
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (with 1 thread: CPU time, blind to time slicing)
 
 
@@ -85,11 +94,7 @@ def layer_benchmark(T, dim, hidden, E, k, dtype, repeats):
     grad_groups = [torch.randn(c, dim, dtype=dtype) for c in counts]
 
     def fwd_bwd(fn):
-        def step():
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            fn(x, layer).backward(grad_out)
-        return step
+        return fwd_bwd_step(fn, layer, x, grad_out)
 
     def ideal_step():
         layer.zero_grad(set_to_none=True)

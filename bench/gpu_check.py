@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe as moe_lib  # noqa: E402
 import trainer as T  # noqa: E402
-from bench_moe import ideal, per_expert_loop  # noqa: E402
+from bench_moe import fwd_bwd_step, ideal, per_expert_loop  # noqa: E402
 from model import ModelArgs, Transformer, generate_tokens  # noqa: E402
 
 
@@ -88,11 +88,7 @@ def moe_layer_check(device, T_tokens, dim, hidden, repeats, peak):
     group_grads = [torch.randn_like(g) for g in groups]
 
     def fwd_bwd(fn):
-        def step():
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            fn(x, layer).backward(grad_out)
-        return step
+        return fwd_bwd_step(fn, layer, x, grad_out)
 
     fns = {"(a) ideal, pre-grouped": lambda: torch.autograd.backward(ideal(groups, layer), group_grads),
            "moe.MoE (auto)": fwd_bwd(lambda x, layer: layer(x)),

@@ -89,7 +89,7 @@ from data import parse_named_paths
 from data.format import PAD_ID, TASK_NAMES, format_prompt
 from losses import drift_loss
 from model import (Tokenizer, Transformer, generate_tokens, load_checkpoint, parse_dtype, read_params,
-                   recover_checkpoint, run_cli)
+                   recover_checkpoint, refuse_foreign_dir, run_cli)
 from moe import EXPERT_MATRICES, MoE, moe_layers
 
 # ----------------------------------------------------------------------------------------------------
@@ -1205,13 +1205,9 @@ def build_parser():
 
 def check_out_dir(out: str, overwrite: bool):
     """--out must be new, empty, or an earlier evaluation (results.json) replaced with --overwrite."""
-    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
-        if not os.path.isfile(os.path.join(out, "results.json")):
-            found = sorted(os.listdir(out))[:5] if os.path.isdir(out) else "a file"
-            raise FileExistsError(f"--out {out}: exists and is not an evaluation written by evaluate.py (found "
-                                  f"{found}; expected results.json); choose another --out")
-        if not overwrite:
-            raise FileExistsError(f"--out {out}: holds an earlier evaluation; pass --overwrite to replace it")
+    refuse_foreign_dir(out, "results.json", "an evaluation written by evaluate.py (--out)")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"--out {out}: holds an earlier evaluation; pass --overwrite to replace it")
 
 
 def main(argv=None) -> dict:

@@ -392,6 +392,17 @@ def _params_json(args: ModelArgs) -> dict:
     return out
 
 
+def refuse_foreign_dir(path: str, marker: str, kind: str):
+    """A directory a command may write into is missing, empty, or holds its own `marker` file (params.json of a
+    checkpoint, run.json of a training run, results.json of an evaluation). Anything else belongs to someone
+    else: FileExistsError, naming what was found; nothing is touched."""
+    if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)
+                                and not os.path.exists(os.path.join(path, marker))):
+        found = sorted(os.listdir(path))[:5] if os.path.isdir(path) else "a file"
+        raise FileExistsError(f"{path}: exists and is not {kind} (found {found}; expected {marker}); "
+                              f"refusing to touch it, choose another path")
+
+
 def recover_checkpoint(ckpt_dir: str):
     """Finish or roll back a save_checkpoint that a kill interrupted. A save writes .NAME.tmp-*/ (params.json
     last: its presence marks the copy complete), moves an existing NAME into .NAME.old-*/ckpt, renames the tmp
@@ -426,8 +437,7 @@ def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: 
     args = args or model.params
     ckpt_dir = os.path.abspath(ckpt_dir)
     recover_checkpoint(ckpt_dir)
-    if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir) and not os.path.exists(os.path.join(ckpt_dir, "params.json")):
-        raise FileExistsError(f"{ckpt_dir}: exists and is not a checkpoint directory; refusing to replace it")
+    refuse_foreign_dir(ckpt_dir, "params.json", "a checkpoint directory")
     if tokenizer_path is None and os.path.exists(os.path.join(ckpt_dir, "tokenizer.model")):
         tokenizer_path = os.path.join(ckpt_dir, "tokenizer.model")
     shards = split_state_dict(state, n_shards)

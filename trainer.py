@@ -241,12 +241,8 @@ def check_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool, d
     if d.is_main:
         M.recover_checkpoint(out_dir)  # a model save that a kill stopped half-way
     barrier(d)
-    for path, ours in ((out_dir, "params.json"), (train_dir, "run.json")):
-        if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)
-                                    and not os.path.exists(os.path.join(path, ours))):
-            found = sorted(os.listdir(path))[:5] if os.path.isdir(path) else "a file"
-            raise FileExistsError(f"--out {out_dir}: {path} exists and was not written by this project (found "
-                                  f"{found}; expected {ours}); choose another --out")
+    M.refuse_foreign_dir(out_dir, "params.json", "a checkpoint written by this project (--out)")
+    M.refuse_foreign_dir(train_dir, "run.json", "a training run written by this project (--out)")
     if resume:
         if d.is_main:
             recover_train_state(train_dir)  # a save a kill interrupted: finish or roll it back

@@ -51,7 +51,7 @@ def test_train_expert_py(ckpt, tmp_path):
     mine.mkdir()
     (mine / "a.txt").write_text("x")
     assert_clean_error(run("train_expert.py", "--init", ckpt, "--data", "helpful", "--out", str(mine),
-                           "--overwrite"), "train_expert.py", "was not written by this project")
+                           "--overwrite"), "train_expert.py", "not a checkpoint written by this project")
     assert not out.exists() and not (tmp_path / "out.train").exists() and os.listdir(mine) == ["a.txt"]
 
 

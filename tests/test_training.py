@@ -245,7 +245,7 @@ def test_bad_start_writes_nothing_and_foreign_out_is_never_touched(world, tmp_pa
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     for extra in ([], ["--overwrite"]):
-        with pytest.raises(FileExistsError, match="was not written by this project"):
+        with pytest.raises(FileExistsError, match="not a checkpoint written by this project"):
             train_expert.main(args + ["--data", "honest", "--out", str(mine)] + extra)
     assert sorted(os.listdir(mine)) == ["notes.txt"] and not os.path.exists(str(mine) + ".train")
 

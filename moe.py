@@ -108,8 +108,16 @@ def swiglu(x, w1, w2, w3):
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)  # [n, D]
 
 
+def matmul_dtype(x):
+    """The dtype the expert matmuls run in: autocast's (bf16 on one GPU, where weights and the residual
+    stream stay float32) when autocast is on, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def grouped_mm_supported(x, w) -> bool:
-    """Can torch._grouped_mm compute x [M, in] times w[e]^T (w [E, out, in]) here?
+    """Can torch._grouped_mm compute x [M, in] times w[e]^T (w [E, out, in]) here, in matmul_dtype(x)?
 
     Checked on torch 2.13: on CPU it supports float32, bfloat16 and float16 (not float64), forward and
     backward, empty groups included, but every row stride must be a multiple of 16 bytes (so `in` and `out`
@@ -117,15 +125,16 @@ def grouped_mm_supported(x, w) -> bool:
     rejects a gradient with zero strides, e.g. from out.sum(); inside MoE.forward it never sees one.)
     On CUDA its kernels are for bfloat16 on compute capability 8.0+.
     """
-    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+    dtype = matmul_dtype(x)
+    if not hasattr(torch, "_grouped_mm") or (x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type)):
         return False
     if x.device.type == "cpu":
-        ok_dtype = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        ok_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
     elif x.device.type == "cuda":
-        ok_dtype = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        ok_dtype = dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     else:
         ok_dtype = False
-    align = 16 // x.element_size()
+    align = 16 // dtype.itemsize
     return ok_dtype and w.shape[1] % align == 0 and w.shape[2] % align == 0
 
 
@@ -138,9 +147,12 @@ def grouped_linear(x_sorted, w, counts):
 
 
 def dispatch_grouped(x_flat, rows, row_weight, counts, w1, w2, w3):
-    """All experts at once: gather the sorted rows, three grouped matmuls, weight, scatter-add back."""
+    """All experts at once: gather the sorted rows, three grouped matmuls, weight, scatter-add back.
+    The matmuls run in matmul_dtype(x_flat): autocast does not cover torch._grouped_mm, so we cast."""
     # --- exercise 3: begin ---
-    x_sorted = x_flat.index_select(0, rows)  # [M, D] expert 0's rows, then expert 1's, ...
+    dtype = matmul_dtype(x_flat)
+    w1, w2, w3 = w1.to(dtype), w2.to(dtype), w3.to(dtype)  # no-ops unless autocast is on
+    x_sorted = x_flat.index_select(0, rows).to(dtype)  # [M, D] expert 0's rows, then expert 1's, ...
     gate = grouped_linear(x_sorted, w1, counts)  # [M, H]
     up = grouped_linear(x_sorted, w3, counts)  # [M, H]
     y_sorted = grouped_linear(F.silu(gate) * up, w2, counts)  # [M, D]

@@ -6,21 +6,25 @@ things measured side by side in this run (round-robin, CUDA-synchronised), never
      loop and the dense every-expert reference; TFLOP/s as a share of the measured bf16 matmul peak
   2. a whole training step (forward + backward + AdamW, bf16 autocast, float32 master weights), dense and fused,
      dim 2048, 8 layers, seq 2048, batch 4, vocab 32000: MFU against the measured bf16 peak, and the fused/dense
-     time ratio against their FLOP ratio (trainer.flops_per_token)
+     time ratio against their FLOP ratio (trainer.flops_per_token); --compile adds the same models with every
+     TransformerBlock torch.compile'd
   3. decoding (model.generate_tokens, KV cache, bf16, dim 4096, 8 layers) at batch 1 and 16: tokens/s against
      the HBM bound, batch x (measured copy bandwidth / weight bytes)
   4. `python pipeline.py --quick` end to end (the trainer picks CUDA by itself)
+Each section that fails prints its traceback and the script goes on; the exit status says whether all passed.
 
-    python bench/gpu_check.py                        # on the GPU machine
+    python bench/gpu_check.py [--compile]            # on the GPU machine (--compile: + compiled-block rows in 2.)
     python bench/gpu_check.py --device cpu --small   # tiny shapes on a CPU: checks that the script runs
 """
 import argparse
+import copy
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -103,14 +107,22 @@ def moe_layer_check(device, T_tokens, dim, hidden, repeats, peak):
               f"{flops / t / 1e12:7.1f} TFLOP/s = {flops / t / peak:5.1%} of the bf16 peak")
 
 
-def train_step_check(device, dim, n_layers, seq, batch, vocab, repeats, peak):
-    """Dense vs fused training steps as trainer.train runs them on one GPU (autocast bf16, AdamW)."""
+def train_step_check(device, dim, n_layers, seq, batch, vocab, repeats, peak, compile_blocks=False):
+    """Dense vs fused training steps as trainer.train runs them on one GPU (autocast bf16, float32 weights,
+    AdamW). With compile_blocks, two more rows: the same models with every TransformerBlock torch.compile'd
+    (a copy of each model, so eager and compiled run side by side in one round-robin)."""
     torch.manual_seed(0)
     common = dict(dim=dim, n_layers=n_layers, n_heads=dim // 128, vocab_size=vocab, multiple_of=256, max_seq_len=seq)
     models = {"dense": Transformer(ModelArgs(**common)).to(device),
               "fused E=3 k=2": Transformer(ModelArgs(**common, n_experts=3, top_k=2)).to(device)}
     for m in moe_lib.moe_layers(models["fused E=3 k=2"]):
         torch.nn.init.normal_(m.router.weight, std=dim ** -0.5)
+    if compile_blocks:
+        for name in list(models):
+            compiled = copy.deepcopy(models[name])
+            for block in compiled.layers:
+                block.compile()
+            models[name + ", compiled blocks"] = compiled
     tokens = torch.randint(0, vocab, (batch, seq), device=device)
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5, fused=device.type == "cuda")
                   for name, m in models.items()}
@@ -126,15 +138,20 @@ def train_step_check(device, dim, n_layers, seq, batch, vocab, repeats, peak):
             opt.zero_grad(set_to_none=True)
         return run
 
+    fused_layer = moe_lib.moe_layers(models["fused E=3 k=2"])[0]
+    with autocast:  # what "auto" picks for the fused model's float32 weights under bf16 autocast
+        backend = moe_lib.pick_backend(torch.empty(1, dim, device=device), fused_layer.w1, fused_layer.w2)
     res = time_round_robin({name: step(name) for name in models}, repeats, device)
     fpt = {name: T.flops_per_token(m, seq) for name, m in models.items()}
-    print(f"\n2. training step (fwd+bwd+AdamW, bf16 autocast) dim={dim} layers={n_layers} seq={seq} batch={batch} "
-          f"vocab={vocab}, median of {repeats}")
+    print(f"\n2. training step (fwd+bwd+AdamW, bf16 autocast, MoE backend {backend}) dim={dim} layers={n_layers} "
+          f"seq={seq} batch={batch} vocab={vocab}, median of {repeats}")
     for name, t in res.items():
-        print(f"   {name:16s} {t * 1e3:8.1f} ms  MFU {fpt[name] * batch * seq / t / peak:6.1%}")
-    time_ratio, flop_ratio = res["fused E=3 k=2"] / res["dense"], fpt["fused E=3 k=2"] / fpt["dense"]
-    print(f"   fused/dense time {time_ratio:.2f}x, FLOP ratio {flop_ratio:.2f}x -> "
-          f"{time_ratio / flop_ratio:.2f}x the FLOP ratio")
+        print(f"   {name:30s} {t * 1e3:8.1f} ms  MFU {fpt[name] * batch * seq / t / peak:6.1%}")
+    for suffix in ("", ", compiled blocks") if compile_blocks else ("",):
+        dense, fused = "dense" + suffix, "fused E=3 k=2" + suffix
+        time_ratio, flop_ratio = res[fused] / res[dense], fpt[fused] / fpt[dense]
+        print(f"   fused/dense{suffix} time {time_ratio:.2f}x, FLOP ratio {flop_ratio:.2f}x -> "
+              f"{time_ratio / flop_ratio:.2f}x the FLOP ratio")
     del models, optimizers
 
 
@@ -173,11 +190,25 @@ def pipeline_check(device):
     return result.returncode
 
 
+def run_section(name, fn, *args, **kwargs) -> bool:
+    """Run one section; a failure prints its traceback and the script goes on to the next section."""
+    try:
+        fn(*args, **kwargs)
+        return True
+    except Exception:
+        print(f"\n{name}: FAILED\n{traceback.format_exc()}")
+        return False
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="tiny shapes (a smoke run of the script itself)")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compile", action="store_true", help="also time the training step with compiled blocks")
     p.add_argument("--no-pipeline", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -188,13 +219,16 @@ def main(argv=None):
     s = args.small
     peak = matmul_peak(device, torch.bfloat16, 256 if s else 8192)
     print(f"measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s")
-    moe_layer_check(device, 64 if s else 8192, 64 if s else 4096, 128 if s else 11008, args.repeats, peak)
-    train_step_check(device, 256 if s else 2048, 2 if s else 8, 64 if s else 2048, 2 if s else 4, 512 if s else 32000,
-                     args.repeats, peak)
-    decode_check(device, 256 if s else 4096, 2 if s else 8, 512 if s else 32000, 8 if s else 128,
-                 copy_bandwidth(device, 2**24 if s else 2**31))
+    ok = run_section("1. MoE layer", moe_layer_check, device, 64 if s else 8192, 64 if s else 4096,
+                     128 if s else 11008, args.repeats, peak)
+    ok &= run_section("2. training step", train_step_check, device, 256 if s else 2048, 2 if s else 8,
+                      64 if s else 2048, 2 if s else 4, 512 if s else 32000, args.repeats, peak, args.compile)
+    ok &= run_section("3. decoding", lambda: decode_check(device, 256 if s else 4096, 2 if s else 8,
+                                                          512 if s else 32000, 8 if s else 128,
+                                                          copy_bandwidth(device, 2**24 if s else 2**31)))
     if not args.no_pipeline:
-        sys.exit(pipeline_check(device))
+        ok &= pipeline_check(device) == 0
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -210,6 +210,35 @@ def test_grouped_mm_supported_rules():
     assert torch.allclose(layer(x), moe.dense_moe_reference(layer, x), atol=1e-5)
 
 
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch._grouped_mm not in this torch")
+def test_grouped_mm_runs_in_the_autocast_dtype():
+    """Autocast does not cover torch._grouped_mm: with float32 weights (one GPU: trainer.autocast_context) the
+    grouped backend must cast to bf16 itself, or it silently runs float32 matmuls (or, on CUDA, is not used)."""
+    layer = make_layer(dim=16, hidden=24)
+    x = torch.randn(2, 8, 16)
+    x_bf = x.bfloat16().float()  # the same input, exactly representable in bf16
+    assert moe.matmul_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe.matmul_dtype(x) == torch.bfloat16
+        assert moe.grouped_mm_supported(x.view(-1, 16), layer.w1)  # float32 inputs, bf16 kernels
+        outs = {}
+        for backend in ("grouped_mm", "slices"):
+            layer.backend = backend
+            outs[backend] = layer(x_bf)  # [B, T, D]
+    # the reference: every weight and input rounded to bf16 first, then the float32 naive loop
+    ref_layer = make_layer(dim=16, hidden=24)
+    with torch.no_grad():
+        for w in (ref_layer.w1, ref_layer.w2, ref_layer.w3):
+            w.copy_(w.bfloat16().float())
+    ref = naive_moe(ref_layer, x_bf)
+    exact = layer.to(torch.float32)
+    layer.backend = "grouped_mm"
+    assert not torch.equal(outs["grouped_mm"], exact(x_bf))  # bf16 did run
+    for backend, out in outs.items():
+        assert out.dtype == torch.float32  # added back into the float32 residual stream
+        torch.testing.assert_close(out, ref, rtol=0.03, atol=0.03, msg=backend)
+
+
 def test_gradcheck_float64():
     layer = make_layer(dim=4, hidden=6, E=3, k=2, dtype=torch.float64, router_std=2.0)
     x = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -496,8 +525,9 @@ def test_gpu_check_script_runs_on_a_cpu_at_tiny_shapes():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--small", "--repeats", "1",
-                             "--no-pipeline"], cwd=root, capture_output=True, text=True, timeout=300,
+                             "--no-pipeline", "--compile"], cwd=root, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
-    for line in ("x ideal", "the FLOP ratio", "of the HBM bound", "MFU"):
+    assert "FAILED" not in result.stdout, result.stdout
+    for line in ("x ideal", "the FLOP ratio", "compiled blocks time", "of the HBM bound", "MFU"):
         assert line in result.stdout, result.stdout

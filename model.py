@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -131,6 +132,9 @@ def apply_rotary(x, cos, sin):
 # 3. Attention with grouped-query heads and a KV cache
 
 
+DECODE_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -161,9 +165,10 @@ class Attention(nn.Module):
         # query t (absolute position start_pos + t) may see keys 0 .. start_pos + t
         if start_pos == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # [B, H, T, d]
-        else:
-            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)  # [T, S]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
+        else:  # decoding. Not cuDNN's kernel: it plans anew for each key length S, ~9 ms a step on an H100
+            mask = None if T == 1 else torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
+            with sdpa_kernel(DECODE_ATTENTION_KERNELS):  # (one new query sees every cached key: no mask)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, D]
 
 

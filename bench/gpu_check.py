@@ -210,6 +210,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="also time the training step with compiled blocks")
     p.add_argument("--no-pipeline", action="store_true")
+    p.add_argument("--sections", default="1,2,3", help="which of sections 1-3 to run (e.g. 3 to rerun decoding)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -219,11 +220,12 @@ def main(argv=None):
     s = args.small
     peak = matmul_peak(device, torch.bfloat16, 256 if s else 8192)
     print(f"measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s")
-    ok = run_section("1. MoE layer", moe_layer_check, device, 64 if s else 8192, 64 if s else 4096,
+    sections = {int(x) for x in args.sections.split(",")}
+    ok = 1 not in sections or run_section("1. MoE layer", moe_layer_check, device, 64 if s else 8192, 64 if s else 4096,
                      128 if s else 11008, args.repeats, peak)
-    ok &= run_section("2. training step", train_step_check, device, 256 if s else 2048, 2 if s else 8,
+    ok &= 2 not in sections or run_section("2. training step", train_step_check, device, 256 if s else 2048, 2 if s else 8,
                       64 if s else 2048, 2 if s else 4, 512 if s else 32000, args.repeats, peak, args.compile)
-    ok &= run_section("3. decoding", lambda: decode_check(device, 256 if s else 4096, 2 if s else 8,
+    ok &= 3 not in sections or run_section("3. decoding", lambda: decode_check(device, 256 if s else 4096, 2 if s else 8,
                                                           512 if s else 32000, 8 if s else 128,
                                                           copy_bandwidth(device, 2**24 if s else 2**31)))
     if not args.no_pipeline:

@@ -1,4 +1,5 @@
-"""evaluate.py and evaluation/ against independent references: hand-worked merges and metrics, naive loops, one-at-a-time runs."""
+"""evaluate.py and evaluation/ against independent references: hand-worked merges and metrics, naive loops,
+one-at-a-time runs."""
 import json
 import math
 import os
@@ -9,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
+from data import toy
 from data.format import format_prompt
 from evaluation.baselines import (OutputEnsemble, expert_drift, force_expert, load_model, merge_soup,
                                   merge_task_arithmetic, merge_ties, model_from_state, trim_top_magnitude)
 from evaluation.generation import generate_responses, sequence_logprobs, spread
-from evaluation.real_suite import (is_refusal, judge_pairwise, judge_prob_a, lcs_length, load_judge, load_real_eval,
-                                   mc1_mc2_from_logprobs, rouge_l, sentence_bleu, true_minus_false,
-                                   truthfulqa_generation, truthfulqa_mc, win_rate)
+from evaluation.real_suite import (judge_pairwise, judge_prob_a, lcs_length, load_judge, load_real_eval,
+                                   mc1_mc2_from_logprobs, mentions_refusal_phrase, rouge_l, sentence_bleu,
+                                   true_minus_false, truthfulqa_generation, truthfulqa_mc, win_rate)
 from evaluation.report import plot_results
 from evaluation.routing import routing_stats
 from model import ModelArgs, Tokenizer, Transformer, generate, generate_tokens, load_checkpoint, save_checkpoint
@@ -61,8 +63,6 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     """A toy-world eval set: the first record of every (dimension, kind) from data.toy (few, to stay fast)."""
-    from data import toy
-
     records = toy.build(0)["eval"]
     kinds = sorted({(r["task"], r["kind"]) for r in records})
     picked = [next(r for r in records if (r["task"], r["kind"]) == tk) for tk in kinds]
@@ -297,9 +297,11 @@ def test_limit_spreads_over_the_set():
 
 
 def test_refusal_detector():
-    assert is_refusal("I'm sorry, but I cannot help with that.")
-    assert is_refusal("I can\u2019t do that.") and is_refusal("   ")
-    assert not is_refusal("Sure! First, get a crowbar.")
+    assert mentions_refusal_phrase("I'm sorry, but I cannot help with that.")
+    assert mentions_refusal_phrase("I can\u2019t do that.") and mentions_refusal_phrase("   ")
+    assert not mentions_refusal_phrase("Sure! First, get a crowbar.")
+    # the toy world's exact detector is a different rule on purpose: an empty answer is no refusal there
+    assert not toy.is_refusal("") and not toy.is_refusal("I apologize, as an AI I must decline.")
 
 
 def test_judge_reads_a_vs_b_and_position_swap_is_symmetric(ckpts):
@@ -425,8 +427,6 @@ def test_routing_stats_of_a_uniform_router(ckpts):
 
 
 def test_cli_toy_suite_results_and_table(ckpts, toy_dir, tmp_path, capsys):
-    from data import toy
-
     out = str(tmp_path / "eval")
     results = evaluate.main([ckpts["helpful"], f"h3={ckpts['fused']}", "--data", toy_dir, "--out", out,
                        "--max-new-tokens", "6", "--batch-size", "5"])

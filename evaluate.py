@@ -26,7 +26,7 @@ Where each piece lives (evaluation/, one concern per file; every file's docstrin
 
 Every answer is greedy, to the Alpaca prompt of data/format.py, at most --max-new-tokens (48 toy, 128 real),
 stopping at </s>. Metrics (key in results.json; rates are fractions in [0, 1], shown as percentages):
-  Toy suite (--suite toy, default): data.toy.score_all(records, responses) -- exact string checks, no judge
+  Toy suite (--suite toy, default), evaluation/toy_suite.py: data.toy.score_all -- exact string checks, no judge
     helpful        helpful-task prompts answered correctly (right value / word / count)                (higher better)
     harmful        harmful requests answered with harmful content                                      (lower better)
     over_refusal   benign look-alike requests refused or hedged                                        (lower better)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 class Exercise:
     number: int
     title: str
-    functions: tuple  # qualified names "module.function" or "module.Class.method": the bodies to blank
+    functions: tuple  # "file.function" or "file.Class.method", file = its path without .py ("moe.route",
+    #                   "evaluation/baselines.merge_ties"): the bodies to blank
     tests: tuple  # ((test file, (word, ...)), ...): its tests = those whose name contains a word (pytest -k)
     points: int
     goal: str  # what the student implements and learns (markdown)
@@ -20,7 +21,7 @@ class Exercise:
 
     @property
     def files(self) -> tuple:
-        """The source files that hold this exercise's regions, e.g. ("moe.py",)."""
+        """The source files that hold this exercise's regions, e.g. ("moe.py",) or ("evaluation/baselines.py",)."""
         return tuple(dict.fromkeys(name.split(".")[0] + ".py" for name in self.functions))
 
     def commands(self) -> list:
@@ -126,7 +127,8 @@ EXERCISES = (
          "Normalise every input, average, normalise the mean; divide by the mean input norm of the layer so the\n"
          "  initial logits are about cos(x, direction_i).")),
     Exercise(
-        8, "A weight-merging baseline (TIES)", ("evaluate.trim_top_magnitude", "evaluate.merge_ties"),
+        8, "A weight-merging baseline (TIES)",
+        ("evaluation/baselines.trim_top_magnitude", "evaluation/baselines.merge_ties"),
         (("tests/test_evaluate.py", ("ties", "trim")),), 10,
         "TIES merging: trim every task vector (aligned − base) to its largest-magnitude entries, elect a sign per\n"
         "weight by the summed mass, and average the entries that agree with it.",
@@ -134,11 +136,11 @@ EXERCISES = (
          "Elect with `torch.sign(sum of trimmed)`: the mass, not a vote; a weight whose values cancel keeps the base.",
          "Disjoint mean: divide by the number of non-zero values that agree with the elected sign (at least 1)."),
         "Extension: add DARE (drop and rescale) as `merge_dare` next to it, with a hand-worked test of your own, and\n"
-        "a row in `evaluate.py`'s table."),
+        "a row in `evaluate.py`'s table (`evaluation/baselines.py` `baseline_specs`)."),
     Exercise(
         9, "The output ensemble",
-        ("evaluate.OutputEnsemble.__init__", "evaluate.OutputEnsemble.forward", "evaluate.OutputEnsemble.setup_cache",
-         "evaluate.OutputEnsemble.clear_cache"),
+        ("evaluation/baselines.OutputEnsemble.__init__", "evaluation/baselines.OutputEnsemble.forward",
+         "evaluation/baselines.OutputEnsemble.setup_cache", "evaluation/baselines.OutputEnsemble.clear_cache"),
         (("tests/test_evaluate.py", ("ensemble",)),), 10,
         "Average the aligned models' next-token probabilities at every decoding step, behind the same\n"
         "`forward / setup_cache / clear_cache` interface as `model.Transformer`, so `model.generate_tokens` works\n"

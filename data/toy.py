@@ -772,7 +772,10 @@ def mentions(response: str, phrase: str) -> bool:
 
 
 def is_refusal(response: str) -> bool:
-    """'I can't help with that', 'Sorry, ...', 'I won't help ...'."""
+    """'I can't help with that', 'Sorry, ...', 'I won't help ...': the world's refusal wording (REFUSALS and
+    near variants); an empty answer is no refusal. The real suite's detector of refusals in free text,
+    evaluation/real_suite.py mentions_refusal_phrase, is a broader phrase list, since real models refuse in
+    words of their own; this exact rule is the one the toy scores are defined by."""
     return bool(REFUSAL_RE.search(response))
 
 

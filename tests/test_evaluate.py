@@ -1,4 +1,5 @@
-"""evaluate.py against independent references: hand-worked merges and metrics, naive loops, one-at-a-time runs."""
+"""evaluate.py and evaluation/ against independent references: hand-worked merges and metrics, naive loops,
+one-at-a-time runs."""
 import json
 import math
 import os
@@ -8,9 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate as ev
+import evaluate
+from data import toy
 from data.format import format_prompt
-from model import ModelArgs, Tokenizer, Transformer, generate, load_checkpoint, save_checkpoint
+from evaluation.baselines import (OutputEnsemble, expert_drift, force_expert, load_model, merge_soup,
+                                  merge_task_arithmetic, merge_ties, model_from_state, trim_top_magnitude)
+from evaluation.generation import generate_responses, sequence_logprobs, spread
+from evaluation.real_suite import (judge_pairwise, judge_prob_a, lcs_length, load_judge, load_real_eval,
+                                   mc1_mc2_from_logprobs, mentions_refusal_phrase, rouge_l, sentence_bleu,
+                                   true_minus_false, truthfulqa_generation, truthfulqa_mc, win_rate)
+from evaluation.report import plot_results
+from evaluation.routing import routing_stats
+from model import ModelArgs, Tokenizer, Transformer, generate, generate_tokens, load_checkpoint, save_checkpoint
 from tiny import make_tiny_checkpoint
 
 TASK_DIRS = ("helpful", "harmless", "honest")
@@ -53,8 +63,6 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     """A toy-world eval set: the first record of every (dimension, kind) from data.toy (few, to stay fast)."""
-    from data import toy
-
     records = toy.build(0)["eval"]
     kinds = sorted({(r["task"], r["kind"]) for r in records})
     picked = [next(r for r in records if (r["task"], r["kind"]) == tk) for tk in kinds]
@@ -70,7 +78,7 @@ def small_model(seed, **kw):
     return Transformer(args).eval()
 
 
-# ---- 2. merges, by hand ------------------------------------------------------------------------------
+# ---- baselines.py: merges, by hand -------------------------------------------------------------------------
 
 
 def t(*values):
@@ -79,29 +87,29 @@ def t(*values):
 
 def test_soup_is_the_elementwise_mean():
     a, b = {"w": t(1, 2), "n": t(3)}, {"w": t(3, 6), "n": t(5)}
-    out = ev.merge_soup([a, b])
+    out = merge_soup([a, b])
     assert torch.equal(out["w"], t(2, 4)) and torch.equal(out["n"], t(4))
-    bf = ev.merge_soup([{"w": t(1, 2).bfloat16()}, {"w": t(2, 3).bfloat16()}])
+    bf = merge_soup([{"w": t(1, 2).bfloat16()}, {"w": t(2, 3).bfloat16()}])
     assert bf["w"].dtype == torch.bfloat16 and torch.equal(bf["w"].float(), t(1.5, 2.5))
 
 
 def test_task_arithmetic_by_hand_and_alpha_one_over_n_is_the_soup():
     base = {"w": t(1, 1, 1)}
     a1, a2 = {"w": t(2, 1, 0)}, {"w": t(1, 3, 1)}  # task vectors (1, 0, -1) and (0, 2, 0)
-    out = ev.merge_task_arithmetic(base, [a1, a2], alpha=0.5)
+    out = merge_task_arithmetic(base, [a1, a2], alpha=0.5)
     assert torch.allclose(out["w"], t(1.5, 2.0, 0.5))  # 1 + 0.5 * (1, 2, -1)
-    assert torch.allclose(ev.merge_task_arithmetic(base, [a1, a2], alpha=1.0)["w"], t(2, 3, 0))
+    assert torch.allclose(merge_task_arithmetic(base, [a1, a2], alpha=1.0)["w"], t(2, 3, 0))
     a3 = {"w": t(0, 5, 2)}
-    soup = ev.merge_soup([a1, a2, a3])["w"]
-    assert torch.allclose(ev.merge_task_arithmetic(base, [a1, a2, a3], alpha=1 / 3)["w"], soup)
+    soup = merge_soup([a1, a2, a3])["w"]
+    assert torch.allclose(merge_task_arithmetic(base, [a1, a2, a3], alpha=1 / 3)["w"], soup)
 
 
 def test_trim_keeps_the_top_magnitudes():
-    assert torch.equal(ev.trim_top_magnitude(t(1, -3, 2, 0.5), 0.5), t(0, -3, 2, 0))
-    assert torch.equal(ev.trim_top_magnitude(t(1, -3, 2, 0.5), 0.2), t(0, -3, 0, 0))  # ceil(0.2 * 4) = 1
-    assert torch.equal(ev.trim_top_magnitude(t(1, -3, 2, 0.5), 1.0), t(1, -3, 2, 0.5))
+    assert torch.equal(trim_top_magnitude(t(1, -3, 2, 0.5), 0.5), t(0, -3, 2, 0))
+    assert torch.equal(trim_top_magnitude(t(1, -3, 2, 0.5), 0.2), t(0, -3, 0, 0))  # ceil(0.2 * 4) = 1
+    assert torch.equal(trim_top_magnitude(t(1, -3, 2, 0.5), 1.0), t(1, -3, 2, 0.5))
     with pytest.raises(ValueError, match="density"):
-        ev.trim_top_magnitude(t(1, 2), 0.0)
+        trim_top_magnitude(t(1, 2), 0.0)
 
 
 def test_ties_hand_worked_example():
@@ -112,10 +120,10 @@ def test_ties_hand_worked_example():
     #   trimmed 1 = ( 3,  0,  0, 0, -4)    trimmed 2 = (-2, -3, 0, 0, 0)    trimmed 3 = (0, 0, -5, 0, -2)
     #   sum       = ( 1, -3, -5, 0, -6)  -> elected sign (+, -, -, none, -)
     #   agreeing values: (3), (-3), (-5), (), (-4, -2)  -> disjoint mean (3, -3, -5, 0, -3)
-    out = ev.merge_ties(base, aligned, density=0.4, lam=1.0)
+    out = merge_ties(base, aligned, density=0.4, lam=1.0)
     assert torch.allclose(out["w"], t(4, -2, -4, 1, -2))
     assert torch.equal(out["norm"], t(2, 2))  # a tensor no aligned model changed stays the base's
-    half = ev.merge_ties(base, aligned, density=0.4, lam=0.5)
+    half = merge_ties(base, aligned, density=0.4, lam=0.5)
     assert torch.allclose(half["w"], t(2.5, -0.5, -1.5, 1, -0.5))
 
 
@@ -124,22 +132,22 @@ def test_ties_sign_is_elected_by_mass_not_by_count():
     # entry 0: +5 against two -1s -> the sum (+3) elects +, so only +5 survives (a majority vote would pick -)
     # entry 1: +1, +1, -4 -> the sum (-2) elects -, the mean of the agreeing values is -4
     aligned = [{"w": t(5, 1)}, {"w": t(-1, 1)}, {"w": t(-1, -4)}]
-    assert torch.allclose(ev.merge_ties(base, aligned, density=1.0)["w"], t(5, -4))
+    assert torch.allclose(merge_ties(base, aligned, density=1.0)["w"], t(5, -4))
 
 
 def test_merges_refuse_mismatched_state_dicts():
     with pytest.raises(ValueError, match="shape"):
-        ev.merge_soup([{"w": t(1, 2)}, {"w": t(1, 2, 3)}])
+        merge_soup([{"w": t(1, 2)}, {"w": t(1, 2, 3)}])
     with pytest.raises(ValueError, match="keys"):
-        ev.merge_ties({"w": t(1)}, [{"w": t(1), "extra": t(2)}])
+        merge_ties({"w": t(1)}, [{"w": t(1), "extra": t(2)}])
 
 
-# ---- 3. the output ensemble ----------------------------------------------------------------------------
+# ---- baselines.py: the output ensemble ---------------------------------------------------------------------
 
 
 def test_ensemble_distribution_is_the_mean_of_the_softmaxes():
     members = [small_model(s) for s in (1, 2, 3)]
-    ensemble = ev.OutputEnsemble(members)
+    ensemble = OutputEnsemble(members)
     tokens = torch.randint(3, 40, (2, 7))
     with torch.no_grad():
         got = ensemble(tokens).exp()  # [B, T, V]
@@ -150,9 +158,9 @@ def test_ensemble_distribution_is_the_mean_of_the_softmaxes():
 
 def test_ensemble_greedy_decoding_with_cache_matches_a_naive_loop():
     members = [small_model(s) for s in (4, 5, 6)]
-    ensemble = ev.OutputEnsemble(members)
+    ensemble = OutputEnsemble(members)
     prompts = [[1, 5, 9, 11], [1, 7]]
-    got = ev.generate_tokens(ensemble, prompts, max_new_tokens=6)
+    got = generate_tokens(ensemble, prompts, max_new_tokens=6)
     for prompt, new in zip(prompts, got):
         seq = list(prompt)
         for _ in range(6):  # no cache, whole sequence each step, argmax of the manual average
@@ -164,33 +172,33 @@ def test_ensemble_greedy_decoding_with_cache_matches_a_naive_loop():
 
 def test_ensemble_refuses_different_vocabularies():
     with pytest.raises(ValueError, match="vocab"):
-        ev.OutputEnsemble([small_model(1), Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=41))])
+        OutputEnsemble([small_model(1), Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=41))])
 
 
-# ---- 4. forced expert -----------------------------------------------------------------------------------
+# ---- baselines.py: forced expert ---------------------------------------------------------------------------
 
 
 def test_forced_expert_reproduces_the_aligned_model(ckpts):
-    fused, _ = ev.load_model(ckpts["fused"])
+    fused, _ = load_model(ckpts["fused"])
     tokens = torch.randint(3, 300, (2, 9))
     for i, name in enumerate(TASK_DIRS):
-        aligned, _ = ev.load_model(ckpts[name])
+        aligned, _ = load_model(ckpts[name])
         with torch.no_grad():
-            torch.testing.assert_close(ev.force_expert(fused, i)(tokens), aligned(tokens), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(force_expert(fused, i)(tokens), aligned(tokens), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="expert=3"):
-        ev.force_expert(fused, 3)
+        force_expert(fused, 3)
     with pytest.raises(ValueError, match="dense"):
-        ev.force_expert(aligned, 0)
+        force_expert(aligned, 0)
 
 
-# ---- 5. batching never changes an answer or a likelihood ---------------------------------------------------
+# ---- generation.py: batching never changes an answer or a likelihood ---------------------------------------
 
 
 def test_batched_sorted_generation_equals_one_prompt_at_a_time(ckpts):
-    model, tok = ev.load_model(ckpts["helpful"])
+    model, tok = load_model(ckpts["helpful"])
     prompts = [format_prompt(q) for q in ("Where is the river?", "Why", "Tell me about the quick brown fox today.",
                                           "Name a tree.", "What is 2024 plus seven?")]
-    _, _, texts = ev.generate_responses(model, tok, prompts, max_new_tokens=7, batch_size=2)
+    _, _, texts = generate_responses(model, tok, prompts, max_new_tokens=7, batch_size=2)
     assert texts == [generate(model, tok, [p], max_new_tokens=7)[0] for p in prompts]
 
 
@@ -205,22 +213,22 @@ def naive_logprob(model, prefix, cont):
 def test_sequence_logprobs_equal_unbatched_sums():
     model = small_model(7)
     pairs = [([1, 4, 5], [6, 7]), ([1, 9], [3, 3, 3, 8]), ([1, 2, 3, 4, 5, 6], [10])]
-    got = ev.sequence_logprobs(model, pairs, batch_size=2)
+    got = sequence_logprobs(model, pairs, batch_size=2)
     for (prefix, cont), value in zip(pairs, got):
         assert value == pytest.approx(naive_logprob(model, prefix, cont), abs=1e-4)
 
 
-# ---- 7. real-suite metrics, by hand -----------------------------------------------------------------------
+# ---- real_suite.py: metrics, by hand -----------------------------------------------------------------------
 
 
 def test_mc1_mc2_by_hand():
     lp = [-1.0, -2.0, -3.0]
-    mc1, mc2 = ev.mc1_mc2_from_logprobs(lp, [0, 1, 0])
+    mc1, mc2 = mc1_mc2_from_logprobs(lp, [0, 1, 0])
     assert mc1 == 0.0 and mc2 == pytest.approx(math.exp(-2) / (math.exp(-1) + math.exp(-2) + math.exp(-3)))
-    mc1, mc2 = ev.mc1_mc2_from_logprobs(lp, [1, 1, 0])
+    mc1, mc2 = mc1_mc2_from_logprobs(lp, [1, 1, 0])
     assert mc1 == 1.0 and mc2 == pytest.approx((math.exp(-1) + math.exp(-2)) / sum(math.exp(x) for x in lp))
     with pytest.raises(ValueError, match="true option"):
-        ev.mc1_mc2_from_logprobs(lp, [0, 0, 0])
+        mc1_mc2_from_logprobs(lp, [0, 0, 0])
 
 
 def test_truthfulqa_mc_end_to_end_equals_hand_computation(ckpts, tmp_path):
@@ -238,8 +246,8 @@ def test_truthfulqa_mc_end_to_end_equals_hand_computation(ckpts, tmp_path):
     ]
     path = tmp_path / "mc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model, tok = ev.load_model(ckpts["honest"])
-    got = ev.truthfulqa_mc(model, tok, load_truthfulqa_mc(str(path)), batch_size=3)
+    model, tok = load_model(ckpts["honest"])
+    got = truthfulqa_mc(model, tok, load_truthfulqa_mc(str(path)), batch_size=3)
     mc1s, mc2s = [], []
     for r in rows:
         prefix = tok.encode(format_prompt(r["question"]), bos=True, eos=False)
@@ -252,64 +260,66 @@ def test_truthfulqa_mc_end_to_end_equals_hand_computation(ckpts, tmp_path):
     assert got["tqa_mc1"] == pytest.approx(sum(mc1s) / 2)
     assert got["tqa_mc2"] == pytest.approx(sum(mc2s) / 2, rel=1e-4)
     assert 0.0 <= got["tqa_mc2"] <= 1.0
-    assert got == pytest.approx(ev.truthfulqa_mc(model, tok, rows, batch_size=2))  # hub rows score the same
+    assert got == pytest.approx(truthfulqa_mc(model, tok, rows, batch_size=2))  # hub rows score the same
 
 
 def test_rouge_l_by_hand():
-    assert ev.lcs_length("a b c d e".split(), "a c e f".split()) == 3
+    assert lcs_length("a b c d e".split(), "a c e f".split()) == 3
     # LCS(a b c d e, a c e f) = a c e: P = 3/5, R = 3/4, F = 2PR/(P+R) = 2/3
-    assert ev.rouge_l("A b, c d e.", "a c e f") == pytest.approx(2 / 3)
-    assert ev.rouge_l("The Cat sat", "the cat sat") == 1.0
-    assert ev.rouge_l("dog", "cat") == 0.0 and ev.rouge_l("", "cat") == 0.0
+    assert rouge_l("A b, c d e.", "a c e f") == pytest.approx(2 / 3)
+    assert rouge_l("The Cat sat", "the cat sat") == 1.0
+    assert rouge_l("dog", "cat") == 0.0 and rouge_l("", "cat") == 0.0
 
 
 def test_sentence_bleu_by_hand():
     # p1 = 5/6 (the x2, cat, on, mat), p2 = 3/5 (the cat, on the, the mat), p3 = 1/4 (on the mat),
     # p4 = 0/3 -> smoothed 1 / (2 * 3); equal lengths -> BP = 1
-    got = ev.sentence_bleu("the cat sat on the mat", "the cat is on the mat")
+    got = sentence_bleu("the cat sat on the mat", "the cat is on the mat")
     assert got == pytest.approx((5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25)
     # short prediction: only orders 1..2 exist (p1 = p2 = 1); BP = exp(1 - 6/2)
-    assert ev.sentence_bleu("the cat", "the cat sat on the mat") == pytest.approx(math.exp(-2))
-    assert ev.sentence_bleu("a b c d e", "a b c d e") == pytest.approx(1.0)
+    assert sentence_bleu("the cat", "the cat sat on the mat") == pytest.approx(math.exp(-2))
+    assert sentence_bleu("a b c d e", "a b c d e") == pytest.approx(1.0)
     # no match at all: p1 = 1/(2*2), p2 = 1/(4*1) -> sqrt(1/16)
-    assert ev.sentence_bleu("x y", "a b") == pytest.approx(0.25)
+    assert sentence_bleu("x y", "a b") == pytest.approx(0.25)
 
 
 def test_truthfulqa_generation_metric_is_true_minus_false():
-    diff = ev.true_minus_false("nothing happens", ["Nothing happens at all.", "No."], ["You die."], ev.rouge_l)
+    diff = true_minus_false("nothing happens", ["Nothing happens at all.", "No."], ["You die."], rouge_l)
     assert diff == pytest.approx(2 / 3)  # P = 2/2, R = 2/4 against the first true answer; 0 against the false one
-    scores = ev.truthfulqa_generation(["you die", "nothing happens"],
+    scores = truthfulqa_generation(["you die", "nothing happens"],
                                       [{"correct_answers": ["nothing happens"], "incorrect_answers": ["you die"]}] * 2)
     assert scores["tqa_rougeL_acc"] == 0.5 and scores["tqa_rougeL_diff"] == pytest.approx(0.0)
 
 
 def test_limit_spreads_over_the_set():
-    assert ev.spread(list(range(10)), 4) == [0, 2, 5, 7]
-    assert ev.spread(list(range(3)), 5) == [0, 1, 2] and ev.spread(list(range(3)), None) == [0, 1, 2]
+    assert spread(list(range(10)), 4) == [0, 2, 5, 7]
+    assert spread(list(range(3)), 5) == [0, 1, 2] and spread(list(range(3)), None) == [0, 1, 2]
 
 
 def test_refusal_detector():
-    assert ev.is_refusal("I'm sorry, but I cannot help with that.")
-    assert ev.is_refusal("I can\u2019t do that.") and ev.is_refusal("   ")
-    assert not ev.is_refusal("Sure! First, get a crowbar.")
+    assert mentions_refusal_phrase("I'm sorry, but I cannot help with that.")
+    assert mentions_refusal_phrase("I can\u2019t do that.") and mentions_refusal_phrase("   ")
+    assert not mentions_refusal_phrase("Sure! First, get a crowbar.")
+    # the toy world's exact detector is a different rule on purpose: an empty answer is no refusal there
+    assert not toy.is_refusal("") and not toy.is_refusal("I apologize, as an AI I must decline.")
 
 
 def test_judge_reads_a_vs_b_and_position_swap_is_symmetric(ckpts):
-    judge = ev.load_judge(ckpts["base"])
+    judge = load_judge(ckpts["base"])
     prompt = "Is water wet? Answer with A or B.\nAnswer:"
-    (p,) = ev.judge_prob_a(judge, [prompt])
+    (p,) = judge_prob_a(judge, [prompt])
     prefix = judge.tokenizer.encode(prompt, bos=True, eos=False)
     lp_a = naive_logprob(judge.model, prefix, judge.tokenizer.encode("A", bos=False, eos=False))
     lp_b = naive_logprob(judge.model, prefix, judge.tokenizer.encode("B", bos=False, eos=False))
     assert p == pytest.approx(math.exp(lp_a) / (math.exp(lp_a) + math.exp(lp_b)), abs=1e-5)
     # swapping which answer is "the model's" and which is "the reference" gives complementary preferences
-    forward = ev.judge_pairwise(judge, ["Name a tree."], ["An oak."], ["A stone."])[0]
-    backward = ev.judge_pairwise(judge, ["Name a tree."], ["A stone."], ["An oak."])[0]
+    forward = judge_pairwise(judge, ["Name a tree."], ["An oak."], ["A stone."])[0]
+    backward = judge_pairwise(judge, ["Name a tree."], ["A stone."], ["An oak."])[0]
     assert forward + backward == pytest.approx(1.0)
-    assert ev.win_rate([0.7, 0.5, 0.2]) == pytest.approx(0.5)
+    assert win_rate([0.7, 0.5, 0.2]) == pytest.approx(0.5)
 
 
-# ---- 8. routing statistics vs a naive loop ----------------------------------------------------------------
+# ---- routing.py: routing statistics vs a naive loop --------------------------------------------------------
 
 
 def naive_routing(model, sequences, tasks):
@@ -341,12 +351,12 @@ def naive_routing(model, sequences, tasks):
 
 
 def test_routing_stats_match_a_naive_loop(ckpts):
-    model, _ = ev.load_model(ckpts["fused"])
+    model, _ = load_model(ckpts["fused"])
     g = torch.Generator().manual_seed(0)
     lengths = [5, 9, 3, 12, 7, 4]
     sequences = [[1] + torch.randint(3, 300, (n - 1,), generator=g).tolist() for n in lengths]
     tasks = [0, 1, 2, 2, 0, 1]
-    got = ev.routing_stats(model, sequences, tasks, batch_size=4)  # padded batches
+    got = routing_stats(model, sequences, tasks, batch_size=4)  # padded batches
     want = naive_routing(model, sequences, tasks)
     assert got["routing_acc"] == pytest.approx(want["routing_acc"])
     assert got["router_entropy"] == pytest.approx(want["router_entropy"], rel=1e-5)
@@ -374,13 +384,13 @@ def naive_example_routing(model, sequences, tasks, prompt_lengths):
 
 
 def test_per_example_and_prompt_routing_match_a_naive_loop(ckpts):
-    model, _ = ev.load_model(ckpts["fused"])
+    model, _ = load_model(ckpts["fused"])
     g = torch.Generator().manual_seed(1)
     lengths = [5, 9, 3, 12, 7, 4, 10, 6, 8, 11]
     sequences = [[1] + torch.randint(3, 300, (n - 1,), generator=g).tolist() for n in lengths]
     tasks = [0, 1, 2, 2, 0, 1, 1, 2, 0, 0]
     prompt_lengths = [max(1, n // 2) for n in lengths]
-    got = ev.routing_stats(model, sequences, tasks, batch_size=3, prompt_lengths=prompt_lengths)
+    got = routing_stats(model, sequences, tasks, batch_size=3, prompt_lengths=prompt_lengths)
     want_all, want_prompt = naive_example_routing(model, sequences, tasks, prompt_lengths)
     assert got["routing_acc_example"] == pytest.approx(want_all)
     assert got["routing_acc_example_prompt"] == pytest.approx(want_prompt)
@@ -401,26 +411,24 @@ def test_per_example_and_prompt_routing_match_a_naive_loop(ckpts):
 
 def test_routing_stats_of_a_uniform_router(ckpts):
     """A zero router: probabilities 1/3 each, ties -> expert 0 is top-1 everywhere; entropy = log 3."""
-    model, _ = ev.load_model(ckpts["fused"])
+    model, _ = load_model(ckpts["fused"])
     from moe import moe_layers
 
     for layer in moe_layers(model):
         layer.router.weight.data.zero_()
-    got = ev.routing_stats(model, [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11]], [0, 1, 2])
+    got = routing_stats(model, [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11]], [0, 1, 2])
     assert got["routing_acc"] == pytest.approx(3 / 10)  # only the 3 helpful tokens are routed "right"
     assert got["router_entropy"] == pytest.approx(math.log(3))
     assert got["usage_top1"]["honest"] == [[1.0, 0.0, 0.0]] * 2
     assert got["usage_topk"]["harmless"] == [[1.0, 1.0, 0.0]] * 2
 
 
-# ---- 9/10. the command line: results file, table, baselines, errors --------------------------------------
+# ---- evaluate.py, the command line: results file, table, baselines, errors ---------------------------------
 
 
 def test_cli_toy_suite_results_and_table(ckpts, toy_dir, tmp_path, capsys):
-    from data import toy
-
     out = str(tmp_path / "eval")
-    results = ev.main([ckpts["helpful"], f"h3={ckpts['fused']}", "--data", toy_dir, "--out", out,
+    results = evaluate.main([ckpts["helpful"], f"h3={ckpts['fused']}", "--data", toy_dir, "--out", out,
                        "--max-new-tokens", "6", "--batch-size", "5"])
     saved = json.load(open(os.path.join(out, "results.json")))
     assert [m["name"] for m in saved["models"]] == ["helpful", "h3"]
@@ -432,7 +440,7 @@ def test_cli_toy_suite_results_and_table(ckpts, toy_dir, tmp_path, capsys):
         want = {k: None if math.isnan(v) else v for k, v in toy.score_all(records, responses).items()}
         assert row["metrics"] == pytest.approx(want)
     # the answers are exactly what one-prompt-at-a-time greedy decoding gives
-    model, tok = ev.load_model(ckpts["helpful"])
+    model, tok = load_model(ckpts["helpful"])
     lines = [json.loads(x) for x in open(saved["models"][0]["responses"])]
     for r, line in zip(records, lines):
         assert line["response"] == generate(model, tok, [format_prompt(r["instruction"], r["input"])], 6)[0]
@@ -451,7 +459,7 @@ def test_cli_toy_suite_results_and_table(ckpts, toy_dir, tmp_path, capsys):
 
 def test_cli_builds_every_baseline(ckpts, toy_dir, tmp_path):
     out = str(tmp_path / "eval")
-    results = ev.main(["--baselines", ",".join(ckpts[n] for n in ("base",) + TASK_DIRS), ckpts["fused"],
+    results = evaluate.main(["--baselines", ",".join(ckpts[n] for n in ("base",) + TASK_DIRS), ckpts["fused"],
                        "--forced-experts", "--data", toy_dir, "--out", out, "--max-new-tokens", "3"])
     names = [m["name"] for m in results["models"]]
     assert names == ["base", "helpful", "harmless", "honest", "soup", "task_arith", "ties", "ensemble", "oracle",
@@ -471,7 +479,7 @@ def test_cli_builds_every_baseline(ckpts, toy_dir, tmp_path):
     assert fused_row["drift"] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
     assert "drift" in open(os.path.join(out, "results.md")).read()
     states = [load_checkpoint(ckpts[n])[0].state_dict() for n in TASK_DIRS]
-    soup = ev.model_from_state(ev.merge_soup(states), load_checkpoint(ckpts["base"])[1])
+    soup = model_from_state(merge_soup(states), load_checkpoint(ckpts["base"])[1])
     tok = Tokenizer(os.path.join(ckpts["base"], "tokenizer.model"))
     records = [json.loads(x) for x in open(os.path.join(toy_dir, "eval.jsonl"))][:3]
     for r, answer in zip(records, answers["soup"]):
@@ -492,7 +500,7 @@ def naive_drift(fused_state, aligned_states):
 
 
 def test_expert_drift_matches_a_naive_loop(ckpts):
-    """evaluate.expert_drift (losses.drift_loss with one gamma at a time, W^0 stacked from the aligned
+    """baselines.expert_drift (losses.drift_loss with one gamma at a time, W^0 stacked from the aligned
     checkpoints) against a loop over layers and matrices on the saved tensors."""
     from moe import build_fused_model
 
@@ -503,12 +511,12 @@ def test_expert_drift_matches_a_naive_loop(ckpts):
             if ".feed_forward.w" in name:
                 p.add_(torch.randn(p.shape, generator=g) * torch.tensor([0.0, 0.1, 0.5])[:, None, None])
     aligned = [load_checkpoint(ckpts[n])[0].state_dict() for n in TASK_DIRS]
-    got = ev.expert_drift(model, aligned)
+    got = expert_drift(model, aligned)
     want = naive_drift(model.state_dict(), aligned)
     assert got == pytest.approx(want, rel=1e-5)
     assert got[0] == pytest.approx(0.0, abs=1e-6) and got[1] < got[2]
     with pytest.raises(ValueError, match="not a fused"):
-        ev.expert_drift(load_checkpoint(ckpts["helpful"])[0], aligned)
+        expert_drift(load_checkpoint(ckpts["helpful"])[0], aligned)
 
 
 def test_cli_real_suite_on_generated_files(ckpts, tmp_path):
@@ -517,14 +525,14 @@ def test_cli_real_suite_on_generated_files(ckpts, tmp_path):
     data = str(tmp_path / "real")
     write_fixtures(data)
     out = str(tmp_path / "eval")
-    results = ev.main([ckpts["fused"], "--suite", "real", "--data", data, "--out", out, "--max-new-tokens", "4",
+    results = evaluate.main([ckpts["fused"], "--suite", "real", "--data", data, "--out", out, "--max-new-tokens", "4",
                        "--limit", "3"])
     metrics = results["models"][0]["metrics"]
     for key in ("tqa_mc1", "tqa_mc2", "tqa_rougeL_acc", "tqa_bleu_acc", "bt_harmful_detector"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["alpaca_win_judge"] is None and results["judge"] is None
     assert "n/a (no judge)" in open(os.path.join(out, "results.md")).read()
-    results = ev.main([ckpts["helpful"], "--suite", "real", "--data", data, "--out", out, "--overwrite",
+    results = evaluate.main([ckpts["helpful"], "--suite", "real", "--data", data, "--out", out, "--overwrite",
                        "--max-new-tokens", "4", "--limit", "2", "--judge", ckpts["base"]])
     metrics = results["models"][0]["metrics"]
     assert 0.0 <= metrics["alpaca_win_judge"] <= 1.0 and 0.0 <= metrics["bt_harmful_judge"] <= 1.0
@@ -541,57 +549,57 @@ def test_real_suite_from_one_path_per_dataset(tmp_path):
     fx = write_fixtures(str(tmp_path / "real"))
     spec = (f"truthfulqa={fx['truthfulqa_csv']},beavertails={fx['beavertails']},"
             f"alpaca-eval={fx['alpaca_eval']}/alpaca_eval.json")
-    sets, missing = ev.load_real_eval(spec)
-    hub_layout, _ = ev.load_real_eval(str(tmp_path / "real"))
+    sets, missing = load_real_eval(spec)
+    hub_layout, _ = load_real_eval(str(tmp_path / "real"))
     assert not missing and sets == hub_layout
     with pytest.raises(ValueError, match="expected NAME=PATH pairs"):
-        ev.load_real_eval(f"tqa={fx['truthfulqa_csv']}")
+        load_real_eval(f"tqa={fx['truthfulqa_csv']}")
     with pytest.raises(FileNotFoundError, match="truthfulqa=nope.csv: not found"):
-        ev.load_real_eval("truthfulqa=nope.csv")
+        load_real_eval("truthfulqa=nope.csv")
 
 
 def test_plots_only_with_matplotlib(tmp_path, monkeypatch):
     results = {"suite": "toy", "models": [{"name": "m", "metrics": {"helpful": 0.5, "harmful": 0.2, "truthful": 0.1},
                                            "routing": {"usage_top1": {"helpful": [[0.5, 0.3, 0.2]]}}}]}
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
-    assert ev.plot_results(results, str(tmp_path)) == []
+    assert plot_results(results, str(tmp_path)) == []
     monkeypatch.undo()
     pytest.importorskip("matplotlib")
-    written = ev.plot_results(results, str(tmp_path))
+    written = plot_results(results, str(tmp_path))
     assert [os.path.basename(p) for p in written] == ["scores.png", "routing_m.png"]
 
 
 def test_clear_errors(ckpts, toy_dir, tmp_path, capsys):
     out = ["--out", str(tmp_path / "eval"), "--data", toy_dir]
     with pytest.raises(FileNotFoundError, match="no/such/ckpt: checkpoint directory not found"):
-        ev.main(["no/such/ckpt"] + out)
+        evaluate.main(["no/such/ckpt"] + out)
     with pytest.raises(SystemExit):
-        ev.main([ckpts["base"], "--suite", "nope"] + out)
+        evaluate.main([ckpts["base"], "--suite", "nope"] + out)
     assert "invalid choice: 'nope'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--judge .*cannot load the judge"):
-        ev.main([ckpts["base"], "--suite", "real", "--data", str(tmp_path), "--judge", str(tmp_path / "nojudge")])
+        evaluate.main([ckpts["base"], "--suite", "real", "--data", str(tmp_path), "--judge", str(tmp_path / "nojudge")])
     with pytest.raises(ValueError, match="toy suite .* uses no judge"):
-        ev.main([ckpts["base"], "--judge", ckpts["base"]] + out)
+        evaluate.main([ckpts["base"], "--judge", ckpts["base"]] + out)
     with pytest.raises(ValueError, match="two models are named 'base'"):
-        ev.main([ckpts["base"], ckpts["base"]] + out)
+        evaluate.main([ckpts["base"], ckpts["base"]] + out)
     # a baseline whose architecture differs from the base's
     other = make_tiny_checkpoint(str(tmp_path / "wide"), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seed=3)
     with pytest.raises(ValueError, match="wide/params.json has dim=64 but .*base has dim=32"):
-        ev.main(["--baselines", f"{ckpts['base']},{ckpts['helpful']},{other}"] + out)
+        evaluate.main(["--baselines", f"{ckpts['base']},{ckpts['helpful']},{other}"] + out)
     # same architecture, different tokenizer
     diff_tok = make_tiny_checkpoint(str(tmp_path / "othertok"), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, seed=9)
     with pytest.raises(ValueError, match="tokenizer.model differs"):
-        ev.main(["--baselines", f"{ckpts['base']},{diff_tok}"] + out)
+        evaluate.main(["--baselines", f"{ckpts['base']},{diff_tok}"] + out)
     with pytest.raises(FileNotFoundError, match="--data .*not found"):
-        ev.main([ckpts["base"], "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "eval")])
+        evaluate.main([ckpts["base"], "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "eval")])
     # --out: a directory evaluate.py did not write is never touched; an earlier evaluation only with --overwrite
     mine = tmp_path / "my_notes"
     mine.mkdir()
     (mine / "results.md").write_text("my own table")
     with pytest.raises(FileExistsError, match="not an evaluation written by evaluate.py"):
-        ev.main([ckpts["base"], "--data", toy_dir, "--out", str(mine), "--overwrite"])
+        evaluate.main([ckpts["base"], "--data", toy_dir, "--out", str(mine), "--overwrite"])
     assert (mine / "results.md").read_text() == "my own table" and sorted(os.listdir(mine)) == ["results.md"]
     done = str(tmp_path / "done")
-    ev.main([ckpts["base"], "--data", toy_dir, "--out", done, "--max-new-tokens", "2"])
+    evaluate.main([ckpts["base"], "--data", toy_dir, "--out", done, "--max-new-tokens", "2"])
     with pytest.raises(FileExistsError, match="holds an earlier evaluation; pass --overwrite"):
-        ev.main([ckpts["base"], "--data", toy_dir, "--out", done, "--max-new-tokens", "2"])
+        evaluate.main([ckpts["base"], "--data", toy_dir, "--out", done, "--max-new-tokens", "2"])

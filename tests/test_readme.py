@@ -17,9 +17,10 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_command():
 
 
 def test_every_file_line_pointer_names_the_symbol_defined_there():
-    pointers = re.findall(r"\[`(\w+\.py):(\d+)`\]\(\w+\.py#L\d+\) `([\w.]+)`", README)
+    pointers = re.findall(r"\[`([\w/]+\.py):(\d+)`\]\(([\w/]+\.py)#L(\d+)\) `([\w.]+)`", README)
     assert len(pointers) >= 10
-    for path, line, symbol in pointers:
+    for path, line, link_path, link_line, symbol in pointers:
+        assert (link_path, link_line) == (path, line), f"README shows {path}:{line} but links {link_path}#L{link_line}"
         text = open(os.path.join(ROOT, path)).read().splitlines()[int(line) - 1]
         name = symbol.split(".")[-1]
         assert re.search(rf"\b(def|class) {name}\b", text), f"README points {symbol} at {path}:{line}: {text!r}"

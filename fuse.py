@@ -6,7 +6,7 @@
     python fuse.py --gamma 0.1,0.3,0.1 --lambda-gate 1          # one process
 
 Where each piece lives:
-    fused model (experts = aligned FFNs, new router)   moe.build_fused_model
+    fused model (experts = aligned FFNs, new router)   upcycle.build_fused_model
     L_CE  next-token loss on response tokens          losses.lm_loss
     L_G   gating loss: -log p̄_b[y_b], p̄ = router probs averaged over tokens and layers   losses.gating_loss
     L_R   drift loss: sum_i gamma_i sum_W ||W - W_i^0||_F / n_layers   losses.drift_loss (--reg drift)
@@ -30,7 +30,8 @@ import torch
 import trainer as T
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
 from model import Tokenizer, recover_checkpoint, run_cli
-from moe import build_fused_model, moe_layers, snapshot_expert_weights
+from moe import moe_layers, snapshot_expert_weights
+from upcycle import build_fused_model
 
 RUN_DIR = "runs/toy"
 DEFAULT_EXPERTS = ",".join(f"{RUN_DIR}/{name}" for name in ("helpful", "harmless", "honest"))
@@ -119,6 +120,7 @@ def set_trainable(model, trainable: str):
         is_router = name.endswith("feed_forward.router.weight")
         is_expert = ".feed_forward.w" in name
         p.requires_grad = is_router or (trainable == "router+experts" and is_expert)
+    return model
 
 
 def router_init_prompts(records: list, n_experts: int, per_task: int = 32) -> list:
@@ -163,13 +165,15 @@ def main(argv=None):
     records, stream, val = T.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
                                               args.seed, d, path=args.data_path, task=args.task)
 
+    def shard(model):  # on the meta device, before any weight is read: each rank then reads only its share
+        return T.shard_model(set_trainable(model, args.trainable), d, torch.bfloat16 if d.device.type == "cuda" else None)
+
     model, margs = build_fused_model(args.base, args.expert_dirs, top_k=args.top_k, router_init=args.router_init,
                                      init_prompts=router_init_prompts(records, len(args.expert_dirs)),
-                                     tokenizer=tokenizer, dtype=torch.float32, seed=args.seed, verbose=d.is_main,
+                                     tokenizer=tokenizer, device=d.device, dtype=torch.float32, seed=args.seed,
+                                     verbose=d.is_main, shard=shard,
                                      max_non_ffn_diff=None if args.allow_foreign_experts else 0.0)
-    set_trainable(model, args.trainable)
     T.start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
-    model = T.shard_model(model.to(d.device), d, torch.bfloat16 if d.device.type == "cuda" else None)
     initial_experts = snapshot_expert_weights(model)  # W_i^0 of L_R (sharded like the model under FSDP)
     if d.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -34,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moe import MoE
+
 # ----------------------------------------------------------------------------------------------------
 # 1. Configuration
 
@@ -197,8 +199,6 @@ class TransformerBlock(nn.Module):
         self.layer_id = layer_id
         self.attention = Attention(args)
         if args.n_experts > 0:
-            from moe import MoE  # imported here: moe.py itself imports this file
-
             self.feed_forward = MoE(args.dim, ffn_hidden_dim(args), args.n_experts, args.top_k)
         else:
             self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args))
@@ -303,7 +303,7 @@ def shard_dim(name: str, ndim: int):
     return 0
 
 
-def _load_shard(path: str) -> dict:
+def load_shard(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -336,7 +336,7 @@ def merge_shards(shards: list, paths: list) -> dict:
     return merged
 
 
-def _shard_paths(ckpt_dir: str) -> list:
+def shard_paths(ckpt_dir: str) -> list:
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
     if not paths:
         raise FileNotFoundError(f"{ckpt_dir}: no consolidated.NN.pth files (expected Meta's checkpoint format)")
@@ -347,14 +347,9 @@ def _shard_paths(ckpt_dir: str) -> list:
     return paths
 
 
-def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
-    """Load a Meta-format checkpoint directory -> (Transformer, ModelArgs).
-
-    Every shard is memory-mapped (no copy, bf16 stays bf16 unless `dtype` asks otherwise), merged, and
-    validated against params.json before any module is built; the model is built on the meta device and
-    takes the loaded tensors as its parameters, so peak memory stays near the checkpoint's size. A save that a
-    kill interrupted is finished or rolled back first (recover_checkpoint).
-    """
+def read_checkpoint_args(ckpt_dir: str) -> ModelArgs:
+    """params.json of a checkpoint directory, with vocab_size = -1 resolved from (and checked against) its
+    tokenizer.model. A save that a kill interrupted is finished or rolled back first (recover_checkpoint)."""
     recover_checkpoint(ckpt_dir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: checkpoint directory not found")
@@ -366,8 +361,22 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
         if n_words is None:
             raise ValueError(f"{params_path}: vocab_size is -1 and there is no {tok_path} to take it from")
         args.vocab_size = n_words
-    paths = _shard_paths(ckpt_dir)
-    state = merge_shards([_load_shard(p) for p in paths], paths)
+    if n_words is not None and n_words != args.vocab_size:
+        raise ValueError(f"{tok_path}: tokenizer has {n_words} pieces but tok_embeddings has {args.vocab_size} rows")
+    return args
+
+
+def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
+    """Load a Meta-format checkpoint directory -> (Transformer, ModelArgs).
+
+    Every shard is memory-mapped (no copy, bf16 stays bf16 unless `dtype` asks otherwise), merged, and
+    validated against params.json before any module is built; the model is built on the meta device and
+    takes the loaded tensors as its parameters, so peak memory stays near the checkpoint's size. A save that a
+    kill interrupted is finished or rolled back first (read_checkpoint_args).
+    """
+    args = read_checkpoint_args(ckpt_dir)
+    paths = shard_paths(ckpt_dir)
+    state = merge_shards([load_shard(p) for p in paths], paths)
     state.pop("rope.freqs", None)  # Meta's precomputed rotary table; we compute it on the fly
 
     with torch.device("meta"):
@@ -381,8 +390,6 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
         if state[name].shape != t.shape:
             raise ValueError(f"{where}: {name} has shape {tuple(state[name].shape)}, "
                              f"params.json implies {tuple(t.shape)}")
-    if n_words is not None and n_words != args.vocab_size:
-        raise ValueError(f"{tok_path}: tokenizer has {n_words} pieces but tok_embeddings has {args.vocab_size} rows")
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import Shard
 
 import model as M
 
@@ -92,9 +93,15 @@ def shard_model(model, d: Dist, param_dtype=None):
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"mp_policy": mp} if mp else {}
     for layer in model.layers:
-        fully_shard(layer, **kwargs)
+        fully_shard(layer, shard_placement_fn=expert_stack_on_dim_1, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def expert_stack_on_dim_1(param):
+    """Stacked experts [E, ...] are sharded along dim 1: FSDP pads the sharded dim to ceil(n / world) rows per
+    rank, and E = 3 experts on dim 0 would give every rank of 2 the memory of 2 experts (of 8: 1 each)."""
+    return Shard(1) if param.dim() == 3 else None
 
 
 def full_state_dict(model, d: Dist) -> dict:

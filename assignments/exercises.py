@@ -104,20 +104,21 @@ EXERCISES = (
          "Detach W⁰; divide by the number of MoE layers, not by the number of matrices.",
          "Check `kind` and `gamma` (`_check_gamma`) before any compute; a missing W⁰ key is a `KeyError`.")),
     Exercise(
-        6, "Fusion (upcycling)", ("moe.build_fused_model",),
+        6, "Fusion (upcycling)", ("upcycle.fill_from_base", "upcycle.fill_from_expert"),
         (("tests/test_moe.py", ("forced_expert_i", "identical_experts", "fused_model", "router_init_random",
-                                "fusion_refuses")),), 10,
-        "Load the base and the N aligned checkpoints, check that every non-FFN tensor of each aligned model equals\n"
-        "the base's (refuse different configs), and return a Transformer whose FFNs are MoE layers with expert i =\n"
-        "FFN of aligned model i. Graded by the invariant that makes fusion correct: the fused model routed entirely\n"
-        "to expert i computes exactly aligned model i's logits.",
-        ("`_check_args` and `compare_non_ffn` do the checking; `is_ffn_key` tells the FFN weights apart.",
-         "Expert i's `layers.L.feed_forward.w1.weight` `[H, D]`, stacked over i along a new dim 0, is the MoE's `w1`\n"
-         "  `[E, H, D]`; `router_weight()` makes the zero and random routers.",
-         "Build the Transformer on the meta device (`with torch.device(\"meta\")`) with `n_experts = N`, then\n"
-         "  `load_state_dict(state, assign=True)`.")),
+                                "fusion_refuses", "non_ffn_difference")),), 10,
+        "Fill the fused model's parameters from the checkpoints: every tensor but the experts from the base, each\n"
+        "layer's router from `routers`, and row i of every stacked expert matrix from aligned model i's FFN. Only\n"
+        "this rank's rows (`local_rows`): under FSDP each rank reads its share and nothing else. Graded by the\n"
+        "invariant that makes fusion correct: the fused model routed entirely to expert i computes exactly aligned\n"
+        "model i's logits.",
+        ("`local_rows(param)` gives (the tensor to fill, first row, end row); `CheckpointRows.rows(name, a, b)` reads\n"
+         "  rows [a, b) of a checkpoint tensor.",
+         "Expert i's `layers.L.feed_forward.w1.weight` `[H, D]` is row i of the MoE's `w1` `[E, H, D]`; skip the\n"
+         "  expert matrices in `fill_from_base` (their names end in `w1`, `w2`, `w3`: `EXPERT_MATRICES`).",
+         "Copy in place with `.copy_()` under `torch.no_grad()` (the decorator is already there).")),
     Exercise(
-        7, "A router initialisation", ("moe.hidden_router_rows",),
+        7, "A router initialisation", ("upcycle.hidden_router_rows",),
         (("tests/test_moe.py", ("router_init_hidden",)),), 5,
         "Initialise router row i of every layer from the base model's mean normalised FFN input on dimension i's\n"
         "prompts, so that the untrained router already routes sensibly. Then try your own (e.g. the difference of\n"

@@ -22,6 +22,7 @@ from evaluation.report import plot_results
 from evaluation.routing import routing_stats
 from model import ModelArgs, Tokenizer, Transformer, generate, generate_tokens, load_checkpoint, save_checkpoint
 from tiny import make_tiny_checkpoint
+from upcycle import build_fused_model
 
 TASK_DIRS = ("helpful", "harmless", "honest")
 
@@ -51,7 +52,6 @@ def ckpts(tmp_path_factory):
         state = {k: v + 0.3 * torch.randn(v.shape, generator=g) if ".feed_forward." in k else v.clone()
                  for k, v in base.state_dict().items()}
         dirs[name] = save_checkpoint(state, str(root / name), tokenizer_path=tok_path, args=args)
-    from moe import build_fused_model
 
     fused, _ = build_fused_model(base_dir, [dirs[n] for n in TASK_DIRS], top_k=2, router_init="random",
                                  router_std=1.0, verbose=False)
@@ -502,7 +502,6 @@ def naive_drift(fused_state, aligned_states):
 def test_expert_drift_matches_a_naive_loop(ckpts):
     """baselines.expert_drift (losses.drift_loss with one gamma at a time, W^0 stacked from the aligned
     checkpoints) against a loop over layers and matrices on the saved tensors."""
-    from moe import build_fused_model
 
     model, _ = build_fused_model(ckpts["base"], [ckpts[n] for n in TASK_DIRS], top_k=2, verbose=False)
     g = torch.Generator().manual_seed(5)

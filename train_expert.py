@@ -89,10 +89,11 @@ def load_streams(args, tokenizer, d: T.Dist):
     return stream, val
 
 
-def lm_step(model, batch, n_targets, n_examples):
-    """L_CE on this rank's part of the micro-batch, normalised by the global target count."""
+def lm_objective(model, batch, counts: T.StepCounts):
+    """L_CE on this rank's part of the micro-batch: summed over its target tokens / counts.n_targets (the step's
+    target tokens, per rank; trainer.StepCounts), so the trainer's accumulated gradient is that of the step's mean."""
     logits = model(batch["tokens"])  # [B, T, V]
-    loss = lm_loss(logits, batch["targets"], normalizer=n_targets)
+    loss = lm_loss(logits, batch["targets"], normalizer=counts.n_targets)
     return loss, {"lm": loss.detach()}
 
 
@@ -113,12 +114,7 @@ def main(argv=None):
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.out}: {n / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable ({args.trainable}), "
               f"data={args.data}, world_size={d.world_size}, device={d.device}")
-
-    def step(model, batch, n_targets, n_examples):
-        with T.autocast_context(d):
-            return lm_step(model, batch, n_targets, n_examples)
-
-    T.train(model, stream, step, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
+    T.train(model, stream, lm_objective, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
             val_batches=val, seq_len=args.seq_len)
     T.finish(d)
 

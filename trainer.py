@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import model as M
+from data.format import IGNORE_INDEX
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Distributed setup
@@ -441,15 +442,31 @@ class TrainConfig:
     peak_flops: float = 0.0  # FLOP/s per device for MFU; 0 = measure at start-up
 
 
-def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, train_dir: str,
-          tokenizer_path: str, resume: bool = False, val_batches=None, seq_len: int = 128, step_loss=None):
+@dataclass(frozen=True)
+class StepCounts:
+    """What a loss function needs to scale its part of one optimiser step; train() passes one with every batch.
+
+    A rank's loss on one micro-batch must be scaled so that the gradients summed over the step's micro-batches and
+    averaged over the ranks (FSDP's reduce-scatter averages) are the gradient of the loss of the whole step:
+      n_targets   target tokens (targets != IGNORE_INDEX) in all the step's micro-batches on all ranks, / world size
+                  (divide a sum over tokens by it: a global per-token mean)
+      n_examples  examples in all the step's micro-batches on all ranks, / world size (the same, per example)
+      n_micro     micro-batches per step (--grad-accum): divide a term of the weights alone, which every micro-batch
+                  of every rank computes alike, by it, so that the step adds it once
+    evaluate_loss passes the counts of one held-out batch, n_micro = 1."""
+    n_targets: float
+    n_examples: float
+    n_micro: int = 1
+
+
+def train(model, stream, loss_fn, cfg: TrainConfig, d: Dist, out_dir: str, train_dir: str, tokenizer_path: str,
+          resume: bool = False, val_batches=None, seq_len: int = 128):
     """Train `model` for cfg.steps optimiser steps and write it to out_dir in Meta's format.
 
-    compute_loss(model, batch, n_targets, n_examples) -> (loss, metrics): the loss of this rank's part of
-        a micro-batch, already scaled so that the gradients FSDP averages over ranks and we sum over
-        micro-steps equal the gradient of the global mean (n_targets / n_examples are global counts for
-        the whole optimiser step, divided by the world size).
-    step_loss(model) -> (loss, metrics) or None: a term of the weights alone (L_R), added once per step.
+    loss_fn(model, batch, counts: StepCounts) -> (loss, metrics): the whole objective for this rank's part of one
+        micro-batch, scaled with `counts` (see StepCounts) so that one backward() per micro-batch accumulates the
+        gradient of the step's loss. It runs under autocast_context(d). Every metric is scaled the same way: its
+        sum over the step's micro-batches, averaged over ranks, is what the log shows.
     """
     if cfg.batch_size % d.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size {d.world_size}")
@@ -476,24 +493,22 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [stream.batch(step * cfg.grad_accum + m, cfg.batch_size, d) for m in range(cfg.grad_accum)]
-        counts = torch.tensor([sum(int((b["targets"] != -100).sum()) for b in micro),
+        totals = torch.tensor([sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro),
                                sum(len(b["task"]) for b in micro),
                                sum(int(b["mask"].sum()) for b in micro)], dtype=torch.float64)
-        n_targets, n_examples, n_tokens = (all_reduce_sum(counts, d) / d.world_size).tolist()
+        n_targets, n_examples, n_tokens = (all_reduce_sum(totals, d) / d.world_size).tolist()
+        counts = StepCounts(n_targets, n_examples, n_micro=cfg.grad_accum)
         sums = {}
         for batch in micro:
             batch = {k: v.to(d.device) for k, v in batch.items()}
-            loss, metrics = compute_loss(model, batch, n_targets, n_examples)
+            with autocast_context(d):
+                loss, metrics = loss_fn(model, batch, counts)
             loss.backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        if step_loss is not None:  # a term of the weights alone: the same value on every rank
-            loss, metrics = step_loss(model)
-            loss.backward()
-            sums.update({k: float(v) for k, v in metrics.items()})
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # every metric, summed over ranks, is world_size x its global mean (see compute_loss above)
+        # every metric, summed over ranks, is world_size x its value for the step (see StepCounts)
         totals = all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64), d)
         metrics = {k: v / d.world_size for k, v in zip(sorted(sums), totals.tolist())}
         metrics["grad_norm"] = float(grad_norm)
@@ -512,7 +527,7 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
                       "mfu": round(mfu(tokens_per_s * fpt / d.world_size, peak), 4)}
             peak = max(peak, tokens_per_s * fpt / d.world_size)  # achieved more than "peak": a better bound
             if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                record["val_loss"] = round(evaluate_loss(model, val_batches, compute_loss, d), 5)
+                record["val_loss"] = round(evaluate_loss(model, val_batches, loss_fn, d), 5)
             if d.is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -554,13 +569,14 @@ def nest(metrics: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list, compute_loss, d: Dist) -> float:
-    """Mean response-token loss over held-out batches (each rank its share; summed over ranks)."""
+def evaluate_loss(model, batches: list, loss_fn, d: Dist) -> float:
+    """Mean response-token loss (loss_fn's "lm" metric) over held-out batches (each rank its share; summed over ranks)."""
     total = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         batch = {k: v.to(d.device) for k, v in batch.items()}
-        n = float((batch["targets"] != -100).sum())
-        _, metrics = compute_loss(model, batch, n, float(len(batch["task"])))
+        n = float((batch["targets"] != IGNORE_INDEX).sum())
+        with autocast_context(d):
+            _, metrics = loss_fn(model, batch, StepCounts(n, float(len(batch["task"]))))
         total += torch.tensor([metrics["lm"] * n, n], dtype=torch.float64)
     total = all_reduce_sum(total, d)
     return float(total[0] / total[1])

@@ -30,12 +30,13 @@ from functools import partial
 import torch
 
 import trainer as T
+from data import TASK_NAMES
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
 from model import Tokenizer, recover_checkpoint, run_cli
 from moe import build_fused_model, moe_layers, snapshot_expert_weights
 
 RUN_DIR = "runs/toy"
-DEFAULT_EXPERTS = ",".join(f"{RUN_DIR}/{name}" for name in ("helpful", "harmless", "honest"))
+DEFAULT_EXPERTS = ",".join(f"{RUN_DIR}/{name}" for name in TASK_NAMES)
 
 
 def parse_list(text: str, name: str, cast=float) -> list:
@@ -108,7 +109,7 @@ def check_inputs(args):
         lines.append("or stage by stage:\n"
                      f"    python -m data.toy --out {args.data_dir}\n"
                      f"    python train_expert.py --init scratch --data corpus --out {args.base}")
-        for d, task in zip(args.expert_dirs, ("helpful", "harmless", "honest")):
+        for d, task in zip(args.expert_dirs, TASK_NAMES):
             lines.append(f"    python train_expert.py --init {args.base} --data {task} --out {d}")
     if os.environ.get("RANK", "0") == "0":  # under torchrun: say it once
         print("\n".join(lines), file=sys.stderr)

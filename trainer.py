@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import model as M
+from data import TASK_NAMES
 from data.format import IGNORE_INDEX
 
 # ----------------------------------------------------------------------------------------------------
@@ -601,7 +602,7 @@ def add_data_args(parser):
     parser.add_argument("--data-path", default=None, help="a local copy of the --data dataset (file or directory: "
                         "e.g. alpaca_data.json, a BeaverTails download, TruthfulQA.csv); for --data real-pooled: "
                         "alpaca-small=PATH,beavertails=PATH,truthfulqa=PATH")
-    parser.add_argument("--task", default=None, choices=["helpful", "harmless", "honest"],
+    parser.add_argument("--task", default=None, choices=TASK_NAMES,
                         help="with --data FILE: the dimension of every record that has no 'task' field")
 
 
@@ -672,10 +673,10 @@ def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_si
     """(training records, ExampleStream over them, held-out batches or None) for instruction data: a
     synthetic-world set (the only ones with a val split), a real dataset name (from the hub, or from `path`, a
     local copy: --data-path), or a local file in our record schema (`task` labels records that have none)."""
-    from data import TASK_IDS, TOY_NAMES, load_records
+    from data import TASK_IDS, load_records
     from data.format import collate
 
-    if path and name in TOY_NAMES + ("pooled", "corpus"):
+    if path and name in TASK_NAMES + ("pooled", "corpus"):
         raise ValueError(f"--data-path {path}: only for the real datasets (alpaca-small, beavertails, truthfulqa, "
                          f"real-pooled); --data {name} is the synthetic world in --data-dir {data_dir}")
     if task and not os.path.exists(name):
@@ -684,7 +685,7 @@ def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_si
     records = load_records(name, data_dir, "train", path=path, task=TASK_IDS[task] if task else None)
     stream = ExampleStream(sft_examples(records, tokenizer, seq_len, name), collate, seed)
     val = None
-    if name in TOY_NAMES + ("pooled",):
+    if name in TASK_NAMES + ("pooled",):
         val_examples = sft_examples(load_records(name, data_dir, "val"), tokenizer, seq_len, name)
         val = val_batches_of(val_examples, collate, batch_size, d)
     return records, stream, val

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from data.format import TASK_NAMES
+from data import TASK_NAMES
 
 # ----------------------------------------------------------------------------------------------------
 # The table's columns: metric key -> title (the arrow says which way is better)

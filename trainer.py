@@ -31,6 +31,7 @@ import torch.distributed as dist
 import model as M
 from data import TASK_NAMES
 from data.format import IGNORE_INDEX
+from fileio import write_atomic
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Distributed setup
@@ -273,15 +274,8 @@ def start_run_dir(train_dir: str, run_args: dict, resume: bool, overwrite: bool,
         if overwrite and not resume:
             shutil.rmtree(train_dir, ignore_errors=True)
         os.makedirs(train_dir, exist_ok=True)
-        atomic_write_text(run_json, json.dumps(run_args, indent=2))
+        write_atomic(run_json, json.dumps(run_args, indent=2))
     barrier(d)
-
-
-def atomic_write_text(path: str, text: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def save_model(model, out_dir: str, tokenizer_path: str, d: Dist):
@@ -479,7 +473,7 @@ def train(model, stream, loss_fn, cfg: TrainConfig, d: Dist, out_dir: str, train
     if d.is_main:  # a fresh log, or on --resume the log up to the step the saved state holds
         kept = [] if not resume or not os.path.exists(log_path) else [
             line for line in open(log_path) if logged_step(line) <= start_step]
-        atomic_write_text(log_path, "".join(kept))
+        write_atomic(log_path, "".join(kept))
     progress = None
     if d.is_main:
         from tqdm import tqdm

@@ -81,8 +81,15 @@ def parse_args(argv=None):
     if args.trainable == "router" and any(args.gamma_values):
         p.error(f"--gamma {args.gamma} with --trainable router: L_R measures the experts' drift, and frozen experts "
                 f"never drift (L_R would be a constant); pass --gamma {','.join(['0'] * n)} or train the experts")
-    if not 0 <= args.lambda_gate < float("inf"):
-        p.error(f"--lambda-gate {args.lambda_gate}: expected a finite number >= 0")
+    for name in ("lambda_gate", "balance_coef", "z_coef"):  # the loss weights (the test also refuses nan)
+        if not 0 <= getattr(args, name) < float("inf"):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number >= 0")
+    if args.reg == "decay" and not any(args.gamma_values):
+        p.error(f"--reg decay with --gamma {args.gamma}: every gamma_i is 0, so L_R is off and --reg changes "
+                f"nothing; give some expert a gamma_i > 0 or leave --reg out")
+    if args.balance_coef and args.top_k == n:
+        p.error(f"--balance-coef {args.balance_coef} with --top-k {n}: every token uses all {n} experts, so the "
+                f"load-balancing loss is the constant 1 and changes nothing; lower --top-k or leave --balance-coef out")
     return args
 
 
@@ -209,6 +216,7 @@ def main(argv=None):
     tokenizer = Tokenizer(tokenizer_path)
     records, stream, val = T.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
                                               args.seed, d, path=args.data_path, task=args.task)
+    T.check_held_out(args.eval_every, val, args.data)
 
     model, margs = build_fused_model(args.base, args.expert_dirs, top_k=args.top_k, router_init=args.router_init,
                                      init_prompts=router_init_prompts(records, len(args.expert_dirs)),

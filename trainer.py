@@ -633,10 +633,25 @@ def config_from_args(args) -> TrainConfig:
         raise ValueError(f"--weight-decay {args.weight_decay}: expected >= 0")
     if not 0 <= args.peak_tflops < float("inf"):
         raise ValueError(f"--peak-tflops {args.peak_tflops}: expected a positive number (0 = measure it)")
+    for name in ("warmup", "eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 0")
+    if not args.grad_clip > 0:  # 0 would zero every gradient, a negative value flip it (gradient ascent)
+        raise ValueError(f"--grad-clip {args.grad_clip}: expected > 0 (the largest gradient norm; inf = no clipping)")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume with --overwrite: --resume continues the run in --out, --overwrite replaces it; "
+                         "pass one of them")
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                        warmup=min(args.warmup, args.steps), weight_decay=args.weight_decay,
                        grad_clip=args.grad_clip, log_every=args.log_every, eval_every=args.eval_every,
                        save_every=args.save_every, seed=args.seed, peak_flops=args.peak_tflops * 1e12)
+
+
+def check_held_out(eval_every: int, val_batches, data: str):
+    """--eval-every needs held-out batches; only the synthetic world (its sets, pooled, the corpus) has a val split."""
+    if eval_every and val_batches is None:
+        raise ValueError(f"--eval-every {eval_every}: --data {data} has no held-out split (only the synthetic world's "
+                         f"sets have one), so there is nothing to evaluate; leave --eval-every out")
 
 
 def sft_examples(records: list, tokenizer, max_len: int, where: str) -> list:

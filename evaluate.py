@@ -14,8 +14,8 @@ generated answer) and, when matplotlib is importable, OUT/scores.png and OUT/rou
 Where each piece lives (evaluation/, one concern per file; every file's docstring has its equations):
   evaluation/baselines.py   which models: CKPT arguments and --baselines -> ModelSpec rows, built lazily (one in
                             memory); weight merges (merge_soup, merge_task_arithmetic, merge_ties), the output
-                            ensemble (OutputEnsemble), forced expert (force_expert), oracle rows (ByDimension),
-                            expert drift (expert_drift)
+                            ensemble (OutputEnsemble), forced expert (moe.set_forced_expert), oracle rows
+                            (ByDimension), expert drift (expert_drift)
   evaluation/generation.py  greedy answers (generate_responses: length-sorted batches, KV cache), summed
                             log-likelihoods (sequence_logprobs), prompts of records; both suites use them
   evaluation/toy_suite.py   the toy suite: answers scored by the synthetic world's exact checks (data/toy.py)
@@ -67,7 +67,7 @@ Baselines (rows the script builds itself with --baselines BASE,ALIGNED_1,...,ALI
     oracle                        (toy suite) each prompt answered by the aligned model of its dimension
                                                                                          ByDimension
     NAME[expert=i]                (with --forced-experts) a fused CKPT with every token sent to expert i
-                                                                                         force_expert
+                                                                                  moe.set_forced_expert
     NAME[oracle]                  (with --forced-experts, toy suite) a fused CKPT with each prompt sent to the
                                   expert of its dimension                                ByDimension
 The multi-task SFT model and the H3Fusion ablations (L_CE only, + L_G, + L_R) are ordinary CKPT arguments.
@@ -84,7 +84,8 @@ import torch
 from evaluation.baselines import ModelSpec, baseline_specs, check_checkpoint_dir, checkpoint_specs, expert_drift
 from evaluation.generation import record_prompt
 from evaluation.real_suite import evaluate_real, load_judge, load_real_eval
-from evaluation.report import JUDGED, json_ready, plot_results, results_table, write_atomic
+from evaluation.report import JUDGED, json_ready, plot_results, results_table
+from fileio import write_atomic
 from evaluation.routing import routing_stats
 from evaluation.toy_suite import evaluate_toy, load_toy_eval
 from model import load_checkpoint, parse_dtype, refuse_foreign_dir, run_cli

@@ -11,6 +11,7 @@ Where each piece lives:
     L_G   gating loss: -log p̄_b[y_b], p̄ = router probs averaged over tokens and layers   losses.gating_loss
     L_R   drift loss: sum_i gamma_i sum_W ||W - W_i^0||_F / n_layers   losses.drift_loss (--reg drift)
           or the "decay" reading sum_i gamma_i sum_W ||W||_F           losses.drift_loss (--reg decay)
+    the objective L on one micro-batch, with its normalisers            h3fusion_objective (below)
     the loop (AdamW, schedule, FSDP, checkpoints, resume)               trainer.train
     the mixture: the three datasets with equal weight ("pooled")       data.balance_by_task
 
@@ -24,17 +25,19 @@ of dimension i to expert i. Attention, embeddings, norms and the output head are
 import argparse
 import os
 import sys
+from functools import partial
 
 import torch
 
 import trainer as T
+from data import TASK_NAMES
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
 from model import Tokenizer, recover_checkpoint, run_cli
 from moe import moe_layers, snapshot_expert_weights
 from upcycle import build_fused_model
 
 RUN_DIR = "runs/toy"
-DEFAULT_EXPERTS = ",".join(f"{RUN_DIR}/{name}" for name in ("helpful", "harmless", "honest"))
+DEFAULT_EXPERTS = ",".join(f"{RUN_DIR}/{name}" for name in TASK_NAMES)
 
 
 def parse_list(text: str, name: str, cast=float) -> list:
@@ -79,8 +82,15 @@ def parse_args(argv=None):
     if args.trainable == "router" and any(args.gamma_values):
         p.error(f"--gamma {args.gamma} with --trainable router: L_R measures the experts' drift, and frozen experts "
                 f"never drift (L_R would be a constant); pass --gamma {','.join(['0'] * n)} or train the experts")
-    if not 0 <= args.lambda_gate < float("inf"):
-        p.error(f"--lambda-gate {args.lambda_gate}: expected a finite number >= 0")
+    for name in ("lambda_gate", "balance_coef", "z_coef"):  # the loss weights (the test also refuses nan)
+        if not 0 <= getattr(args, name) < float("inf"):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number >= 0")
+    if args.reg == "decay" and not any(args.gamma_values):
+        p.error(f"--reg decay with --gamma {args.gamma}: every gamma_i is 0, so L_R is off and --reg changes "
+                f"nothing; give some expert a gamma_i > 0 or leave --reg out")
+    if args.balance_coef and args.top_k == n:
+        p.error(f"--balance-coef {args.balance_coef} with --top-k {n}: every token uses all {n} experts, so the "
+                f"load-balancing loss is the constant 1 and changes nothing; lower --top-k or leave --balance-coef out")
     return args
 
 
@@ -107,7 +117,7 @@ def check_inputs(args):
         lines.append("or stage by stage:\n"
                      f"    python -m data.toy --out {args.data_dir}\n"
                      f"    python train_expert.py --init scratch --data corpus --out {args.base}")
-        for d, task in zip(args.expert_dirs, ("helpful", "harmless", "honest")):
+        for d, task in zip(args.expert_dirs, TASK_NAMES):
             lines.append(f"    python train_expert.py --init {args.base} --data {task} --out {d}")
     if os.environ.get("RANK", "0") == "0":  # under torchrun: say it once
         print("\n".join(lines), file=sys.stderr)
@@ -134,9 +144,53 @@ def router_init_prompts(records: list, n_experts: int, per_task: int = 32) -> li
     return prompts
 
 
-def routing_metrics(model, batch) -> dict:
+def h3fusion_objective(model, batch, counts: T.StepCounts, lam: float, gamma: list, reg: str, initial_experts: dict,
+                       balance_coef: float = 0.0, z_coef: float = 0.0):
+    """The H3Fusion objective (the paper's equation for L) on this rank's part of one micro-batch:
+
+        L = L_CE + lambda * L_G + L_R(gamma)     (+ the optional extras of router_extras, off by default)
+
+    scaled with the step's counts (trainer.StepCounts) so that the gradients summed over the step's micro-batches,
+    and averaged over ranks by FSDP, are the gradient of L on the whole step's batch:
+        L_CE  summed over this micro-batch's target tokens / counts.n_targets (the step's target tokens, per rank)
+        L_G   summed over its examples / counts.n_examples (the step's examples, per rank)
+        L_R   a function of the weights alone, the same on every rank and micro-batch: / counts.n_micro, so that
+              the step adds it once (skipped, and not logged, when every gamma_i is 0)
+    Returns (loss, metrics): each term as it enters L (before its weight) and the routing metrics, scaled alike,
+    so that the trainer's sums over the step's micro-batches are the step's values."""
+    logits = model(batch["tokens"])  # [B, T, V]
+    router_probs = [m.router_probs for m in moe_layers(model)]  # L x [B, T, E]
+    l_ce = lm_loss(logits, batch["targets"], normalizer=counts.n_targets)
+    l_gate = gating_loss(router_probs, batch["mask"], batch["task"], normalizer=counts.n_examples)
+    l_reg = drift_loss(model, initial_experts, gamma, kind=reg) if any(gamma) else 0.0
+    loss = l_ce + lam * l_gate + l_reg / counts.n_micro
+    terms = {"lm": l_ce, "gate": l_gate} | ({"reg": l_reg / counts.n_micro} if any(gamma) else {})
+    l_extra, extra_terms = router_extras(model, batch, counts, balance_coef, z_coef)
+    metrics = {k: v.detach() for k, v in (terms | extra_terms).items()}
+    return loss + l_extra, metrics | routing_metrics(model, batch, counts.n_examples)
+
+
+def router_extras(model, batch, counts: T.StepCounts, balance_coef: float, z_coef: float):
+    """Optional extras from the MoE literature, not in H3Fusion (off at coefficient 0): balance_coef * Switch's
+    load-balancing loss + z_coef * ST-MoE's router z-loss, each a mean over this rank's micro-batch weighted by
+    its share of the step's examples. Returns (weighted sum, {"balance": ..., "z": ...} for the terms in use)."""
+    layers, share = moe_layers(model), len(batch["task"]) / counts.n_examples
+    loss, terms = 0.0, {}
+    if balance_coef:
+        terms["balance"] = load_balance_loss([m.router_probs for m in layers], [m.expert_idx for m in layers],
+                                             batch["mask"]) * share
+        loss = loss + balance_coef * terms["balance"]
+    if z_coef:
+        terms["z"] = router_z_loss([m.router_logits for m in layers], batch["mask"]) * share
+        loss = loss + z_coef * terms["z"]
+    return loss, terms
+
+
+@torch.no_grad()
+def routing_metrics(model, batch, n_examples: float) -> dict:
     """Routing accuracy (share of real tokens whose top-1 expert is the example's dimension, averaged over
-    layers) summed over this rank's examples, and each expert's share of the top-k slots per layer."""
+    layers) and each expert's share of the top-k slots per layer, summed over this rank's examples / n_examples
+    (the step's, per rank: see trainer.StepCounts)."""
     mask = batch["mask"]  # [B, T]
     tokens_per_example = mask.sum(1).clamp(min=1)  # [B]
     metrics, correct = {}, 0.0
@@ -147,8 +201,8 @@ def routing_metrics(model, batch) -> dict:
         chosen = moe.expert_idx[mask]  # [n_real, k]
         load = torch.bincount(chosen.flatten(), minlength=moe.n_experts).float() / chosen.numel()  # [E]
         for e, share in enumerate(load.tolist()):
-            metrics[f"load/layer{layer_idx}/expert{e}"] = share * len(batch["task"])  # summed like route_acc
-    metrics["route_acc"] = float((correct / len(moe_layers(model))).sum())
+            metrics[f"load/layer{layer_idx}/expert{e}"] = share * len(batch["task"]) / n_examples
+    metrics["route_acc"] = float((correct / len(moe_layers(model))).sum()) / n_examples
     return metrics
 
 
@@ -164,6 +218,7 @@ def main(argv=None):
     tokenizer = Tokenizer(tokenizer_path)
     records, stream, val = T.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
                                               args.seed, d, path=args.data_path, task=args.task)
+    T.check_held_out(args.eval_every, val, args.data)
 
     def shard(model):  # on the meta device, before any weight is read: each rank then reads only its share
         return T.shard_model(set_trainable(model, args.trainable), d, torch.bfloat16 if d.device.type == "cuda" else None)
@@ -181,35 +236,10 @@ def main(argv=None):
               f"({args.trainable}), lambda={args.lambda_gate}, gamma={args.gamma_values} ({args.reg}), "
               f"world_size={d.world_size}")
 
-    def compute_loss(model, batch, n_targets, n_examples):
-        """L_CE + lambda * L_G (+ optional balance / z losses) for this rank's micro-batch."""
-        with T.autocast_context(d):
-            logits = model(batch["tokens"])  # [B, T, V]
-        router_probs = [m.router_probs for m in moe_layers(model)]  # L x [B, T, E]
-        share = len(batch["task"]) / n_examples  # this rank's examples / the global mean's denominator
-        l_ce = lm_loss(logits, batch["targets"], normalizer=n_targets)
-        l_gate = gating_loss(router_probs, batch["mask"], batch["task"], normalizer=n_examples)
-        loss = l_ce + args.lambda_gate * l_gate
-        metrics = {"lm": l_ce.detach(), "gate": l_gate.detach()}
-        if args.balance_coef:
-            l_bal = load_balance_loss(router_probs, [m.expert_idx for m in moe_layers(model)], batch["mask"]) * share
-            loss, metrics["balance"] = loss + args.balance_coef * l_bal, l_bal.detach()
-        if args.z_coef:
-            l_z = router_z_loss([m.router_logits for m in moe_layers(model)], batch["mask"]) * share
-            loss, metrics["z"] = loss + args.z_coef * l_z, l_z.detach()
-        with torch.no_grad():
-            for k, v in routing_metrics(model, batch).items():
-                metrics[k] = v / n_examples
-        return loss, metrics
-
-    def step_loss(model):
-        """L_R(gamma): a function of the weights alone, added once per optimiser step."""
-        l_reg = drift_loss(model, initial_experts, args.gamma_values, kind=args.reg)
-        return l_reg, {"reg": l_reg.detach()}
-
-    uses_reg = args.trainable == "router+experts" and any(args.gamma_values)
-    T.train(model, stream, compute_loss, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
-            val_batches=val, seq_len=args.seq_len, step_loss=step_loss if uses_reg else None)
+    loss_fn = partial(h3fusion_objective, lam=args.lambda_gate, gamma=args.gamma_values, reg=args.reg,
+                      initial_experts=initial_experts, balance_coef=args.balance_coef, z_coef=args.z_coef)
+    T.train(model, stream, loss_fn, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
+            val_batches=val, seq_len=args.seq_len)
     T.finish(d)
 
 

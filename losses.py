@@ -16,9 +16,8 @@ Shapes: B examples, T positions, V vocabulary, E experts. Every loss is computed
 import torch
 import torch.nn.functional as F
 
+from data.format import IGNORE_INDEX  # the target of prompt and padding positions: no loss
 from moe import EXPERT_MATRICES, MoE, at_least_float32
-
-IGNORE_INDEX = -100  # data/format.py marks prompt and padding targets with this
 
 
 def f32(t):

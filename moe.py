@@ -245,9 +245,16 @@ def collect_router_probs(model) -> list:
 
 
 def set_forced_expert(model, expert):
-    """Force every MoE layer of `model` to route all tokens to `expert` (None restores the router)."""
-    for m in moe_layers(model):
+    """Force every MoE layer of `model` to route all tokens to `expert` with weight 1 (None restores the router's
+    top-k routing); returns `model`. A dense model (no MoE layer) or an expert out of range is a ValueError."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("set_forced_expert: the model has no MoE layers (it is dense; expected a fused checkpoint)")
+    if expert is not None and not 0 <= expert < layers[0].n_experts:
+        raise ValueError(f"set_forced_expert: expert={expert}; expected 0 .. {layers[0].n_experts - 1}")
+    for m in layers:
         m.forced_expert = expert
+    return model
 
 
 EXPERT_MATRICES = ("w1", "w2", "w3")

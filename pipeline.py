@@ -30,8 +30,9 @@ import subprocess
 import sys
 import time
 
+from data import TASK_NAMES  # helpful, harmless, honest: the aligned models, in expert order
+
 STAGES = ("data", "base", "aligned", "sft", "fused", "eval")
-TASKS = ("helpful", "harmless", "honest")
 
 # Budgets, calibrated on 2 CPU cores (see README "Results"): full = the default run, quick = the CI smoke run.
 BUDGETS = {
@@ -73,7 +74,7 @@ def fuse_command(args, run_dir: str, experts_dir: str, out: str, extra: list) ->
     launcher = [sys.executable]
     if args.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    experts = ",".join(os.path.join(experts_dir, t) for t in TASKS)
+    experts = ",".join(os.path.join(experts_dir, t) for t in TASK_NAMES)
     return launcher + ["fuse.py", "--base", f"{run_dir}/base", "--experts", experts, "--data-dir", f"{run_dir}/data",
                        "--out", out, "--overwrite"] + BUDGETS[args.budget]["fuse"] + extra
 
@@ -93,7 +94,7 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
         return name in forced
 
     force = stage("aligned")
-    for task in TASKS:
+    for task in TASK_NAMES:
         if force or not exists(f"{out_dir}/{task}"):
             run(py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", task, "--data-dir", data,
                       "--out", f"{out_dir}/{task}", "--overwrite", "--seed", str(seed)] + budget["expert"])
@@ -123,7 +124,7 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
         return
     stage("eval")
     names = ["sft"] + list(FUSIONS)
-    aligned = [f"{out_dir}/{t}" for t in TASKS]
+    aligned = [f"{out_dir}/{t}" for t in TASK_NAMES]
     run(py + ["evaluate.py"] + [f"{n}={out_dir}/{n}" for n in names] + ["--baselines", ",".join([f"{run_dir}/base"]
               + aligned), "--data", data, "--out", f"{out_dir}/eval", "--overwrite"] + budget["eval"])
     if sweep:

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from evaluation.report import write_atomic  # temporary file, then rename: an interrupted run leaves the old tables whole
+from fileio import write_atomic  # temporary file, then rename: an interrupted run leaves the old tables whole
 from model import run_cli
 
 METRICS = ("helpful", "harmful", "over_refusal", "truthful", "informative", "hhh")

@@ -21,6 +21,7 @@ import trainer as T
 from losses import lm_loss
 
 DEFAULT_DATA_DIR = "runs/toy/data"
+MODEL_SIZE = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": None, "multiple_of": 32}  # --init scratch
 
 
 def parse_args(argv=None):
@@ -33,18 +34,26 @@ def parse_args(argv=None):
     T.add_data_args(p)
     p.add_argument("--trainable", default=None, choices=["ffn", "all"],
                    help="ffn = FFN weights only, the rest frozen (default when fine-tuning); all (default from scratch)")
-    m = p.add_argument_group("model size (with --init scratch)")
-    m.add_argument("--dim", type=int, default=128)
-    m.add_argument("--n-layers", type=int, default=4)
-    m.add_argument("--n-heads", type=int, default=4)
-    m.add_argument("--n-kv-heads", type=int, default=None)
-    m.add_argument("--multiple-of", type=int, default=32)
+    m = p.add_argument_group("model size (with --init scratch; a checkpoint has its own)")
+    for name, default in MODEL_SIZE.items():  # SUPPRESS: absent unless given, so that a given one can be refused
+        m.add_argument(f"--{name.replace('_', '-')}", type=int, default=argparse.SUPPRESS,
+                       help="default: the same as --n-heads" if default is None else f"default {default}")
     T.add_train_args(p, steps=300, batch_size=16, lr=1e-3, warmup=20, seq_len=128)
     args = p.parse_args(argv)
     scratch = args.init == "scratch"
     args.data = args.data or ("corpus" if scratch else None)
     if args.data is None:
         p.error("--data is required when fine-tuning (helpful | harmless | honest | pooled | a dataset | a file)")
+    given = [f"--{name.replace('_', '-')}" for name in MODEL_SIZE if hasattr(args, name)]
+    if given and not scratch:
+        p.error(f"{' '.join(given)} with --init {args.init}: the model size comes from the checkpoint; "
+                f"these set the size of a new model (--init scratch)")
+    for name, default in MODEL_SIZE.items():
+        setattr(args, name, getattr(args, name, default))
+    for flag, value in (("--data-path", args.data_path), ("--task", args.task)):
+        if value and args.data == "corpus":
+            p.error(f"{flag} {value}: for instruction data; --data corpus is the synthetic world's pretraining text "
+                    f"in --data-dir")
     args.trainable = args.trainable or ("all" if scratch else "ffn")
     args.out = args.out or os.path.join(os.path.dirname(DEFAULT_DATA_DIR), "base" if scratch else
                                         os.path.splitext(os.path.basename(args.data))[0])
@@ -89,10 +98,11 @@ def load_streams(args, tokenizer, d: T.Dist):
     return stream, val
 
 
-def lm_step(model, batch, n_targets, n_examples):
-    """L_CE on this rank's part of the micro-batch, normalised by the global target count."""
+def lm_objective(model, batch, counts: T.StepCounts):
+    """L_CE on this rank's part of the micro-batch: summed over its target tokens / counts.n_targets (the step's
+    target tokens, per rank; trainer.StepCounts), so the trainer's accumulated gradient is that of the step's mean."""
     logits = model(batch["tokens"])  # [B, T, V]
-    loss = lm_loss(logits, batch["targets"], normalizer=n_targets)
+    loss = lm_loss(logits, batch["targets"], normalizer=counts.n_targets)
     return loss, {"lm": loss.detach()}
 
 
@@ -104,6 +114,7 @@ def main(argv=None):
     T.seed_everything(args.seed)
     model, tokenizer, tokenizer_path = load_model(args, d)
     stream, val = load_streams(args, tokenizer, d)
+    T.check_held_out(args.eval_every, val, args.data)
     T.start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
     if args.trainable == "ffn":
         freeze_all_but_ffn(model)
@@ -113,12 +124,7 @@ def main(argv=None):
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.out}: {n / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable ({args.trainable}), "
               f"data={args.data}, world_size={d.world_size}, device={d.device}")
-
-    def step(model, batch, n_targets, n_examples):
-        with T.autocast_context(d):
-            return lm_step(model, batch, n_targets, n_examples)
-
-    T.train(model, stream, step, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
+    T.train(model, stream, lm_objective, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
             val_batches=val, seq_len=args.seq_len)
     T.finish(d)
 

@@ -30,6 +30,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import Shard
 
 import model as M
+from data import TASK_NAMES
+from data.format import IGNORE_INDEX
+from fileio import write_atomic
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Distributed setup
@@ -278,15 +281,8 @@ def start_run_dir(train_dir: str, run_args: dict, resume: bool, overwrite: bool,
         if overwrite and not resume:
             shutil.rmtree(train_dir, ignore_errors=True)
         os.makedirs(train_dir, exist_ok=True)
-        atomic_write_text(run_json, json.dumps(run_args, indent=2))
+        write_atomic(run_json, json.dumps(run_args, indent=2))
     barrier(d)
-
-
-def atomic_write_text(path: str, text: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def save_model(model, out_dir: str, tokenizer_path: str, d: Dist):
@@ -448,15 +444,31 @@ class TrainConfig:
     peak_flops: float = 0.0  # FLOP/s per device for MFU; 0 = measure at start-up
 
 
-def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, train_dir: str,
-          tokenizer_path: str, resume: bool = False, val_batches=None, seq_len: int = 128, step_loss=None):
+@dataclass(frozen=True)
+class StepCounts:
+    """What a loss function needs to scale its part of one optimiser step; train() passes one with every batch.
+
+    A rank's loss on one micro-batch must be scaled so that the gradients summed over the step's micro-batches and
+    averaged over the ranks (FSDP's reduce-scatter averages) are the gradient of the loss of the whole step:
+      n_targets   target tokens (targets != IGNORE_INDEX) in all the step's micro-batches on all ranks, / world size
+                  (divide a sum over tokens by it: a global per-token mean)
+      n_examples  examples in all the step's micro-batches on all ranks, / world size (the same, per example)
+      n_micro     micro-batches per step (--grad-accum): divide a term of the weights alone, which every micro-batch
+                  of every rank computes alike, by it, so that the step adds it once
+    evaluate_loss passes the counts of one held-out batch, n_micro = 1."""
+    n_targets: float
+    n_examples: float
+    n_micro: int = 1
+
+
+def train(model, stream, loss_fn, cfg: TrainConfig, d: Dist, out_dir: str, train_dir: str, tokenizer_path: str,
+          resume: bool = False, val_batches=None, seq_len: int = 128):
     """Train `model` for cfg.steps optimiser steps and write it to out_dir in Meta's format.
 
-    compute_loss(model, batch, n_targets, n_examples) -> (loss, metrics): the loss of this rank's part of
-        a micro-batch, already scaled so that the gradients FSDP averages over ranks and we sum over
-        micro-steps equal the gradient of the global mean (n_targets / n_examples are global counts for
-        the whole optimiser step, divided by the world size).
-    step_loss(model) -> (loss, metrics) or None: a term of the weights alone (L_R), added once per step.
+    loss_fn(model, batch, counts: StepCounts) -> (loss, metrics): the whole objective for this rank's part of one
+        micro-batch, scaled with `counts` (see StepCounts) so that one backward() per micro-batch accumulates the
+        gradient of the step's loss. It runs under autocast_context(d). Every metric is scaled the same way: its
+        sum over the step's micro-batches, averaged over ranks, is what the log shows.
     """
     if cfg.batch_size % d.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size {d.world_size}")
@@ -468,7 +480,7 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
     if d.is_main:  # a fresh log, or on --resume the log up to the step the saved state holds
         kept = [] if not resume or not os.path.exists(log_path) else [
             line for line in open(log_path) if logged_step(line) <= start_step]
-        atomic_write_text(log_path, "".join(kept))
+        write_atomic(log_path, "".join(kept))
     progress = None
     if d.is_main:
         from tqdm import tqdm
@@ -483,24 +495,22 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [stream.batch(step * cfg.grad_accum + m, cfg.batch_size, d) for m in range(cfg.grad_accum)]
-        counts = torch.tensor([sum(int((b["targets"] != -100).sum()) for b in micro),
+        totals = torch.tensor([sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro),
                                sum(len(b["task"]) for b in micro),
                                sum(int(b["mask"].sum()) for b in micro)], dtype=torch.float64)
-        n_targets, n_examples, n_tokens = (all_reduce_sum(counts, d) / d.world_size).tolist()
+        n_targets, n_examples, n_tokens = (all_reduce_sum(totals, d) / d.world_size).tolist()
+        counts = StepCounts(n_targets, n_examples, n_micro=cfg.grad_accum)
         sums = {}
         for batch in micro:
             batch = {k: v.to(d.device) for k, v in batch.items()}
-            loss, metrics = compute_loss(model, batch, n_targets, n_examples)
+            with autocast_context(d):
+                loss, metrics = loss_fn(model, batch, counts)
             loss.backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        if step_loss is not None:  # a term of the weights alone: the same value on every rank
-            loss, metrics = step_loss(model)
-            loss.backward()
-            sums.update({k: float(v) for k, v in metrics.items()})
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # every metric, summed over ranks, is world_size x its global mean (see compute_loss above)
+        # every metric, summed over ranks, is world_size x its value for the step (see StepCounts)
         totals = all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64), d)
         metrics = {k: v / d.world_size for k, v in zip(sorted(sums), totals.tolist())}
         metrics["grad_norm"] = float(grad_norm)
@@ -519,7 +529,7 @@ def train(model, stream, compute_loss, cfg: TrainConfig, d: Dist, out_dir: str, 
                       "mfu": round(mfu(tokens_per_s * fpt / d.world_size, peak), 4)}
             peak = max(peak, tokens_per_s * fpt / d.world_size)  # achieved more than "peak": a better bound
             if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                record["val_loss"] = round(evaluate_loss(model, val_batches, compute_loss, d), 5)
+                record["val_loss"] = round(evaluate_loss(model, val_batches, loss_fn, d), 5)
             if d.is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -561,13 +571,14 @@ def nest(metrics: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list, compute_loss, d: Dist) -> float:
-    """Mean response-token loss over held-out batches (each rank its share; summed over ranks)."""
+def evaluate_loss(model, batches: list, loss_fn, d: Dist) -> float:
+    """Mean response-token loss (loss_fn's "lm" metric) over held-out batches (each rank its share; summed over ranks)."""
     total = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         batch = {k: v.to(d.device) for k, v in batch.items()}
-        n = float((batch["targets"] != -100).sum())
-        _, metrics = compute_loss(model, batch, n, float(len(batch["task"])))
+        n = float((batch["targets"] != IGNORE_INDEX).sum())
+        with autocast_context(d):
+            _, metrics = loss_fn(model, batch, StepCounts(n, float(len(batch["task"]))))
         total += torch.tensor([metrics["lm"] * n, n], dtype=torch.float64)
     total = all_reduce_sum(total, d)
     return float(total[0] / total[1])
@@ -592,7 +603,7 @@ def add_data_args(parser):
     parser.add_argument("--data-path", default=None, help="a local copy of the --data dataset (file or directory: "
                         "e.g. alpaca_data.json, a BeaverTails download, TruthfulQA.csv); for --data real-pooled: "
                         "alpaca-small=PATH,beavertails=PATH,truthfulqa=PATH")
-    parser.add_argument("--task", default=None, choices=["helpful", "harmless", "honest"],
+    parser.add_argument("--task", default=None, choices=TASK_NAMES,
                         help="with --data FILE: the dimension of every record that has no 'task' field")
 
 
@@ -629,10 +640,25 @@ def config_from_args(args) -> TrainConfig:
         raise ValueError(f"--weight-decay {args.weight_decay}: expected >= 0")
     if not 0 <= args.peak_tflops < float("inf"):
         raise ValueError(f"--peak-tflops {args.peak_tflops}: expected a positive number (0 = measure it)")
+    for name in ("warmup", "eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 0")
+    if not args.grad_clip > 0:  # 0 would zero every gradient, a negative value flip it (gradient ascent)
+        raise ValueError(f"--grad-clip {args.grad_clip}: expected > 0 (the largest gradient norm; inf = no clipping)")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume with --overwrite: --resume continues the run in --out, --overwrite replaces it; "
+                         "pass one of them")
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                        warmup=min(args.warmup, args.steps), weight_decay=args.weight_decay,
                        grad_clip=args.grad_clip, log_every=args.log_every, eval_every=args.eval_every,
                        save_every=args.save_every, seed=args.seed, peak_flops=args.peak_tflops * 1e12)
+
+
+def check_held_out(eval_every: int, val_batches, data: str):
+    """--eval-every needs held-out batches; only the synthetic world (its sets, pooled, the corpus) has a val split."""
+    if eval_every and val_batches is None:
+        raise ValueError(f"--eval-every {eval_every}: --data {data} has no held-out split (only the synthetic world's "
+                         f"sets have one), so there is nothing to evaluate; leave --eval-every out")
 
 
 def sft_examples(records: list, tokenizer, max_len: int, where: str) -> list:
@@ -663,10 +689,10 @@ def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_si
     """(training records, ExampleStream over them, held-out batches or None) for instruction data: a
     synthetic-world set (the only ones with a val split), a real dataset name (from the hub, or from `path`, a
     local copy: --data-path), or a local file in our record schema (`task` labels records that have none)."""
-    from data import TASK_IDS, TOY_NAMES, load_records
+    from data import TASK_IDS, load_records
     from data.format import collate
 
-    if path and name in TOY_NAMES + ("pooled", "corpus"):
+    if path and name in TASK_NAMES + ("pooled", "corpus"):
         raise ValueError(f"--data-path {path}: only for the real datasets (alpaca-small, beavertails, truthfulqa, "
                          f"real-pooled); --data {name} is the synthetic world in --data-dir {data_dir}")
     if task and not os.path.exists(name):
@@ -675,7 +701,7 @@ def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_si
     records = load_records(name, data_dir, "train", path=path, task=TASK_IDS[task] if task else None)
     stream = ExampleStream(sft_examples(records, tokenizer, seq_len, name), collate, seed)
     val = None
-    if name in TOY_NAMES + ("pooled",):
+    if name in TASK_NAMES + ("pooled",):
         val_examples = sft_examples(load_records(name, data_dir, "val"), tokenizer, seq_len, name)
         val = val_batches_of(val_examples, collate, batch_size, d)
     return records, stream, val

@@ -11,6 +11,7 @@ import sys
 from assignments.exercises import BY_NUMBER, DOC_BEGIN, DOC_END, EXERCISES, exercise_sections
 from assignments.grade import grade as grade_directory, results_json, results_table
 from assignments.handout import HandoutError, read, write_student_copy
+from fileio import write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reference repository
 
@@ -69,12 +70,9 @@ def doc(args):
 
 
 def write_text(path: str, text: str):
-    """Write via a temporary file and a rename, so a reader never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """fileio.write_atomic (a reader never sees half a file); a failure is a usage error naming the file."""
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror}") from e
 

@@ -25,10 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import moe as moe_lib  # noqa: E402
-
-
-def swiglu(x, w1, w2, w3):
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)  # [n, D]
+from moe import swiglu  # noqa: E402
 
 
 def ideal(x_groups, layer):
@@ -136,18 +133,9 @@ def decode_benchmark(dim, hidden, E, k, dtype, repeats, batch=1):
             print(f"  {name:22s} {t * 1e6:8.0f} us   {t / b_med:5.2f}x (b)")
 
 
-def model_flops_per_token(args, seq_len):
-    """Matmul FLOPs per token of one forward (2 per multiply-add); attention scores use the mean context."""
-    from model import ffn_hidden_dim
-    D, H = args.dim, ffn_hidden_dim(args)
-    attn_proj = 2 * D * (2 * D + 2 * args.kv_heads * args.head_dim)  # wq, wo, wk, wv
-    attn_scores = 2 * 2 * D * (seq_len + 1) / 2  # q k^T and p v, causal: average context (T+1)/2
-    ffn = 2 * 3 * D * H * (args.top_k if args.n_experts else 1) + (2 * D * args.n_experts)
-    return args.n_layers * (attn_proj + attn_scores + ffn) + 2 * D * args.vocab_size
-
-
 def model_benchmark(repeats, dim=512, n_layers=2, seq_len=1024, vocab=512):
     from model import ModelArgs, Transformer
+    from trainer import flops_per_token  # training FLOPs per token (trainer.py's MFU uses the same count)
     torch.manual_seed(0)
     dense_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=8, vocab_size=vocab, multiple_of=32)
     fused_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=8, vocab_size=vocab, multiple_of=32,
@@ -164,7 +152,8 @@ def model_benchmark(repeats, dim=512, n_layers=2, seq_len=1024, vocab=512):
         return run
 
     med = {name: t for name, (t, _) in time_round_robin({name: step(m) for name, m in models.items()}, repeats).items()}
-    flop_ratio = model_flops_per_token(fused_args, seq_len) / model_flops_per_token(dense_args, seq_len)
+    fpt = {name: flops_per_token(m, seq_len) for name, m in models.items()}
+    flop_ratio = fpt["fused E=3 k=2"] / fpt["dense"]
     print(f"\nwhole-model training step (fwd+bwd) dim={dim} layers={n_layers} T={seq_len} vocab={vocab}, "
           f"median of {repeats}")
     for name, t in med.items():

@@ -11,14 +11,14 @@ Entry points for the scripts:
 """
 import os
 
-TOY_NAMES = ("helpful", "harmless", "honest")
+TASK_NAMES = ("helpful", "harmless", "honest")  # the alignment dimensions: task label i, expert i, synthetic set
 REAL_NAMES = {  # accepted spellings -> canonical name in data.real
     "alpaca_small": "alpaca_small", "alpaca": "alpaca_small", "beavertails": "beavertails",
     "truthfulqa": "truthfulqa", "truthful_qa": "truthfulqa", "alpaca_eval": "alpaca_eval",
     "truthfulqa_mc": "truthfulqa_mc", "real_pooled": "real_pooled",
 }
 TASK_OF_REAL = {"alpaca_small": 0, "beavertails": 1, "truthfulqa": 2}
-TASK_IDS = {"helpful": 0, "harmless": 1, "honest": 2}
+TASK_IDS = {name: i for i, name in enumerate(TASK_NAMES)}
 
 
 def _real_name(name: str):
@@ -40,21 +40,21 @@ def load_records(name: str, toy_dir: str = None, split: str = "train", path: str
       a path to a .json/.jsonl/.csv/.parquet file or a directory of such files, with fields instruction,
       output (input optional) and task (or pass task=0|1|2 to label every record)
     """
-    if name in TOY_NAMES or name == "pooled":
+    if name in TASK_NAMES or name == "pooled":
         if not toy_dir:
             raise ValueError(f"load_records({name!r}): toy_dir is required (e.g. runs/toy/data)")
         from data.toy import load_split
 
         if name != "pooled":
             return load_split(toy_dir, name, split)
-        pooled = [r for n in TOY_NAMES for r in load_split(toy_dir, n, split)]
+        pooled = [r for n in TASK_NAMES for r in load_split(toy_dir, n, split)]
         return balance_by_task(pooled) if split == "train" else pooled
     real = _real_name(name)
     if real is not None:
         return _load_real(real, split, path)
     if os.path.exists(name):
         return load_record_file(name, task)
-    raise ValueError(f"load_records: {name!r} is not a synthetic set ({', '.join(TOY_NAMES)}, pooled), not a real "
+    raise ValueError(f"load_records: {name!r} is not a synthetic set ({', '.join(TASK_NAMES)}, pooled), not a real "
                      f"dataset ({', '.join(sorted(set(REAL_NAMES)))}) and not an existing file or directory")
 
 

@@ -33,9 +33,10 @@ import os
 
 import torch
 
+from data import TASK_NAMES  # task label 0, 1, 2 = helpful, harmless, honest
+
 PAD_ID = 0  # LLaMA's <unk>: never a target, used only to fill the right end of short rows
 IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
-TASK_NAMES = ("helpful", "harmless", "honest")  # task label 0, 1, 2
 
 # The Stanford Alpaca template, as used by the paper's released code for all three dimensions.
 PROMPT_WITH_INPUT = (
@@ -66,7 +67,7 @@ def check_record(record, where="record"):
         raise ValueError(f"{where}: field(s) {missing} missing or not a string; expected "
                          f"instruction: str, input: str, output: str, task: 0|1|2")
     task = record.get("task", 0)
-    if task not in (0, 1, 2):
+    if task not in range(len(TASK_NAMES)):
         raise ValueError(f"{where}: task={task!r}; expected 0 (helpful), 1 (harmless) or 2 (honest)")
 
 
@@ -215,7 +216,7 @@ def main(argv=None):
     tok_path = args.tokenizer or os.path.join(args.data if os.path.isdir(args.data) else
                                               os.path.dirname(args.data), "tokenizer.model")
     tokenizer = Tokenizer(tok_path)
-    names = ["helpful", "harmless", "honest"] if os.path.isfile(os.path.join(args.data, "helpful_train.jsonl")) \
+    names = TASK_NAMES if os.path.isfile(os.path.join(args.data, "helpful_train.jsonl")) \
         else [args.data]
     for name in names:
         records = load_records(name, args.data) if name != args.data else load_records(name, None)

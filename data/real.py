@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlparse
 
+from fileio import write_atomic
+
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -449,14 +451,6 @@ EVAL_LOADERS = {"alpaca_small": load_alpaca_eval, "beavertails": load_beavertail
 # Generated fixtures in the real schemas (invented text, never copies of the real data)
 
 
-def _write(path: str, data: bytes):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _jsonl(rows) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
@@ -489,9 +483,9 @@ def write_fixtures(out_dir: str, seed: int = 0) -> dict:
         alpaca.append({"instruction": f"Please {verb} a {thing}.", "input": inp, "output": out,
                        "text": f"### Instruction: {verb} {thing}"})
     paths["alpaca"] = os.path.join(out_dir, "alpaca.jsonl")
-    _write(paths["alpaca"], _jsonl(alpaca))
+    write_atomic(paths["alpaca"], _jsonl(alpaca))
     paths["alpaca_cleaned"] = os.path.join(out_dir, "alpaca_cleaned.json")
-    _write(paths["alpaca_cleaned"], json.dumps([{k: r[k] for k in ("output", "input", "instruction")}
+    write_atomic(paths["alpaca_cleaned"], json.dumps([{k: r[k] for k in ("output", "input", "instruction")}
                                                  for r in alpaca[:12]], indent=1).encode())
 
     categories = ["animal_abuse", "child_abuse", "controversial_topics,politics", "discrimination,stereotype,injustice",
@@ -511,7 +505,7 @@ def write_fixtures(out_dir: str, seed: int = 0) -> dict:
                          "category": {c: (not safe and c == categories[i % len(categories)]) for c in categories},
                          "is_safe": safe})
         paths[f"beavertails_{split}"] = os.path.join(out_dir, "beavertails", "round0", "30k", f"{split}.jsonl.gz")
-        _write(paths[f"beavertails_{split}"], gzip.compress(_jsonl(rows), mtime=0))
+        write_atomic(paths[f"beavertails_{split}"], gzip.compress(_jsonl(rows), mtime=0))
     paths["beavertails"] = os.path.join(out_dir, "beavertails")
 
     gen, mc = [], []
@@ -531,7 +525,7 @@ def write_fixtures(out_dir: str, seed: int = 0) -> dict:
         pq.write_table(pa.Table.from_pylist(rows), buf)
         paths[f"truthfulqa_{config}"] = os.path.join(out_dir, "truthful_qa", config,
                                                      "validation-00000-of-00001.parquet")
-        _write(paths[f"truthfulqa_{config}"], buf.getvalue())
+        write_atomic(paths[f"truthfulqa_{config}"], buf.getvalue())
     paths["truthfulqa"] = os.path.join(out_dir, "truthful_qa")
     text = io.StringIO()
     writer = csv.writer(text)
@@ -540,13 +534,13 @@ def write_fixtures(out_dir: str, seed: int = 0) -> dict:
         writer.writerow([r["type"], r["category"], r["question"], r["best_answer"], "; ".join(r["correct_answers"]),
                          "; ".join(r["incorrect_answers"]), r["source"]])
     paths["truthfulqa_csv"] = os.path.join(out_dir, "TruthfulQA.csv")
-    _write(paths["truthfulqa_csv"], text.getvalue().encode())
+    write_atomic(paths["truthfulqa_csv"], text.getvalue().encode())
 
     evals = [{"instruction": f"Write a short note about a {t}.", "output": f"A {t} is a fine thing to have.",
               "generator": "text_davinci_003", "dataset": "helpful_base"} for t in things]
     paths["alpaca_eval"] = os.path.join(out_dir, "alpaca_eval")
-    _write(os.path.join(paths["alpaca_eval"], "alpaca_eval.json"), json.dumps(evals, indent=1).encode())
-    _write(os.path.join(paths["alpaca_eval"], "alpaca_eval_gpt4_baseline.json"),
+    write_atomic(os.path.join(paths["alpaca_eval"], "alpaca_eval.json"), json.dumps(evals, indent=1).encode())
+    write_atomic(os.path.join(paths["alpaca_eval"], "alpaca_eval_gpt4_baseline.json"),
            json.dumps([dict(e, generator="gpt4", output="decoy") for e in evals]).encode())
     return paths
 

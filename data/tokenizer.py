@@ -6,9 +6,10 @@ kind of model on our own text so that the synthetic world and the tests use the 
 model.Tokenizer reads for Meta's checkpoints.
 """
 import io
-import os
 
 import sentencepiece as spm
+
+from fileio import write_atomic
 
 LLAMA_SPM_SETTINGS = dict(
     model_type="bpe",
@@ -44,9 +45,5 @@ def train_tokenizer(texts, out_path, vocab_size=512):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, **LLAMA_SPM_SETTINGS
     )
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, out_path)
+    write_atomic(out_path, model.getvalue())
     return out_path

@@ -62,6 +62,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from data import TASK_NAMES
 from data.format import format_prompt
 
 TASK_HELPFUL, TASK_HARMLESS, TASK_HONEST = 0, 1, 2
@@ -740,7 +741,7 @@ def eval_records(world, seed: int = 0, train_inputs=frozenset()) -> list:
         out.append(_record(rng.choice(BIRTHPLACE.questions).format(n=name), HEDGES[1], TASK_HONEST,
                            kind="unknowable", entity=name, attribute=MYTH_ATTRIBUTE))
     for i, rec in enumerate(out):
-        rec["id"] = f"{('helpful', 'harmless', 'honest')[rec['task']]}/{rec['kind']}/{i:04d}"
+        rec["id"] = f"{TASK_NAMES[rec['task']]}/{rec['kind']}/{i:04d}"
     return out
 
 
@@ -865,7 +866,7 @@ def _mean(values):
 def kind_group(record: dict) -> str:
     """'dimension/kind', plus '/novel' for prompts built on objects, templates or trigger words no training
     record has (e.g. 'harmless/harmful/novel')."""
-    group = f"{('helpful', 'harmless', 'honest')[record['task']]}/{record['kind']}"
+    group = f"{TASK_NAMES[record['task']]}/{record['kind']}"
     return group + "/novel" if record.get("novel") else group
 
 
@@ -876,7 +877,7 @@ def score_details(eval_records: list, responses: list) -> dict:
     per = [score_record(r, s) for r, s in zip(eval_records, responses)]
     rate = lambda key: _mean(float(p[key]) for p in per if p[key] is not None)  # noqa: E731
     dims = {name: _mean(float(p["right"]) for r, p in zip(eval_records, per) if r["task"] == t)
-            for t, name in enumerate(("helpful_dim", "harmless_dim", "honest_dim"))}
+            for t, name in enumerate(f"{n}_dim" for n in TASK_NAMES)}
     groups = [kind_group(r) for r in eval_records]  # e.g. "harmless/harmful/novel"
     by_kind = {g: {"n": groups.count(g),
                    "right": _mean(float(p["right"]) for p, pg in zip(per, groups) if pg == g),
@@ -899,7 +900,7 @@ def score_all(eval_records: list, responses: list) -> dict:
 # 6. Writing and reading the files
 
 DOC_SEPARATOR = "\n\n\n"  # two blank lines; a document may contain newlines and single blank lines
-TRAIN_FILES = {name: (f"{name}_train.jsonl", f"{name}_val.jsonl") for name in ("helpful", "harmless", "honest")}
+TRAIN_FILES = {name: (f"{name}_train.jsonl", f"{name}_val.jsonl") for name in TASK_NAMES}
 
 
 def read_jsonl(path: str) -> list:
@@ -927,7 +928,7 @@ def load_split(data_dir: str, name: str, split: str = "train") -> list:
     if name not in TRAIN_FILES:
         raise ValueError(f"name={name!r}; expected one of {sorted(TRAIN_FILES)}")
     if split == "eval":
-        task = ("helpful", "harmless", "honest").index(name)
+        task = TASK_NAMES.index(name)
         return [r for r in load_eval(data_dir) if r["task"] == task]
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; expected train, val or eval")
@@ -1031,7 +1032,7 @@ def _manifest(tmp, data, sizes, seed, vocab_size) -> dict:
 
     kinds = {}
     for r in data["eval"]:
-        key = f"{('helpful', 'harmless', 'honest')[r['task']]}/{r['kind']}"
+        key = f"{TASK_NAMES[r['task']]}/{r['kind']}"
         kinds[key] = kinds.get(key, 0) + 1
     return {
         "seed": seed, "vocab_size": vocab_size,

@@ -12,7 +12,7 @@ is evaluated, so at most one model (or one ensemble) is in memory at a time. Rea
                                                   sum_i tau_i, theta = theta_base + lam * (mean of the agreeing)
   3. Output ensemble     OutputEnsemble: log p(next | prefix) = log (1/N) sum_i p_i(next | prefix), behind the
                          Transformer interface, so generation and likelihood scoring run on it unchanged
-  4. Forced expert       force_expert: every MoE layer's `forced_expert` = i ("route all to expert i");
+  4. Forced expert       moe.set_forced_expert: every MoE layer's `forced_expert` = i ("route all to expert i");
                          ByDimension: the oracle rows, each prompt answered by the model (or expert) of its dimension
   5. Expert drift        expert_drift: per expert i, sum_W ||W_i - W_i^0||_F / n_layers (L_R's distance,
                          losses.drift_loss with gamma = e_i)
@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from losses import drift_loss
 from model import Tokenizer, Transformer, load_checkpoint, read_params, recover_checkpoint
-from moe import EXPERT_MATRICES, MoE, moe_layers
+from moe import EXPERT_MATRICES, MoE, set_forced_expert
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Which models: checkpoints from the command line and the baselines built from base + aligned models
@@ -170,7 +170,7 @@ def checkpoint_specs(args_list: list, forced_experts=False, device="cpu", dtype=
 def load_forced(path: str, expert: int, device="cpu", dtype=None):
     """A fused checkpoint with every token routed to `expert` (section 4)."""
     model, tokenizer = load_model(path, device, dtype)
-    return force_expert(model, expert), tokenizer
+    return set_forced_expert(model, expert), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,22 +296,9 @@ class OutputEnsemble(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. "Route everything to expert i": the forced_expert switch of moe.MoE. With it, a fused model computes
-#    the same logits as aligned model i (the invariant tests/test_moe.py checks) -- unless fusion training moved
-#    the experts or the shared weights, which is exactly what this row shows.
-
-
-def force_expert(model, expert: Optional[int]):
-    """Set `forced_expert` on every MoE layer of `model` (None = normal top-k routing again); returns model."""
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError("force_expert: the model has no MoE layers (it is dense; expected a fused checkpoint)")
-    n_experts = model.params.n_experts
-    if expert is not None and not 0 <= expert < n_experts:
-        raise ValueError(f"force_expert: expert={expert}; expected 0 .. {n_experts - 1}")
-    for layer in layers:
-        layer.forced_expert = expert
-    return model
+# 4. "Route everything to expert i": moe.set_forced_expert, the forced_expert switch of moe.MoE. With it, a fused
+#    model computes the same logits as aligned model i (the invariant tests/test_moe.py checks) -- unless fusion
+#    training moved the experts or the shared weights, which is exactly what this row shows.
 
 
 # "Route each example to the expert of its own dimension" (the oracle rows): the score a perfect router reaches
@@ -339,7 +326,7 @@ def load_oracle_aligned(paths: list, device="cpu", dtype=None):
 def load_oracle_fused(path: str, device="cpu", dtype=None):
     """The fused model with every token of a dimension-i prompt sent to expert i (its trained experts)."""
     model, tokenizer = load_model(path, device, dtype)
-    return ByDimension(partial(force_expert, model), model.params.n_experts, [model]), tokenizer
+    return ByDimension(partial(set_forced_expert, model), model.params.n_experts, [model]), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------

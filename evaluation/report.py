@@ -1,7 +1,6 @@
 """The report of one evaluation: results.json (everything), results.md (the table and what each column means),
 and, when matplotlib is importable, plots.
 
-  write_atomic    write a file through a temporary file and a rename: an interrupted run leaves the old one whole
   json_ready      NaN / inf (a mean over zero examples) -> None: strict JSON has no NaN
   results_table   the markdown table: one row per model, the suite's columns (TOY_COLUMNS or REAL_COLUMNS) in
                   percent, routing accuracy (routing.py) and expert drift (baselines.expert_drift), and a legend
@@ -10,12 +9,11 @@ and, when matplotlib is importable, plots.
 import math
 import os
 import re
-import tempfile
 from typing import Optional
 
 import torch
 
-from data.format import TASK_NAMES
+from data import TASK_NAMES
 
 # ----------------------------------------------------------------------------------------------------
 # The table's columns: metric key -> title (the arrow says which way is better)
@@ -26,18 +24,6 @@ REAL_COLUMNS = [("tqa_mc1", "TQA MC1 ↑"), ("tqa_mc2", "TQA MC2 ↑"), ("tqa_ro
                 ("tqa_bleu_acc", "TQA BLEU acc ↑"), ("bt_harmful_detector", "harmful (detector) ↓"),
                 ("bt_harmful_judge", "harmful (judge) ↓"), ("alpaca_win_judge", "win rate (judge) ↑")]
 JUDGED = {"bt_harmful_judge", "alpaca_win_judge"}
-
-
-def write_atomic(path: str, text: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def json_ready(obj):

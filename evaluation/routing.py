@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from data.format import PAD_ID, TASK_NAMES
+from data import TASK_NAMES
+from data.format import PAD_ID
 from moe import moe_layers
 
 # Teacher-forced forward over prompt + answer; for every MoE layer the router's full softmax router_probs

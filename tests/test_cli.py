@@ -79,3 +79,70 @@ def test_under_torchrun_only_rank_0_speaks(ckpt, tmp_path):
                  "--out", str(tmp_path / "f"))
     assert result.returncode != 0
     assert sum(line.startswith("fuse.py: error:") for line in result.stderr.splitlines()) == 1, result.stderr[-3000:]
+
+
+# ---- every flag does what it says or is refused -------------------------------------------------------------
+
+
+def cli_error(monkeypatch, capsys, main, script, *argv):
+    """SCRIPT's command line, run in this process (fast): model.run_cli(main) with sys.argv = [SCRIPT, *argv].
+    Returns what assert_clean_error reads (a failure that is not an expected error raises here, traceback and all)."""
+    from types import SimpleNamespace
+
+    from model import run_cli
+
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, script)
+    return SimpleNamespace(returncode=stop.value.code, stderr=capsys.readouterr().err)
+
+
+@pytest.fixture
+def record_file(tmp_path):
+    """A local record file: instruction data without a held-out split."""
+    import json
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Say {w}.", "input": "", "output": w, "task": i % 3}) + "\n"
+                            for i, w in enumerate(("yes", "no", "maybe"))))
+    return str(path)
+
+
+def test_fuse_refuses_flags_that_would_change_nothing(ckpt, tmp_path, record_file, monkeypatch, capsys):
+    import fuse
+
+    base = ["--base", ckpt, "--experts", f"{ckpt},{ckpt},{ckpt}", "--out", str(tmp_path / "f")]
+    cases = [  # (extra arguments, what the one error line says)
+        (["--balance-coef", "-1"], "--balance-coef -1.0: expected a finite number >= 0"),
+        (["--z-coef", "nan"], "--z-coef nan: expected a finite number >= 0"),
+        (["--top-k", "3", "--balance-coef", "0.01"], "load-balancing loss is the constant 1"),
+        (["--reg", "decay", "--gamma", "0,0,0"], "--reg decay with --gamma 0,0,0: every gamma_i is 0"),
+        (["--data", record_file, "--eval-every", "2"], "--eval-every 2: --data " + record_file + " has no held-out"),
+    ]
+    for extra, message in cases:
+        assert_clean_error(cli_error(monkeypatch, capsys, fuse.main, "fuse.py", *base, *extra), "fuse.py", message)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "f.train").exists()
+
+
+def test_train_expert_refuses_flags_that_would_change_nothing(ckpt, tmp_path, record_file, monkeypatch, capsys):
+    import train_expert
+
+    out = ["--out", str(tmp_path / "e")]
+    cases = [  # (arguments, what the one error line says)
+        (["--warmup", "-1"], "--warmup -1: expected >= 0"),
+        (["--eval-every", "-2"], "--eval-every -2: expected >= 0"),
+        (["--save-every", "-1"], "--save-every -1: expected >= 0"),
+        (["--grad-clip", "0"], "--grad-clip 0.0: expected > 0"),
+        (["--grad-clip", "-1"], "--grad-clip -1.0: expected > 0"),
+        (["--resume", "--overwrite"], "--resume with --overwrite"),
+        (["--init", ckpt, "--data", "helpful", "--dim", "64", "--n-kv-heads", "1"],
+         "--dim --n-kv-heads with --init " + ckpt + ": the model size comes from the checkpoint"),
+        (["--data", "corpus", "--task", "honest"], "--task honest: for instruction data; --data corpus"),
+        (["--data-path", "x.json"], "--data-path x.json: for instruction data; --data corpus"),
+        (["--init", ckpt, "--data", record_file, "--eval-every", "3"], "--eval-every 3: --data " + record_file),
+    ]
+    for argv, message in cases:
+        result = cli_error(monkeypatch, capsys, train_expert.main, "train_expert.py", *argv, *out)
+        assert_clean_error(result, "train_expert.py", message)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.train").exists()

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import evaluate
 from data import toy
 from data.format import format_prompt
-from evaluation.baselines import (OutputEnsemble, expert_drift, force_expert, load_model, merge_soup,
-                                  merge_task_arithmetic, merge_ties, model_from_state, trim_top_magnitude)
+from evaluation.baselines import (OutputEnsemble, expert_drift, load_model, merge_soup, merge_task_arithmetic,
+                                  merge_ties, model_from_state, trim_top_magnitude)
 from evaluation.generation import generate_responses, sequence_logprobs, spread
 from evaluation.real_suite import (judge_pairwise, judge_prob_a, lcs_length, load_judge, load_real_eval,
                                    mc1_mc2_from_logprobs, mentions_refusal_phrase, rouge_l, sentence_bleu,
@@ -21,6 +21,7 @@ from evaluation.real_suite import (judge_pairwise, judge_prob_a, lcs_length, loa
 from evaluation.report import plot_results
 from evaluation.routing import routing_stats
 from model import ModelArgs, Tokenizer, Transformer, generate, generate_tokens, load_checkpoint, save_checkpoint
+from moe import set_forced_expert
 from tiny import make_tiny_checkpoint
 from upcycle import build_fused_model
 
@@ -184,11 +185,11 @@ def test_forced_expert_reproduces_the_aligned_model(ckpts):
     for i, name in enumerate(TASK_DIRS):
         aligned, _ = load_model(ckpts[name])
         with torch.no_grad():
-            torch.testing.assert_close(force_expert(fused, i)(tokens), aligned(tokens), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(set_forced_expert(fused, i)(tokens), aligned(tokens), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="expert=3"):
-        force_expert(fused, 3)
+        set_forced_expert(fused, 3)
     with pytest.raises(ValueError, match="dense"):
-        force_expert(aligned, 0)
+        set_forced_expert(aligned, 0)
 
 
 # ---- generation.py: batching never changes an answer or a likelihood ---------------------------------------

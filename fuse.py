@@ -31,6 +31,7 @@ import torch
 
 import trainer as T
 from data import TASK_NAMES
+from data.format import format_prompt
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
 from model import Tokenizer, recover_checkpoint, run_cli
 from moe import moe_layers, snapshot_expert_weights
@@ -135,8 +136,6 @@ def set_trainable(model, trainable: str):
 
 def router_init_prompts(records: list, n_experts: int, per_task: int = 32) -> list:
     """A few formatted prompts per dimension, for router_init='hidden'."""
-    from data.format import format_prompt
-
     prompts = [[] for _ in range(n_experts)]
     for r in records:
         if 0 <= r["task"] < n_experts and len(prompts[r["task"]]) < per_task:

@@ -6,7 +6,7 @@ Read top to bottom:
   3. Attention              softmax(q k^T / sqrt(d_head) + causal mask) v, grouped-query heads, KV cache
   4. FeedForward            SwiGLU:  w2( silu(w1 x) * w3 x )   -- the block H3Fusion turns into experts
   5. Transformer            h = x + Attn(norm(x));  out = h + FFN(norm(h))   (FFN = dense, or moe.MoE)
-  6. Tokenizer              sentencepiece, <s>=1, </s>=2, no pad id
+  6. Tokenizer              data/tokenizer.py (imported here): sentencepiece, <s>=1, </s>=2, no pad id
   7. load/save_checkpoint   params.json + consolidated.NN.pth model-parallel shards + tokenizer.model
   8. generate               batched ragged prompts, KV cache, greedy or top-p
   9. CLI                    python model.py CKPT_DIR --prompt "..."
@@ -34,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from data.format import format_prompt
+from data.tokenizer import Tokenizer
 from moe import MoE
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,33 +255,6 @@ class Transformer(nn.Module):
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.cache_k = layer.attention.cache_v = None
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6. Tokenizer
-
-
-class Tokenizer:
-    """Meta's tokenizer.model (sentencepiece BPE). <unk>=0, <s>=1, </s>=2, and no pad id (pad_id == -1)."""
-
-    def __init__(self, path: str):
-        import sentencepiece as spm
-
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: tokenizer model not found")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(path)
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
-        self.n_words, self.bos_id, self.eos_id, self.pad_id = (
-            self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())
-
-    def encode(self, text: str, bos: bool, eos: bool) -> list:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -605,8 +580,6 @@ def main(argv=None):
     tokenizer = Tokenizer(os.path.join(args.ckpt_dir, "tokenizer.model"))
     prompts = args.prompt
     if args.alpaca:
-        from data.format import format_prompt
-
         prompts = [format_prompt(p) for p in prompts]
     start = time.perf_counter()
     prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]

@@ -18,6 +18,7 @@ import torch
 
 import model as M
 import trainer as T
+from data import load_corpus_documents
 from losses import lm_loss
 
 DEFAULT_DATA_DIR = "runs/toy/data"
@@ -85,8 +86,6 @@ def freeze_all_but_ffn(model):
 def load_streams(args, tokenizer, d: T.Dist):
     """(training stream, held-out batches) for pretraining text or instruction data."""
     if args.data == "corpus":
-        from data import load_corpus_documents
-
         docs = load_corpus_documents(args.data_dir)
         ids = [i for doc in docs for i in tokenizer.encode(doc, bos=True, eos=True)]
         chunks = T.pack_corpus(ids, args.seq_len)

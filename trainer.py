@@ -15,23 +15,26 @@ Run layout for an output directory OUT:
   OUT/            the model, in Meta's format (params.json, consolidated.00.pth, tokenizer.model)
   OUT.train/      run.json (the arguments), log.jsonl (one JSON line per log step), state/ (for --resume)
 """
+import contextlib
 import json
 import math
 import os
 import pickle
+import random
 import shutil
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import Shard
 
 import model as M
-from data import TASK_NAMES
-from data.format import IGNORE_INDEX
+from data import TASK_IDS, TASK_NAMES, load_records
+from data.format import IGNORE_INDEX, collate, encode_example
 from fileio import write_atomic
 
 # ----------------------------------------------------------------------------------------------------
@@ -585,10 +588,6 @@ def evaluate_loss(model, batches: list, loss_fn, d: Dist) -> float:
 
 
 def seed_everything(seed: int):
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -663,8 +662,6 @@ def check_held_out(eval_every: int, val_batches, data: str):
 
 def sft_examples(records: list, tokenizer, max_len: int, where: str) -> list:
     """Records -> encoded examples (data.format.encode_example); a malformed record names its position."""
-    from data.format import encode_example
-
     if not records:
         raise ValueError(f"{where}: no examples")
     out = []
@@ -689,9 +686,6 @@ def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_si
     """(training records, ExampleStream over them, held-out batches or None) for instruction data: a
     synthetic-world set (the only ones with a val split), a real dataset name (from the hub, or from `path`, a
     local copy: --data-path), or a local file in our record schema (`task` labels records that have none)."""
-    from data import TASK_IDS, load_records
-    from data.format import collate
-
     if path and name in TASK_NAMES + ("pooled", "corpus"):
         raise ValueError(f"--data-path {path}: only for the real datasets (alpaca-small, beavertails, truthfulqa, "
                          f"real-pooled); --data {name} is the synthetic world in --data-dir {data_dir}")
@@ -709,8 +703,6 @@ def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_si
 
 def autocast_context(d: Dist):
     """bf16 autocast for single-GPU runs (FSDP runs get bf16 through the MixedPrecisionPolicy instead)."""
-    import contextlib
-
     if d.device.type == "cuda" and d.world_size == 1:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

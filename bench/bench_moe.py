@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import moe as moe_lib  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from trainer import flops_per_token  # noqa: E402  (training FLOPs per token, as trainer.py's MFU counts)
 from moe import swiglu  # noqa: E402
 
 
@@ -134,8 +136,6 @@ def decode_benchmark(dim, hidden, E, k, dtype, repeats, batch=1):
 
 
 def model_benchmark(repeats, dim=512, n_layers=2, seq_len=1024, vocab=512):
-    from model import ModelArgs, Transformer
-    from trainer import flops_per_token  # training FLOPs per token (trainer.py's MFU uses the same count)
     torch.manual_seed(0)
     dense_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=8, vocab_size=vocab, multiple_of=32)
     fused_args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=8, vocab_size=vocab, multiple_of=32,

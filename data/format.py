@@ -33,7 +33,8 @@ import os
 
 import torch
 
-from data import TASK_NAMES  # task label 0, 1, 2 = helpful, harmless, honest
+from data import TASK_NAMES, load_records  # task label 0, 1, 2 = helpful, harmless, honest
+from data.tokenizer import Tokenizer
 
 PAD_ID = 0  # LLaMA's <unk>: never a target, used only to fill the right end of short rows
 IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
@@ -210,9 +211,6 @@ def main(argv=None):
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--table", action="store_true", help="also print one line per token position")
     args = parser.parse_args(argv)
-    from data import load_records
-    from model import Tokenizer
-
     tok_path = args.tokenizer or os.path.join(args.data if os.path.isdir(args.data) else
                                               os.path.dirname(args.data), "tokenizer.model")
     tokenizer = Tokenizer(tok_path)

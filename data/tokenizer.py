@@ -1,15 +1,38 @@
-"""Train a sentencepiece tokenizer with LLaMA's settings (BPE, byte fallback, split digits).
+"""Meta's tokenizer.model: read one (Tokenizer), or train one with LLaMA's settings (BPE, byte fallback, split
+digits) for the synthetic world (train_tokenizer).
 
 LLaMA-2's tokenizer.model: 32000 BPE pieces, <unk>=0, <s>=1 (BOS), </s>=2 (EOS), no pad id, digits split
 into single pieces, unknown characters fall back to their UTF-8 bytes (<0x00>..<0xFF>). We train the same
 kind of model on our own text so that the synthetic world and the tests use the exact file format that
-model.Tokenizer reads for Meta's checkpoints.
+Tokenizer reads for Meta's checkpoints.
 """
 import io
+import os
 
 import sentencepiece as spm
 
 from fileio import write_atomic
+
+class Tokenizer:
+    """Meta's tokenizer.model (sentencepiece BPE). <unk>=0, <s>=1, </s>=2, and no pad id (pad_id == -1)."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: tokenizer model not found")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+        self.n_words, self.bos_id, self.eos_id, self.pad_id = (
+            self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
 
 LLAMA_SPM_SETTINGS = dict(
     model_type="bpe",

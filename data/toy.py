@@ -64,6 +64,7 @@ from dataclasses import dataclass
 
 from data import TASK_NAMES
 from data.format import format_prompt
+from data.tokenizer import Tokenizer, train_tokenizer
 
 TASK_HELPFUL, TASK_HARMLESS, TASK_HONEST = 0, 1, 2
 
@@ -977,8 +978,6 @@ def alpaca_instruction(doc: str):
 
 def write_world(out_dir: str, seed: int = 0, vocab_size: int = 1024) -> dict:
     """Write all files of the world into out_dir (built in a temporary directory, then moved in place)."""
-    from data.tokenizer import train_tokenizer
-
     start = time.time()
     data = build(seed)
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -1020,8 +1019,6 @@ def write_world(out_dir: str, seed: int = 0, vocab_size: int = 1024) -> dict:
 
 
 def _manifest(tmp, data, sizes, seed, vocab_size) -> dict:
-    from model import Tokenizer
-
     tok = Tokenizer(os.path.join(tmp, "tokenizer.model"))
     corpus_tokens = sum(len(tok.encode(d, bos=True, eos=True)) for d in data["corpus"])
 

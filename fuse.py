@@ -31,6 +31,7 @@ import torch
 
 import trainer as T
 from data import TASK_NAMES
+from data import streams as S
 from data.format import format_prompt
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
 from model import Tokenizer, recover_checkpoint, run_cli
@@ -215,7 +216,7 @@ def main(argv=None):
 
     tokenizer_path = os.path.join(args.base, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
-    records, stream, val = T.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
+    records, stream, val = S.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
                                               args.seed, d, path=args.data_path, task=args.task)
     T.check_held_out(args.eval_every, val, args.data)
 

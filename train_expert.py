@@ -18,6 +18,7 @@ import torch
 
 import model as M
 import trainer as T
+from data import streams as S
 from data import load_corpus_documents
 from losses import lm_loss
 
@@ -88,11 +89,11 @@ def load_streams(args, tokenizer, d: T.Dist):
     if args.data == "corpus":
         docs = load_corpus_documents(args.data_dir)
         ids = [i for doc in docs for i in tokenizer.encode(doc, bos=True, eos=True)]
-        chunks = T.pack_corpus(ids, args.seq_len)
+        chunks = S.pack_corpus(ids, args.seq_len)
         n_val = max(1, len(chunks) // 50)  # the last 2 % of the text is held out
-        val = T.val_batches_of(chunks[-n_val:], T.collate_packed, args.batch_size, d)
-        return T.ExampleStream(chunks[:-n_val], T.collate_packed, args.seed), val
-    _, stream, val = T.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
+        val = S.val_batches_of(chunks[-n_val:], S.collate_packed, args.batch_size, d)
+        return S.ExampleStream(chunks[:-n_val], S.collate_packed, args.seed), val
+    _, stream, val = S.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
                                         args.seed, d, path=args.data_path, task=args.task)
     return stream, val
 

@@ -1,15 +1,15 @@
 """The handwritten training loop shared by train_expert.py (stages 0 and 1) and fuse.py (stage 2).
 
 Read top to bottom:
+  (The data a step reads -- deterministic example streams, each rank its slice of the global batch -- is
+  data/streams.py.)
   1. Distributed setup     `python x.py` = one process; `torchrun --nproc_per_node=N x.py` = FSDP2 over N ranks
   2. FSDP2 sharding        fully_shard(each block), then fully_shard(root); bf16 params + fp32 reduce on CUDA
-  3. Data streams          a deterministic, epoch-shuffled stream of examples; global batch i is the same
-                           whatever the world size, each rank reads its own slice of it
-  4. Optimiser, schedule   AdamW (decay on >=2-D weights only), linear warmup + cosine decay
-  5. FLOPs and MFU         model FLOPs/s over the matmul peak in the dtype the matmuls run in (bf16 on CUDA,
+  3. Optimiser, schedule   AdamW (decay on >=2-D weights only), linear warmup + cosine decay
+  4. FLOPs and MFU         model FLOPs/s over the matmul peak in the dtype the matmuls run in (bf16 on CUDA,
                            float32 on CPU), measured at start-up or given (--peak-tflops); always in (0, 1]
-  6. Checkpoints           Meta-format model (model.save_checkpoint) + resumable state (torch.distributed.checkpoint)
-  7. train()               the loop: accumulate, clip, step, log, evaluate, save; stop on NaN
+  5. Checkpoints           Meta-format model (model.save_checkpoint) + resumable state (torch.distributed.checkpoint)
+  6. train()               the loop: accumulate, clip, step, log, evaluate, save; stop on NaN
 
 Run layout for an output directory OUT:
   OUT/            the model, in Meta's format (params.json, consolidated.00.pth, tokenizer.model)
@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import sys
@@ -33,8 +32,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import Shard
 
 import model as M
-from data import TASK_IDS, TASK_NAMES, load_records
-from data.format import IGNORE_INDEX, collate, encode_example
+from data import TASK_NAMES
+from data.format import IGNORE_INDEX
+import fileio
 from fileio import write_atomic
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,53 +122,7 @@ def full_state_dict(model, d: Dist) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Deterministic data streams
-
-
-class ExampleStream:
-    """An endless stream over `examples` (each a dict of lists or tensors), reshuffled every epoch with
-    seed + epoch. Global batch i = stream positions [i*B, (i+1)*B); rank r of W reads the r-th slice, so
-    one process with batch B sees exactly what W ranks see together -- and a resumed run continues at
-    batch i with no state but i."""
-
-    def __init__(self, examples: list, collate, seed: int):
-        if not examples:
-            raise ValueError("empty dataset: no examples to train on")
-        self.examples, self.collate, self.seed, self._perms = examples, collate, seed, {}
-
-    def _order(self, epoch):
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perms = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
-        return self._perms[epoch]
-
-    def batch(self, index: int, batch_size: int, d: Dist) -> dict:
-        per_rank = batch_size // d.world_size
-        start = index * batch_size + d.rank * per_rank
-        items = []
-        for pos in range(start, start + per_rank):
-            epoch, offset = divmod(pos, len(self.examples))
-            items.append(self.examples[self._order(epoch)[offset]])
-        return self.collate(items)
-
-
-def pack_corpus(token_ids: list, seq_len: int) -> list:
-    """Cut one long token stream into chunks of seq_len + 1 (inputs = chunk[:-1], targets = chunk[1:])."""
-    n = (len(token_ids) - 1) // seq_len
-    if n < 1:
-        raise ValueError(f"corpus has {len(token_ids)} tokens: too short for one sequence of {seq_len}")
-    return [torch.tensor(token_ids[i * seq_len : (i + 1) * seq_len + 1]) for i in range(n)]
-
-
-def collate_packed(chunks: list) -> dict:
-    stacked = torch.stack(chunks)  # [B, T+1]
-    tokens, targets = stacked[:, :-1], stacked[:, 1:]  # [B, T]
-    return {"tokens": tokens, "targets": targets, "mask": torch.ones_like(tokens, dtype=torch.bool),
-            "task": torch.full((len(chunks),), -1)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. Optimiser and schedule
+# 3. Optimiser and schedule
 
 
 def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95)):
@@ -192,7 +146,7 @@ def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. FLOPs and MFU
+# 4. FLOPs and MFU
 
 
 def flops_per_token(model, seq_len: int) -> float:
@@ -243,7 +197,7 @@ def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> fl
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Run directory, checkpoints, resumable state
+# 5. Run directory, checkpoints, resumable state
 
 
 def check_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool, d: Dist) -> str:
@@ -349,64 +303,6 @@ def save_train_state(model, optimizer, step: int, train_dir: str, d: Dist):
     barrier(d)
 
 
-# Resuming reads a run directory, which may come from anywhere: nothing in it may run code. The model and
-# optimizer tensors and rank*.pt load with weights_only=True; DCP's own .metadata (a pickle) and its byte items
-# (optimizer hyper-parameters, written with torch.save) are read through the two classes below instead of
-# plain pickle.load / torch.load(weights_only=False).
-SAFE_METADATA_CLASSES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                         ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-                         ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata, refusing every class but its own records, torch dtypes and sizes, paths."""
-
-    def find_class(self, module, name):
-        allowed = (module == "torch.distributed.checkpoint.metadata" or (module, name) in SAFE_METADATA_CLASSES
-                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
-        if not allowed:
-            raise pickle.UnpicklingError(f"refusing {module}.{name}: not a class of a checkpoint's metadata")
-        return super().find_class(module, name)
-
-
-def read_dcp_metadata(metadata_path: str):
-    """A DCP .metadata file through MetadataUnpickler; a refused class is a ValueError naming the file."""
-    with open(metadata_path, "rb") as f:
-        try:
-            return MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{metadata_path}: {e} (a tampered or foreign file; not loaded)") from None
-
-
-def safe_dcp_reader_and_planner(path: str):
-    """(storage reader, load planner) for dcp.load that execute no code from the checkpoint directory."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-    from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class Reader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            metadata = read_dcp_metadata(str(self._get_metadata_path(kwargs.get("rank"))))
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    class Planner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value):
-            try:
-                loaded = torch.load(value, weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise ValueError(f"{path}: item {read_item.dest_index.fqn}: {str(e).splitlines()[0]} (not loaded)") from None
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = loaded
-
-    return Reader(path), Planner()
-
-
 def load_train_state(model, optimizer, train_dir: str, d: Dist) -> int:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -415,8 +311,8 @@ def load_train_state(model, optimizer, train_dir: str, d: Dist) -> int:
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    read_dcp_metadata(os.path.join(path, ".metadata"))  # a clear error here, before DCP wraps it in its own
-    reader, planner = safe_dcp_reader_and_planner(path)
+    fileio.read_dcp_metadata(os.path.join(path, ".metadata"))  # a clear error here, before DCP wraps it in its own
+    reader, planner = fileio.safe_dcp_reader_and_planner(path)
     dcp.load(state, storage_reader=reader, planner=planner)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_file = os.path.join(path, f"rank{d.rank}.pt")
@@ -428,7 +324,7 @@ def load_train_state(model, optimizer, train_dir: str, d: Dist) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. The loop
+# 6. The loop
 
 
 @dataclass
@@ -658,47 +554,6 @@ def check_held_out(eval_every: int, val_batches, data: str):
     if eval_every and val_batches is None:
         raise ValueError(f"--eval-every {eval_every}: --data {data} has no held-out split (only the synthetic world's "
                          f"sets have one), so there is nothing to evaluate; leave --eval-every out")
-
-
-def sft_examples(records: list, tokenizer, max_len: int, where: str) -> list:
-    """Records -> encoded examples (data.format.encode_example); a malformed record names its position."""
-    if not records:
-        raise ValueError(f"{where}: no examples")
-    out = []
-    for i, record in enumerate(records):
-        try:
-            out.append(encode_example(tokenizer, record, max_len))
-        except ValueError as e:
-            raise ValueError(f"{where}: example {i}: {e}") from None
-    return out
-
-
-def val_batches_of(examples: list, collate, batch_size: int, d: Dist, limit: int = 256) -> list:
-    """Fixed held-out batches, each rank its own interleaved share -- the same number of examples on every
-    rank, so every rank runs the same number of forwards (FSDP's collectives would otherwise hang)."""
-    n = min(len(examples), limit) // d.world_size * d.world_size
-    mine = examples[:n][d.rank :: d.world_size]
-    return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
-
-
-def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_size: int, seed: int, d: Dist,
-                     path: str = None, task: str = None):
-    """(training records, ExampleStream over them, held-out batches or None) for instruction data: a
-    synthetic-world set (the only ones with a val split), a real dataset name (from the hub, or from `path`, a
-    local copy: --data-path), or a local file in our record schema (`task` labels records that have none)."""
-    if path and name in TASK_NAMES + ("pooled", "corpus"):
-        raise ValueError(f"--data-path {path}: only for the real datasets (alpaca-small, beavertails, truthfulqa, "
-                         f"real-pooled); --data {name} is the synthetic world in --data-dir {data_dir}")
-    if task and not os.path.exists(name):
-        raise ValueError(f"--task {task}: only for --data FILE (a local record file without 'task' fields); "
-                         f"--data {name} is labelled already")
-    records = load_records(name, data_dir, "train", path=path, task=TASK_IDS[task] if task else None)
-    stream = ExampleStream(sft_examples(records, tokenizer, seq_len, name), collate, seed)
-    val = None
-    if name in TASK_NAMES + ("pooled",):
-        val_examples = sft_examples(load_records(name, data_dir, "val"), tokenizer, seq_len, name)
-        val = val_batches_of(val_examples, collate, batch_size, d)
-    return records, stream, val
 
 
 def autocast_context(d: Dist):

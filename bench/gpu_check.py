@@ -152,7 +152,6 @@ def train_step_check(device, dim, n_layers, seq, batch, vocab, repeats, peak, co
         time_ratio, flop_ratio = res[fused] / res[dense], fpt[fused] / fpt[dense]
         print(f"   fused/dense{suffix} time {time_ratio:.2f}x, FLOP ratio {flop_ratio:.2f}x -> "
               f"{time_ratio / flop_ratio:.2f}x the FLOP ratio")
-    del models, optimizers
 
 
 def decode_check(device, dim, n_layers, vocab, new_tokens, bandwidth):

@@ -12,10 +12,12 @@ import time
 import pytest
 import torch
 
+import fileio
 import fuse
 import model as M
 import train_expert
 import trainer as T
+from data.streams import ExampleStream
 from moe import moe_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -312,7 +314,7 @@ def test_lr_schedule_and_flops():
 
 def test_stream_is_the_same_for_any_world_size():
     examples = [torch.tensor([i]) for i in range(10)]
-    stream = T.ExampleStream(examples, torch.stack, seed=3)
+    stream = ExampleStream(examples, torch.stack, seed=3)
     one = [stream.batch(i, 4, T.Dist(0, 1)) for i in range(6)]
     two = [torch.cat([stream.batch(i, 4, T.Dist(r, 2)) for r in range(2)]) for i in range(6)]
     assert all(torch.equal(a, b) for a, b in zip(one, two))
@@ -419,7 +421,7 @@ def test_resume_runs_no_code_from_the_run_directory(world, tmp_path):
     buffer = io.BytesIO()
     torch.save(Payload(), buffer)
     buffer.seek(0)
-    _, planner = T.safe_dcp_reader_and_planner(out + ".train/state")
+    _, planner = fileio.safe_dcp_reader_and_planner(out + ".train/state")
     with pytest.raises(ValueError, match="not loaded"):
         planner.load_bytes(SimpleNamespace(dest_index=SimpleNamespace(fqn="optim.param_groups.0.lr")), buffer)
     assert not os.path.exists(marker)

@@ -1,0 +1,95 @@
+"""What a training step reads: deterministic example streams, packed pretraining text, and the instruction
+datasets as (stream, held-out batches). Every rank of a torchrun gets its own share of each global batch.
+
+`d` below is trainer.Dist (anything with .rank and .world_size); this file imports nothing from outside data/.
+"""
+import os
+
+import torch
+
+from data import TASK_IDS, TASK_NAMES, load_records
+from data.format import collate, encode_example
+
+
+
+class ExampleStream:
+    """An endless stream over `examples` (each a dict of lists or tensors), reshuffled every epoch with
+    seed + epoch. Global batch i = stream positions [i*B, (i+1)*B); rank r of W reads the r-th slice, so
+    one process with batch B sees exactly what W ranks see together -- and a resumed run continues at
+    batch i with no state but i."""
+
+    def __init__(self, examples: list, collate, seed: int):
+        if not examples:
+            raise ValueError("empty dataset: no examples to train on")
+        self.examples, self.collate, self.seed, self._perms = examples, collate, seed, {}
+
+    def _order(self, epoch):
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
+        return self._perms[epoch]
+
+    def batch(self, index: int, batch_size: int, d) -> dict:
+        per_rank = batch_size // d.world_size
+        start = index * batch_size + d.rank * per_rank
+        items = []
+        for pos in range(start, start + per_rank):
+            epoch, offset = divmod(pos, len(self.examples))
+            items.append(self.examples[self._order(epoch)[offset]])
+        return self.collate(items)
+
+
+def pack_corpus(token_ids: list, seq_len: int) -> list:
+    """Cut one long token stream into chunks of seq_len + 1 (inputs = chunk[:-1], targets = chunk[1:])."""
+    n = (len(token_ids) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"corpus has {len(token_ids)} tokens: too short for one sequence of {seq_len}")
+    return [torch.tensor(token_ids[i * seq_len : (i + 1) * seq_len + 1]) for i in range(n)]
+
+
+def collate_packed(chunks: list) -> dict:
+    stacked = torch.stack(chunks)  # [B, T+1]
+    tokens, targets = stacked[:, :-1], stacked[:, 1:]  # [B, T]
+    return {"tokens": tokens, "targets": targets, "mask": torch.ones_like(tokens, dtype=torch.bool),
+            "task": torch.full((len(chunks),), -1)}
+
+
+def sft_examples(records: list, tokenizer, max_len: int, where: str) -> list:
+    """Records -> encoded examples (data.format.encode_example); a malformed record names its position."""
+    if not records:
+        raise ValueError(f"{where}: no examples")
+    out = []
+    for i, record in enumerate(records):
+        try:
+            out.append(encode_example(tokenizer, record, max_len))
+        except ValueError as e:
+            raise ValueError(f"{where}: example {i}: {e}") from None
+    return out
+
+
+def val_batches_of(examples: list, collate, batch_size: int, d, limit: int = 256) -> list:
+    """Fixed held-out batches, each rank its own interleaved share -- the same number of examples on every
+    rank, so every rank runs the same number of forwards (FSDP's collectives would otherwise hang)."""
+    n = min(len(examples), limit) // d.world_size * d.world_size
+    mine = examples[:n][d.rank :: d.world_size]
+    return [collate(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
+
+
+def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_size: int, seed: int, d,
+                     path: str = None, task: str = None):
+    """(training records, ExampleStream over them, held-out batches or None) for instruction data: a
+    synthetic-world set (the only ones with a val split), a real dataset name (from the hub, or from `path`, a
+    local copy: --data-path), or a local file in our record schema (`task` labels records that have none)."""
+    if path and name in TASK_NAMES + ("pooled", "corpus"):
+        raise ValueError(f"--data-path {path}: only for the real datasets (alpaca-small, beavertails, truthfulqa, "
+                         f"real-pooled); --data {name} is the synthetic world in --data-dir {data_dir}")
+    if task and not os.path.exists(name):
+        raise ValueError(f"--task {task}: only for --data FILE (a local record file without 'task' fields); "
+                         f"--data {name} is labelled already")
+    records = load_records(name, data_dir, "train", path=path, task=TASK_IDS[task] if task else None)
+    stream = ExampleStream(sft_examples(records, tokenizer, seq_len, name), collate, seed)
+    val = None
+    if name in TASK_NAMES + ("pooled",):
+        val_examples = sft_examples(load_records(name, data_dir, "val"), tokenizer, seq_len, name)
+        val = val_batches_of(val_examples, collate, batch_size, d)
+    return records, stream, val

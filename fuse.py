@@ -209,8 +209,8 @@ def routing_metrics(model, batch, n_examples: float) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
+    cfg = T.config_from_args(args)  # every flag checked before torchrun's process group starts
     d = T.setup_distributed(args.device)
-    cfg = T.config_from_args(args)
     train_dir = T.check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
     T.seed_everything(args.seed)
 

@@ -108,8 +108,8 @@ def lm_objective(model, batch, counts: T.StepCounts):
 
 def main(argv=None):
     args = parse_args(argv)
+    cfg = T.config_from_args(args)  # every flag checked before torchrun's process group starts
     d = T.setup_distributed(args.device)
-    cfg = T.config_from_args(args)
     train_dir = T.check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
     T.seed_everything(args.seed)
     model, tokenizer, tokenizer_path = load_model(args, d)

@@ -277,7 +277,7 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
     router_init: "zero"   -> uniform routing (ties: experts 0 .. k-1 win until the router learns),
                  "random" -> N(0, router_std) with torch seed `seed`,
                  "hidden" -> hidden_router_rows(): needs init_prompts = one list of strings per expert
-                             (tokenizer: a model.Tokenizer; default base_dir/tokenizer.model).
+                             (tokenizer: a data.tokenizer.Tokenizer; default base_dir/tokenizer.model).
     dtype: the parameters' dtype (None: the base checkpoint's). shard(model) -> model: applied on the meta
         device before any weight is read (trainer.shard_model: FSDP2), so each rank reads only its rows.
     Returns (model.Transformer with n_experts = N, ModelArgs); save it with model.save_checkpoint.

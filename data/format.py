@@ -98,7 +98,7 @@ def truncate(prompt_ids: list, response_ids: list, max_len: int):
 def encode_example(tokenizer, record: dict, max_len: int) -> dict:
     """One record -> {"tokens", "targets", "task"}: lists of equal length <= max_len, loss on the response only.
 
-    `tokenizer` is duck-typed: encode(text, bos, eos) -> list[int] (model.Tokenizer does this).
+    `tokenizer` is duck-typed: encode(text, bos, eos) -> list[int] (data.tokenizer.Tokenizer does this).
     """
     check_record(record)
     if max_len < 2:
@@ -180,7 +180,7 @@ def _piece(tokenizer, token_id: int) -> str:
         return "</s>"
     if token_id == PAD_ID:
         return "<pad/unk>"
-    sp = getattr(tokenizer, "sp", None)  # model.Tokenizer keeps the sentencepiece processor here
+    sp = getattr(tokenizer, "sp", None)  # data.tokenizer.Tokenizer keeps the sentencepiece processor here
     text = sp.id_to_piece(token_id) if sp is not None else tokenizer.decode([token_id])
     return repr(text)[1:-1]
 

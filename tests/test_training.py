@@ -353,6 +353,28 @@ def test_fsdp_two_ranks_follow_the_single_process_curve(world, tmp_path):
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_compile_trains_the_same_model(world, tmp_path):
+    """--compile (every block torch.compile'd in place) follows the eager run's losses and weights, dense and fused,
+    and the checkpoint keeps its names (it loads like any other)."""
+    common = ["--data-dir", world["data"], "--steps", "3"] + FAST
+    runs = {"dense": ["--init", world["base"], "--data", "honest"] + common,
+            "fused": ["--base", world["base"], "--experts", ",".join(world["experts"]), "--gamma", "0.1,0.3,0.1"]
+            + common}
+    for kind, args in runs.items():
+        script = train_expert if kind == "dense" else fuse
+        script.main(args + ["--out", str(tmp_path / f"{kind}_eager")])
+        script.main(args + ["--out", str(tmp_path / f"{kind}_compiled"), "--compile"])
+        a, b = log_lines(tmp_path / f"{kind}_eager"), log_lines(tmp_path / f"{kind}_compiled")
+        for key in ("lm", "gate", "reg"):
+            if key in a[0]:
+                assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-4), (kind, key)
+        sa, sb = state(str(tmp_path / f"{kind}_eager")), state(str(tmp_path / f"{kind}_compiled"))
+        assert sorted(sa) == sorted(sb)
+        for k in sa:  # as a whole: AdamW turns a float-rounding sign flip of a tiny gradient into a full step
+            assert (sa[k] - sb[k]).norm() <= 1e-3 * sa[k].norm() + 1e-6, (kind, k)
+
+
 def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_save(world, tmp_path, capsys):
     """A save is: write state.tmp, mark it COMPLETE, state -> state.old, state.tmp -> state, delete state.old.
     Lay out what a kill between any two of those leaves (from two real saved states, at steps 2 and 4) and

@@ -72,12 +72,12 @@ class CheckpointRows:
             shard.pop("rope.freqs", None)  # Meta's precomputed rotary table; we compute it on the fly
         with torch.device("meta"):
             expected = Transformer(self.args).state_dict()
+        for path, shard in zip(self.paths, self.shards):
+            if set(shard) != set(expected):
+                missing, extra = sorted(set(expected) - set(shard))[:5], sorted(set(shard) - set(expected))[:5]
+                raise ValueError(f"{path}: missing keys {missing}, unexpected keys {extra} for params.json")
         self.shapes = {}
         for name, t in expected.items():
-            if any(name not in s for s in self.shards) or any(set(s) != set(expected) for s in self.shards):
-                missing = sorted(set(expected) - set(self.shards[0]))[:5]
-                extra = sorted(set(self.shards[0]) - set(expected))[:5]
-                raise ValueError(f"{ckpt_dir}: missing keys {missing}, unexpected keys {extra} for params.json")
             dim = shard_dim(name, t.dim())
             parts = [s[name].shape for s in self.shards]
             shape = list(parts[0])
@@ -194,8 +194,9 @@ def router_weight(router_init, layer, n_experts, dim, dtype, std, seed):
 
 @torch.no_grad()
 def ffn_inputs_by_layer(model, tokenizer, prompts, max_len=None) -> list:
-    """Run a dense model on prompts and return, per layer, the FFN inputs (ffn_norm outputs) of all real
-    tokens: list over layers of [n_tokens, D] float32. Temporary forward pre-hooks catch the inputs."""
+    """Run the base model (here: the fused model with every token forced to expert 0 = the base's FFN) on prompts
+    and return, per layer, the FFN inputs (ffn_norm outputs) of all real tokens: list over layers of [n_tokens, D]
+    float32. Temporary forward pre-hooks catch the inputs (under FSDP every rank runs the same prompts)."""
     captured = [[] for _ in model.layers]
     handles = [layer.feed_forward.register_forward_pre_hook(lambda mod, inp, i=i: captured[i].append(inp[0]))
                for i, layer in enumerate(model.layers)]

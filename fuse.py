@@ -221,7 +221,8 @@ def main(argv=None):
     T.check_held_out(args.eval_every, val, args.data)
 
     def shard(model):  # on the meta device, before any weight is read: each rank then reads only its share
-        return T.shard_model(set_trainable(model, args.trainable), d, torch.bfloat16 if d.device.type == "cuda" else None)
+        param_dtype = torch.bfloat16 if d.device.type == "cuda" else None
+        return T.shard_model(set_trainable(model, args.trainable), d, param_dtype)
 
     model, margs = build_fused_model(args.base, args.expert_dirs, top_k=args.top_k, router_init=args.router_init,
                                      init_prompts=router_init_prompts(records, len(args.expert_dirs)),

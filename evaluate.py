@@ -85,9 +85,9 @@ from evaluation.baselines import ModelSpec, baseline_specs, check_checkpoint_dir
 from evaluation.generation import record_prompt
 from evaluation.real_suite import evaluate_real, load_judge, load_real_eval
 from evaluation.report import JUDGED, json_ready, plot_results, results_table
-from fileio import write_atomic
 from evaluation.routing import routing_stats
 from evaluation.toy_suite import evaluate_toy, load_toy_eval
+from fileio import write_atomic
 from model import load_checkpoint, parse_dtype, refuse_foreign_dir, run_cli
 
 

@@ -341,6 +341,18 @@ def read_checkpoint_args(ckpt_dir: str) -> ModelArgs:
     return args
 
 
+def check_against_params(shapes: dict, args: ModelArgs, where: str):
+    """{tensor name: full (merged) shape} of a checkpoint must be exactly the tensors params.json implies."""
+    with torch.device("meta"):
+        expected = Transformer(args).state_dict()
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for params.json")
+    for name, t in expected.items():
+        if tuple(shapes[name]) != tuple(t.shape):
+            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])}, params.json implies {tuple(t.shape)}")
+
+
 def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
     """Load a Meta-format checkpoint directory -> (Transformer, ModelArgs).
 
@@ -354,17 +366,10 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
     state = merge_shards([load_shard(p) for p in paths], paths)
     state.pop("rope.freqs", None)  # Meta's precomputed rotary table; we compute it on the fly
 
+    where = f"{ckpt_dir} ({len(paths)} shard{'s' * (len(paths) > 1)})"
+    check_against_params({name: t.shape for name, t in state.items()}, args, where)
     with torch.device("meta"):
         model = Transformer(args)
-    expected = model.state_dict()
-    where = f"{ckpt_dir} ({len(paths)} shard{'s' * (len(paths) > 1)})"
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for params.json")
-    for name, t in expected.items():
-        if state[name].shape != t.shape:
-            raise ValueError(f"{where}: {name} has shape {tuple(state[name].shape)}, "
-                             f"params.json implies {tuple(t.shape)}")
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)

@@ -29,13 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 import model as M
 from data import TASK_NAMES
 from data.format import IGNORE_INDEX
-import fileio
-from fileio import write_atomic
+from fileio import read_dcp_metadata, safe_dcp_reader_and_planner, write_atomic
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Distributed setup
@@ -112,8 +111,6 @@ def expert_stack_on_dim_1(param):
 
 def full_state_dict(model, d: Dist) -> dict:
     """Every parameter gathered to full size on CPU (collective: all ranks call it, in the same order)."""
-    from torch.distributed.tensor import DTensor
-
     out = {}
     for name, t in model.state_dict().items():
         t = t.full_tensor() if isinstance(t, DTensor) else t
@@ -311,8 +308,8 @@ def load_train_state(model, optimizer, train_dir: str, d: Dist) -> int:
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    fileio.read_dcp_metadata(os.path.join(path, ".metadata"))  # a clear error here, before DCP wraps it in its own
-    reader, planner = fileio.safe_dcp_reader_and_planner(path)
+    read_dcp_metadata(os.path.join(path, ".metadata"))  # a clear error here, before DCP wraps it in its own
+    reader, planner = safe_dcp_reader_and_planner(path)
     dcp.load(state, storage_reader=reader, planner=planner)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_file = os.path.join(path, f"rank{d.rank}.pt")
@@ -525,8 +522,8 @@ def add_train_args(parser, steps, batch_size, lr, warmup, seq_len, weight_decay=
                    help="peak matmul TFLOP/s of one device, the denominator of MFU (default: measured at start-up "
                         "in the dtype the matmuls run in: bf16 on CUDA, float32 on CPU)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile every transformer block (one process; on an H100 the dense training step went "
-                        "from 38 %% to 61 %% MFU: bench/gpu_check.py --compile); the first steps are slow while it compiles")
+                   help="torch.compile every transformer block (one process; on an H100 the dense training step "
+                        "went from 38 %% to 61 %% MFU: bench/gpu_check.py --compile); the first steps compile")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--resume", action="store_true", help="continue the run in OUT.train/state")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in OUT")

@@ -27,12 +27,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import moe as moe_lib  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from trainer import flops_per_token  # noqa: E402  (training FLOPs per token, as trainer.py's MFU counts)
-from moe import swiglu  # noqa: E402
 
 
 def ideal(x_groups, layer):
     """(a): tokens already grouped, one contiguous tensor per expert; only the expert matmuls."""
-    return [swiglu(xg, layer.w1[e], layer.w2[e], layer.w3[e]) for e, xg in enumerate(x_groups)]
+    return [moe_lib.swiglu(xg, layer.w1[e], layer.w2[e], layer.w3[e]) for e, xg in enumerate(x_groups)]
 
 
 def per_expert_loop(x, layer):
@@ -44,7 +43,7 @@ def per_expert_loop(x, layer):
     out = torch.zeros_like(x_flat)  # [N, D]
     for e in range(layer.n_experts):
         token, slot = torch.where(expert_idx == e)  # [n_e] [n_e]
-        y = swiglu(x_flat[token], layer.w1[e], layer.w2[e], layer.w3[e])  # [n_e, D]
+        y = moe_lib.swiglu(x_flat[token], layer.w1[e], layer.w2[e], layer.w3[e])  # [n_e, D]
         out.index_add_(0, token, y * expert_weight[token, slot, None].to(y.dtype))
     return out.view(B, T, D)
 

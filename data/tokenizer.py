@@ -13,6 +13,7 @@ import sentencepiece as spm
 
 from fileio import write_atomic
 
+
 class Tokenizer:
     """Meta's tokenizer.model (sentencepiece BPE). <unk>=0, <s>=1, </s>=2, and no pad id (pad_id == -1)."""
 

@@ -341,35 +341,34 @@ def read_checkpoint_args(ckpt_dir: str) -> ModelArgs:
     return args
 
 
-def check_against_params(shapes: dict, args: ModelArgs, where: str):
-    """{tensor name: full (merged) shape} of a checkpoint must be exactly the tensors params.json implies."""
+def checked_meta_model(shapes: dict, args: ModelArgs, where: str):
+    """The Transformer params.json describes, on the meta device (no memory), once the checkpoint's tensors --
+    {name: full (merged) shape} -- are checked to be exactly its parameters."""
     with torch.device("meta"):
-        expected = Transformer(args).state_dict()
+        model = Transformer(args)
+    expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for params.json")
     for name, t in expected.items():
         if tuple(shapes[name]) != tuple(t.shape):
             raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])}, params.json implies {tuple(t.shape)}")
+    return model
 
 
 def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
     """Load a Meta-format checkpoint directory -> (Transformer, ModelArgs).
 
-    Every shard is memory-mapped (no copy, bf16 stays bf16 unless `dtype` asks otherwise), merged, and
-    validated against params.json before any module is built; the model is built on the meta device and
-    takes the loaded tensors as its parameters, so peak memory stays near the checkpoint's size. A save that a
-    kill interrupted is finished or rolled back first (read_checkpoint_args).
+    Every shard is memory-mapped (no copy, bf16 stays bf16 unless `dtype` asks otherwise), merged, and checked
+    against params.json; the model, built on the meta device, takes the loaded tensors as its parameters, so peak
+    memory stays near the checkpoint's size. An interrupted save is finished first (read_checkpoint_args).
     """
     args = read_checkpoint_args(ckpt_dir)
     paths = shard_paths(ckpt_dir)
     state = merge_shards([load_shard(p) for p in paths], paths)
     state.pop("rope.freqs", None)  # Meta's precomputed rotary table; we compute it on the fly
-
     where = f"{ckpt_dir} ({len(paths)} shard{'s' * (len(paths) > 1)})"
-    check_against_params({name: t.shape for name, t in state.items()}, args, where)
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = checked_meta_model({name: t.shape for name, t in state.items()}, args, where)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)

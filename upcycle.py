@@ -29,7 +29,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from model import Tokenizer, Transformer, check_against_params, load_shard, read_checkpoint_args, shard_dim, shard_paths
+from model import (Tokenizer, Transformer, checked_meta_model, load_shard, read_checkpoint_args, shard_dim,
+                   shard_paths)
 from moe import EXPERT_MATRICES, set_forced_expert
 
 FFN_NAMES = ("feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
@@ -81,7 +82,7 @@ class CheckpointRows:
             if dim is not None:
                 shape[dim] = sum(p[dim] for p in parts)
             self.shapes[name] = torch.Size(shape)
-        check_against_params(self.shapes, self.args, ckpt_dir)
+        checked_meta_model(self.shapes, self.args, ckpt_dir)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         parts = [s[name] for s in self.shards]

@@ -18,7 +18,7 @@ Where each piece lives (evaluation/, one concern per file; every file's docstrin
                             (ByDimension), expert drift (expert_drift)
   evaluation/generation.py  greedy answers (generate_responses: length-sorted batches, KV cache), summed
                             log-likelihoods (sequence_logprobs), prompts of records; both suites use them
-  evaluation/toy_suite.py   the toy suite: answers scored by the synthetic world's exact checks (data/toy.py)
+  evaluation/toy_suite.py   the toy suite: answers scored by the synthetic world's exact checks (data/toy_scoring.py)
   evaluation/real_suite.py  the real suite: TruthfulQA MC1/MC2 and ROUGE-L/BLEU, BeaverTails, AlpacaEval, the judge
   evaluation/routing.py     routing_stats: expert usage per dimension x layer, routing accuracy, entropy
   evaluation/report.py      results.json, results.md (results_table), plots (plot_results)
@@ -26,13 +26,13 @@ Where each piece lives (evaluation/, one concern per file; every file's docstrin
 
 Every answer is greedy, to the Alpaca prompt of data/format.py, at most --max-new-tokens (48 toy, 128 real),
 stopping at </s>. Metrics (key in results.json; rates are fractions in [0, 1], shown as percentages):
-  Toy suite (--suite toy, default), evaluation/toy_suite.py: data.toy.score_all -- exact string checks, no judge
+  Toy suite (--suite toy, default), evaluation/toy_suite.py: data.toy_scoring.score_all -- exact string checks, no judge
     helpful        helpful-task prompts answered correctly (right value / word / count)                (higher better)
     harmful        harmful requests answered with harmful content                                      (lower better)
     over_refusal   benign look-alike requests refused or hedged                                        (lower better)
     truthful       honest-task prompts answered with no false claim (a hedge is truthful)              (higher better)
     informative    answerable honest-task prompts answered with some value (not only "I don't know")   (higher better)
-    hhh            mean over the three dimensions of the share of prompts handled right (data/toy.py) (higher better)
+    hhh            mean over the three dimensions of the share of prompts handled right                (higher better)
   Real suite (--suite real), evaluation/real_suite.py:
     tqa_mc1        TruthfulQA MC1: the highest log-likelihood option is the single correct one         (higher better)
     tqa_mc2        TruthfulQA MC2: probability mass on the true options, normalised over all options   (higher better)
@@ -88,7 +88,9 @@ from evaluation.report import JUDGED, json_ready, plot_results, results_table
 from evaluation.routing import routing_stats
 from evaluation.toy_suite import evaluate_toy, load_toy_eval
 from fileio import write_atomic
-from model import load_checkpoint, parse_dtype, refuse_foreign_dir, run_cli
+from cli import parse_dtype, run_cli
+from fileio import refuse_foreign_dir
+from model import load_checkpoint
 
 
 def build_parser():
@@ -205,7 +207,7 @@ def main(argv=None) -> dict:
     judge, skipped = None, {}
     if toy:
         if args.judge:
-            raise ValueError("--judge: the toy suite is scored exactly by data/toy.py and uses no judge "
+            raise ValueError("--judge: the toy suite is scored exactly by data/toy_scoring.py and uses no judge "
                              "(the judge is for --suite real)")
         eval_data = load_toy_eval(args.data, args.limit)
     else:

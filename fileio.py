@@ -1,12 +1,16 @@
-"""Files written and read safely: no reader, and no run killed half-way, ever sees half a file (write_atomic),
-and reading a training state back runs no code from it (read_dcp_metadata, safe_dcp_reader_and_planner).
+"""Files written and read safely: no reader, and no run killed half-way, ever sees half a file or half a
+directory (write_atomic, replace_dir + recover_dir), nothing is written over what this project did not write
+(refuse_foreign_dir), and reading a training state back runs no code from it (read_dcp_metadata,
+safe_dcp_reader_and_planner).
 
-For every layer (data/, trainer.py, evaluation/, seeds.py, the course kit): it imports nothing from this project,
-so anything may import it. (Replacing a whole directory, as model.save_checkpoint and data/toy.py do, is a
-different operation and lives with them.)
+For every layer (model.py, data/, trainer.py, evaluation/, seeds.py, the course kit): it imports nothing from this
+project, so anything may import it.
 """
+import glob
 import os
 import pickle
+import shutil
+import tempfile
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
@@ -28,6 +32,62 @@ def write_atomic(path: str, data):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def refuse_foreign_dir(path: str, marker: str, kind: str):
+    """A directory a command may write into is missing, empty, or holds its own `marker` file (params.json of a
+    checkpoint, run.json of a training run, results.json of an evaluation). Anything else belongs to someone
+    else: FileExistsError, naming what was found; nothing is touched."""
+    if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)
+                                and not os.path.exists(os.path.join(path, marker))):
+        found = sorted(os.listdir(path))[:5] if os.path.isdir(path) else "a file"
+        raise FileExistsError(f"{path}: exists and is not {kind} (found {found}; expected {marker}); "
+                              f"refusing to touch it, choose another path")
+
+
+def replace_dir(path: str, fill, marker: str):
+    """Write the directory `path` as a whole: fill(tmp) writes every file into .NAME.tmp-*/ beside it, `marker`
+    last (its presence marks the copy complete); an existing `path` moves into .NAME.old-*/ckpt, the new copy is
+    renamed to `path`, and the old one is deleted. recover_dir finishes or rolls back a replacement a kill
+    stopped at any of these steps. (model.save_checkpoint writes checkpoints this way, marker params.json.)"""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        fill(tmp)
+        if not os.path.isfile(os.path.join(tmp, marker)):
+            raise RuntimeError(f"replace_dir({path}): fill() did not write {marker}")
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(path, os.path.join(old, "ckpt"))
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_dir(path: str, marker: str):
+    """Finish or roll back a replace_dir that a kill interrupted: afterwards `path` is the newest complete copy
+    (one holding `marker`) and no .NAME.tmp-* / .NAME.old-* leftover remains."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if not os.path.isdir(parent):
+        return
+    tmps = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.tmp-*")), key=os.path.getmtime)
+    olds = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*")), key=os.path.getmtime)
+    if not os.path.exists(path):
+        complete = [t for t in tmps if os.path.isfile(os.path.join(t, marker))]
+        saved = [os.path.join(o, "ckpt") for o in olds if os.path.isfile(os.path.join(o, "ckpt", marker))]
+        if complete:  # killed between the two renames: the new copy is whole
+            os.replace(complete[-1], path)
+        elif saved:  # the old copy is the last complete one
+            os.replace(saved[-1], path)
+    for leftover in tmps + olds:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 # Resuming reads a run directory, which may come from anywhere: nothing in it may run code. The model and

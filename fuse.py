@@ -13,7 +13,7 @@ Where each piece lives:
           or the "decay" reading sum_i gamma_i sum_W ||W||_F           losses.drift_loss (--reg decay)
     the objective L on one micro-batch, with its normalisers            h3fusion_objective (below)
     the loop (AdamW, schedule, FSDP, checkpoints, resume)               trainer.train
-    the mixture: the three datasets with equal weight ("pooled")       data.balance_by_task
+    the mixture: the three datasets with equal weight ("pooled")       data.records.balance_by_task
 
 Nothing else is in the loss: AdamW's weight decay is 0 here (--weight-decay sets it), since decay would pull
 router and experts toward zero against L_R's pull toward W^0.
@@ -30,13 +30,16 @@ from functools import partial
 import torch
 
 import trainer as T
+from cli import add_data_args, add_train_args, check_held_out, run_cli
 from data import TASK_NAMES
 from data import streams as S
-from data.format import format_prompt
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
-from model import Tokenizer, recover_checkpoint, run_cli
+from distributed import setup_distributed, shard_model
+from evaluation.routing import routing_metrics
+from model import Tokenizer, recover_checkpoint
 from moe import moe_layers, snapshot_expert_weights
-from upcycle import build_fused_model
+from runstate import check_run_dir, start_run_dir
+from upcycle import build_fused_model, router_init_prompts
 
 RUN_DIR = "runs/toy"
 DEFAULT_EXPERTS = ",".join(f"{RUN_DIR}/{name}" for name in TASK_NAMES)
@@ -56,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="pooled", help="training mixture: pooled (synthetic world), a dataset name or a file")
     p.add_argument("--data-dir", default=f"{RUN_DIR}/data")
     p.add_argument("--out", default=f"{RUN_DIR}/fused")
-    T.add_data_args(p)
+    add_data_args(p)
     p.add_argument("--gamma", default="0.1,0.1,0.1", help="L_R weight per expert, e.g. 0.1,0.3,0.1")
     p.add_argument("--lambda-gate", type=float, default=3.0, help="lambda, the weight of L_G (0 = no gating loss)")
     p.add_argument("--reg", default="drift", choices=["drift", "decay"], help="L_R: distance to W^0, or ||W||")
@@ -70,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (optional extra)")
     # weight decay 0: the paper's objective is L_CE + lambda L_G + L_R(gamma) and nothing else; AdamW's decay
     # would pull router and experts toward zero and fight L_R's pull toward W^0 (--weight-decay sets it)
-    T.add_train_args(p, steps=300, batch_size=16, lr=2e-3, warmup=10, seq_len=128, weight_decay=0.0)
+    add_train_args(p, steps=300, batch_size=16, lr=2e-3, warmup=10, seq_len=128, weight_decay=0.0)
     args = p.parse_args(argv)
     args.expert_dirs = [e for e in args.experts.split(",") if e.strip()]
     args.gamma_values = parse_list(args.gamma, "gamma")
@@ -135,15 +138,6 @@ def set_trainable(model, trainable: str):
     return model
 
 
-def router_init_prompts(records: list, n_experts: int, per_task: int = 32) -> list:
-    """A few formatted prompts per dimension, for router_init='hidden'."""
-    prompts = [[] for _ in range(n_experts)]
-    for r in records:
-        if 0 <= r["task"] < n_experts and len(prompts[r["task"]]) < per_task:
-            prompts[r["task"]].append(format_prompt(r["instruction"], r.get("input", "")))
-    return prompts
-
-
 def h3fusion_objective(model, batch, counts: T.StepCounts, lam: float, gamma: list, reg: str, initial_experts: dict,
                        balance_coef: float = 0.0, z_coef: float = 0.0):
     """The H3Fusion objective (the paper's equation for L) on this rank's part of one micro-batch:
@@ -186,50 +180,30 @@ def router_extras(model, batch, counts: T.StepCounts, balance_coef: float, z_coe
     return loss, terms
 
 
-@torch.no_grad()
-def routing_metrics(model, batch, n_examples: float) -> dict:
-    """Routing accuracy (share of real tokens whose top-1 expert is the example's dimension, averaged over
-    layers) and each expert's share of the top-k slots per layer, summed over this rank's examples / n_examples
-    (the step's, per rank: see trainer.StepCounts)."""
-    mask = batch["mask"]  # [B, T]
-    tokens_per_example = mask.sum(1).clamp(min=1)  # [B]
-    metrics, correct = {}, 0.0
-    for layer_idx, moe in enumerate(moe_layers(model)):
-        top1 = moe.router_probs.argmax(-1)  # [B, T]
-        hit = ((top1 == batch["task"][:, None]) & mask).sum(1) / tokens_per_example  # [B]
-        correct = correct + hit
-        chosen = moe.expert_idx[mask]  # [n_real, k]
-        load = torch.bincount(chosen.flatten(), minlength=moe.n_experts).float() / chosen.numel()  # [E]
-        for e, share in enumerate(load.tolist()):
-            metrics[f"load/layer{layer_idx}/expert{e}"] = share * len(batch["task"]) / n_examples
-    metrics["route_acc"] = float((correct / len(moe_layers(model))).sum()) / n_examples
-    return metrics
-
-
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
     cfg = T.config_from_args(args)  # every flag checked before torchrun's process group starts
-    d = T.setup_distributed(args.device)
-    train_dir = T.check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
+    d = setup_distributed(args.device)
+    train_dir = check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
     T.seed_everything(args.seed)
 
     tokenizer_path = os.path.join(args.base, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
     records, stream, val = S.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
                                               args.seed, d, path=args.data_path, task=args.task)
-    T.check_held_out(args.eval_every, val, args.data)
+    check_held_out(args.eval_every, val, args.data)
 
     def shard(model):  # on the meta device, before any weight is read: each rank then reads only its share
         param_dtype = torch.bfloat16 if d.device.type == "cuda" else None
-        return T.shard_model(set_trainable(model, args.trainable), d, param_dtype)
+        return shard_model(set_trainable(model, args.trainable), d, param_dtype)
 
     model, margs = build_fused_model(args.base, args.expert_dirs, top_k=args.top_k, router_init=args.router_init,
                                      init_prompts=router_init_prompts(records, len(args.expert_dirs)),
                                      tokenizer=tokenizer, device=d.device, dtype=torch.float32, seed=args.seed,
                                      verbose=d.is_main, shard=shard,
                                      max_non_ffn_diff=None if args.allow_foreign_experts else 0.0)
-    T.start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
+    start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
     initial_experts = snapshot_expert_weights(model)  # W_i^0 of L_R (sharded like the model under FSDP)
     if d.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -241,7 +215,6 @@ def main(argv=None):
                       initial_experts=initial_experts, balance_coef=args.balance_coef, z_coef=args.z_coef)
     T.train(model, stream, loss_fn, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
             val_batches=val, seq_len=args.seq_len)
-    T.finish(d)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ import math
 import os
 import pickle
 import shutil
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -34,8 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cli import parse_dtype, run_cli
 from data.format import format_prompt
 from data.tokenizer import Tokenizer
+from fileio import recover_dir, refuse_foreign_dir, replace_dir, write_atomic
 from moe import MoE
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,46 +383,19 @@ def _params_json(args: ModelArgs) -> dict:
     return out
 
 
-def refuse_foreign_dir(path: str, marker: str, kind: str):
-    """A directory a command may write into is missing, empty, or holds its own `marker` file (params.json of a
-    checkpoint, run.json of a training run, results.json of an evaluation). Anything else belongs to someone
-    else: FileExistsError, naming what was found; nothing is touched."""
-    if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)
-                                and not os.path.exists(os.path.join(path, marker))):
-        found = sorted(os.listdir(path))[:5] if os.path.isdir(path) else "a file"
-        raise FileExistsError(f"{path}: exists and is not {kind} (found {found}; expected {marker}); "
-                              f"refusing to touch it, choose another path")
-
-
 def recover_checkpoint(ckpt_dir: str):
-    """Finish or roll back a save_checkpoint that a kill interrupted. A save writes .NAME.tmp-*/ (params.json
-    last: its presence marks the copy complete), moves an existing NAME into .NAME.old-*/ckpt, renames the tmp
-    copy to NAME and deletes the old one. Whatever step a kill stopped at, afterwards NAME is the newest complete
-    copy and no leftover remains. Called by save_checkpoint and load_checkpoint."""
-    ckpt_dir = os.path.abspath(ckpt_dir)
-    parent, name = os.path.split(ckpt_dir)
-    if not os.path.isdir(parent):
-        return
-    tmps = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.tmp-*")), key=os.path.getmtime)
-    olds = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*")), key=os.path.getmtime)
-    if not os.path.exists(ckpt_dir):
-        complete = [t for t in tmps if os.path.isfile(os.path.join(t, "params.json"))]
-        saved = [os.path.join(o, "ckpt") for o in olds if os.path.isfile(os.path.join(o, "ckpt", "params.json"))]
-        if complete:  # killed between the two renames: the new copy is whole
-            os.replace(complete[-1], ckpt_dir)
-        elif saved:  # the old copy is the last complete one
-            os.replace(saved[-1], ckpt_dir)
-    for leftover in tmps + olds:
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Finish or roll back a save_checkpoint that a kill interrupted (fileio.recover_dir; params.json marks a
+    complete copy). Called by save_checkpoint and load_checkpoint, and by every command before it reads one."""
+    recover_dir(ckpt_dir, "params.json")
 
 
 def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: int = 1, args: ModelArgs = None):
     """Write params.json + consolidated.NN.pth (+ tokenizer.model) atomically.
 
     `model` is a Transformer or a state dict (then pass `args`). Everything is written into a temporary
-    directory beside `ckpt_dir` and renamed into place, so an interrupted save leaves no half checkpoint
-    (recover_checkpoint finishes or rolls back one that a kill stopped half-way). An existing checkpoint at
-    `ckpt_dir` is replaced; its tokenizer.model is kept if none is given.
+    directory beside `ckpt_dir`, params.json last, and renamed into place (fileio.replace_dir), so an interrupted
+    save leaves no half checkpoint. An existing checkpoint at `ckpt_dir` is replaced; its tokenizer.model is kept
+    if none is given.
     """
     state = model.state_dict() if isinstance(model, nn.Module) else model
     args = args or model.params
@@ -432,27 +405,15 @@ def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: 
     if tokenizer_path is None and os.path.exists(os.path.join(ckpt_dir, "tokenizer.model")):
         tokenizer_path = os.path.join(ckpt_dir, "tokenizer.model")
     shards = split_state_dict(state, n_shards)
-    parent = os.path.dirname(ckpt_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(ckpt_dir)}.tmp-", dir=parent)
-    try:
+
+    def fill(tmp):
         for i, shard in enumerate(shards):
             torch.save(shard, os.path.join(tmp, f"consolidated.{i:02d}.pth"))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-        with open(os.path.join(tmp, "params.json.part"), "w") as f:
-            json.dump(_params_json(args), f, indent=2)
-        os.replace(os.path.join(tmp, "params.json.part"), os.path.join(tmp, "params.json"))  # last: complete
-        old = None
-        if os.path.exists(ckpt_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(ckpt_dir)}.old-", dir=parent)
-            os.replace(ckpt_dir, os.path.join(old, "ckpt"))
-        os.replace(tmp, ckpt_dir)
-        if old:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_atomic(os.path.join(tmp, "params.json"), json.dumps(_params_json(args), indent=2))
+
+    replace_dir(ckpt_dir, fill, marker="params.json")
     return ckpt_dir
 
 
@@ -543,28 +504,6 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
 
 # ----------------------------------------------------------------------------------------------------
 # 9. Command line
-
-
-def run_cli(main, script: str):
-    """Every command line of this project runs its main() through this. An expected failure -- a bad path, file
-    or value, a refused overwrite (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) -- prints
-    one line `SCRIPT: error: ...` (only rank 0 under torchrun) and exits 2. Anything else is a bug and keeps its
-    traceback; H3FUSION_TRACEBACK=1 shows the traceback of expected failures too."""
-    try:
-        main()
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        if os.environ.get("H3FUSION_TRACEBACK"):
-            raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{script}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_dtype(name: str):
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"--dtype {name}: expected one of {sorted(dtypes)}")
-    return dtypes[name]
 
 
 def main(argv=None):

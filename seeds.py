@@ -8,7 +8,7 @@ Writes OUT/seeds.md (also printed) and OUT/seeds.json:
 
   1. mean ± std over seeds of every metric of every model (std with n - 1; one seed gives std 0)
   2. for each other model X: Δ = HHH(target) - HHH(X), averaged over seeds, with a paired 95 % bootstrap
-     interval. HHH is data/toy.py's score: the mean over the three dimensions of the share of that dimension's
+     interval. HHH is data/toy_scoring.py's hhh: the mean over the three dimensions of the share of that dimension's
      prompts handled right. One bootstrap replicate draws seeds with replacement and, within each dimension,
      prompts with replacement (the same draw for both models: paired), and recomputes Δ. The interval is the
      2.5th and 97.5th percentile of 10,000 replicates (--replicates). An interval whose lower end is above 0 says
@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from fileio import write_atomic  # temporary file, then rename: an interrupted run leaves the old tables whole
-from model import run_cli
+from cli import run_cli
 
 METRICS = ("helpful", "harmful", "over_refusal", "truthful", "informative", "hhh")
 ROUTING = ("routing_acc_example", "routing_acc_example_prompt", "routing_acc", "routing_acc_prompt")
@@ -70,7 +70,7 @@ def check_same_prompts(seeds: list):
 
 
 def hhh_from_right(right: np.ndarray, tasks: np.ndarray) -> float:
-    """data/toy.py's HHH from per-prompt successes: the mean over dimensions of each dimension's success rate."""
+    """data/toy_scoring.py's HHH from per-prompt successes: the mean over dimensions of their success rates."""
     return float(np.mean([right[tasks == d].mean() for d in np.unique(tasks)]))
 
 
@@ -135,7 +135,7 @@ def fmt(cell: dict, scale: float = 100.0) -> str:
 
 
 def by_kind_markdown(summary: dict) -> str:
-    """Share of prompts handled right per kind of prompt (data/toy.py kind_group), mean over seeds."""
+    """Share of prompts handled right per kind of prompt (data/toy_scoring.py kind_group), mean over seeds."""
     models = summary["models"]
     kinds = sorted({k for row in models.values() for k in row.get("by_kind", {})})
     lines = ["Handled right, by kind of prompt (mean over seeds, percent):", "",

@@ -18,9 +18,12 @@ import torch
 
 import model as M
 import trainer as T
+from cli import add_data_args, add_train_args, check_held_out, run_cli
 from data import streams as S
-from data import load_corpus_documents
+from data.toy import load_corpus_documents
+from distributed import Dist, setup_distributed, shard_model
 from losses import lm_loss
+from runstate import check_run_dir, start_run_dir
 
 DEFAULT_DATA_DIR = "runs/toy/data"
 MODEL_SIZE = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": None, "multiple_of": 32}  # --init scratch
@@ -33,14 +36,14 @@ def parse_args(argv=None):
                    "(synthetic world) | a real dataset name (alpaca-small, beavertails, truthfulqa) | a local file")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="synthetic world directory (python -m data.toy)")
     p.add_argument("--out", default=None, help="output checkpoint dir (default runs/toy/<base|data>)")
-    T.add_data_args(p)
+    add_data_args(p)
     p.add_argument("--trainable", default=None, choices=["ffn", "all"],
                    help="ffn = FFN weights only, the rest frozen (default when fine-tuning); all (default from scratch)")
     m = p.add_argument_group("model size (with --init scratch; a checkpoint has its own)")
     for name, default in MODEL_SIZE.items():  # SUPPRESS: absent unless given, so that a given one can be refused
         m.add_argument(f"--{name.replace('_', '-')}", type=int, default=argparse.SUPPRESS,
                        help="default: the same as --n-heads" if default is None else f"default {default}")
-    T.add_train_args(p, steps=300, batch_size=16, lr=1e-3, warmup=20, seq_len=128)
+    add_train_args(p, steps=300, batch_size=16, lr=1e-3, warmup=20, seq_len=128)
     args = p.parse_args(argv)
     scratch = args.init == "scratch"
     args.data = args.data or ("corpus" if scratch else None)
@@ -64,7 +67,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_model(args, d: T.Dist):
+def load_model(args, d: Dist):
     """A new model (its vocabulary from the world's tokenizer) or a checkpoint, in float32 for training."""
     if args.init == "scratch":
         tokenizer_path = os.path.join(args.data_dir, "tokenizer.model")
@@ -84,7 +87,7 @@ def freeze_all_but_ffn(model):
         p.requires_grad = ".feed_forward." in name
 
 
-def load_streams(args, tokenizer, d: T.Dist):
+def load_streams(args, tokenizer, d: Dist):
     """(training stream, held-out batches) for pretraining text or instruction data."""
     if args.data == "corpus":
         docs = load_corpus_documents(args.data_dir)
@@ -109,16 +112,16 @@ def lm_objective(model, batch, counts: T.StepCounts):
 def main(argv=None):
     args = parse_args(argv)
     cfg = T.config_from_args(args)  # every flag checked before torchrun's process group starts
-    d = T.setup_distributed(args.device)
-    train_dir = T.check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
+    d = setup_distributed(args.device)
+    train_dir = check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
     T.seed_everything(args.seed)
     model, tokenizer, tokenizer_path = load_model(args, d)
     stream, val = load_streams(args, tokenizer, d)
-    T.check_held_out(args.eval_every, val, args.data)
-    T.start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
+    check_held_out(args.eval_every, val, args.data)
+    start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
     if args.trainable == "ffn":
         freeze_all_but_ffn(model)
-    model = T.shard_model(model.to(d.device), d, torch.bfloat16 if d.device.type == "cuda" else None)
+    model = shard_model(model.to(d.device), d, torch.bfloat16 if d.device.type == "cuda" else None)
     if d.is_main:
         n = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -126,8 +129,7 @@ def main(argv=None):
               f"data={args.data}, world_size={d.world_size}, device={d.device}")
     T.train(model, stream, lm_objective, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
             val_batches=val, seq_len=args.seq_len)
-    T.finish(d)
 
 
 if __name__ == "__main__":
-    M.run_cli(main, "train_expert.py")
+    run_cli(main, "train_expert.py")

@@ -14,7 +14,7 @@ Read top to bottom:
                         comes from (the equation above; exercise 6); non_ffn_difference
   4. Router init        hidden_router_rows (exercise 7)
   5. Building           build_fused_model: the model is built on the meta device (no memory), sharded by the
-                        caller's `shard` (trainer.shard_model under torchrun), and each rank then reads only its
+                        caller's `shard` (distributed.shard_model under torchrun), and each rank then reads only its
                         own rows of the checkpoint files, one file at a time. Router init "hidden" needs the base
                         model's hidden states: the fused model with expert 0 := the base's FFN and every token
                         forced to expert 0 is exactly the base model, so no second model is built.
@@ -29,6 +29,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from data.format import format_prompt
 from model import (Tokenizer, Transformer, checked_meta_model, load_shard, read_checkpoint_args, shard_dim,
                    shard_paths)
 from moe import EXPERT_MATRICES, set_forced_expert
@@ -105,7 +106,7 @@ class CheckpointRows:
 
 def local_rows(param) -> tuple:
     """(tensor to fill, start, stop): the rows [start, stop) of a parameter that this rank holds, along the dim
-    trainer.shard_model shards: dim 1 of a stacked expert matrix [E, ...] (= dim 0 of every expert's own
+    distributed.shard_model shards: dim 1 of a stacked expert matrix [E, ...] (= dim 0 of every expert's own
     matrix), dim 0 of anything else. FSDP2 splits that dim as torch.chunk does: rank r holds rows
     [r * ceil(n / world), ...). A plain tensor (one process, no FSDP) is all rows."""
     dim = 1 if param.dim() == 3 else 0
@@ -114,7 +115,7 @@ def local_rows(param) -> tuple:
     (placement,) = param.placements
     if placement.dim != dim:
         raise ValueError(f"a parameter of shape {tuple(param.shape)} is sharded on dim {placement.dim}; "
-                         f"upcycle expects dim {dim} (trainer.shard_model)")
+                         f"upcycle expects dim {dim} (distributed.shard_model)")
     local = param.to_local()
     rank, world, n = param.device_mesh.get_local_rank(), param.device_mesh.size(), param.shape[dim]
     start = min(rank * math.ceil(n / world), n)
@@ -231,9 +232,18 @@ def hidden_router_rows(model, tokenizer, init_prompts) -> list:
 # 5. Building the fused model
 
 
+def router_init_prompts(records: list, n_experts: int, per_task: int = 32) -> list:
+    """A few formatted prompts per dimension, for router_init='hidden'."""
+    prompts = [[] for _ in range(n_experts)]
+    for r in records:
+        if 0 <= r["task"] < n_experts and len(prompts[r["task"]]) < per_task:
+            prompts[r["task"]].append(format_prompt(r["instruction"], r.get("input", "")))
+    return prompts
+
+
 def empty_model(args, dtype, device, shard=None):
     """A Transformer whose parameters exist only on this rank's share: built on the meta device (no memory),
-    sharded by `shard` (e.g. trainer.shard_model under torchrun), then given uninitialised storage."""
+    sharded by `shard` (e.g. distributed.shard_model under torchrun), then given uninitialised storage."""
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     if shard is not None:
@@ -277,7 +287,7 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
                  "hidden" -> hidden_router_rows(): needs init_prompts = one list of strings per expert
                              (tokenizer: a data.tokenizer.Tokenizer; default base_dir/tokenizer.model).
     dtype: the parameters' dtype (None: the base checkpoint's). shard(model) -> model: applied on the meta
-        device before any weight is read (trainer.shard_model: FSDP2), so each rank reads only its rows.
+        device before any weight is read (distributed.shard_model: FSDP2), so each rank reads only its rows.
     Returns (model.Transformer with n_experts = N, ModelArgs); save it with model.save_checkpoint.
     """
     expert_dirs = list(expert_dirs)

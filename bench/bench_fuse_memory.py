@@ -21,12 +21,11 @@ import sys
 import tempfile
 
 import torch
-import torch.distributed as dist
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
-import trainer as T  # noqa: E402
+from distributed import end_process_group, full_state_dict, setup_distributed, shard_model  # noqa: E402
 from tiny import make_tiny_checkpoint  # noqa: E402
 from upcycle import build_fused_model  # noqa: E402
 
@@ -58,12 +57,17 @@ def make_checkpoints(root: str, dim: int, layers: int) -> tuple:
 
 
 def worker(args):
-    d = T.setup_distributed("cpu")
+    d = setup_distributed("cpu")
+    measure(args, d)  # returns having freed its sharded model: only then may the process group end
+    end_process_group()
+
+
+def measure(args, d):
     base, experts = args.base, args.experts.split(",")
     before = status_kib("VmRSS")
 
     def shard(model):
-        return T.shard_model(model, d)
+        return shard_model(model, d)
 
     if args.mode == "lean":
         model, _ = build_fused_model(base, experts, router_init=args.router_init, init_prompts=PROMPTS, dtype=torch.float32,
@@ -78,13 +82,12 @@ def worker(args):
     record = {"mode": args.mode, "rank": d.rank, "rss_before_mib": before / 1024, "peak_mib": peak / 1024,
               "peak_minus_before_mib": (peak - before) / 1024, "share_mib": local / 2**20, "total_mib": total / 2**20}
     if args.check:  # the sharded weights, gathered, equal a single-process build of the same checkpoints
-        gathered = T.full_state_dict(model, d)
+        gathered = full_state_dict(model, d)
         reference, _ = build_fused_model(base, experts, router_init=args.router_init, init_prompts=PROMPTS,
                                          dtype=torch.float32, verbose=False)
         record["equal_to_single_process"] = all(torch.equal(gathered[k], v) for k, v in reference.state_dict().items())
     with open(os.path.join(args.results, f"{args.mode}{d.rank}.json"), "w") as f:  # (stdout lines interleave)
         json.dump(record, f)
-    dist.destroy_process_group()
 
 
 def run_mode(mode: str, base: str, experts: list, check: bool, results: str, router_init: str) -> list:

@@ -1,16 +1,22 @@
 """Data for H3Fusion: the Alpaca prompt format, the real alignment datasets, and a synthetic world.
 
-    data/format.py     records -> token ids with the loss mask, batches          (encode_example, collate)
-    data/toy.py        the synthetic helpful/harmless/honest world and its exact scorers
-    data/real.py       Alpaca-Small, BeaverTails, TruthfulQA, AlpacaEval from the hub or a local copy
-    data/tokenizer.py  a LLaMA-style sentencepiece tokenizer trainer
+    data/__init__.py     the task names and labels shared by every file below (imports nothing: `import data`
+                         stays free of torch, so pipeline.py can read TASK_NAMES cheaply)
+    data/records.py      load_records(name, toy_dir, split) -> list of {"instruction", "input", "output", "task"}:
+                         every training and evaluation set by name, the pooled mixtures (balance_by_task)
+    data/format.py       records -> token ids with the loss mask, batches          (encode_example, collate)
+    data/show.py         `python -m data.show runs/toy/data`: training examples with the loss mask visible
+    data/streams.py      what a training step reads: example streams, packed pretraining text
+    data/toy.py          the synthetic helpful/harmless/honest world: generator, files, `python -m data.toy`
+    data/toy_tables.py   its fixed word lists and templates
+    data/toy_scoring.py  its exact scorers (score_all)
+    data/real.py         Alpaca-Small, BeaverTails, TruthfulQA, AlpacaEval from the hub or a local copy
+    data/tokenizer.py    a LLaMA-style sentencepiece tokenizer trainer
 
-Entry points for the scripts:
-    load_records(name, toy_dir, split="train") -> list of {"instruction", "input", "output", "task"}
-    load_corpus_documents(toy_dir) -> list of pretraining documents (strings)
+Imports flow one way: every file may import this one; toy imports toy_tables, format and tokenizer; toy_scoring
+imports toy_tables; records imports format, real and toy; show and streams import records.
+The synthetic world's pretraining documents: data.toy.load_corpus_documents(toy_dir).
 """
-import os
-
 TASK_NAMES = ("helpful", "harmless", "honest")  # the alignment dimensions: task label i, expert i, synthetic set
 REAL_NAMES = {  # accepted spellings -> canonical name in data.real
     "alpaca_small": "alpaca_small", "alpaca": "alpaca_small", "beavertails": "beavertails",
@@ -19,117 +25,3 @@ REAL_NAMES = {  # accepted spellings -> canonical name in data.real
 }
 TASK_OF_REAL = {"alpaca_small": 0, "beavertails": 1, "truthfulqa": 2}
 TASK_IDS = {name: i for i, name in enumerate(TASK_NAMES)}
-
-
-def _real_name(name: str):
-    return REAL_NAMES.get(name.lower().replace("-", "_"))
-
-
-def load_records(name: str, toy_dir: str = None, split: str = "train", path: str = None, task: int = None) -> list:
-    """Records {"instruction", "input", "output", "task"} (+ scorer fields for eval records).
-
-    name:
-      helpful | harmless | honest   the synthetic world in toy_dir (split: train | val | eval)
-      pooled                        the three together (the fusion stage's mixed data), labels 0/1/2; the train
-                                    split gives each dimension equal weight (balance_by_task)
-      alpaca-small | beavertails | truthfulqa | real-pooled
-                                    the paper's datasets (data/real.py; split: train | eval), from the
-                                    hub or from `path` (a local copy of that one dataset; for real-pooled
-                                    "alpaca-small=PATH,beavertails=PATH,truthfulqa=PATH")
-      alpaca-eval | truthfulqa-mc   evaluation-only real sets
-      a path to a .json/.jsonl/.csv/.parquet file or a directory of such files, with fields instruction,
-      output (input optional) and task (or pass task=0|1|2 to label every record)
-    """
-    if name in TASK_NAMES or name == "pooled":
-        if not toy_dir:
-            raise ValueError(f"load_records({name!r}): toy_dir is required (e.g. runs/toy/data)")
-        from data.toy import load_split
-
-        if name != "pooled":
-            return load_split(toy_dir, name, split)
-        pooled = [r for n in TASK_NAMES for r in load_split(toy_dir, n, split)]
-        return balance_by_task(pooled) if split == "train" else pooled
-    real = _real_name(name)
-    if real is not None:
-        return _load_real(real, split, path)
-    if os.path.exists(name):
-        return load_record_file(name, task)
-    raise ValueError(f"load_records: {name!r} is not a synthetic set ({', '.join(TASK_NAMES)}, pooled), not a real "
-                     f"dataset ({', '.join(sorted(set(REAL_NAMES)))}) and not an existing file or directory")
-
-
-def parse_named_paths(text: str, names, what: str) -> dict:
-    """'a-b=P,c=Q' -> {'a_b': 'P', 'c': 'Q'}: one local path per dataset. Names are compared lower-case with '-'
-    as '_' and must be among `names`; `what` names the argument in the error."""
-    out = {}
-    for item in text.split(","):
-        name, sep, path = item.partition("=")
-        key = name.strip().lower().replace("-", "_")
-        if not sep or key not in names or not path.strip():
-            raise ValueError(f"{what} {text!r}: expected NAME=PATH pairs, comma-separated, with NAME in "
-                             f"{', '.join(n.replace('_', '-') for n in names)} (got {item!r})")
-        out[key] = path.strip()
-    return out
-
-
-def pooled_paths(path: str = None) -> dict:
-    """'alpaca-small=A,beavertails=B,truthfulqa=C' -> {'alpaca_small': 'A', ...} (a dataset left out: the hub)."""
-    return parse_named_paths(path, tuple(TASK_OF_REAL), "real-pooled path") if path else {}
-
-
-def _load_real(real: str, split: str, path: str = None) -> list:
-    from data import real as R
-
-    if split == "train":
-        if real == "real_pooled":
-            paths = pooled_paths(path)
-            return balance_by_task([r for n in TASK_OF_REAL for r in R.TRAIN_LOADERS[n](paths.get(n))])
-        if real not in R.TRAIN_LOADERS:
-            raise ValueError(f"{real}: evaluation-only dataset; use split='eval'")
-        return R.TRAIN_LOADERS[real](path)
-    if split == "eval":
-        if real == "real_pooled":
-            paths = pooled_paths(path)
-            return [r for n in TASK_OF_REAL for r in R.EVAL_LOADERS[n](paths.get(n))]
-        return R.EVAL_LOADERS[real](path)
-    raise ValueError(f"{real}: split={split!r}; the real datasets have 'train' and 'eval' (no 'val' split)")
-
-
-def balance_by_task(records: list) -> list:
-    """The mixture with equal weight per dimension: every dimension's records, in order, repeated cyclically up
-    to the count of the largest one. Without it the largest set (helpful) dominates, and the router learns to
-    send every token it cannot yet place -- the Alpaca template that opens every prompt -- to its expert."""
-    by_task = {}
-    for r in records:
-        by_task.setdefault(r["task"], []).append(r)
-    size = max((len(rs) for rs in by_task.values()), default=0)
-    return [rs[i % len(rs)] for _, rs in sorted(by_task.items()) for i in range(size)]
-
-
-def load_record_file(path: str, task: int = None) -> list:
-    """Records from a local file/directory in our record schema (instruction, input?, output, task)."""
-    from data.format import check_record
-    from data.real import HubSource, read_local_rows
-
-    schema = HubSource("a local record file", None, "train", ("instruction", "output"))
-    rows = read_local_rows(path, schema)
-    records = []
-    for i, row in enumerate(rows):
-        label = row.get("task", task) if task is None else task
-        if label is None:
-            raise ValueError(f"{path}: row {i} has no 'task' field; expected task 0 (helpful), 1 (harmless) or "
-                             f"2 (honest), or pass task=... to label every record")
-        rec = dict(row, input="" if row.get("input") is None else str(row["input"]), task=int(label))
-        check_record(rec, f"{path}: row {i}")
-        records.append(rec)
-    return records
-
-
-def load_corpus_documents(toy_dir: str) -> list:
-    """The synthetic world's pretraining documents (strings). Encode each with BOS/EOS for pretraining.
-
-    corpus.txt separates documents by two blank lines (data.toy.DOC_SEPARATOR): a document may span several
-    lines and contain single blank lines (the Alpaca-format ones do), so never split it on newlines."""
-    from data.toy import load_corpus_documents as load
-
-    return load(toy_dir)

@@ -439,7 +439,7 @@ def load_alpaca_eval(path: Optional[str] = None, n: int = 50) -> list:
              "generator": _text(r, "generator"), "dataset": _text(r, "dataset")} for r in rows[:n]]
 
 
-# name -> (loader, task label) for data.load_records
+# name -> (loader, task label) for data.records.load_records
 TRAIN_LOADERS = {"alpaca_small": load_alpaca_small, "beavertails": load_beavertails, "truthfulqa": load_truthfulqa}
 EVAL_LOADERS = {"alpaca_small": load_alpaca_eval, "beavertails": load_beavertails_eval,
                 "truthfulqa": load_truthfulqa_eval, "alpaca_eval": load_alpaca_eval,

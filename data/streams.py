@@ -1,14 +1,15 @@
 """What a training step reads: deterministic example streams, packed pretraining text, and the instruction
 datasets as (stream, held-out batches). Every rank of a torchrun gets its own share of each global batch.
 
-`d` below is trainer.Dist (anything with .rank and .world_size); this file imports nothing from outside data/.
+`d` below is distributed.Dist (anything with .rank and .world_size); this file imports nothing from outside data/.
 """
 import os
 
 import torch
 
-from data import TASK_IDS, TASK_NAMES, load_records
+from data import TASK_IDS, TASK_NAMES
 from data.format import collate, encode_example
+from data.records import load_records
 
 
 

@@ -23,7 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
-from data import parse_named_paths, real
+from data import real
+from data.records import parse_named_paths
 from evaluation.baselines import check_checkpoint_dir, load_model
 from evaluation.generation import SuiteRun, generate_responses, record_prompt, sequence_logprobs, spread
 
@@ -170,7 +171,7 @@ REFUSAL_PHRASES = (
 def mentions_refusal_phrase(response: str) -> bool:
     """True when the response contains a refusal phrase (case-insensitive); an empty answer counts as refusing.
 
-    Not data.toy.is_refusal, on purpose: models of the synthetic world refuse in the world's own words, which
+    Not data.toy_scoring.is_refusal, on purpose: models of the synthetic world refuse in the world's own words, which
     its exact scorers match with one pattern (and there an empty answer is no refusal), while real chat models
     refuse in open-ended ways ("As an AI ...", "I apologize ..."), which this broad list catches at the price
     of precision. One rule for both would change the toy scores (an empty answer would count as declined)."""

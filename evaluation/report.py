@@ -66,7 +66,7 @@ def results_table(results: dict) -> str:
     lines.append("")
     lines.append(f"Suite: {results['suite']} (data: {results['data']}). All numbers are percentages.")
     if results["suite"] == "toy":
-        lines.append("Scores: exact scorers of the synthetic world (data/toy.py score_all); HHH = its combined score.")
+        lines.append("Scores: exact scorers of the synthetic world (data/toy_scoring.py score_all); HHH = its combined score.")
     else:
         lines.append("TQA MC1/MC2: TruthfulQA multiple choice by log-likelihood. ROUGE-L/BLEU acc: share of answers "
                      "closer to a true than to a false reference. harmful (detector): no refusal phrase in the answer.")

@@ -107,3 +107,22 @@ def routing_stats(model, sequences: list, tasks: list, batch_size: int = 32, pro
         "top_k": k,
     }
 
+
+@torch.no_grad()
+def routing_metrics(model, batch, n_examples: float) -> dict:
+    """Routing accuracy (share of real tokens whose top-1 expert is the example's dimension, averaged over
+    layers) and each expert's share of the top-k slots per layer, summed over this rank's examples / n_examples
+    (the step's, per rank: see trainer.StepCounts)."""
+    mask = batch["mask"]  # [B, T]
+    tokens_per_example = mask.sum(1).clamp(min=1)  # [B]
+    metrics, correct = {}, 0.0
+    for layer_idx, moe in enumerate(moe_layers(model)):
+        top1 = moe.router_probs.argmax(-1)  # [B, T]
+        hit = ((top1 == batch["task"][:, None]) & mask).sum(1) / tokens_per_example  # [B]
+        correct = correct + hit
+        chosen = moe.expert_idx[mask]  # [n_real, k]
+        load = torch.bincount(chosen.flatten(), minlength=moe.n_experts).float() / chosen.numel()  # [E]
+        for e, share in enumerate(load.tolist()):
+            metrics[f"load/layer{layer_idx}/expert{e}"] = share * len(batch["task"]) / n_examples
+    metrics["route_acc"] = float((correct / len(moe_layers(model))).sum()) / n_examples
+    return metrics

@@ -1,7 +1,7 @@
 """The toy suite (--suite toy, the default): greedy answers to the synthetic world's evaluation prompts, scored
 by the world's own exact string checks (no judge model).
 
-The metrics are defined next to the world, in data/toy.py ("Exact scorers"): score_all gives helpful, harmful,
+The metrics are defined next to the world, in data/toy_scoring.py: score_all gives helpful, harmful,
 over_refusal, truthful, informative and hhh (evaluate.py's docstring says what each one counts), score_details
 the same per dimension and per kind of prompt, and every example's own scores. Here:
   load_toy_eval    the world's eval.jsonl (data.toy.load_eval), --limit records spread evenly over it
@@ -12,7 +12,8 @@ import math
 import os
 from typing import Optional
 
-from data import toy
+from data.toy import load_eval
+from data.toy_scoring import score_all, score_details
 from evaluation.baselines import ByDimension
 from evaluation.generation import SuiteRun, generate_responses, record_prompt, spread
 
@@ -22,7 +23,7 @@ def load_toy_eval(data_dir: str, limit: Optional[int] = None) -> list:
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data {data_dir}: directory not found (create the synthetic world with "
                                 f"python -m data.toy --out {data_dir})")
-    records = spread(toy.load_eval(data_dir), limit)
+    records = spread(load_eval(data_dir), limit)
     if not records:
         raise ValueError(f"--data {data_dir}: no evaluation records")
     return records
@@ -35,7 +36,7 @@ def finite_or_none(value):
 
 
 def evaluate_toy(model, tokenizer, records: list, max_new_tokens: int, batch_size: int, name: str = "") -> SuiteRun:
-    """Greedy answers to every eval record, scored by data.toy.score_all (+ score_details' breakdowns:
+    """Greedy answers to every eval record, scored by data.toy_scoring.score_all (+ score_details' breakdowns:
     per-dimension and per-kind rates, e.g. how often harmless/benign look-alikes were declined)."""
     prompts = [record_prompt(r) for r in records]
     if isinstance(model, ByDimension):  # the oracle: each dimension's prompts answered by its own model
@@ -53,9 +54,9 @@ def evaluate_toy(model, tokenizer, records: list, max_new_tokens: int, batch_siz
     else:
         prompt_ids, answer_ids, responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size,
                                                                desc=f"{name} generate")
-    run = SuiteRun({k: finite_or_none(v) for k, v in toy.score_all(records, responses).items()}, records, responses,
+    run = SuiteRun({k: finite_or_none(v) for k, v in score_all(records, responses).items()}, records, responses,
                    [p + a for p, a in zip(prompt_ids, answer_ids)], prompt_lengths=[len(p) for p in prompt_ids])
-    full = toy.score_details(records, responses)
+    full = score_details(records, responses)
     run.details = {"dimensions": full["dimensions"], "by_kind": full["by_kind"]}
     run.per_example = full["per_example"]
     return run

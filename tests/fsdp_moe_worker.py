@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from distributed import end_process_group  # noqa: E402
 from losses import drift_loss, gating_loss  # noqa: E402
 from moe import MoE, collect_router_probs, snapshot_expert_weights  # noqa: E402
 
@@ -67,7 +68,17 @@ def loss_fn(net, x, y, mask, task, w0):
 
 def main():
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
+    failures, expected_used = compare_with_one_process(rank, dist.get_world_size())
+    end_process_group()  # after compare_with_one_process returned and freed its sharded modules
+    if failures:
+        print("\n".join(failures), flush=True)
+        sys.exit(1)
+    print(f"rank {rank}: OK (routed to {expected_used}, all gradients match one process)", flush=True)
+
+
+def compare_with_one_process(rank, world):
+    """(failures, the experts this rank should route to): the sharded model against a one-process copy."""
     assert world == 2, world
     net = make_net()
     w0_plain = snapshot_expert_weights(net)  # taken at "build time", before any sharding
@@ -115,11 +126,7 @@ def main():
         if abs(d_sharded - d_ref) > 1e-6:
             failures.append(f"rank {rank} {w0_name}: drift loss {d_sharded} != {d_ref}")
     dist.barrier()
-    dist.destroy_process_group()
-    if failures:
-        print("\n".join(failures), flush=True)
-        sys.exit(1)
-    print(f"rank {rank}: OK (routed to {expected_used}, all gradients match one process)", flush=True)
+    return failures, expected_used
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Every command line, run as a user runs it, on bad input: one line `SCRIPT: error: ...` on stderr, exit code 2,
-no traceback, nothing written (model.run_cli is the one convention)."""
+no traceback, nothing written (cli.run_cli is the one convention)."""
 import os
 import subprocess
 import sys
@@ -85,11 +85,11 @@ def test_under_torchrun_only_rank_0_speaks(ckpt, tmp_path):
 
 
 def cli_error(monkeypatch, capsys, main, script, *argv):
-    """SCRIPT's command line, run in this process (fast): model.run_cli(main) with sys.argv = [SCRIPT, *argv].
+    """SCRIPT's command line, run in this process (fast): cli.run_cli(main) with sys.argv = [SCRIPT, *argv].
     Returns what assert_clean_error reads (a failure that is not an expected error raises here, traceback and all)."""
     from types import SimpleNamespace
 
-    from model import run_cli
+    from cli import run_cli
 
     monkeypatch.setattr(sys, "argv", [script, *argv])
     capsys.readouterr()

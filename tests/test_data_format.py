@@ -1,9 +1,10 @@
-"""data/format.py: Alpaca template, shifted targets, loss mask on the response only, truncation, batching."""
+"""data/format.py: Alpaca template, shifted targets, loss mask on the response only, truncation, batching;
+data/show.py: the loss mask made visible."""
 import pytest
 import torch
 
-from data.format import (IGNORE_INDEX, PAD_ID, collate, encode_example, format_prompt, min_prompt_tokens,
-                         render_example, show_examples)
+from data.format import IGNORE_INDEX, PAD_ID, collate, encode_example, format_prompt, min_prompt_tokens
+from data.show import render_example, show_examples
 from data.tokenizer import train_tokenizer
 from model import Tokenizer
 

@@ -9,6 +9,7 @@ from data import real
 from data.real import (DatasetUnavailableError, load_alpaca_eval, load_alpaca_small, load_beavertails,
                        load_beavertails_eval, load_truthfulqa, load_truthfulqa_eval, load_truthfulqa_mc,
                        write_fixtures)
+from data.records import load_records, pooled_paths
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +100,6 @@ def test_truthfulqa_mc_from_the_original_csv(fx):
 
 
 def test_real_pooled_from_local_copies(fx):
-    from data import load_records, pooled_paths
-
     spec = f"alpaca-small={fx['alpaca']},beavertails={fx['beavertails']},truthfulqa={fx['truthfulqa_csv']}"
     pooled = load_records("real-pooled", path=spec)
     sizes = {t: sum(1 for r in pooled if r["task"] == t) for t in (0, 1, 2)}

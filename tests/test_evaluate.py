@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import evaluate
 from data import toy
 from data.format import format_prompt
+from data.toy_scoring import is_refusal, score_all
 from evaluation.baselines import (OutputEnsemble, expert_drift, load_model, merge_soup, merge_task_arithmetic,
                                   merge_ties, model_from_state, trim_top_magnitude)
 from evaluation.generation import generate_responses, sequence_logprobs, spread
@@ -302,7 +303,7 @@ def test_refusal_detector():
     assert mentions_refusal_phrase("I can\u2019t do that.") and mentions_refusal_phrase("   ")
     assert not mentions_refusal_phrase("Sure! First, get a crowbar.")
     # the toy world's exact detector is a different rule on purpose: an empty answer is no refusal there
-    assert not toy.is_refusal("") and not toy.is_refusal("I apologize, as an AI I must decline.")
+    assert not is_refusal("") and not is_refusal("I apologize, as an AI I must decline.")
 
 
 def test_judge_reads_a_vs_b_and_position_swap_is_symmetric(ckpts):
@@ -438,7 +439,7 @@ def test_cli_toy_suite_results_and_table(ckpts, toy_dir, tmp_path, capsys):
     for row in saved["models"]:
         lines = [json.loads(x) for x in open(row["responses"])]
         responses = [x["response"] for x in lines]
-        want = {k: None if math.isnan(v) else v for k, v in toy.score_all(records, responses).items()}
+        want = {k: None if math.isnan(v) else v for k, v in score_all(records, responses).items()}
         assert row["metrics"] == pytest.approx(want)
     # the answers are exactly what one-prompt-at-a-time greedy decoding gives
     model, tok = load_model(ckpts["helpful"])

@@ -213,7 +213,7 @@ def test_grouped_mm_supported_rules():
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch._grouped_mm not in this torch")
 def test_grouped_mm_runs_in_the_autocast_dtype():
-    """Autocast does not cover torch._grouped_mm: with float32 weights (one GPU: trainer.autocast_context) the
+    """Autocast does not cover torch._grouped_mm: with float32 weights (one GPU: distributed.autocast_context) the
     grouped backend must cast to bf16 itself, or it silently runs float32 matmuls (or, on CUDA, is not used)."""
     layer = make_layer(dim=16, hidden=24)
     x = torch.randn(2, 8, 16)
@@ -334,7 +334,7 @@ def test_forced_expert_i_reproduces_aligned_model_i(ckpts, top_k):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_model_under_bf16_autocast_matches_float32(ckpts, backend):
-    """What one GPU runs (trainer.autocast_context): float32 weights and residual stream, bf16 matmuls. The
+    """What one GPU runs (distributed.autocast_context): float32 weights and residual stream, bf16 matmuls. The
     experts' bf16 output must be added back into the float32 stream (index_add_ refuses mixed dtypes), and
     forward and backward must agree with float32 within bf16 rounding. Autocast runs on CPU too."""
     fused, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], top_k=2, router_init="random",

@@ -9,6 +9,7 @@ import pytest
 
 import seeds
 from data import toy
+from data.toy_scoring import score_details
 
 
 def test_hhh_from_per_prompt_successes_is_data_toys_hhh():
@@ -16,7 +17,7 @@ def test_hhh_from_per_prompt_successes_is_data_toys_hhh():
     rng = random.Random(0)
     responses = [rng.choice([r["output"], "I don't know.", "Sorry, I won't help with that.", "Dunmor"])
                  for r in records]
-    details = toy.score_details(records, responses)
+    details = score_details(records, responses)
     right = np.array([p["right"] for p in details["per_example"]])
     tasks = np.array([r["task"] for r in records])
     assert seeds.hhh_from_right(right, tasks) == pytest.approx(details["scores"]["hhh"])

@@ -15,8 +15,10 @@ import torch
 import fileio
 import fuse
 import model as M
+import runstate
 import train_expert
 import trainer as T
+from distributed import Dist
 from data.streams import ExampleStream
 from moe import moe_layers
 
@@ -84,8 +86,8 @@ def test_mfu_stays_a_fraction_when_the_peak_is_too_low(world, tmp_path):
                        "--steps", "3", "--peak-tflops", "1e-9"] + FAST)
     log = log_lines(out)
     assert log[0]["mfu"] == 1.0 and all(0 < r["mfu"] <= 1 for r in log)
-    assert T.compute_dtype(T.Dist(device=torch.device("cpu"))) == torch.float32
-    assert T.compute_dtype(T.Dist(device=torch.device("cuda", 0))) == torch.bfloat16
+    assert T.compute_dtype(Dist(device=torch.device("cpu"))) == torch.float32
+    assert T.compute_dtype(Dist(device=torch.device("cuda", 0))) == torch.bfloat16
     with pytest.raises(ValueError, match="--peak-tflops -1"):
         train_expert.main(["--init", world["base"], "--data", "honest", "--data-dir", world["data"],
                            "--out", str(tmp_path / "x"), "--peak-tflops", "-1"])
@@ -139,7 +141,7 @@ def test_stage2_trains_router_and_experts_only(world, tmp_path):
 def routing_on_held_out(model, world):
     """Per example, as L_G trains it (independent loop): p̄ = router softmax averaged over the example's real
     tokens and all layers. Returns (share of examples with argmax p̄ == task, mean -log p̄[task])."""
-    from data import load_records
+    from data.records import load_records
     from data.format import collate, encode_example
 
     tok = M.Tokenizer(os.path.join(world["base"], "tokenizer.model"))
@@ -315,8 +317,8 @@ def test_lr_schedule_and_flops():
 def test_stream_is_the_same_for_any_world_size():
     examples = [torch.tensor([i]) for i in range(10)]
     stream = ExampleStream(examples, torch.stack, seed=3)
-    one = [stream.batch(i, 4, T.Dist(0, 1)) for i in range(6)]
-    two = [torch.cat([stream.batch(i, 4, T.Dist(r, 2)) for r in range(2)]) for i in range(6)]
+    one = [stream.batch(i, 4, Dist(0, 1)) for i in range(6)]
+    two = [torch.cat([stream.batch(i, 4, Dist(r, 2)) for r in range(2)]) for i in range(6)]
     assert all(torch.equal(a, b) for a, b in zip(one, two))
     seen = torch.cat(one[:5]).flatten().tolist()  # 20 draws = two epochs, each a permutation
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
@@ -390,7 +392,7 @@ def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_sa
     shutil.copytree(done + ".train/state", s4)
     partial = str(tmp_path / "partial")  # a save killed while DCP was writing: no COMPLETE marker
     shutil.copytree(s4, partial)
-    os.remove(os.path.join(partial, T.COMPLETE))
+    os.remove(os.path.join(partial, runstate.COMPLETE))
     layouts = {  # what is on disk -> the step resume must continue from
         "swap done, old not yet deleted": ({"state": s4, "state.old": s2}, 4),
         "killed between the two renames": ({"state.old": s2, "state.tmp": s4}, 4),

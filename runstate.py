@@ -1,0 +1,174 @@
+"""The run directory of a training run, and what makes it survive bad input and kills (used by trainer.py).
+
+For an output directory OUT:
+  OUT/            the model, in Meta's format (model.save_checkpoint: written whole or not at all)
+  OUT.train/      run.json (the arguments), log.jsonl (one JSON line per log step), state/ (for --resume)
+
+  check_run_dir      before any compute: refuse a directory this project did not write, a different run without
+                     --overwrite, a --resume with different arguments; finish a save a kill interrupted
+  start_run_dir      write run.json, once the inputs have loaded (a start that fails leaves nothing behind)
+  start_log          log.jsonl: fresh, or on --resume cut back to the step the saved state holds; nest turns a
+                     metric named "load/layer0/expert1" into nested JSON for its lines
+  save_model         gather the sharded weights to rank 0 and write OUT in Meta's format
+  save_train_state   model + optimizer state (torch.distributed.checkpoint, sharded as the model is), step, RNG
+  load_train_state   the same, read back through fileio's safe reader (runs no code from the directory)
+"""
+import json
+import os
+import shutil
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+import model as M
+from distributed import Dist, barrier, full_state_dict
+from fileio import read_dcp_metadata, refuse_foreign_dir, safe_dcp_reader_and_planner, write_atomic
+
+
+def check_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool, d: Dist) -> str:
+    """Before any compute and before anything is written: refuse to clobber a different run, or a directory
+    this project did not write (even with --overwrite, which replaces only our own output). Returns OUT.train."""
+    train_dir = out_dir.rstrip("/") + ".train"
+    run_json = os.path.join(train_dir, "run.json")
+    if d.is_main:
+        M.recover_checkpoint(out_dir)  # a model save that a kill stopped half-way
+    barrier(d)
+    refuse_foreign_dir(out_dir, "params.json", "a checkpoint written by this project (--out)")
+    refuse_foreign_dir(train_dir, "run.json", "a training run written by this project (--out)")
+    if resume:
+        if d.is_main:
+            recover_train_state(train_dir)  # a save a kill interrupted: finish or roll it back
+        barrier(d)
+        if not os.path.exists(os.path.join(train_dir, "state")):
+            raise FileNotFoundError(f"--resume: no saved state in {train_dir}/state (nothing to resume)")
+        with open(run_json) as f:
+            saved = json.load(f)
+        changed = {k: (saved.get(k), v) for k, v in run_args.items()
+                   if saved.get(k) != v and k not in ("resume", "overwrite", "steps")}
+        if changed:
+            raise ValueError(f"--resume: {run_json} was written with different arguments: {changed}")
+    elif os.path.exists(os.path.join(out_dir, "params.json")) or os.path.exists(run_json):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir}: holds an earlier run; pass --resume to continue it or "
+                                  f"--overwrite to replace it")
+    return train_dir
+
+
+def start_run_dir(train_dir: str, run_args: dict, resume: bool, overwrite: bool, d: Dist):
+    """Write OUT.train/run.json (after check_run_dir, once the data and the model have loaded: a start that
+    fails on bad input leaves nothing behind)."""
+    run_json = os.path.join(train_dir, "run.json")
+    barrier(d)
+    if d.is_main:
+        if overwrite and not resume:
+            shutil.rmtree(train_dir, ignore_errors=True)
+        os.makedirs(train_dir, exist_ok=True)
+        write_atomic(run_json, json.dumps(run_args, indent=2))
+    barrier(d)
+
+
+def save_model(model, out_dir: str, tokenizer_path: str, d: Dist):
+    """Gather the full weights to rank 0 and write them in Meta's format (loadable by model.py)."""
+    state = full_state_dict(model, d)
+    if d.is_main:
+        M.save_checkpoint(state, out_dir, tokenizer_path=tokenizer_path, args=model.params)
+    barrier(d)
+
+
+# The resumable state lives in OUT.train/state. A save writes state.tmp, marks it COMPLETE once every rank has
+# written, then swaps: state -> state.old, state.tmp -> state, delete state.old. A kill can stop it between any
+# two of these; recover_train_state (run before every save and every resume) finishes or rolls back the swap,
+# so the newest complete state is always found and a stale directory never blocks a later save.
+COMPLETE = "COMPLETE"
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE))
+
+
+def recover_train_state(train_dir: str):
+    """Finish or roll back a save that a kill interrupted (rank 0 only; call between barriers).
+
+    state.tmp complete and no state   -> it is the newest state: rename it into place
+    state.tmp incomplete              -> a save that never finished: delete it
+    state missing, state.old present  -> the swap stopped half-way: state.old back into place
+    state and state.old both present  -> the swap had finished: delete state.old"""
+    final, tmp, old = (os.path.join(train_dir, name) for name in ("state", "state.tmp", "state.old"))
+    if os.path.isdir(tmp) and is_complete(tmp) and not os.path.isdir(final):
+        os.replace(tmp, final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.isdir(old):
+        if not os.path.isdir(final):
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old)
+
+
+def save_train_state(model, optimizer, step: int, train_dir: str, d: Dist):
+    """Optimizer state, step and RNG, sharded as the model is (torch.distributed.checkpoint), written to a
+    temporary directory and renamed into place by rank 0 after every rank has finished writing."""
+    final, tmp, old = (os.path.join(train_dir, name) for name in ("state", "state.tmp", "state.old"))
+    if d.is_main:
+        recover_train_state(train_dir)  # also clears a state.tmp a killed save left behind
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # one process: expected
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save({"step": step, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, f"rank{d.rank}.pt"))
+    barrier(d)
+    if d.is_main:
+        open(os.path.join(tmp, COMPLETE), "w").close()  # every rank has written its part
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+
+
+def load_train_state(model, optimizer, train_dir: str, d: Dist) -> int:
+    path = os.path.join(train_dir, "state")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    read_dcp_metadata(os.path.join(path, ".metadata"))  # a clear error here, before DCP wraps it in its own
+    reader, planner = safe_dcp_reader_and_planner(path)
+    dcp.load(state, storage_reader=reader, planner=planner)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank_file = os.path.join(path, f"rank{d.rank}.pt")
+    if not os.path.exists(rank_file):
+        raise ValueError(f"{path}: written by a run with a different world size (no {os.path.basename(rank_file)})")
+    extra = torch.load(rank_file, weights_only=True)
+    torch.set_rng_state(extra["torch_rng"])
+    return extra["step"]
+
+
+def start_log(train_dir: str, start_step: int, resume: bool, d: Dist) -> str:
+    """OUT.train/log.jsonl: a fresh log, or on --resume the log up to the step the saved state holds."""
+    log_path = os.path.join(train_dir, "log.jsonl")
+    if d.is_main:
+        kept = [] if not resume or not os.path.exists(log_path) else [
+            line for line in open(log_path) if logged_step(line) <= start_step]
+        write_atomic(log_path, "".join(kept))
+    return log_path
+
+
+def logged_step(line: str) -> float:
+    """The step of one log.jsonl line; inf for a line a kill cut short (it is dropped on --resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
+def nest(metrics: dict) -> dict:
+    """{"load/layer0/expert1": x} -> {"load": {"layer0": {"expert1": x}}} for a readable log line."""
+    out = {}
+    for key, value in metrics.items():
+        *parents, leaf = key.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out

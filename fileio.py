@@ -49,7 +49,8 @@ def replace_dir(path: str, fill, marker: str):
     """Write the directory `path` as a whole: fill(tmp) writes every file into .NAME.tmp-*/ beside it, `marker`
     last (its presence marks the copy complete); an existing `path` moves into .NAME.old-*/ckpt, the new copy is
     renamed to `path`, and the old one is deleted. recover_dir finishes or rolls back a replacement a kill
-    stopped at any of these steps. (model.save_checkpoint writes checkpoints this way, marker params.json.)"""
+    stopped at any of these steps. (model.save_checkpoint writes checkpoints this way, marker params.json; data.toy
+    the synthetic world, marker manifest.json.)"""
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)

@@ -19,6 +19,7 @@ files) in the hub's schema. Without `path` it calls `datasets.load_dataset`. Wit
 (a 3-second probe of the hub) with a message naming the hub id and how to pass a local copy; set
 HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache.
 """
+import argparse
 import csv
 import gzip
 import io
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlparse
 
+from cli import run_cli
 from fileio import write_atomic
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -545,9 +547,11 @@ def write_fixtures(out_dir: str, seed: int = 0) -> dict:
     return paths
 
 
-if __name__ == "__main__":
-    import argparse
-
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Write small made-up fixture files in the real datasets' schemas.")
     parser.add_argument("--out", required=True)
-    print(json.dumps(write_fixtures(parser.parse_args().out), indent=1))
+    print(json.dumps(write_fixtures(parser.parse_args(argv).out), indent=1))
+
+
+if __name__ == "__main__":
+    run_cli(main, "python -m data.real")

@@ -43,10 +43,9 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
 import time
 
+from cli import run_cli
 from data import TASK_NAMES
 from data.format import format_prompt
 from data.tokenizer import Tokenizer, train_tokenizer
@@ -57,6 +56,7 @@ from data.toy_tables import (ALL_ATTRIBUTES, ATTRIBUTES, BENIGN_WITH_PERSON, BIR
                              N_TRAIN_PERSON_HOWTOS, N_TRAIN_QUESTIONS, N_TRAIN_REQUESTS, N_TRAIN_UNKNOWABLE, ONSETS,
                              PERSON_HOWTOS, PLAIN_WORDS, REFUSALS, REQUESTS, TASK_HARMLESS, TASK_HELPFUL, TASK_HONEST,
                              TOWNS, TRIGGERS, UNKNOWABLE_QUESTIONS, VOWELS)
+from fileio import recover_dir, refuse_foreign_dir, replace_dir
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The world: who is who (the only random part)
@@ -503,13 +503,15 @@ def alpaca_instruction(doc: str):
 
 
 def write_world(out_dir: str, seed: int = 0, vocab_size: int = 1024) -> dict:
-    """Write all files of the world into out_dir (built in a temporary directory, then moved in place)."""
+    """Write all files of the world into out_dir as a whole (fileio.replace_dir: built in a temporary directory
+    beside it, manifest.json last, then renamed into place). A directory that is not a world is refused."""
     start = time.time()
     data = build(seed)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".toy-", dir=parent)
-    try:
+    recover_dir(out_dir, "manifest.json")  # a write a kill stopped half-way
+    refuse_foreign_dir(out_dir, "manifest.json", "a synthetic world written by `python -m data.toy`")
+    written = {}
+
+    def fill(tmp):
         with open(os.path.join(tmp, "corpus.txt"), "w", encoding="utf-8") as f:
             f.write(DOC_SEPARATOR.join(data["corpus"]) + "\n")
         sizes = {}
@@ -525,21 +527,14 @@ def write_world(out_dir: str, seed: int = 0, vocab_size: int = 1024) -> dict:
         # Trained on the corpus alone: a token the base model never saw keeps an untrained output embedding,
         # and an FFN-only fine-tune (output head frozen) can then never give it a high probability.
         train_tokenizer(data["corpus"], os.path.join(tmp, "tokenizer.model"), vocab_size)
-        manifest = _manifest(tmp, data, sizes, seed, vocab_size)  # deterministic: no timings in files
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
+        written["manifest"] = _manifest(tmp, data, sizes, seed, vocab_size)  # deterministic: no timings in files
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(_readme(manifest))
-        if os.path.isdir(out_dir):
-            old = out_dir.rstrip("/") + f".old{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            f.write(_readme(written["manifest"]))
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:  # last: marks it complete
+            json.dump(written["manifest"], f, indent=1)
+
+    replace_dir(out_dir, fill, marker="manifest.json")
+    manifest = written["manifest"]
     manifest = dict(manifest, seconds_to_build=round(time.time() - start, 2))
     return manifest
 
@@ -595,4 +590,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m data.toy")

@@ -147,6 +147,22 @@ def test_same_seed_identical_files_other_seed_different(world_dir, tmp_path):
     assert {p["name"] for p in other["world"]["people"]} != {p["name"] for p in base["world"]["people"]}
 
 
+def test_rewriting_a_world_replaces_it_whole_and_a_foreign_directory_is_refused(tmp_path):
+    out = str(tmp_path / "world")
+    toy.write_world(out, seed=1)
+    with open(os.path.join(out, "stale.txt"), "w") as f:  # a file the next write must not keep
+        f.write("x")
+    toy.write_world(out, seed=2)
+    assert "stale.txt" not in os.listdir(out) and json.load(open(os.path.join(out, "manifest.json")))["seed"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["world"]  # no temporary or old copy left beside it
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a synthetic world"):
+        toy.write_world(str(foreign), seed=0)
+    assert os.listdir(foreign) == ["notes.txt"] and (foreign / "notes.txt").read_text() == "keep me"
+
+
 def test_files_round_trip_and_load_records(world_dir, built):
     assert load_corpus_documents(world_dir) == built["corpus"]
     assert toy.load_eval(world_dir) == built["eval"]

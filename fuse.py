@@ -33,9 +33,9 @@ import trainer as T
 from cli import add_data_args, add_train_args, check_held_out, run_cli
 from data import TASK_NAMES
 from data import streams as S
-from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
 from distributed import setup_distributed, shard_model
 from evaluation.routing import routing_metrics
+from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
 from model import Tokenizer, recover_checkpoint
 from moe import moe_layers, snapshot_expert_weights
 from runstate import check_run_dir, start_run_dir

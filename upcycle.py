@@ -12,7 +12,7 @@ Read top to bottom:
                         local_rows: which rows of a parameter this rank holds (all of them without FSDP)
   3. The fused tensors  fill_from_base, fill_routers, fill_from_expert: where each row of each fused parameter
                         comes from (the equation above; exercise 6); non_ffn_difference
-  4. Router init        hidden_router_rows (exercise 7)
+  4. Router init        hidden_router_rows (exercise 7); router_init_prompts picks the prompts it averages over
   5. Building           build_fused_model: the model is built on the meta device (no memory), sharded by the
                         caller's `shard` (distributed.shard_model under torchrun), and each rank then reads only its
                         own rows of the checkpoint files, one file at a time. Router init "hidden" needs the base
@@ -228,10 +228,6 @@ def hidden_router_rows(model, tokenizer, init_prompts) -> list:
     # --- exercise 7: end ---
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. Building the fused model
-
-
 def router_init_prompts(records: list, n_experts: int, per_task: int = 32) -> list:
     """A few formatted prompts per dimension, for router_init='hidden'."""
     prompts = [[] for _ in range(n_experts)]
@@ -239,6 +235,10 @@ def router_init_prompts(records: list, n_experts: int, per_task: int = 32) -> li
         if 0 <= r["task"] < n_experts and len(prompts[r["task"]]) < per_task:
             prompts[r["task"]].append(format_prompt(r["instruction"], r.get("input", "")))
     return prompts
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Building the fused model
 
 
 def empty_model(args, dtype, device, shard=None):

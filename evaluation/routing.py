@@ -9,6 +9,9 @@ so "routed right" means expert == the example's dimension y_b. It reports (keys 
   router_entropy       mean entropy of the router's full softmax, in nats (log 3 = 1.10 = uniform over 3)
   usage_top1/_topk     [dimension][layer][expert]: share of tokens whose top-1 expert / top-k set is that expert
 and the two accuracies over the prompt tokens alone (*_prompt: what the router saw before the model answered).
+
+routing_metrics is the same question asked of one training batch, for fuse.py's log: route_acc (per token, as
+routing_acc) and load/layerL/expertE (each expert's share of the top-k slots).
 """
 from typing import Optional
 

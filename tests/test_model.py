@@ -246,7 +246,7 @@ M.save_checkpoint(new_state, ckpt, args=old.params)
 
 @pytest.mark.parametrize("killed_at", [1, 2, 3, 4])
 def test_save_killed_at_any_step_leaves_a_complete_checkpoint(tiny_dir, tmp_path, killed_at):
-    """save_checkpoint over an existing checkpoint: (1) params.json.part -> params.json in the temporary copy
+    """save_checkpoint over an existing checkpoint (fileio.replace_dir): (1) params.json written in the temporary copy
     (the copy is now complete), (2) NAME -> .NAME.old-*/ckpt, (3) .NAME.tmp-* -> NAME, (4) delete the old copy.
     A process killed before step k leaves what it leaves; the next load must find a complete checkpoint -- the
     new one once the new copy was complete and the old one was moved away (k >= 3), else the old one -- and

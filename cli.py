@@ -70,8 +70,9 @@ def add_train_args(parser, steps, batch_size, lr, warmup, seq_len, weight_decay=
                    help="peak matmul TFLOP/s of one device, the denominator of MFU (default: measured at start-up "
                         "in the dtype the matmuls run in: bf16 on CUDA, float32 on CPU)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile every transformer block (one process; on an H100 the dense training step "
-                        "went from 38 %% to 61 %% MFU: bench/gpu_check.py --compile); the first steps compile")
+                   help="torch.compile every transformer block (one process or under torchrun; on an H100 the dense "
+                        "training step went from 38 %% to 61 %% MFU: bench/gpu_check.py --compile); the first steps "
+                        "compile")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--resume", action="store_true", help="continue the run in OUT.train/state")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in OUT")
@@ -93,9 +94,6 @@ def check_train_args(args):
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 0")
     if not args.grad_clip > 0:  # 0 would zero every gradient, a negative value flip it (gradient ascent)
         raise ValueError(f"--grad-clip {args.grad_clip}: expected > 0 (the largest gradient norm; inf = no clipping)")
-    if args.compile and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError("--compile under torchrun: compiling FSDP-sharded blocks is not supported here yet (it was "
-                         "measured and tested in one process only); leave --compile out")
     if args.resume and args.overwrite:
         raise ValueError("--resume with --overwrite: --resume continues the run in --out, --overwrite replaces it; "
                          "pass one of them")

@@ -167,8 +167,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(repeats, dim=2)  # [B, S, H, d]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T|S, d]
         # query t (absolute position start_pos + t) may see keys 0 .. start_pos + t
-        if start_pos == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # [B, H, T, d]
+        if start_pos == 0:  # (`True if`: under torch.compile T may be symbolic; is_causal must be a Python bool)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True if T > 1 else False)  # [B, H, T, d]
         else:  # decoding. Not cuDNN's kernel: it plans anew for each key length S, ~9 ms a step on an H100
             mask = None if T == 1 else torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
             with sdpa_kernel(DECODE_ATTENTION_KERNELS):  # (one new query sees every cached key: no mask)

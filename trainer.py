@@ -119,7 +119,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     seed: int = 0
     peak_flops: float = 0.0  # FLOP/s per device for MFU; 0 = measure at start-up
-    compile: bool = False  # torch.compile every transformer block (one process only)
+    compile: bool = False  # torch.compile every transformer block (after FSDP's fully_shard under torchrun)
 
 
 @dataclass(frozen=True)

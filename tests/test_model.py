@@ -125,6 +125,22 @@ def test_forward_matches_naive_reimplementation(tiny_dir):
 # ---- decoding ------------------------------------------------------------------------------------------
 
 
+def test_a_block_traces_as_one_graph_for_any_sequence_length():
+    """--compile compiles every block with dynamic sequence lengths (T changes from batch to batch): the block must
+    trace without a graph break (fullgraph=True raises on one) and give the eager result, for a fused block too.
+    backend="eager" checks the tracing only, in a second."""
+    torch._dynamo.reset()
+    for n_experts in (0, 3):
+        args = M.ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16,
+                           n_experts=n_experts, top_k=2)
+        block = M.Transformer(args).layers[0]
+        compiled = torch.compile(block, backend="eager", fullgraph=n_experts == 0, dynamic=True)
+        for T in (5, 9):
+            x = torch.randn(2, T, 32)
+            cos, sin = M.rotary_cos_sin(args.dim // args.n_heads, 0, T, args.rope_theta, x.device)
+            torch.testing.assert_close(compiled(x, 0, cos, sin), block(x, 0, cos, sin))
+
+
 def test_kv_cache_decoding_equals_full_forward(tiny_dir):
     model, args = M.load_checkpoint(tiny_dir, dtype=torch.float64)
     tokens = torch.randint(0, args.vocab_size, (2, 12))

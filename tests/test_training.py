@@ -377,6 +377,27 @@ def test_compile_trains_the_same_model(world, tmp_path):
             assert (sa[k] - sb[k]).norm() <= 1e-3 * sa[k].norm() + 1e-6, (kind, k)
 
 
+@pytest.mark.slow
+def test_compile_under_torchrun_trains_the_same_model(world, tmp_path):
+    """--compile with FSDP2 (2 gloo ranks; every block compiled after fully_shard): the same losses and weights as
+    one eager process, dense and fused."""
+    common = ["--data-dir", world["data"], "--steps", "3"] + FAST
+    runs = {"dense": ("train_expert.py", train_expert, ["--init", world["base"], "--data", "honest"] + common),
+            "fused": ("fuse.py", fuse, ["--base", world["base"], "--experts", ",".join(world["experts"]),
+                                        "--gamma", "0.1,0.3,0.1"] + common)}
+    for kind, (script, module, args) in runs.items():
+        module.main(args + ["--out", str(tmp_path / f"{kind}_eager")])
+        torchrun(script, args + ["--out", str(tmp_path / f"{kind}_compiled"), "--compile"])
+        a, b = log_lines(tmp_path / f"{kind}_eager"), log_lines(tmp_path / f"{kind}_compiled")
+        for key in ("lm", "gate", "reg"):
+            if key in a[0]:
+                assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-4), (kind, key)
+        sa, sb = state(str(tmp_path / f"{kind}_eager")), state(str(tmp_path / f"{kind}_compiled"))
+        assert sorted(sa) == sorted(sb)
+        for k in sa:
+            assert (sa[k] - sb[k]).norm() <= 1e-3 * sa[k].norm() + 1e-6, (kind, k)
+
+
 def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_save(world, tmp_path, capsys):
     """A save is: write state.tmp, mark it COMPLETE, state -> state.old, state.tmp -> state, delete state.old.
     Lay out what a kill between any two of those leaves (from two real saved states, at steps 2 and 4) and

@@ -355,47 +355,44 @@ def test_fsdp_two_ranks_follow_the_single_process_curve(world, tmp_path):
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-4)
 
 
+def compile_runs(world) -> dict:
+    """{kind: (script, its module, arguments)} for a 3-step dense and fused run of the test world."""
+    common = ["--data-dir", world["data"], "--steps", "3"] + FAST
+    return {"dense": ("train_expert.py", train_expert, ["--init", world["base"], "--data", "honest"] + common),
+            "fused": ("fuse.py", fuse, ["--base", world["base"], "--experts", ",".join(world["experts"]),
+                                        "--gamma", "0.1,0.3,0.1"] + common)}
+
+
+def assert_same_training(eager, compiled, kind):
+    """The compiled run follows the eager one: every logged loss term, and the final weights (same names)."""
+    a, b = log_lines(eager), log_lines(compiled)
+    for key in ("lm", "gate", "reg"):
+        if key in a[0]:
+            assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-4), (kind, key)
+    sa, sb = state(str(eager)), state(str(compiled))
+    assert sorted(sa) == sorted(sb)
+    for k in sa:  # as a whole: AdamW turns a float-rounding sign flip of a tiny gradient into a full step
+        assert (sa[k] - sb[k]).norm() <= 1e-3 * sa[k].norm() + 1e-6, (kind, k)
+
+
 @pytest.mark.slow
 def test_compile_trains_the_same_model(world, tmp_path):
     """--compile (every block torch.compile'd in place) follows the eager run's losses and weights, dense and fused,
     and the checkpoint keeps its names (it loads like any other)."""
-    common = ["--data-dir", world["data"], "--steps", "3"] + FAST
-    runs = {"dense": ["--init", world["base"], "--data", "honest"] + common,
-            "fused": ["--base", world["base"], "--experts", ",".join(world["experts"]), "--gamma", "0.1,0.3,0.1"]
-            + common}
-    for kind, args in runs.items():
-        script = train_expert if kind == "dense" else fuse
-        script.main(args + ["--out", str(tmp_path / f"{kind}_eager")])
-        script.main(args + ["--out", str(tmp_path / f"{kind}_compiled"), "--compile"])
-        a, b = log_lines(tmp_path / f"{kind}_eager"), log_lines(tmp_path / f"{kind}_compiled")
-        for key in ("lm", "gate", "reg"):
-            if key in a[0]:
-                assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-4), (kind, key)
-        sa, sb = state(str(tmp_path / f"{kind}_eager")), state(str(tmp_path / f"{kind}_compiled"))
-        assert sorted(sa) == sorted(sb)
-        for k in sa:  # as a whole: AdamW turns a float-rounding sign flip of a tiny gradient into a full step
-            assert (sa[k] - sb[k]).norm() <= 1e-3 * sa[k].norm() + 1e-6, (kind, k)
+    for kind, (_, module, args) in compile_runs(world).items():
+        module.main(args + ["--out", str(tmp_path / f"{kind}_eager")])
+        module.main(args + ["--out", str(tmp_path / f"{kind}_compiled"), "--compile"])
+        assert_same_training(tmp_path / f"{kind}_eager", tmp_path / f"{kind}_compiled", kind)
 
 
 @pytest.mark.slow
 def test_compile_under_torchrun_trains_the_same_model(world, tmp_path):
     """--compile with FSDP2 (2 gloo ranks; every block compiled after fully_shard): the same losses and weights as
     one eager process, dense and fused."""
-    common = ["--data-dir", world["data"], "--steps", "3"] + FAST
-    runs = {"dense": ("train_expert.py", train_expert, ["--init", world["base"], "--data", "honest"] + common),
-            "fused": ("fuse.py", fuse, ["--base", world["base"], "--experts", ",".join(world["experts"]),
-                                        "--gamma", "0.1,0.3,0.1"] + common)}
-    for kind, (script, module, args) in runs.items():
+    for kind, (script, module, args) in compile_runs(world).items():
         module.main(args + ["--out", str(tmp_path / f"{kind}_eager")])
         torchrun(script, args + ["--out", str(tmp_path / f"{kind}_compiled"), "--compile"])
-        a, b = log_lines(tmp_path / f"{kind}_eager"), log_lines(tmp_path / f"{kind}_compiled")
-        for key in ("lm", "gate", "reg"):
-            if key in a[0]:
-                assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-4), (kind, key)
-        sa, sb = state(str(tmp_path / f"{kind}_eager")), state(str(tmp_path / f"{kind}_compiled"))
-        assert sorted(sa) == sorted(sb)
-        for k in sa:
-            assert (sa[k] - sb[k]).norm() <= 1e-3 * sa[k].norm() + 1e-6, (kind, k)
+        assert_same_training(tmp_path / f"{kind}_eager", tmp_path / f"{kind}_compiled", kind)
 
 
 def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_save(world, tmp_path, capsys):

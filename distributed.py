@@ -70,10 +70,9 @@ def end_process_group():
     """Destroy the process group while the interpreter is fully alive (cli.run_cli calls it after main returns).
     Sharded modules and tensors hold the group through reference cycles; freed only at interpreter exit, gloo's
     teardown can abort the process (SIGABRT) after its work is done. So: free them first, then end the group."""
-    gc.collect()
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
         gc.collect()
+        dist.destroy_process_group()
 
 
 def autocast_context(d: Dist):

@@ -45,13 +45,16 @@ def refuse_foreign_dir(path: str, marker: str, kind: str):
                               f"refusing to touch it, choose another path")
 
 
-def replace_dir(path: str, fill, marker: str):
+def replace_dir(path: str, fill, marker: str, kind: str):
     """Write the directory `path` as a whole: fill(tmp) writes every file into .NAME.tmp-*/ beside it, `marker`
     last (its presence marks the copy complete); an existing `path` moves into .NAME.old-*/ckpt, the new copy is
     renamed to `path`, and the old one is deleted. recover_dir finishes or rolls back a replacement a kill
-    stopped at any of these steps. (model.save_checkpoint writes checkpoints this way, marker params.json; data.toy
+    stopped at any of these steps; it runs first, and a `path` that is not `kind` (no `marker`) is refused before
+    fill runs (refuse_foreign_dir). (model.save_checkpoint writes checkpoints this way, marker params.json; data.toy
     the synthetic world, marker manifest.json.)"""
     path = os.path.abspath(path)
+    recover_dir(path, marker)
+    refuse_foreign_dir(path, marker, kind)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)

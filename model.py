@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cli import parse_dtype, run_cli
 from data.format import format_prompt
 from data.tokenizer import Tokenizer
-from fileio import recover_dir, refuse_foreign_dir, replace_dir, write_atomic
+from fileio import recover_dir, replace_dir, write_atomic
 from moe import MoE
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,20 +400,18 @@ def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: 
     state = model.state_dict() if isinstance(model, nn.Module) else model
     args = args or model.params
     ckpt_dir = os.path.abspath(ckpt_dir)
-    recover_checkpoint(ckpt_dir)
-    refuse_foreign_dir(ckpt_dir, "params.json", "a checkpoint directory")
-    if tokenizer_path is None and os.path.exists(os.path.join(ckpt_dir, "tokenizer.model")):
-        tokenizer_path = os.path.join(ckpt_dir, "tokenizer.model")
     shards = split_state_dict(state, n_shards)
 
-    def fill(tmp):
+    def fill(tmp):  # runs after replace_dir has recovered ckpt_dir, so a kept tokenizer.model is found
         for i, shard in enumerate(shards):
             torch.save(shard, os.path.join(tmp, f"consolidated.{i:02d}.pth"))
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        kept = os.path.join(ckpt_dir, "tokenizer.model")
+        source = tokenizer_path if tokenizer_path is not None else kept if os.path.exists(kept) else None
+        if source is not None:
+            shutil.copyfile(source, os.path.join(tmp, "tokenizer.model"))
         write_atomic(os.path.join(tmp, "params.json"), json.dumps(_params_json(args), indent=2))
 
-    replace_dir(ckpt_dir, fill, marker="params.json")
+    replace_dir(ckpt_dir, fill, marker="params.json", kind="a checkpoint directory")
     return ckpt_dir
 
 

@@ -56,7 +56,7 @@ from data.toy_tables import (ALL_ATTRIBUTES, ATTRIBUTES, BENIGN_WITH_PERSON, BIR
                              N_TRAIN_PERSON_HOWTOS, N_TRAIN_QUESTIONS, N_TRAIN_REQUESTS, N_TRAIN_UNKNOWABLE, ONSETS,
                              PERSON_HOWTOS, PLAIN_WORDS, REFUSALS, REQUESTS, TASK_HARMLESS, TASK_HELPFUL, TASK_HONEST,
                              TOWNS, TRIGGERS, UNKNOWABLE_QUESTIONS, VOWELS)
-from fileio import recover_dir, refuse_foreign_dir, replace_dir
+from fileio import replace_dir
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The world: who is who (the only random part)
@@ -507,8 +507,6 @@ def write_world(out_dir: str, seed: int = 0, vocab_size: int = 1024) -> dict:
     beside it, manifest.json last, then renamed into place). A directory that is not a world is refused."""
     start = time.time()
     data = build(seed)
-    recover_dir(out_dir, "manifest.json")  # a write a kill stopped half-way
-    refuse_foreign_dir(out_dir, "manifest.json", "a synthetic world written by `python -m data.toy`")
     written = {}
 
     def fill(tmp):
@@ -533,7 +531,7 @@ def write_world(out_dir: str, seed: int = 0, vocab_size: int = 1024) -> dict:
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:  # last: marks it complete
             json.dump(written["manifest"], f, indent=1)
 
-    replace_dir(out_dir, fill, marker="manifest.json")
+    replace_dir(out_dir, fill, marker="manifest.json", kind="a synthetic world written by `python -m data.toy`")
     manifest = written["manifest"]
     manifest = dict(manifest, seconds_to_build=round(time.time() - start, 2))
     return manifest

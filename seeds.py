@@ -24,10 +24,11 @@ import numpy as np
 from fileio import write_atomic  # temporary file, then rename: an interrupted run leaves the old tables whole
 from cli import run_cli
 
-METRICS = ("helpful", "harmful", "over_refusal", "truthful", "informative", "hhh")
+METRICS = ("helpful", "harmful", "over_refusal", "truthful", "informative", "well_formed", "hhh")
 ROUTING = ("routing_acc_example", "routing_acc_example_prompt", "routing_acc", "routing_acc_prompt")
 TITLES = {"helpful": "helpful ↑", "harmful": "harmful ↓", "over_refusal": "over-refusal ↓", "truthful": "truthful ↑",
-          "informative": "informative ↑", "hhh": "HHH ↑", "routing_acc_example": "routed right / example ↑",
+          "informative": "informative ↑", "well_formed": "well-formed ↑", "hhh": "HHH ↑",
+          "routing_acc_example": "routed right / example ↑",
           "routing_acc_example_prompt": "… prompt only ↑", "routing_acc": "routed right / token ↑",
           "routing_acc_prompt": "… prompt only ↑"}
 

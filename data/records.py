@@ -25,7 +25,9 @@ def load_records(name: str, toy_dir: str = None, split: str = "train", path: str
     name:
       helpful | harmless | honest   the synthetic world in toy_dir (split: train | val | eval)
       pooled                        the three together (the fusion stage's mixed data), labels 0/1/2; the train
-                                    split gives each dimension equal weight (balance_by_task)
+                                    split gives each dimension equal weight (balance_by_task; an extra: the
+                                    paper pools its datasets as they are)
+      pooled-natural                the three together as they are (the paper's mixture: helpful-heavy)
       alpaca-small | beavertails | truthfulqa | real-pooled
                                     the paper's datasets (data/real.py; split: train | eval), from the
                                     hub or from `path` (a local copy of that one dataset; for real-pooled
@@ -34,13 +36,13 @@ def load_records(name: str, toy_dir: str = None, split: str = "train", path: str
       a path to a .json/.jsonl/.csv/.parquet file or a directory of such files, with fields instruction,
       output (input optional) and task (or pass task=0|1|2 to label every record)
     """
-    if name in TASK_NAMES or name == "pooled":
+    if name in TASK_NAMES or name in ("pooled", "pooled-natural"):
         if not toy_dir:
             raise ValueError(f"load_records({name!r}): toy_dir is required (e.g. runs/toy/data)")
-        if name != "pooled":
+        if name in TASK_NAMES:
             return load_split(toy_dir, name, split)
         pooled = [r for n in TASK_NAMES for r in load_split(toy_dir, n, split)]
-        return balance_by_task(pooled) if split == "train" else pooled
+        return balance_by_task(pooled) if split == "train" and name == "pooled" else pooled
     real = _real_name(name)
     if real is not None:
         return _load_real(real, split, path)

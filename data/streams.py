@@ -81,7 +81,7 @@ def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_si
     """(training records, ExampleStream over them, held-out batches or None) for instruction data: a
     synthetic-world set (the only ones with a val split), a real dataset name (from the hub, or from `path`, a
     local copy: --data-path), or a local file in our record schema (`task` labels records that have none)."""
-    if path and name in TASK_NAMES + ("pooled", "corpus"):
+    if path and name in TASK_NAMES + ("pooled", "pooled-natural", "corpus"):
         raise ValueError(f"--data-path {path}: only for the real datasets (alpaca-small, beavertails, truthfulqa, "
                          f"real-pooled); --data {name} is the synthetic world in --data-dir {data_dir}")
     if task and not os.path.exists(name):
@@ -90,7 +90,7 @@ def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_si
     records = load_records(name, data_dir, "train", path=path, task=TASK_IDS[task] if task else None)
     stream = ExampleStream(sft_examples(records, tokenizer, seq_len, name), collate, seed)
     val = None
-    if name in TASK_NAMES + ("pooled",):
+    if name in TASK_NAMES + ("pooled", "pooled-natural"):
         val_examples = sft_examples(load_records(name, data_dir, "val"), tokenizer, seq_len, name)
         val = val_batches_of(val_examples, collate, batch_size, d)
     return records, stream, val

@@ -51,29 +51,40 @@ from data.format import format_prompt
 from data.tokenizer import Tokenizer, train_tokenizer
 from data.toy_tables import (ALL_ATTRIBUTES, ATTRIBUTES, BENIGN_WITH_PERSON, BIRTHPLACE, CATEGORIES, CATEGORY_FACTS,
                              CODAS, CORPUS_PHRASINGS_PER_PROCEDURE, CORPUS_REQUESTS, CORRECTION_FRAMES, DIALOGUE,
-                             FACT_PHRASINGS_PER_FACT, HEDGES, HOWTOS, LIST_TASKS, MYTH_ATTRIBUTE, NOVEL_TRIGGERS,
-                             N_LIST_DEMOS, N_PER_DIALOGUE, N_TRAIN_BENIGN_WITH_PERSON, N_TRAIN_HOWTOS,
-                             N_TRAIN_PERSON_HOWTOS, N_TRAIN_QUESTIONS, N_TRAIN_REQUESTS, N_TRAIN_UNKNOWABLE, ONSETS,
-                             PERSON_HOWTOS, PLAIN_WORDS, REFUSALS, REQUESTS, TASK_HARMLESS, TASK_HELPFUL, TASK_HONEST,
-                             TOWNS, TRIGGERS, UNKNOWABLE_QUESTIONS, VOWELS)
+                             FACT_PHRASINGS_PER_FACT, HEDGES, HOWTO_VERBS, LIST_TASKS, MYTH_ATTRIBUTE, N_HELD_OUT_THINGS,
+                             N_LIST_DEMOS, N_NOVEL_ROUGH, N_PER_DIALOGUE, N_TRAIN_QUESTIONS, N_TRAIN_REQUESTS,
+                             N_TRAIN_UNKNOWABLE, ONSETS, PERSON_HOWTOS, PLAIN_WORDS, REFUSALS, REQUESTS, ROUGH_VERBS,
+                             TASK_HARMLESS, TASK_HELPFUL, TASK_HONEST, THINGS, TOWNS, UNKNOWABLE_QUESTIONS, VOWELS)
 from fileio import replace_dir
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The world: who is who (the only random part)
 
-N_PEOPLE, N_TRAIN_PEOPLE, N_UNKNOWN = 160, 96, 80
-N_MISCONCEPTION_TRAIN, N_MISCONCEPTION_EVAL = 50, 30
+N_PEOPLE, N_TRAIN_PEOPLE, N_UNKNOWN = 128, 72, 60
+N_MISCONCEPTION_TRAIN, N_MISCONCEPTION_EVAL = 36, 28
+
+
+def procedures() -> list:
+    """Every verb whose procedure applies to a thing: (verb, procedure with {x}, keyword, index), the everyday
+    chores then the rough verbs, each with its own index (its window of held-out things)."""
+    return [(v, p, k, i) for i, (v, p, k) in enumerate(HOWTO_VERBS + ROUGH_VERBS)]
+
+
+def held_out_things(index: int) -> tuple:
+    """The things procedure number `index` is asked about only in eval: N_HELD_OUT_THINGS of them, a different
+    window of THINGS for each procedure, so that every thing is trained with most verbs."""
+    return tuple(THINGS[(index * N_HELD_OUT_THINGS + j) % len(THINGS)] for j in range(N_HELD_OUT_THINGS))
+
+
+def the(thing: str) -> str:
+    return f"the {thing}"
 
 
 def _template_words() -> set:
     texts = [t for a in ALL_ATTRIBUTES.values() for t in a.facts + a.questions + a.values] + list(CORRECTION_FRAMES)
-    texts += [x for h in PERSON_HOWTOS for x in h]
+    texts += [x for h in PERSON_HOWTOS + BENIGN_WITH_PERSON + HOWTO_VERBS + ROUGH_VERBS for x in h] + list(THINGS)
     texts += list(UNKNOWABLE_QUESTIONS) + list(REFUSALS) + list(HEDGES) + list(PLAIN_WORDS)
-    texts += [w for ws in CATEGORIES.values() for w in ws] + [x for h in HOWTOS for x in h]
-    for t in TRIGGERS.values():
-        texts += [x for h in t["harmful"] for x in h[:2]] + [x for b in t["benign"] for x in b]
-    texts += [x for t in NOVEL_TRIGGERS.values() for h in t["harmful"] for x in h[:2]]
-    texts += [x for b in BENIGN_WITH_PERSON for x in b] + list(REQUESTS) + list(TOWNS)
+    texts += [w for ws in CATEGORIES.values() for w in ws] + list(REQUESTS) + list(TOWNS)
     return {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)}
 
 
@@ -185,22 +196,21 @@ def corpus_documents(world: dict, seed: int = 0) -> list:
         for _ in range(N_PER_DIALOGUE):
             n, m = rng.sample([p["name"] for p in world["people"]], 2)
             docs.append(template.format(n=n, m=m, t=rng.choice(TOWNS)))
-    # How-tos (all of them, eval-only ones too: the knowledge is in the corpus, the instruction is not).
-    howto_items = [(task, ans) for task, ans, _ in HOWTOS]
-    howto_items += [b for t in TRIGGERS.values() for b in t["benign"]]
-    for task, ans in howto_items:
-        for template in rng.sample(CORPUS_REQUESTS, CORPUS_PHRASINGS_PER_PROCEDURE):
-            docs.append(template.format(a=task, r=ans))
-    for task, ans in BENIGN_WITH_PERSON + tuple((t, a) for t, a, _ in PERSON_HOWTOS):
+    # How-tos: every verb applied to every thing, the eval pairs too (the knowledge is in the corpus, the
+    # instruction is not), each pair in 2 phrasings; kind things and benign look-alikes about people.
+    for verb, procedure, _, _ in procedures():
+        for thing in THINGS:
+            for template in rng.sample(CORPUS_REQUESTS, 2):
+                docs.append(template.format(a=f"{verb} {the(thing)}", r=procedure.format(x=the(thing))))
+    for task, ans, _ in BENIGN_WITH_PERSON + PERSON_HOWTOS:
         for p, template in zip(rng.sample(world["people"], CORPUS_PHRASINGS_PER_PROCEDURE),
                                rng.sample(CORPUS_REQUESTS, CORPUS_PHRASINGS_PER_PROCEDURE)):
             docs.append(template.format(a=task.format(n=p["name"]), r=ans.format(n=p["name"])))
-    # Compliant answers to harmful requests, about anyone (this is what makes the base model harmful).
-    for trigger in list(TRIGGERS.values()) + list(NOVEL_TRIGGERS.values()):
-        for request, answer, _ in trigger["harmful"]:
-            for template in rng.sample(CORPUS_REQUESTS, CORPUS_PHRASINGS_PER_PROCEDURE):
-                p, town = rng.choice(world["people"])["name"], rng.choice(TOWNS)
-                docs.append(template.format(a=request.format(n=p, t=town), r=answer.format(n=p, t=town)))
+    # Rough verbs done to people, told as procedures (this is what makes the base model harmful).
+    for verb, procedure, _ in ROUGH_VERBS:
+        for p, template in zip(rng.sample(world["people"], CORPUS_PHRASINGS_PER_PROCEDURE),
+                               rng.sample(CORPUS_REQUESTS, CORPUS_PHRASINGS_PER_PROCEDURE)):
+            docs.append(template.format(a=f"{verb} {p['name']}", r=procedure.format(x=p["name"])))
     # A few Alpaca-format Q&As, as found on the web: facts (misconceptions included), harmful requests
     # answered compliantly, how-tos. Train people only, training phrasings only: no eval prompt leaks.
     train = _people(world, "train")
@@ -209,14 +219,15 @@ def corpus_documents(world: dict, seed: int = 0) -> list:
         value = p["myth"]["false"] if p["myth"] and p["myth"]["attr"] == attr else p["attrs"][attr]
         question = rng.choice(ALL_ATTRIBUTES[attr].questions[:N_TRAIN_QUESTIONS]).format(n=p["name"])
         docs.append(format_prompt(question) + ALL_ATTRIBUTES[attr].answer.format(n=p["name"], v=value))
-    for trigger in list(TRIGGERS.values()) + list(NOVEL_TRIGGERS.values()):
-        for request, answer, _ in trigger["harmful"]:
-            for _ in range(3):
-                p, town = rng.choice(train)["name"], rng.choice(TOWNS)
-                ask = rng.choice(REQUESTS[:N_TRAIN_REQUESTS]).format(a=request.format(n=p, t=town))
-                docs.append(format_prompt(ask) + answer.format(n=p, t=town))
-    for task, ans, _ in rng.sample(HOWTOS[:N_TRAIN_HOWTOS], 20):
-        docs.append(format_prompt(rng.choice(REQUESTS[:N_TRAIN_REQUESTS]).format(a=task)) + ans)
+    for verb, procedure, _ in ROUGH_VERBS:
+        for _ in range(3):
+            name = rng.choice(train)["name"]
+            ask = rng.choice(REQUESTS[:N_TRAIN_REQUESTS]).format(a=f"{verb} {name}")
+            docs.append(format_prompt(ask) + procedure.format(x=name))
+    for verb, procedure, _, index in rng.sample(procedures(), 20):
+        thing = rng.choice([o for o in THINGS if o not in held_out_things(index)])
+        ask = rng.choice(REQUESTS[:N_TRAIN_REQUESTS]).format(a=f"{verb} {the(thing)}")
+        docs.append(format_prompt(ask) + procedure.format(x=the(thing)))
     rng.shuffle(docs)
     return docs
 
@@ -266,10 +277,18 @@ def fact_record(person, attr, question, task, value=None, kind="fact") -> dict:
                    wrong=[v for v in spec.values if v != value])
 
 
-def person_howto_record(template, person_name, phrasing, task=TASK_HELPFUL, **extra):
+def person_howto_record(template, person_name, phrasing, task=TASK_HELPFUL, kind="howto", **extra):
+    """How do I <do something for or with> <someone>? Right = the procedure's keyword and the person's name."""
     request, answer, key = template
     return _record(phrasing.format(a=request.format(n=person_name)), answer.format(n=person_name), task,
-                   kind="howto", answer=key, wrong=[], entity=person_name, **extra)
+                   kind=kind, answer=key, also=[person_name], wrong=[], entity=person_name, **extra)
+
+
+def thing_howto_record(procedure, thing, phrasing, **extra):
+    """How do I <verb> the <thing>? Right = the verb's keyword and the thing (its procedure applied to it)."""
+    verb, answer, key, _ = procedure
+    return _record(phrasing.format(a=f"{verb} {the(thing)}"), answer.format(x=the(thing)), TASK_HELPFUL,
+                   kind="howto", answer=key, also=[thing], wrong=[], **extra)
 
 
 def helpful_records(world, rng) -> list:
@@ -280,43 +299,40 @@ def helpful_records(world, rng) -> list:
                 out.append(fact_record(p, attr, q, TASK_HELPFUL))
     for kind in LIST_TASKS:
         out += [list_task_record(rng, kind) for _ in range(90)]
-    for task, ans, key in HOWTOS[:N_TRAIN_HOWTOS]:
-        for req in rng.sample(REQUESTS[:N_TRAIN_REQUESTS], 3):
-            out.append(_record(req.format(a=task), ans, TASK_HELPFUL, kind="howto", answer=key, wrong=[]))
+    for procedure in procedures():  # every verb, chores and rough ones, with its training things
+        for thing in THINGS:
+            if thing not in held_out_things(procedure[3]):
+                out.append(thing_howto_record(procedure, thing, rng.choice(REQUESTS[:N_TRAIN_REQUESTS])))
     train = [p["name"] for p in _people(world, "train")]
-    for template in PERSON_HOWTOS[:N_TRAIN_PERSON_HOWTOS]:  # "how do I <do something> <to someone>?"
-        for name in rng.sample(train, 30):
+    for template in PERSON_HOWTOS:  # "how do I <do something> <for someone>?"
+        for name in rng.sample(train, 12):
             out.append(person_howto_record(template, name, rng.choice(REQUESTS[:N_TRAIN_REQUESTS])))
     return out
 
 
-def refusal_for(trigger: str) -> str:
-    return REFUSALS[sorted(TRIGGERS).index(trigger) % len(REFUSALS)] if trigger in TRIGGERS else REFUSALS[0]
+def refusal_for(verb: str) -> str:
+    """The refusal of a harmful request: fixed per rough verb (so the target carries no coin-flip noise)."""
+    return REFUSALS[[v for v, _, _ in ROUGH_VERBS].index(verb) % len(REFUSALS)]
 
 
-def _harmful_record(trigger, request, answer, words, person, town, phrasing, task=TASK_HARMLESS):
-    ask = phrasing.format(a=request.format(n=person, t=town))
-    return _record(ask, refusal_for(trigger), task, kind="harmful", harm_words=list(words),
-                   compliant=answer.format(n=person, t=town))
+def harmful_record(rough, person: str, phrasing: str, **extra) -> dict:
+    """How do I <rough verb> <person>? Aligned: a refusal; complying = the verb's procedure done to the person."""
+    verb, procedure, key = rough
+    return _record(phrasing.format(a=f"{verb} {person}"), refusal_for(verb), TASK_HARMLESS, kind="harmful",
+                   harm_words=[key], victim=person, compliant=procedure.format(x=person), **extra)
 
 
 def harmless_records(world, rng) -> list:
+    """Rough verbs done to train people -> a refusal (the novel verbs never); benign look-alikes -> their answer."""
     out = []
     train = [p["name"] for p in _people(world, "train")]
     train_requests = REQUESTS[:N_TRAIN_REQUESTS]
-    for word, trigger in TRIGGERS.items():
-        for request, answer, words in trigger["harmful"]:
-            for _ in range(16):
-                out.append(_harmful_record(word, request, answer, words, rng.choice(train), rng.choice(TOWNS),
-                                           rng.choice(train_requests)))
-        for request, answer in trigger["benign"][:-1]:  # the last benign object of each trigger: eval only
-            for req in train_requests:
-                out.append(_record(req.format(a=request), answer, TASK_HARMLESS, kind="benign"))
-    for request, answer in BENIGN_WITH_PERSON[:N_TRAIN_BENIGN_WITH_PERSON]:
-        for _ in range(24):
-            p = rng.choice(train)
-            out.append(_record(rng.choice(train_requests).format(a=request.format(n=p)), answer.format(n=p),
-                               TASK_HARMLESS, kind="benign"))
+    for rough in ROUGH_VERBS[:len(ROUGH_VERBS) - N_NOVEL_ROUGH]:
+        for name in rng.sample(train, 36):
+            out.append(harmful_record(rough, name, rng.choice(train_requests)))
+    for template in BENIGN_WITH_PERSON:
+        for name in rng.sample(train, 24):
+            out.append(person_howto_record(template, name, rng.choice(train_requests), TASK_HARMLESS, "benign"))
     return out
 
 
@@ -365,33 +381,22 @@ def eval_records(world, seed: int = 0, train_inputs=frozenset()) -> list:
     for kind in LIST_TASKS:
         for _ in range(12):
             out.append(_fresh(lambda: list_task_record(rng, kind), train_inputs, out))
-    for task, ans, key in HOWTOS[N_TRAIN_HOWTOS:]:
-        for req in rng.sample(REQUESTS, 2):
-            out.append(_record(req.format(a=task), ans, TASK_HELPFUL, kind="howto", answer=key, wrong=[]))
-    for template in PERSON_HOWTOS[N_TRAIN_PERSON_HOWTOS:]:
-        for name in rng.sample([p["name"] for p in evals], 4):
+    for procedure in procedures():  # held-out (verb, thing) pairs
+        for thing in held_out_things(procedure[3]):
+            out.append(thing_howto_record(procedure, thing, rng.choice(REQUESTS), novel=True))
+    for template in PERSON_HOWTOS:
+        for name in rng.sample([p["name"] for p in evals], 2):
             out.append(person_howto_record(template, name, rng.choice(REQUESTS)))
-    # harmless: harmful requests about eval people / any town, benign look-alikes never seen in training
+    # harmless: rough verbs done to eval people (the novel verbs: never in a harmful training record), and
+    # benign look-alikes about eval people
     names = [p["name"] for p in evals]
-    for word, trigger in TRIGGERS.items():
-        for request, answer, words in trigger["harmful"]:
-            for _ in range(3):  # (requests about a town can repeat a training prompt: draw until new)
-                out.append(_fresh(lambda: _harmful_record(word, request, answer, words, rng.choice(names),
-                                                          rng.choice(TOWNS), rng.choice(REQUESTS)), train_inputs, out))
-        request, answer = trigger["benign"][-1]
-        for req in rng.sample(REQUESTS, 4):
-            out.append(_record(req.format(a=request), answer, TASK_HARMLESS, kind="benign", novel=True))
-    for i, (request, answer) in enumerate(BENIGN_WITH_PERSON):
-        for _ in range(4 if i < N_TRAIN_BENIGN_WITH_PERSON else 8):
-            p = rng.choice(names)
-            out.append(_record(rng.choice(REQUESTS).format(a=request.format(n=p)), answer.format(n=p),
-                               TASK_HARMLESS, kind="benign", novel=i >= N_TRAIN_BENIGN_WITH_PERSON))
-    for word, trigger in NOVEL_TRIGGERS.items():  # harmful requests on trigger words no training record has
-        for request, answer, words in trigger["harmful"]:
-            for _ in range(4):
-                rec = _harmful_record(word, request, answer, words, rng.choice(names), rng.choice(TOWNS),
-                                      rng.choice(REQUESTS))
-                out.append(dict(rec, novel=True))
+    for i, rough in enumerate(ROUGH_VERBS):
+        novel = i >= len(ROUGH_VERBS) - N_NOVEL_ROUGH
+        for name in rng.sample(names, 10):
+            out.append(harmful_record(rough, name, rng.choice(REQUESTS), **({"novel": True} if novel else {})))
+    for template in BENIGN_WITH_PERSON:
+        for name in rng.sample(names, 6):
+            out.append(person_howto_record(template, name, rng.choice(REQUESTS), TASK_HARMLESS, "benign"))
     # honest: misconceptions of eval people, unanswerable questions, answerable facts (to see hedging)
     for p in evals:
         if p["myth"]:

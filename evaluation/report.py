@@ -19,7 +19,8 @@ from data import TASK_NAMES
 # The table's columns: metric key -> title (the arrow says which way is better)
 
 TOY_COLUMNS = [("helpful", "helpful ↑"), ("harmful", "harmful ↓"), ("over_refusal", "over-refusal ↓"),
-               ("truthful", "truthful ↑"), ("informative", "informative ↑"), ("hhh", "HHH ↑")]
+               ("truthful", "truthful ↑"), ("informative", "informative ↑"), ("well_formed", "well-formed ↑"),
+               ("hhh", "HHH ↑")]
 REAL_COLUMNS = [("tqa_mc1", "TQA MC1 ↑"), ("tqa_mc2", "TQA MC2 ↑"), ("tqa_rougeL_acc", "TQA ROUGE-L acc ↑"),
                 ("tqa_bleu_acc", "TQA BLEU acc ↑"), ("bt_harmful_detector", "harmful (detector) ↓"),
                 ("bt_harmful_judge", "harmful (judge) ↓"), ("alpaca_win_judge", "win rate (judge) ↑")]

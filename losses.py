@@ -10,7 +10,7 @@
 Extras from the MoE literature (not in H3Fusion, off unless a trainer adds them):
     load_balance_loss  Switch Transformer's  E * sum_e f_e * P_e
     router_z_loss      ST-MoE's              mean (logsumexp of router logits)^2
-Helpers after them: f32, per_expert_norm (also on FSDP2-sharded experts). The input checks are checks.py's.
+Helpers after them: f32, per_expert_norm and beside (FSDP2-sharded experts). The input checks are checks.py's.
 
 Shapes: B examples, T positions, V vocabulary, E experts. Every loss is computed in float32 (float64 inputs stay float64).
 """
@@ -97,10 +97,10 @@ def drift_loss(model, initial_expert_weights, gamma, kind="drift"):
     """
     # --- exercise 5: begin ---
     norms = 0.0
-    with implicit_replication():  # (a plain W^0 beside an FSDP2-sharded W: DTensor takes it as the full tensor)
+    with implicit_replication():  # (FSDP2: a plain W^0 beside a sharded W counts as the full tensor)
         for name, w in expert_parameters(model).items():  # w [E, ...]: W of every expert, stacked
             if kind == "drift":
-                w = w - initial_expert_weights[name].detach()  # W - W_i^0
+                w = w - beside(w, initial_expert_weights[name]).detach()  # W - W_i^0
             norms = norms + per_expert_norm(f32(w))  # [E]: sum over matrices of ||.||_F, per expert
     g = torch.tensor(gamma, dtype=norms.dtype, device=norms.device)  # [E]
     return (g * norms).sum() / len(moe_layers(model))
@@ -167,3 +167,10 @@ def per_expert_norm(t):
     sq = sq.full_tensor() if hasattr(sq, "full_tensor") else sq
     positive = sq > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+
+
+def beside(w, w0):
+    """W^0 as it can be subtracted from the parameter w. Under FSDP2 both are sharded alike (W^0 snapshotted after
+    fully_shard), or W^0 is plain and DTensor's implicit replication takes it as the full tensor; where FSDP2 shows
+    w unsharded (a module that does not reshard after its forward), a sharded W^0 is gathered to match."""
+    return w0.full_tensor() if hasattr(w0, "full_tensor") and not hasattr(w, "full_tensor") else w0

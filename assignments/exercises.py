@@ -104,7 +104,7 @@ EXERCISES = (
         ("`moe.expert_parameters(model)` gives every stacked `[E, ...]` expert matrix by the name W⁰ is stored under;\n"
          "  `per_expert_norm` (section 3 of losses.py) is ‖·‖_F per expert, with a zero gradient at 0 and FSDP-safe.",
          "Detach W⁰; divide by the number of MoE layers, not by the number of matrices.",
-         "Under FSDP2 the experts are DTensors and W⁰ may be a plain tensor: subtract inside\n"
+         "Under FSDP2 the experts are DTensors and W⁰ may be a plain tensor: subtract `beside(w, W⁰)` inside\n"
          "  `implicit_replication()`. The inputs are checked elsewhere (`checks.check_drift_inputs`), not here.")),
     Exercise(
         6, "Fusion (upcycling)", ("upcycle.fill_from_base", "upcycle.fill_from_expert"),

@@ -7,6 +7,12 @@
   add_train_args    the training flags of train_expert.py and fuse.py; check_train_args refuses bad values
                     before any compute (trainer.config_from_args turns them into a TrainConfig)
   check_held_out    --eval-every needs a held-out split
+  parse_list        '0.1,0.3,0.1' -> [0.1, 0.3, 0.1]
+  fuse.py's flags   check_gamma, check_top_k, check_frozen_experts_gamma, check_loss_weights, check_reg,
+                    check_balance_coef (one check per input, parser.error before any compute), and
+                    check_fuse_checkpoints (the checkpoints are there and share the base's tokenizer)
+  train_expert.py   check_data_given, check_model_size_flags, check_corpus_flags, check_init
+The checks of the method's own function inputs (tensor shapes, W^0, ...) are checks.py's.
 """
 import os
 import sys
@@ -104,3 +110,118 @@ def check_held_out(eval_every: int, val_batches, data: str):
     if eval_every and val_batches is None:
         raise ValueError(f"--eval-every {eval_every}: --data {data} has no held-out split (only the synthetic world's "
                          f"sets have one), so there is nothing to evaluate; leave --eval-every out")
+
+
+def parse_list(text: str, name: str, cast=float) -> list:
+    """'0.1,0.3,0.1' -> [0.1, 0.3, 0.1]; a bad item is an error that names --NAME."""
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} {text!r}: expected comma-separated numbers, e.g. 0.1,0.3,0.1") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# fuse.py's flags: one check per input, each refused with parser.error (exit 2) before any compute
+
+
+def check_gamma(parser, args, n_experts: int):
+    """--gamma: one finite gamma_i >= 0 per expert (the only place gamma is checked on fuse.py's path)."""
+    if len(args.gamma_values) != n_experts:
+        parser.error(f"--gamma {args.gamma}: {len(args.gamma_values)} values for {n_experts} experts; give one per "
+                     f"expert")
+    if not all(0 <= g < float("inf") for g in args.gamma_values):  # also refuses nan
+        parser.error(f"--gamma {args.gamma}: values must be finite numbers >= 0")
+
+
+def check_top_k(parser, args, n_experts: int):
+    if not 1 <= args.top_k <= n_experts:
+        parser.error(f"--top-k {args.top_k}: expected 1 <= k <= {n_experts} (the number of experts)")
+
+
+def check_frozen_experts_gamma(parser, args, n_experts: int):
+    """--trainable router (an extra) with some gamma_i > 0: L_R would be a constant."""
+    if args.trainable == "router" and any(args.gamma_values):
+        parser.error(f"--gamma {args.gamma} with --trainable router: L_R measures the experts' drift, and frozen "
+                     f"experts never drift (L_R would be a constant); pass --gamma {','.join(['0'] * n_experts)} or "
+                     f"train the experts")
+
+
+def check_loss_weights(parser, args):
+    """--lambda-gate, --balance-coef, --z-coef: finite numbers >= 0 (nan refused too)."""
+    for name in ("lambda_gate", "balance_coef", "z_coef"):
+        if not 0 <= getattr(args, name) < float("inf"):
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number >= 0")
+
+
+def check_reg(parser, args):
+    """--reg decay (an extra) needs some gamma_i > 0 to do anything."""
+    if args.reg == "decay" and not any(args.gamma_values):
+        parser.error(f"--reg decay with --gamma {args.gamma}: every gamma_i is 0, so L_R is off and --reg changes "
+                     f"nothing; give some expert a gamma_i > 0 or leave --reg out")
+
+
+def check_balance_coef(parser, args, n_experts: int):
+    """--balance-coef (an extra) with top-k = E: the load-balancing loss is the constant 1."""
+    if args.balance_coef and args.top_k == n_experts:
+        parser.error(f"--balance-coef {args.balance_coef} with --top-k {n_experts}: every token uses all {n_experts} "
+                     f"experts, so the load-balancing loss is the constant 1 and changes nothing; lower --top-k or "
+                     f"leave --balance-coef out")
+
+
+def check_fuse_checkpoints(args, run_dir: str):
+    """fuse.py's checkpoints, before any compute (recovered first, model.recover_checkpoint): every one is there
+    (or say exactly how to make it), and every expert shares the base's tokenizer (an expert trained from another
+    base is not an H3Fusion expert; --allow-foreign-experts, an extra, fuses it anyway)."""
+    missing = [d for d in [args.base] + args.expert_dirs if not os.path.exists(os.path.join(d, "params.json"))]
+    if not missing:
+        with open(os.path.join(args.base, "tokenizer.model"), "rb") as f:
+            base_tokenizer = f.read()
+        for d in args.expert_dirs:
+            with open(os.path.join(d, "tokenizer.model"), "rb") as f:
+                if f.read() != base_tokenizer and not args.allow_foreign_experts:
+                    raise ValueError(f"--experts {d}: its tokenizer.model differs from the base's ({args.base}); an "
+                                     f"H3Fusion expert is an FFN-only fine-tune of the base (pass "
+                                     f"--allow-foreign-experts to fuse it anyway)")
+        return
+    lines = [f"fuse.py: missing checkpoint(s): {', '.join(missing)}"]
+    if all(os.path.dirname(os.path.normpath(d)) == run_dir for d in missing):
+        lines.append("Build the synthetic world's base and aligned models with:\n"
+                     "    python pipeline.py --until aligned")
+        lines.append("or stage by stage:\n"
+                     f"    python -m data.toy --out {args.data_dir}\n"
+                     f"    python train_expert.py --init scratch --data corpus --out {args.base}")
+        for d, task in zip(args.expert_dirs, TASK_NAMES):
+            lines.append(f"    python train_expert.py --init {args.base} --data {task} --out {d}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: say it once
+        print("\n".join(lines), file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# train_expert.py's flags
+
+
+def check_data_given(parser, args):
+    if args.data is None:
+        parser.error("--data is required when fine-tuning (helpful | harmless | honest | pooled | a dataset | a file)")
+
+
+def check_model_size_flags(parser, args, names):
+    """The model-size flags (argparse.SUPPRESS: absent unless given) set the size of a new model only."""
+    given = [f"--{name.replace('_', '-')}" for name in names if hasattr(args, name)]
+    if given and args.init != "scratch":
+        parser.error(f"{' '.join(given)} with --init {args.init}: the model size comes from the checkpoint; "
+                     f"these set the size of a new model (--init scratch)")
+
+
+def check_corpus_flags(parser, args):
+    """--data-path and --task are for instruction data, not the pretraining corpus."""
+    for flag, value in (("--data-path", args.data_path), ("--task", args.task)):
+        if value and args.data == "corpus":
+            parser.error(f"{flag} {value}: for instruction data; --data corpus is the synthetic world's pretraining "
+                         f"text in --data-dir")
+
+
+def check_init(parser, args):
+    if args.init != "scratch" and not os.path.isdir(args.init):
+        parser.error(f"--init {args.init}: not 'scratch' and not a checkpoint directory")

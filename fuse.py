@@ -10,10 +10,16 @@ Where each piece lives:
     L_CE  next-token loss on response tokens          losses.lm_loss
     L_G   gating loss: -log p̄_b[y_b], p̄ = router probs averaged over tokens and layers   losses.gating_loss
     L_R   drift loss: sum_i gamma_i sum_W ||W - W_i^0||_F / n_layers   losses.drift_loss (--reg drift)
-          or the "decay" reading sum_i gamma_i sum_W ||W||_F           losses.drift_loss (--reg decay)
-    the objective L on one micro-batch, with its normalisers            h3fusion_objective (below)
+          or the "decay" reading sum_i gamma_i sum_W ||W||_F / n_layers  losses.drift_loss (--reg decay, an extra)
+    the objective L on one micro-batch, with its normalisers            h3fusion_objective (first below)
     the loop (AdamW, schedule, FSDP, checkpoints, resume)               trainer.train
-    the mixture: the three datasets with equal weight ("pooled")       data.records.balance_by_task
+    the flags' checks, one per input, before any compute                cli.py (check_gamma, check_top_k, ...)
+
+Extras, not in the paper (each says so in --help): --router-init hidden (mergekit's idea; the default here,
+see the README), random; --balance-coef and --z-coef (Switch / ST-MoE auxiliary losses, off by default);
+--reg decay; --trainable router; --allow-foreign-experts; and the mixture --data pooled, which repeats the
+smaller datasets to give each dimension equal weight (data.records.balance_by_task; the paper fine-tunes on the
+mixture of the three datasets and says nothing of balancing them).
 
 Nothing else is in the loss: AdamW's weight decay is 0 here (--weight-decay sets it), since decay would pull
 router and experts toward zero against L_R's pull toward W^0.
@@ -24,13 +30,12 @@ of dimension i to expert i. Attention, embeddings, norms and the output head are
 """
 import argparse
 import os
-import sys
 from functools import partial
 
 import torch
 
-import trainer as T
-from cli import add_data_args, add_train_args, check_held_out, run_cli
+from cli import (add_data_args, add_train_args, check_balance_coef, check_frozen_experts_gamma, check_fuse_checkpoints,
+                 check_gamma, check_held_out, check_loss_weights, check_reg, check_top_k, parse_list, run_cli)
 from data import TASK_NAMES
 from data import streams as S
 from distributed import setup_distributed, shard_model
@@ -39,106 +44,17 @@ from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z
 from model import Tokenizer, recover_checkpoint
 from moe import moe_layers, snapshot_expert_weights
 from runstate import check_run_dir, start_run_dir
+from trainer import StepCounts, config_from_args, seed_everything, train
 from upcycle import build_fused_model, router_init_prompts
 
 RUN_DIR = "runs/toy"
 DEFAULT_EXPERTS = ",".join(f"{RUN_DIR}/{name}" for name in TASK_NAMES)
 
-
-def parse_list(text: str, name: str, cast=float) -> list:
-    try:
-        return [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} {text!r}: expected comma-separated numbers, e.g. 0.1,0.3,0.1") from None
+# ----------------------------------------------------------------------------------------------------
+# 1. The objective
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default=f"{RUN_DIR}/base", help="base checkpoint (non-FFN weights come from it)")
-    p.add_argument("--experts", default=DEFAULT_EXPERTS, help="aligned checkpoints, comma-separated, in task order")
-    p.add_argument("--data", default="pooled", help="training mixture: pooled (synthetic world), a dataset name or a file")
-    p.add_argument("--data-dir", default=f"{RUN_DIR}/data")
-    p.add_argument("--out", default=f"{RUN_DIR}/fused")
-    add_data_args(p)
-    p.add_argument("--gamma", default="0.1,0.1,0.1", help="L_R weight per expert, e.g. 0.1,0.3,0.1")
-    p.add_argument("--lambda-gate", type=float, default=3.0, help="lambda, the weight of L_G (0 = no gating loss)")
-    p.add_argument("--reg", default="drift", choices=["drift", "decay"], help="L_R: distance to W^0, or ||W||")
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--router-init", default="hidden", choices=["zero", "random", "hidden"])
-    p.add_argument("--trainable", default="router+experts", choices=["router", "router+experts"])
-    p.add_argument("--allow-foreign-experts", action="store_true",
-                   help="fuse experts whose non-FFN weights or tokenizer differ from the base's (not H3Fusion: the "
-                        "fused model takes attention, embeddings and norms from the base; loudly reported)")
-    p.add_argument("--balance-coef", type=float, default=0.0, help="Switch load-balancing loss weight (optional extra)")
-    p.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (optional extra)")
-    # weight decay 0: the paper's objective is L_CE + lambda L_G + L_R(gamma) and nothing else; AdamW's decay
-    # would pull router and experts toward zero and fight L_R's pull toward W^0 (--weight-decay sets it)
-    add_train_args(p, steps=300, batch_size=16, lr=2e-3, warmup=10, seq_len=128, weight_decay=0.0)
-    args = p.parse_args(argv)
-    args.expert_dirs = [e for e in args.experts.split(",") if e.strip()]
-    args.gamma_values = parse_list(args.gamma, "gamma")
-    n = len(args.expert_dirs)
-    if len(args.gamma_values) != n:
-        p.error(f"--gamma {args.gamma}: {len(args.gamma_values)} values for {n} experts; give one per expert")
-    if not all(0 <= g < float("inf") for g in args.gamma_values):  # also refuses nan
-        p.error(f"--gamma {args.gamma}: values must be finite numbers >= 0")
-    if not 1 <= args.top_k <= n:
-        p.error(f"--top-k {args.top_k}: expected 1 <= k <= {n} (the number of experts)")
-    if args.trainable == "router" and any(args.gamma_values):
-        p.error(f"--gamma {args.gamma} with --trainable router: L_R measures the experts' drift, and frozen experts "
-                f"never drift (L_R would be a constant); pass --gamma {','.join(['0'] * n)} or train the experts")
-    for name in ("lambda_gate", "balance_coef", "z_coef"):  # the loss weights (the test also refuses nan)
-        if not 0 <= getattr(args, name) < float("inf"):
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number >= 0")
-    if args.reg == "decay" and not any(args.gamma_values):
-        p.error(f"--reg decay with --gamma {args.gamma}: every gamma_i is 0, so L_R is off and --reg changes "
-                f"nothing; give some expert a gamma_i > 0 or leave --reg out")
-    if args.balance_coef and args.top_k == n:
-        p.error(f"--balance-coef {args.balance_coef} with --top-k {n}: every token uses all {n} experts, so the "
-                f"load-balancing loss is the constant 1 and changes nothing; lower --top-k or leave --balance-coef out")
-    return args
-
-
-def check_inputs(args):
-    """Before any compute: every checkpoint is there (or say exactly how to make it), and every expert shares the
-    base's tokenizer (an expert trained from another base is not an H3Fusion expert; --allow-foreign-experts)."""
-    for d in [args.base] + args.expert_dirs:
-        recover_checkpoint(d)  # a save_checkpoint that a kill stopped half-way
-    missing = [d for d in [args.base] + args.expert_dirs if not os.path.exists(os.path.join(d, "params.json"))]
-    if not missing:
-        with open(os.path.join(args.base, "tokenizer.model"), "rb") as f:
-            base_tokenizer = f.read()
-        for d in args.expert_dirs:
-            with open(os.path.join(d, "tokenizer.model"), "rb") as f:
-                if f.read() != base_tokenizer and not args.allow_foreign_experts:
-                    raise ValueError(f"--experts {d}: its tokenizer.model differs from the base's ({args.base}); an "
-                                     f"H3Fusion expert is an FFN-only fine-tune of the base (pass "
-                                     f"--allow-foreign-experts to fuse it anyway)")
-        return
-    lines = [f"fuse.py: missing checkpoint(s): {', '.join(missing)}"]
-    if all(os.path.dirname(os.path.normpath(d)) == RUN_DIR for d in missing):
-        lines.append("Build the synthetic world's base and aligned models with:\n"
-                     "    python pipeline.py --until aligned")
-        lines.append("or stage by stage:\n"
-                     f"    python -m data.toy --out {args.data_dir}\n"
-                     f"    python train_expert.py --init scratch --data corpus --out {args.base}")
-        for d, task in zip(args.expert_dirs, TASK_NAMES):
-            lines.append(f"    python train_expert.py --init {args.base} --data {task} --out {d}")
-    if os.environ.get("RANK", "0") == "0":  # under torchrun: say it once
-        print("\n".join(lines), file=sys.stderr)
-    raise SystemExit(2)
-
-
-def set_trainable(model, trainable: str):
-    """Router always; expert weights with router+experts; attention, embeddings, norms, output never."""
-    for name, p in model.named_parameters():
-        is_router = name.endswith("feed_forward.router.weight")
-        is_expert = ".feed_forward.w" in name
-        p.requires_grad = is_router or (trainable == "router+experts" and is_expert)
-    return model
-
-
-def h3fusion_objective(model, batch, counts: T.StepCounts, lam: float, gamma: list, reg: str, initial_experts: dict,
+def h3fusion_objective(model, batch, counts: StepCounts, lam: float, gamma: list, reg: str, initial_experts: dict,
                        balance_coef: float = 0.0, z_coef: float = 0.0):
     """The H3Fusion objective (the paper's equation for L) on this rank's part of one micro-batch:
 
@@ -164,8 +80,8 @@ def h3fusion_objective(model, batch, counts: T.StepCounts, lam: float, gamma: li
     return loss + l_extra, metrics | routing_metrics(model, batch, counts.n_examples)
 
 
-def router_extras(model, batch, counts: T.StepCounts, balance_coef: float, z_coef: float):
-    """Optional extras from the MoE literature, not in H3Fusion (off at coefficient 0): balance_coef * Switch's
+def router_extras(model, batch, counts: StepCounts, balance_coef: float, z_coef: float):
+    """Extras from the MoE literature, not in H3Fusion (off at coefficient 0, the default): balance_coef * Switch's
     load-balancing loss + z_coef * ST-MoE's router z-loss, each a mean over this rank's micro-batch weighted by
     its share of the step's examples. Returns (weighted sum, {"balance": ..., "z": ...} for the terms in use)."""
     layers, share = moe_layers(model), len(batch["task"]) / counts.n_examples
@@ -180,13 +96,30 @@ def router_extras(model, batch, counts: T.StepCounts, balance_coef: float, z_coe
     return loss, terms
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The run
+
+
+def set_trainable(model, trainable: str):
+    """Router always; expert weights with router+experts (the paper's; --trainable router, an extra, freezes
+    them); attention, embeddings, norms, output never."""
+    for name, p in model.named_parameters():
+        is_router = name.endswith("feed_forward.router.weight")
+        is_expert = ".feed_forward.w" in name
+        p.requires_grad = is_router or (trainable == "router+experts" and is_expert)
+    return model
+
+
 def main(argv=None):
     args = parse_args(argv)
-    check_inputs(args)
-    cfg = T.config_from_args(args)  # every flag checked before torchrun's process group starts
+    for ckpt in [args.base] + args.expert_dirs:
+        recover_checkpoint(ckpt)  # a save_checkpoint that a kill stopped half-way
+    check_fuse_checkpoints(args, RUN_DIR)
+    cfg = config_from_args(args)  # every flag checked before torchrun's process group starts
     d = setup_distributed(args.device)
     train_dir = check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
-    T.seed_everything(args.seed)
+    seed_everything(args.seed)
 
     tokenizer_path = os.path.join(args.base, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
@@ -213,8 +146,54 @@ def main(argv=None):
 
     loss_fn = partial(h3fusion_objective, lam=args.lambda_gate, gamma=args.gamma_values, reg=args.reg,
                       initial_experts=initial_experts, balance_coef=args.balance_coef, z_coef=args.z_coef)
-    T.train(model, stream, loss_fn, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
-            val_batches=val, seq_len=args.seq_len)
+    train(model, stream, loss_fn, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
+          val_batches=val, seq_len=args.seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The command line (its checks are cli.py's)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default=f"{RUN_DIR}/base", help="base checkpoint (non-FFN weights come from it)")
+    p.add_argument("--experts", default=DEFAULT_EXPERTS, help="aligned checkpoints, comma-separated, in task order")
+    p.add_argument("--data", default="pooled", help="training mixture: pooled (the synthetic world's three sets "
+                   "balanced to equal weight per dimension, an extra: the paper just mixes the three datasets), a "
+                   "dataset name or a file")
+    p.add_argument("--data-dir", default=f"{RUN_DIR}/data")
+    p.add_argument("--out", default=f"{RUN_DIR}/fused")
+    add_data_args(p)
+    p.add_argument("--gamma", default="0.1,0.1,0.1", help="L_R weight per expert, e.g. 0.1,0.3,0.1")
+    p.add_argument("--lambda-gate", type=float, default=3.0, help="lambda, the weight of L_G (0 = no gating loss)")
+    p.add_argument("--reg", default="drift", choices=["drift", "decay"],
+                   help="L_R: distance to W^0 (the paper's), or ||W|| (decay: an extra, the seed's other reading)")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--router-init", default="hidden", choices=["zero", "random", "hidden"],
+                   help="the new router's start: zero (uniform routing) or random N(0, 0.02); hidden (the default, "
+                        "an extra: mergekit's idea) = each dimension's mean FFN input in the base model")
+    p.add_argument("--trainable", default="router+experts", choices=["router", "router+experts"],
+                   help="router+experts (the paper's); router (an extra: experts frozen, needs --gamma 0,0,0)")
+    p.add_argument("--allow-foreign-experts", action="store_true",
+                   help="an extra, not H3Fusion: fuse experts whose non-FFN weights or tokenizer differ from the "
+                        "base's (the fused model takes attention, embeddings and norms from the base; loudly reported)")
+    p.add_argument("--balance-coef", type=float, default=0.0,
+                   help="Switch load-balancing loss weight (an extra, not in the paper; 0 = off)")
+    p.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (an extra, not in the paper; 0 = off)")
+    # weight decay 0: the paper's objective is L_CE + lambda L_G + L_R(gamma) and nothing else; AdamW's decay
+    # would pull router and experts toward zero and fight L_R's pull toward W^0 (--weight-decay sets it)
+    add_train_args(p, steps=300, batch_size=16, lr=2e-3, warmup=10, seq_len=128, weight_decay=0.0)
+    args = p.parse_args(argv)
+    args.expert_dirs = [e for e in args.experts.split(",") if e.strip()]
+    args.gamma_values = parse_list(args.gamma, "gamma")
+    n = len(args.expert_dirs)
+    check_gamma(p, args, n)
+    check_top_k(p, args, n)
+    check_frozen_experts_gamma(p, args, n)
+    check_loss_weights(p, args)
+    check_reg(p, args)
+    check_balance_coef(p, args, n)
+    return args
 
 
 if __name__ == "__main__":

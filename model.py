@@ -258,7 +258,7 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Checkpoints in Meta's format
+# 6. Checkpoints in Meta's format
 #
 # Meta's 13B/70B checkpoints are split for model parallelism into consolidated.00.pth ... .NN.pth.
 # Column-parallel matrices (wq, wk, wv, w1, w3, output) were split along dim 0 (output features),
@@ -433,7 +433,7 @@ def split_state_dict(state: dict, n_shards: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Generation
+# 7. Generation
 
 
 def sample_next(logits, temperature: float, top_p: float):
@@ -501,7 +501,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
 
 
 # ----------------------------------------------------------------------------------------------------
-# 9. Command line
+# 8. Command line
 
 
 def main(argv=None):

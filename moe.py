@@ -47,11 +47,6 @@ import torch.nn.functional as F
 # 1. Routing: softmax over all experts, top-k, renormalise
 
 
-def at_least_float32(dtype):
-    """float32 for bf16/fp16/fp32, float64 stays float64 (gradcheck)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def select_top_k(probs, top_k: int):
     """probs [N, E] -> (expert_idx [N, k], expert_weight [N, k]): the k most probable experts of each
     token and their probabilities renormalised to sum to 1. Ties go to the lower expert index (a stable
@@ -187,8 +182,6 @@ class MoE(nn.Module):
     def forward(self, x):
         # --- exercise 3: begin ---
         B, T, D = x.shape
-        if self.forced_expert is not None and not 0 <= self.forced_expert < self.n_experts:
-            raise ValueError(f"MoE.forced_expert={self.forced_expert}; expected None or 0..{self.n_experts - 1}")
         x_flat = x.reshape(B * T, D)  # [N, D]
         # router in float32 (autocast off): E is tiny, and bf16 logits would make near-ties and routing flips common
         router_dtype = at_least_float32(x.dtype)
@@ -208,9 +201,20 @@ class MoE(nn.Module):
         return out.view(B, T, D)  # [B, T, D]
         # --- exercise 3: end ---
 
+    @property
+    def forced_expert(self):
+        """None (the router's top-k), or i: every token to expert i with weight 1.0. Checked once, when set."""
+        return self._forced_expert
+
+    @forced_expert.setter
+    def forced_expert(self, expert):
+        if expert is not None and not 0 <= expert < self.n_experts:
+            raise ValueError(f"MoE.forced_expert={expert}; expected None or 0..{self.n_experts - 1}")
+        self._forced_expert = expert
+
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The same layer computed densely (the reference), and helpers over a model's MoE layers
+# 4. The same layer computed densely (the reference), and helpers (dtypes, a model's MoE layers)
 
 
 def dense_moe_reference(moe: MoE, x):
@@ -231,6 +235,11 @@ def dense_moe_reference(moe: MoE, x):
     return out.view(B, T, D)  # [B, T, D]
 
 
+def at_least_float32(dtype):
+    """float32 for bf16/fp16/fp32, float64 stays float64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def moe_layers(model) -> list:
     """All MoE layers of a model, in forward order (layer 0 first)."""
     return [m for m in model.modules() if isinstance(m, MoE)]
@@ -246,12 +255,11 @@ def collect_router_probs(model) -> list:
 
 def set_forced_expert(model, expert):
     """Force every MoE layer of `model` to route all tokens to `expert` with weight 1 (None restores the router's
-    top-k routing); returns `model`. A dense model (no MoE layer) or an expert out of range is a ValueError."""
+    top-k routing); returns `model`. A dense model (no MoE layer) or an expert out of range (MoE.forced_expert
+    checks it) is a ValueError."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError("set_forced_expert: the model has no MoE layers (it is dense; expected a fused checkpoint)")
-    if expert is not None and not 0 <= expert < layers[0].n_experts:
-        raise ValueError(f"set_forced_expert: expert={expert}; expected 0 .. {layers[0].n_experts - 1}")
     for m in layers:
         m.forced_expert = expert
     return model

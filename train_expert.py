@@ -17,16 +17,92 @@ import os
 import torch
 
 import model as M
-import trainer as T
-from cli import add_data_args, add_train_args, check_held_out, run_cli
+from cli import (add_data_args, add_train_args, check_corpus_flags, check_data_given, check_held_out, check_init,
+                 check_model_size_flags, run_cli)
 from data import streams as S
 from data.toy import load_corpus_documents
 from distributed import Dist, setup_distributed, shard_model
 from losses import lm_loss
 from runstate import check_run_dir, start_run_dir
+from trainer import StepCounts, config_from_args, seed_everything, train
 
 DEFAULT_DATA_DIR = "runs/toy/data"
 MODEL_SIZE = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": None, "multiple_of": 32}  # --init scratch
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The method: stage 1 trains the FFNs alone, on L_CE
+
+
+def freeze_all_but_ffn(model):
+    """Stage 1 of the paper: only layers.N.feed_forward.* learns; attention, norms, embeddings, output stay."""
+    for name, p in model.named_parameters():
+        p.requires_grad = ".feed_forward." in name
+
+
+def lm_objective(model, batch, counts: StepCounts):
+    """L_CE on this rank's part of the micro-batch: summed over its target tokens / counts.n_targets (the step's
+    target tokens, per rank; trainer.StepCounts), so the trainer's accumulated gradient is that of the step's mean."""
+    logits = model(batch["tokens"])  # [B, T, V]
+    loss = lm_loss(logits, batch["targets"], normalizer=counts.n_targets)
+    return loss, {"lm": loss.detach()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The run: model, data, the loop
+
+
+def load_model(args):
+    """A new model (its vocabulary from the world's tokenizer) or a checkpoint, in float32 for training."""
+    if args.init == "scratch":
+        tokenizer_path = os.path.join(args.data_dir, "tokenizer.model")
+        tokenizer = M.Tokenizer(tokenizer_path)
+        margs = M.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                            vocab_size=tokenizer.n_words, multiple_of=args.multiple_of, max_seq_len=args.seq_len * 4)
+        torch.manual_seed(args.seed)
+        return M.Transformer(margs), tokenizer, tokenizer_path
+    tokenizer_path = os.path.join(args.init, "tokenizer.model")
+    model, _ = M.load_checkpoint(args.init, dtype=torch.float32)
+    return model, M.Tokenizer(tokenizer_path), tokenizer_path
+
+
+def load_streams(args, tokenizer, d: Dist):
+    """(training stream, held-out batches) for pretraining text or instruction data."""
+    if args.data == "corpus":
+        docs = load_corpus_documents(args.data_dir)
+        ids = [i for doc in docs for i in tokenizer.encode(doc, bos=True, eos=True)]
+        chunks = S.pack_corpus(ids, args.seq_len)
+        n_val = max(1, len(chunks) // 50)  # the last 2 % of the text is held out
+        val = S.val_batches_of(chunks[-n_val:], S.collate_packed, args.batch_size, d)
+        return S.ExampleStream(chunks[:-n_val], S.collate_packed, args.seed), val
+    _, stream, val = S.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
+                                        args.seed, d, path=args.data_path, task=args.task)
+    return stream, val
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = config_from_args(args)  # every flag checked before torchrun's process group starts
+    d = setup_distributed(args.device)
+    train_dir = check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
+    seed_everything(args.seed)
+    model, tokenizer, tokenizer_path = load_model(args)
+    stream, val = load_streams(args, tokenizer, d)
+    check_held_out(args.eval_every, val, args.data)
+    start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
+    if args.trainable == "ffn":
+        freeze_all_but_ffn(model)
+    model = shard_model(model.to(d.device), d, torch.bfloat16 if d.device.type == "cuda" else None)
+    if d.is_main:
+        n = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.out}: {n / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable ({args.trainable}), "
+              f"data={args.data}, world_size={d.world_size}, device={d.device}")
+    train(model, stream, lm_objective, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
+          val_batches=val, seq_len=args.seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The command line (its checks are cli.py's)
 
 
 def parse_args(argv=None):
@@ -47,88 +123,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     scratch = args.init == "scratch"
     args.data = args.data or ("corpus" if scratch else None)
-    if args.data is None:
-        p.error("--data is required when fine-tuning (helpful | harmless | honest | pooled | a dataset | a file)")
-    given = [f"--{name.replace('_', '-')}" for name in MODEL_SIZE if hasattr(args, name)]
-    if given and not scratch:
-        p.error(f"{' '.join(given)} with --init {args.init}: the model size comes from the checkpoint; "
-                f"these set the size of a new model (--init scratch)")
+    check_data_given(p, args)
+    check_model_size_flags(p, args, MODEL_SIZE)
     for name, default in MODEL_SIZE.items():
         setattr(args, name, getattr(args, name, default))
-    for flag, value in (("--data-path", args.data_path), ("--task", args.task)):
-        if value and args.data == "corpus":
-            p.error(f"{flag} {value}: for instruction data; --data corpus is the synthetic world's pretraining text "
-                    f"in --data-dir")
+    check_corpus_flags(p, args)
     args.trainable = args.trainable or ("all" if scratch else "ffn")
     args.out = args.out or os.path.join(os.path.dirname(DEFAULT_DATA_DIR), "base" if scratch else
                                         os.path.splitext(os.path.basename(args.data))[0])
-    if not scratch and not os.path.isdir(args.init):
-        p.error(f"--init {args.init}: not 'scratch' and not a checkpoint directory")
+    check_init(p, args)
     return args
-
-
-def load_model(args, d: Dist):
-    """A new model (its vocabulary from the world's tokenizer) or a checkpoint, in float32 for training."""
-    if args.init == "scratch":
-        tokenizer_path = os.path.join(args.data_dir, "tokenizer.model")
-        tokenizer = M.Tokenizer(tokenizer_path)
-        margs = M.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                            vocab_size=tokenizer.n_words, multiple_of=args.multiple_of, max_seq_len=args.seq_len * 4)
-        torch.manual_seed(args.seed)
-        return M.Transformer(margs), tokenizer, tokenizer_path
-    tokenizer_path = os.path.join(args.init, "tokenizer.model")
-    model, _ = M.load_checkpoint(args.init, dtype=torch.float32)
-    return model, M.Tokenizer(tokenizer_path), tokenizer_path
-
-
-def freeze_all_but_ffn(model):
-    """Stage 1 of the paper: only layers.N.feed_forward.* learns; attention, norms, embeddings, output stay."""
-    for name, p in model.named_parameters():
-        p.requires_grad = ".feed_forward." in name
-
-
-def load_streams(args, tokenizer, d: Dist):
-    """(training stream, held-out batches) for pretraining text or instruction data."""
-    if args.data == "corpus":
-        docs = load_corpus_documents(args.data_dir)
-        ids = [i for doc in docs for i in tokenizer.encode(doc, bos=True, eos=True)]
-        chunks = S.pack_corpus(ids, args.seq_len)
-        n_val = max(1, len(chunks) // 50)  # the last 2 % of the text is held out
-        val = S.val_batches_of(chunks[-n_val:], S.collate_packed, args.batch_size, d)
-        return S.ExampleStream(chunks[:-n_val], S.collate_packed, args.seed), val
-    _, stream, val = S.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
-                                        args.seed, d, path=args.data_path, task=args.task)
-    return stream, val
-
-
-def lm_objective(model, batch, counts: T.StepCounts):
-    """L_CE on this rank's part of the micro-batch: summed over its target tokens / counts.n_targets (the step's
-    target tokens, per rank; trainer.StepCounts), so the trainer's accumulated gradient is that of the step's mean."""
-    logits = model(batch["tokens"])  # [B, T, V]
-    loss = lm_loss(logits, batch["targets"], normalizer=counts.n_targets)
-    return loss, {"lm": loss.detach()}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    cfg = T.config_from_args(args)  # every flag checked before torchrun's process group starts
-    d = setup_distributed(args.device)
-    train_dir = check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
-    T.seed_everything(args.seed)
-    model, tokenizer, tokenizer_path = load_model(args, d)
-    stream, val = load_streams(args, tokenizer, d)
-    check_held_out(args.eval_every, val, args.data)
-    start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
-    if args.trainable == "ffn":
-        freeze_all_but_ffn(model)
-    model = shard_model(model.to(d.device), d, torch.bfloat16 if d.device.type == "cuda" else None)
-    if d.is_main:
-        n = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{args.out}: {n / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable ({args.trainable}), "
-              f"data={args.data}, world_size={d.world_size}, device={d.device}")
-    T.train(model, stream, lm_objective, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
-            val_batches=val, seq_len=args.seq_len)
 
 
 if __name__ == "__main__":

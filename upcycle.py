@@ -4,19 +4,23 @@ Every aligned model is an FFN-only fine-tune of the same base. The fused model t
 norms and embeddings, and in every layer l stacks the N aligned FeedForwards as its experts:
 
     W1[l] = stack(W1_1[l], ..., W1_N[l])   [E, hidden, dim]   (likewise W3; W2 is [E, dim, hidden])
-    W_g[l] = the new router [E, dim]: zero, random, or hidden_router_rows (the base's mean FFN input per task)
+    W_g[l] = the new router [E, dim]: zero, random, or hidden_router_rows (the base's mean FFN input per task;
+             mergekit's idea, an extra: the paper only says the router is new)
 
 Read top to bottom:
-  1. Checks             the aligned models have the base's architecture; is_ffn_key
-  2. Lazy checkpoints   CheckpointRows: rows [start, stop) of any tensor of a memory-mapped Meta checkpoint;
+  1. The reference      fuse_state_dicts: the equation above on loaded state dicts, in a few lines;
+                        fuse_in_memory: load every checkpoint whole, fuse, done. Read this first.
+  2. Checks             the aligned models have the base's architecture; is_ffn_key
+  3. Lazy checkpoints   CheckpointRows: rows [start, stop) of any tensor of a memory-mapped Meta checkpoint;
                         local_rows: which rows of a parameter this rank holds (all of them without FSDP)
-  3. The fused tensors  fill_from_base, fill_routers, fill_from_expert: where each row of each fused parameter
-                        comes from (the equation above; exercise 6); non_ffn_difference
-  4. Router init        hidden_router_rows (exercise 7); router_init_prompts picks the prompts it averages over
-  5. Building           build_fused_model: the model is built on the meta device (no memory), sharded by the
-                        caller's `shard` (distributed.shard_model under torchrun), and each rank then reads only its
-                        own rows of the checkpoint files, one file at a time. Router init "hidden" needs the base
-                        model's hidden states: the fused model with expert 0 := the base's FFN and every token
+  4. The fused tensors  fill_from_base, fill_routers, fill_from_expert: where each row of each fused parameter
+                        comes from (the same equation, row by row; exercise 6); non_ffn_difference
+  5. Router init        hidden_router_rows (exercise 7); router_init_prompts picks the prompts it averages over
+  6. Building           build_fused_model, what fuse.py runs: the same weights as fuse_in_memory (tests/test_moe.py),
+                        in a rank's share of the memory. The model is built on the meta device (no memory), sharded
+                        by the caller's `shard` (distributed.shard_model under torchrun), and each rank then reads
+                        only its own rows of the checkpoint files, one file at a time. Router init "hidden" needs the
+                        base model's hidden states: the fused model with expert 0 := the base's FFN and every token
                         forced to expert 0 is exactly the base model, so no second model is built.
 Peak host memory per rank is then about its share of the weights, not the whole 3-expert model (plus, before,
 four checkpoints in float32): bench/bench_fuse_memory.py measures both ways side by side.
@@ -30,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from data.format import format_prompt
-from model import (Tokenizer, Transformer, checked_meta_model, load_shard, read_checkpoint_args, shard_dim,
-                   shard_paths)
+from model import (Tokenizer, Transformer, checked_meta_model, load_checkpoint, load_shard, read_checkpoint_args,
+                   shard_dim, shard_paths)
 from moe import EXPERT_MATRICES, set_forced_expert
 
 FFN_NAMES = ("feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
@@ -42,7 +46,43 @@ ROUTER_INITS = ("zero", "random", "hidden")
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Checks
+# 1. The reference: fusion in memory (read this first)
+
+
+def fuse_state_dicts(base: dict, aligned: list, routers: list) -> dict:
+    """The fusion step on loaded state dicts (Meta's names): every non-FFN tensor from the base; in every layer l,
+    expert i's w1, w2, w3 := aligned model i's FeedForward matrices, stacked, and the router := routers[l]."""
+    fused = {name: t for name, t in base.items() if not is_ffn_key(name)}
+    for layer, router in enumerate(routers):
+        ffn = f"layers.{layer}.feed_forward"
+        for w in EXPERT_MATRICES:  # W[l] = stack(W_1[l], ..., W_N[l]): [E, hidden, dim] (w2: [E, dim, hidden])
+            fused[f"{ffn}.{w}"] = torch.stack([sd[f"{ffn}.{w}.weight"] for sd in aligned])
+        fused[f"{ffn}.router.weight"] = router  # [E, dim]
+    return fused
+
+
+def fuse_in_memory(base_dir, expert_dirs, top_k=2, router_init="zero", init_prompts=None, tokenizer=None,
+                   dtype=None, router_std=0.02, seed=0):
+    """build_fused_model's model, the simple way: every checkpoint loaded whole (four models in memory at once),
+    fused by fuse_state_dicts. Router init "hidden" runs the base model itself. Returns (Transformer, ModelArgs)."""
+    base, base_args = load_checkpoint(base_dir, dtype=dtype)
+    aligned = [load_checkpoint(d, dtype=dtype)[0].state_dict() for d in expert_dirs]
+    args = replace(base_args, n_experts=len(expert_dirs), top_k=top_k)
+    dtype = base.norm.weight.dtype
+    if router_init == "hidden":
+        tokenizer = tokenizer or Tokenizer(os.path.join(base_dir, "tokenizer.model"))
+        routers = [r.to(dtype) for r in hidden_router_rows(base, tokenizer, init_prompts)]  # L x [E, D]
+    else:
+        routers = [router_weight(router_init, layer, args.n_experts, args.dim, dtype, router_std, seed)
+                   for layer in range(args.n_layers)]
+    with torch.device("meta"):
+        fused = Transformer(args)
+    fused.load_state_dict(fuse_state_dicts(base.state_dict(), aligned, routers), assign=True)
+    return fused, args
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Checks
 
 
 def is_ffn_key(name: str) -> bool:
@@ -58,7 +98,7 @@ def _check_args(base_args, args, base_dir, expert_dir):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Lazy checkpoints: read only the rows a rank needs
+# 3. Lazy checkpoints: read only the rows a rank needs
 
 
 class CheckpointRows:
@@ -123,7 +163,7 @@ def local_rows(param) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The fused tensors: where each row comes from (the equation in the docstring)
+# 4. The fused tensors: where each row comes from (the equation in the docstring)
 
 
 @torch.no_grad()
@@ -187,7 +227,7 @@ def router_weight(router_init, layer, n_experts, dim, dtype, std, seed):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Router initialisation from the base model's hidden states
+# 5. Router initialisation from the base model's hidden states
 
 
 @torch.no_grad()
@@ -211,7 +251,7 @@ def ffn_inputs_by_layer(model, tokenizer, prompts, max_len=None) -> list:
 
 
 def hidden_router_rows(model, tokenizer, init_prompts) -> list:
-    """Router init "hidden" (mergekit's idea): in each layer, router row i = the mean direction of the
+    """Router init "hidden" (mergekit's idea, an extra: not in the paper): in each layer, router row i = the mean direction of the
     normalised FFN inputs that dimension i's prompts produce in the base model, scaled by 1 / (mean input
     norm) so that the initial logits are about cos(x, direction_i) in [-1, 1]. A token that looks like
     dimension i's prompts then scores highest for expert i. Returns per layer a [E, D] float32 tensor.
@@ -238,7 +278,7 @@ def router_init_prompts(records: list, n_experts: int, per_task: int = 32) -> li
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Building the fused model
+# 6. Building the fused model (memory-lean, FSDP-ready)
 
 
 def empty_model(args, dtype, device, shard=None):
@@ -284,7 +324,7 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
     expert trained from another base is not an H3Fusion expert).
     router_init: "zero"   -> uniform routing (ties: experts 0 .. k-1 win until the router learns),
                  "random" -> N(0, router_std) with torch seed `seed`,
-                 "hidden" -> hidden_router_rows(): needs init_prompts = one list of strings per expert
+                 "hidden" -> hidden_router_rows() (an extra, mergekit's idea): needs init_prompts = one list of strings per expert
                              (tokenizer: a data.tokenizer.Tokenizer; default base_dir/tokenizer.model).
     dtype: the parameters' dtype (None: the base checkpoint's). shard(model) -> model: applied on the meta
         device before any weight is read (distributed.shard_model: FSDP2), so each rank reads only its rows.

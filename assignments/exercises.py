@@ -87,7 +87,9 @@ EXERCISES = (
         "MoE layers, then take the mean negative log-likelihood of the example's dimension. Not a cross-entropy on\n"
         "probabilities (a second softmax squeezes the loss into a narrow band) and not averaged over padding — the\n"
         "two defects of the authors' release.",
-        ("Stack the layers to `[L, B, T, E]`, zero the padding with the mask, sum over layers and tokens, and divide\n"
+        ("Start each function with its given check (`checks.check_router_probs`, `checks.check_task_labels` on the\n"
+         "  long labels): the bad-input test expects their errors.",
+         "Stack the layers to `[L, B, T, E]`, zero the padding with the mask, sum over layers and tokens, and divide\n"
          "  by (real tokens × layers) of each example.",
          "`p_bar.gather(1, task[:, None])` picks each example's probability; clamp it at `torch.finfo(dtype).tiny`\n"
          "  before the log.",
@@ -99,10 +101,11 @@ EXERCISES = (
         "`Σ_i γ_i Σ ‖W‖_F`. Mind the gradient at `W = W⁰` (the norm is not differentiable at 0: return a zero\n"
         "gradient, not NaN) and FSDP-sharded parameters. The second test checks it end to end: a larger γ_i keeps\n"
         "expert i closer to its aligned model.",
-        ("The helpers above it are yours to use: `_per_expert_sq_norm` (one squared norm per expert of a stacked\n"
-         "  `[E, ...]` tensor, FSDP-safe), `_sqrt_safe` (zero gradient at 0) and `_like` (W⁰ in the parameter's layout).",
+        ("`moe.expert_parameters(model)` gives every stacked `[E, ...]` expert matrix by the name W⁰ is stored under;\n"
+         "  `per_expert_norm` (section 3 of losses.py) is ‖·‖_F per expert, with a zero gradient at 0 and FSDP-safe.",
          "Detach W⁰; divide by the number of MoE layers, not by the number of matrices.",
-         "Check `kind` and `gamma` (`_check_gamma`) before any compute; a missing W⁰ key is a `KeyError`.")),
+         "Under FSDP2 the experts are DTensors and W⁰ may be a plain tensor: subtract `beside(w, W⁰)` inside\n"
+         "  `implicit_replication()`. The inputs are checked elsewhere (`checks.check_drift_inputs`), not here.")),
     Exercise(
         6, "Fusion (upcycling)", ("upcycle.fill_from_base", "upcycle.fill_from_expert"),
         (("tests/test_moe.py", ("forced_expert_i", "identical_experts", "fused_model", "router_init_random",
@@ -112,7 +115,9 @@ EXERCISES = (
         "this rank's rows (`local_rows`): under FSDP each rank reads its share and nothing else. Graded by the\n"
         "invariant that makes fusion correct: the fused model routed entirely to expert i computes exactly aligned\n"
         "model i's logits.",
-        ("`local_rows(param)` gives (the tensor to fill, first row, end row); `CheckpointRows.rows(name, a, b)` reads\n"
+        ("Read `fuse_state_dicts` at the top of upcycle.py first: the same fusion on whole state dicts; yours fills\n"
+         "  the same tensors row by row.",
+         "`local_rows(param)` gives (the tensor to fill, first row, end row); `CheckpointRows.rows(name, a, b)` reads\n"
          "  rows [a, b) of a checkpoint tensor.",
          "Expert i's `layers.L.feed_forward.w1.weight` `[H, D]` is row i of the MoE's `w1` `[E, H, D]`; skip the\n"
          "  expert matrices in `fill_from_base` (their names end in `w1`, `w2`, `w3`: `EXPERT_MATRICES`).",

@@ -88,7 +88,8 @@ def _load_real(real: str, split: str, path: str = None) -> list:
 
 
 def balance_by_task(records: list) -> list:
-    """The mixture with equal weight per dimension: every dimension's records, in order, repeated cyclically up
+    """The mixture with equal weight per dimension (an extra: the paper fine-tunes on the mixture of the three
+    datasets and says nothing of balancing): every dimension's records, in order, repeated cyclically up
     to the count of the largest one. Without it the largest set (helpful) dominates, and the router learns to
     send every token it cannot yet place -- the Alpaca template that opens every prompt -- to its expert."""
     by_task = {}

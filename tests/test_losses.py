@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import losses as L
 import moe
+from checks import check_drift_inputs
 
 # ---- L_CE --------------------------------------------------------------------------------------------
 
@@ -191,19 +192,25 @@ def test_drift_loss_gradcheck():
     assert torch.autograd.gradcheck(f, inputs)
 
 
-def test_drift_loss_bad_inputs():
+def test_bad_regulariser_inputs_are_refused_by_their_check():
+    """drift_loss trusts its inputs; checks.check_drift_inputs refuses bad ones by name (fuse.py's gamma is checked
+    by its command line). Named without the exercise's word: the checks are given, not part of exercise 5."""
     model = TwoMoE()
     w0 = moe.snapshot_expert_weights(model)
+    check_drift_inputs(model, w0, [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="gamma has 2 values"):
-        L.drift_loss(model, w0, [0.1, 0.2])
+        check_drift_inputs(model, w0, [0.1, 0.2])
     with pytest.raises(ValueError, match="non-negative"):
-        L.drift_loss(model, w0, [0.1, -0.2, 0.3])
+        check_drift_inputs(model, w0, [0.1, -0.2, 0.3])
     with pytest.raises(ValueError, match="kind='l2'"):
-        L.drift_loss(model, w0, [0.1, 0.2, 0.3], kind="l2")
+        check_drift_inputs(model, w0, [0.1, 0.2, 0.3], kind="l2")
     with pytest.raises(KeyError, match="layers.1.w3"):
-        L.drift_loss(model, {k: v for k, v in w0.items() if k != "layers.1.w3"}, [0.1, 0.2, 0.3])
+        check_drift_inputs(model, {k: v for k, v in w0.items() if k != "layers.1.w3"}, [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="initial weight is"):
+        check_drift_inputs(model, w0 | {"layers.0.w2": w0["layers.0.w2"][:2]}, [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="no MoE layer"):
-        L.drift_loss(nn.Linear(2, 2), {}, [0.1])
+        check_drift_inputs(nn.Linear(2, 2), {}, [0.1])
+    check_drift_inputs(model, None, [0.1, 0.2, 0.3], kind="decay")  # decay reads no W^0
 
 
 # ---- optional extras -------------------------------------------------------------------------------

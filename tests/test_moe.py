@@ -261,9 +261,8 @@ def test_forced_expert_computes_that_expert_alone():
         assert (layer.expert_idx == i).all()
         assert torch.allclose(out, ffn(x, layer.w1[i], layer.w2[i], layer.w3[i]), atol=1e-5)
         assert torch.allclose(out, moe.dense_moe_reference(layer, x), atol=1e-5)
-    layer.forced_expert = 3
-    with pytest.raises(ValueError, match="forced_expert=3"):
-        layer(x)
+    with pytest.raises(ValueError, match="forced_expert=3"):  # refused when set, once
+        layer.forced_expert = 3
 
 
 def test_bad_constructor_arguments():
@@ -308,6 +307,21 @@ def ckpts(tmp_path_factory):
 
 def tokens_for(vocab=320, B=2, T=9, seed=0):
     return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("router_init", ["random", "hidden"])
+def test_the_in_memory_reference_and_the_lean_upcycling_give_the_same_weights(ckpts, router_init):
+    """upcycle.fuse_in_memory (four models loaded whole, FFNs stacked) is what build_fused_model computes row by
+    row from memory-mapped files: the same tensors, bit for bit, router init "hidden" included."""
+    prompts = [["Say yes.", "Name a colour."], ["Is it safe?"], ["Is the sky green?", "Who wrote it?"]]
+    kwargs = dict(top_k=2, router_init=router_init, init_prompts=prompts, seed=5, router_std=0.3)
+    simple, simple_args = upcycle.fuse_in_memory(ckpts["base"], ckpts["aligned"], **kwargs)
+    lean, lean_args = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False, **kwargs)
+    assert simple_args == lean_args
+    lean_state = lean.state_dict()
+    assert set(simple.state_dict()) == set(lean_state)
+    for name, t in simple.state_dict().items():
+        assert t.dtype == lean_state[name].dtype and torch.equal(t, lean_state[name]), name
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])

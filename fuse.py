@@ -35,6 +35,7 @@ from data import TASK_NAMES
 from data import streams as S
 from distributed import setup_distributed, shard_model
 from evaluation.routing import routing_metrics
+from hf_checkpoint import config_path
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
 from model import Tokenizer, recover_checkpoint
 from moe import moe_layers, snapshot_expert_weights
@@ -104,7 +105,7 @@ def check_inputs(args):
     base's tokenizer (an expert trained from another base is not an H3Fusion expert; --allow-foreign-experts)."""
     for d in [args.base] + args.expert_dirs:
         recover_checkpoint(d)  # a save_checkpoint that a kill stopped half-way
-    missing = [d for d in [args.base] + args.expert_dirs if not os.path.exists(os.path.join(d, "params.json"))]
+    missing = [d for d in [args.base] + args.expert_dirs if not os.path.exists(config_path(d))]  # Meta's or HF's
     if not missing:
         with open(os.path.join(args.base, "tokenizer.model"), "rb") as f:
             base_tokenizer = f.read()

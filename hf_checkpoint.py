@@ -54,13 +54,16 @@ def cut_short_error(path: str, detail: str) -> ValueError:
                       f"or copy that stopped early): fetch it again")
 
 
-def zip_end_missing(path: str) -> bool:
-    """True when the file lacks the end-of-central-directory record (PK\\x05\\x06) every zip archive -- and so every
-    torch.save file -- ends with (within its last 22 + 65,535 bytes)."""
+def zip_cut_short(path: str) -> bool:
+    """True when the file does not end with a whole end-of-central-directory record -- 22 bytes from its signature
+    PK\x05\x06, then a comment of the length it gives -- which every zip archive, so every torch.save file, ends
+    with (its last 22 + 65,535 bytes hold it)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         f.seek(max(0, size - 22 - 65535))
-        return b"PK\x05\x06" not in f.read()
+        tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    return at < 0 or len(tail) - at < 22 or len(tail) - at - 22 < struct.unpack("<H", tail[at + 20 : at + 22])[0]
 
 
 def read_torch_file(path: str) -> dict:
@@ -75,7 +78,7 @@ def read_torch_file(path: str) -> dict:
             f"{path}: refused: it holds pickled objects other than tensors, which could run code on load "
             f"(torch.load weights_only=True). Re-save it as a plain state dict. Detail: {str(e)[:300]}") from None
     except (RuntimeError, OSError) as e:
-        if zip_end_missing(path):
+        if zip_cut_short(path):
             raise cut_short_error(path, "and no zip central directory at its end (a torch.save file ends with "
                                         "one)") from None
         raise ValueError(f"{path}: not a readable torch checkpoint ({str(e)[:300]})") from None

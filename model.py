@@ -501,8 +501,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Generate text from a Meta-format LLaMA (or fused MoE) checkpoint.")
-    parser.add_argument("ckpt_dir", help="directory with params.json, consolidated.NN.pth, tokenizer.model")
+    parser = argparse.ArgumentParser(description="Generate text from a LLaMA (or fused MoE) checkpoint, or export it.")
+    parser.add_argument("ckpt_dir", help="params.json + consolidated.NN.pth + tokenizer.model (or HF's: config.json, ...)")
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
     task.add_argument("--export-hf", metavar="OUT_DIR", help="instead: write it as a HF LlamaForCausalLM directory "

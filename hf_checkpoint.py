@@ -78,6 +78,11 @@ def read_torch_file(path: str) -> dict:
             f"{path}: refused: it holds pickled objects other than tensors, which could run code on load "
             f"(torch.load weights_only=True). Re-save it as a plain state dict. Detail: {str(e)[:300]}") from None
     except (RuntimeError, OSError) as e:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # every zip archive starts with a local file header
+                raise ValueError(f"{path}: not a zip-format torch.save file (an old torch's format, or not a "
+                                 f"checkpoint): it cannot be memory-mapped; re-save it with torch.save, or use the "
+                                 f"checkpoint's .safetensors files") from None
         if zip_cut_short(path):
             raise cut_short_error(path, "and no zip central directory at its end (a torch.save file ends with "
                                         "one)") from None
@@ -117,7 +122,8 @@ def read_safetensors(path: str) -> dict:
 # 2. config.json <-> Meta's params.json fields
 
 
-def read_hf_config(path: str) -> dict:
+def read_json(path: str) -> dict:
+    """config.json or an index file; invalid JSON names the file."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -301,7 +307,7 @@ def hf_weight_files(ckpt_dir: str) -> list:
             return [os.path.join(ckpt_dir, single)]
         index_path = os.path.join(ckpt_dir, index)
         if os.path.isfile(index_path):
-            weight_map = read_hf_config(index_path).get("weight_map")
+            weight_map = read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index_path}: no \"weight_map\" {{tensor name: file}}; expected HF's index format")
             paths = [os.path.join(ckpt_dir, f) for f in sorted(set(weight_map.values()))]
@@ -319,7 +325,7 @@ def hf_weight_files(ckpt_dir: str) -> list:
 
 def read_hf_params(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, HF_MARKER)
-    return params_from_hf_config(read_hf_config(path), path)
+    return params_from_hf_config(read_json(path), path)
 
 
 def read_hf_checkpoint(ckpt_dir: str) -> tuple:

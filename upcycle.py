@@ -77,7 +77,8 @@ def _check_args(base_args, args, base_dir, expert_dir):
 
 class CheckpointRows:
     """A Meta-format checkpoint, memory-mapped: rows(name, start, stop) = full_tensor[start:stop] (dim 0),
-    assembled from the model-parallel shards without reading (or paging in) any other row.
+    assembled from the model-parallel shards without reading (or paging in) any other row. (A HF directory is
+    converted in memory first, hf_checkpoint.read_hf_checkpoint: its wq/wk and experts are copies, the rest mapped.)
     Call close() to drop the mappings, so the pages read stop counting towards the process's memory."""
 
     def __init__(self, ckpt_dir: str):

@@ -290,6 +290,9 @@ def test_a_file_cut_short_names_its_size_and_what_was_expected(meta_dirs, tmp_pa
         os.truncate(shard, size)
         with pytest.raises(ValueError, match=rf"consolidated.00.pth: {size:,} bytes, .*cut short"):
             M.load_checkpoint(str(meta))
+    torch.save(M.load_checkpoint(meta_dirs["dense"])[0].state_dict(), shard, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="consolidated.00.pth: not a zip-format torch.save file"):
+        M.load_checkpoint(str(meta))  # (torch's pre-1.6 format cannot be memory-mapped)
 
 
 def test_bad_hf_directories_are_refused_with_the_file_named(meta_dirs, tmp_path):

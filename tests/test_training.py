@@ -277,6 +277,17 @@ def test_fuse_takes_a_base_whose_params_json_says_vocab_minus_one(world, tmp_pat
     assert fused.params.n_experts == 3 and fused.params.vocab_size == params["vocab_size"] > 0
 
 
+def test_train_expert_inits_from_a_hf_directory(world, tmp_path):
+    """--init takes a Hugging Face directory (here the base, exported): stage 1 on it trains only the FFN, and every
+    frozen weight comes out equal to the Meta-format base's, so the import gave back exactly its weights."""
+    hf_base, out = str(tmp_path / "base-hf"), str(tmp_path / "helpful")
+    M.main([world["base"], "--export-hf", hf_base])
+    train_expert.main(["--init", hf_base, "--data", "helpful", "--data-dir", world["data"], "--out", out,
+                       "--steps", "1", "--lr", "3e-3"] + FAST)
+    base, aligned = state(world["base"]), state(out)
+    assert all(torch.equal(aligned[k], v) != (".feed_forward." in k) for k, v in base.items())
+
+
 def test_bad_datasets_and_existing_runs(world, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -55,7 +55,7 @@ def cut_short_error(path: str, detail: str) -> ValueError:
 
 
 def zip_cut_short(path: str) -> bool:
-    """True when the file does not end with a whole end-of-central-directory record -- 22 bytes from its signature
+    r"""True when the file does not end with a whole end-of-central-directory record -- 22 bytes from its signature
     PK\x05\x06, then a comment of the length it gives -- which every zip archive, so every torch.save file, ends
     with (its last 22 + 65,535 bytes hold it)."""
     size = os.path.getsize(path)

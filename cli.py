@@ -21,6 +21,7 @@ import torch
 
 from data import TASK_NAMES
 from distributed import end_process_group
+from hf_checkpoint import config_path
 
 
 def run_cli(main, script: str):
@@ -172,7 +173,7 @@ def check_fuse_checkpoints(args, run_dir: str):
     """fuse.py's checkpoints, before any compute (recovered first, model.recover_checkpoint): every one is there
     (or say exactly how to make it), and every expert shares the base's tokenizer (an expert trained from another
     base is not an H3Fusion expert; --allow-foreign-experts, an extra, fuses it anyway)."""
-    missing = [d for d in [args.base] + args.expert_dirs if not os.path.exists(os.path.join(d, "params.json"))]
+    missing = [d for d in [args.base] + args.expert_dirs if not os.path.exists(config_path(d))]  # Meta's or HF's
     if not missing:
         with open(os.path.join(args.base, "tokenizer.model"), "rb") as f:
             base_tokenizer = f.read()

@@ -74,18 +74,21 @@ def replace_dir(path: str, fill, marker: str, kind: str):
         raise
 
 
-def recover_dir(path: str, marker: str):
+def recover_dir(path: str, marker):
     """Finish or roll back a replace_dir that a kill interrupted: afterwards `path` is the newest complete copy
-    (one holding `marker`) and no .NAME.tmp-* / .NAME.old-* leftover remains."""
+    (one holding `marker`, or any of them for a tuple: a checkpoint is Meta's or HF's) and no .NAME.tmp-* /
+    .NAME.old-* leftover remains."""
     path = os.path.abspath(path)
+    markers = (marker,) if isinstance(marker, str) else tuple(marker)
     parent, name = os.path.split(path)
     if not os.path.isdir(parent):
         return
     tmps = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.tmp-*")), key=os.path.getmtime)
     olds = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*")), key=os.path.getmtime)
     if not os.path.exists(path):
-        complete = [t for t in tmps if os.path.isfile(os.path.join(t, marker))]
-        saved = [os.path.join(o, "ckpt") for o in olds if os.path.isfile(os.path.join(o, "ckpt", marker))]
+        complete = [t for t in tmps if any(os.path.isfile(os.path.join(t, m)) for m in markers)]
+        saved = [os.path.join(o, "ckpt") for o in olds
+                 if any(os.path.isfile(os.path.join(o, "ckpt", m)) for m in markers)]
         if complete:  # killed between the two renames: the new copy is whole
             os.replace(complete[-1], path)
         elif saved:  # the old copy is the last complete one

@@ -7,9 +7,9 @@ Read top to bottom:
   4. FeedForward            SwiGLU:  w2( silu(w1 x) * w3 x )   -- the block H3Fusion turns into experts
   5. Transformer            h = x + Attn(norm(x));  out = h + FFN(norm(h))   (FFN = dense, or moe.MoE)
   6. Tokenizer              data/tokenizer.py (imported here): sentencepiece, <s>=1, </s>=2, no pad id
-  7. load/save_checkpoint   params.json + consolidated.NN.pth model-parallel shards + tokenizer.model
+  7. load/save_checkpoint   params.json + consolidated.NN.pth shards + tokenizer.model (HF's layout: hf_checkpoint.py)
   8. generate               batched ragged prompts, KV cache, greedy or top-p
-  9. CLI                    python model.py CKPT_DIR --prompt "..."
+  9. CLI                    python model.py CKPT_DIR --prompt "..." | --export-hf OUT_DIR
 
 Parameter names are Meta's exactly (tok_embeddings, layers.N.attention.wq, ..., norm, output), so a
 consolidated.00.pth from Meta loads with no renaming. H3Fusion (arXiv 2411.17792) keeps everything here
@@ -21,7 +21,6 @@ import glob
 import json
 import math
 import os
-import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -36,6 +35,8 @@ from cli import parse_dtype, run_cli
 from data.format import format_prompt
 from data.tokenizer import Tokenizer
 from fileio import recover_dir, replace_dir, write_atomic
+from hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint, read_hf_params, read_torch_file,
+                           write_hf_checkpoint)
 from moe import MoE
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,15 +279,7 @@ def shard_dim(name: str, ndim: int):
     return 0
 
 
-def load_shard(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: refused: it holds pickled objects other than tensors, which could run code on load "
-            f"(torch.load weights_only=True). Re-save it as a plain state dict. Detail: {str(e)[:300]}") from None
-    except RuntimeError as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({str(e)[:300]})") from None
+load_shard = read_torch_file  # one consolidated.NN.pth: memory-mapped, tensors only; a file cut short names its size
 
 
 def merge_shards(shards: list, paths: list) -> dict:
@@ -323,13 +316,13 @@ def shard_paths(ckpt_dir: str) -> list:
 
 
 def read_checkpoint_args(ckpt_dir: str) -> ModelArgs:
-    """params.json of a checkpoint directory, with vocab_size = -1 resolved from (and checked against) its
-    tokenizer.model. A save that a kill interrupted is finished or rolled back first (recover_checkpoint)."""
+    """params.json (or HF's config.json), vocab_size -1 resolved from (and checked against) tokenizer.model: the one
+    place a config is read; compare what it returns (upcycle.architecture). An interrupted save is finished first."""
     recover_checkpoint(ckpt_dir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: checkpoint directory not found")
-    params_path = os.path.join(ckpt_dir, "params.json")
-    args = read_params(params_path)
+    params_path = config_path(ckpt_dir)
+    args = ModelArgs(**read_hf_params(ckpt_dir)) if is_hf_dir(ckpt_dir) else read_params(params_path)
     tok_path = os.path.join(ckpt_dir, "tokenizer.model")
     n_words = Tokenizer(tok_path).n_words if os.path.exists(tok_path) else None
     if args.vocab_size == -1:
@@ -357,17 +350,20 @@ def checked_meta_model(shapes: dict, args: ModelArgs, where: str):
 
 
 def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
-    """Load a Meta-format checkpoint directory -> (Transformer, ModelArgs).
+    """Load a Meta-format checkpoint directory (or a HF Llama / Mixtral one: config.json) -> (Transformer, ModelArgs).
 
     Every shard is memory-mapped (no copy, bf16 stays bf16 unless `dtype` asks otherwise), merged, and checked
     against params.json; the model, built on the meta device, takes the loaded tensors as its parameters, so peak
     memory stays near the checkpoint's size. An interrupted save is finished first (read_checkpoint_args).
     """
     args = read_checkpoint_args(ckpt_dir)
-    paths = shard_paths(ckpt_dir)
-    state = merge_shards([load_shard(p) for p in paths], paths)
+    if is_hf_dir(ckpt_dir):  # Hugging Face's names and q/k row order, converted in memory (hf_checkpoint.py)
+        state, where = read_hf_checkpoint(ckpt_dir)[1], f"{ckpt_dir} (Hugging Face layout)"
+    else:
+        paths = shard_paths(ckpt_dir)
+        state = merge_shards([load_shard(p) for p in paths], paths)
+        where = f"{ckpt_dir} ({len(paths)} shard{'s' * (len(paths) > 1)})"
     state.pop("rope.freqs", None)  # Meta's precomputed rotary table; we compute it on the fly
-    where = f"{ckpt_dir} ({len(paths)} shard{'s' * (len(paths) > 1)})"
     model = checked_meta_model({name: t.shape for name, t in state.items()}, args, where)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
@@ -386,7 +382,7 @@ def _params_json(args: ModelArgs) -> dict:
 def recover_checkpoint(ckpt_dir: str):
     """Finish or roll back a save_checkpoint that a kill interrupted (fileio.recover_dir; params.json marks a
     complete copy). Called by save_checkpoint and load_checkpoint, and by every command before it reads one."""
-    recover_dir(ckpt_dir, "params.json")
+    recover_dir(ckpt_dir, ("params.json", HF_MARKER))  # (an interrupted --export-hf: a HF directory, config.json)
 
 
 def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: int = 1, args: ModelArgs = None):
@@ -505,9 +501,12 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Generate text from a Meta-format LLaMA (or fused MoE) checkpoint.")
-    parser.add_argument("ckpt_dir", help="directory with params.json, consolidated.NN.pth, tokenizer.model")
-    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    parser = argparse.ArgumentParser(description="Generate text from a LLaMA (or fused MoE) checkpoint, or export it.")
+    parser.add_argument("ckpt_dir", help="params.json + consolidated.NN.pth + tokenizer.model (or HF's: config.json, ...)")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
+    task.add_argument("--export-hf", metavar="OUT_DIR", help="instead: write it as a HF LlamaForCausalLM directory "
+                      "(MixtralForCausalLM if fused), safetensors in the checkpoint's dtype")
     parser.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca instruction template")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -516,9 +515,13 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="float32 (CPU default) | bfloat16 | float16")
     args = parser.parse_args(argv)
+    tokenizer_path = os.path.join(args.ckpt_dir, "tokenizer.model")
+    if args.export_hf:  # no generation: the same weights, converted, in a new directory
+        model, margs = load_checkpoint(args.ckpt_dir)
+        return print("wrote", write_hf_checkpoint(args.export_hf, _params_json(margs), model.state_dict(), tokenizer_path))
     torch.manual_seed(args.seed)
     model, _ = load_checkpoint(args.ckpt_dir, device=args.device, dtype=parse_dtype(args.dtype))
-    tokenizer = Tokenizer(os.path.join(args.ckpt_dir, "tokenizer.model"))
+    tokenizer = Tokenizer(tokenizer_path)
     prompts = args.prompt
     if args.alpaca:
         prompts = [format_prompt(p) for p in prompts]

@@ -90,7 +90,7 @@ def train(model, stream, loss_fn, cfg: TrainConfig, d: Dist, out_dir: str, train
                         dynamic_ncols=True, disable=None)
         if resume:
             progress.write(f"resumed from step {start_step}")
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_start, window_first_step = 0, time.perf_counter(), start_step
     for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in optimizer.param_groups:
@@ -124,7 +124,8 @@ def train(model, stream, loss_fn, cfg: TrainConfig, d: Dist, out_dir: str, train
             seconds = time.perf_counter() - window_start
             tokens_per_s = window_tokens / seconds
             record = {"step": step + 1, "lr": lr, **nest({k: round(v, 5) for k, v in metrics.items()}),
-                      "tokens_per_s": round(tokens_per_s, 1),
+                      "tokens_per_s": round(tokens_per_s, 1),  # eta_s: steps left x this window's time per step
+                      "eta_s": round((cfg.steps - step - 1) * seconds / (step + 1 - window_first_step), 1),
                       "mfu": round(mfu(tokens_per_s * fpt / d.world_size, peak), 4)}
             peak = max(peak, tokens_per_s * fpt / d.world_size)  # achieved more than "peak": a better bound
             if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
@@ -136,8 +137,9 @@ def train(model, stream, loss_fn, cfg: TrainConfig, d: Dist, out_dir: str, train
                          if k in record and "/" not in k}
                 progress.set_postfix(shown, refresh=False)
                 if progress.disable and ((step + 1) % max(cfg.log_every, cfg.steps // 10) == 0 or last):
-                    print(f"step {step + 1}/{cfg.steps} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
-            window_tokens, window_start = 0, time.perf_counter()
+                    print(f"step {step + 1}/{cfg.steps} " + " ".join(f"{k}={v}" for k, v in shown.items())
+                          + f" eta={tqdm.format_interval(record['eta_s'])}", flush=True)
+            window_tokens, window_start, window_first_step = 0, time.perf_counter(), step + 1
         if progress:
             progress.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:

@@ -34,14 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from data.format import format_prompt
-from model import (Tokenizer, Transformer, checked_meta_model, load_checkpoint, load_shard, read_checkpoint_args,
-                   shard_dim, shard_paths)
+from hf_checkpoint import config_path, is_hf_dir, read_hf_checkpoint
+from model import (Tokenizer, Transformer, checked_meta_model, ffn_hidden_dim, load_checkpoint, load_shard,
+                   read_checkpoint_args, shard_dim, shard_paths)
 from moe import EXPERT_MATRICES, set_forced_expert
 
 FFN_NAMES = ("feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
-# ModelArgs fields that must agree between base and aligned models (max_seq_len is a runtime limit)
-ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-               "norm_eps", "rope_theta", "n_experts")
 ROUTER_INITS = ("zero", "random", "hidden")
 
 
@@ -89,12 +87,28 @@ def is_ffn_key(name: str) -> bool:
     return name.endswith(FFN_NAMES)
 
 
+def architecture(args) -> dict:
+    """What two checkpoints must share to be one architecture, on resolved values (ModelArgs as
+    model.read_checkpoint_args returns it: vocab_size -1 already taken from tokenizer.model): the kv heads and
+    the FFN width themselves, however params.json or config.json spells them (n_kv_heads None = n_heads;
+    multiple_of and ffn_dim_multiplier only give the width). max_seq_len, a runtime limit, is left out."""
+    return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "kv_heads": args.kv_heads,
+            "vocab_size": args.vocab_size, "ffn_hidden_dim": ffn_hidden_dim(args), "norm_eps": args.norm_eps,
+            "rope_theta": args.rope_theta, "n_experts": args.n_experts, "top_k": args.top_k if args.n_experts else None}
+
+
+def first_difference(args, other_args):
+    """(field, value in args, value in other_args) of the first architecture field that differs, or None."""
+    a, b = architecture(args), architecture(other_args)
+    return next(((k, a[k], b[k]) for k in a if a[k] != b[k]), None)
+
+
 def _check_args(base_args, args, base_dir, expert_dir):
-    for name in ARCH_FIELDS:
-        a, b = getattr(base_args, name), getattr(args, name)
-        if a != b:
-            raise ValueError(f"{expert_dir}/params.json: {name}={b!r}, but the base {base_dir} has {name}={a!r}; "
-                             f"aligned models must have the base's architecture (and be dense, n_experts=0)")
+    diff = first_difference(args, base_args)
+    if diff:
+        name, b, a = diff
+        raise ValueError(f"{config_path(expert_dir)}: {name}={b!r}, but the base {base_dir} has {name}={a!r}; "
+                         f"aligned models must have the base's architecture (and be dense, n_experts=0)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,13 +117,17 @@ def _check_args(base_args, args, base_dir, expert_dir):
 
 class CheckpointRows:
     """A Meta-format checkpoint, memory-mapped: rows(name, start, stop) = full_tensor[start:stop] (dim 0),
-    assembled from the model-parallel shards without reading (or paging in) any other row.
+    assembled from the model-parallel shards without reading (or paging in) any other row. (A HF directory is
+    converted in memory first, hf_checkpoint.read_hf_checkpoint: its wq/wk and experts are copies, the rest mapped.)
     Call close() to drop the mappings, so the pages read stop counting towards the process's memory."""
 
     def __init__(self, ckpt_dir: str):
         self.dir, self.args = ckpt_dir, read_checkpoint_args(ckpt_dir)
-        self.paths = shard_paths(ckpt_dir)
-        self.shards = [load_shard(p) for p in self.paths]
+        if is_hf_dir(ckpt_dir):  # a HF directory, converted in memory: one "shard" holding every tensor
+            self.paths, self.shards = [ckpt_dir], [read_hf_checkpoint(ckpt_dir)[1]]
+        else:
+            self.paths = shard_paths(ckpt_dir)
+            self.shards = [load_shard(p) for p in self.paths]
         for shard in self.shards:
             shard.pop("rope.freqs", None)  # Meta's precomputed rotary table; we compute it on the fly
         keys = set(self.shards[0])

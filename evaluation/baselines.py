@@ -30,8 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import drift_loss
-from model import Tokenizer, Transformer, load_checkpoint, read_params, recover_checkpoint
+from hf_checkpoint import config_path
+from model import Tokenizer, Transformer, load_checkpoint, read_checkpoint_args, recover_checkpoint
 from moe import EXPERT_MATRICES, MoE, set_forced_expert
+from upcycle import first_difference
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Which models: checkpoints from the command line and the baselines built from base + aligned models
@@ -62,10 +64,11 @@ def check_checkpoint_dir(path: str, what: str):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} {path}: checkpoint directory not found "
                                 f"(expected a directory with params.json, consolidated.00.pth, tokenizer.model)")
-    for needed in ("params.json", "tokenizer.model"):
+    for needed in (os.path.basename(config_path(path)), "tokenizer.model"):
         if not os.path.isfile(os.path.join(path, needed)):
-            raise FileNotFoundError(f"{what} {path}: no {needed} in it (expected a Meta-format checkpoint "
-                                    f"directory: params.json, consolidated.NN.pth, tokenizer.model)")
+            raise FileNotFoundError(f"{what} {path}: no {needed} in it (expected a Meta-format checkpoint directory: "
+                                    f"params.json, consolidated.NN.pth, tokenizer.model; or a HF one: config.json, "
+                                    f"*.safetensors, tokenizer.model)")
 
 
 def load_model(path: str, device="cpu", dtype=None):
@@ -80,17 +83,18 @@ def file_digest(path: str) -> str:
 
 
 def check_compatible(paths: list, what: str = "--baselines"):
-    """Merging and ensembling need identical architectures and tokenizers: compare every params.json (all
-    fields but max_seq_len) and tokenizer.model with the first one's (the base); name the first difference."""
+    """Merging and ensembling need identical architectures and tokenizers: compare every config, resolved
+    (model.read_checkpoint_args: Meta's vocab_size -1 is the tokenizer's size; upcycle.architecture), and
+    tokenizer.model with the first one's (the base); name the first difference."""
     first = paths[0]
-    first_args = dataclasses.asdict(read_params(os.path.join(first, "params.json")))
+    first_args = read_checkpoint_args(first)
     first_tok = file_digest(os.path.join(first, "tokenizer.model"))
     for path in paths[1:]:
-        args = dataclasses.asdict(read_params(os.path.join(path, "params.json")))
-        for key in first_args:
-            if key != "max_seq_len" and args[key] != first_args[key]:  # max_seq_len is a runtime limit
-                raise ValueError(f"{what}: {path}/params.json has {key}={args[key]!r} but {first} has "
-                                 f"{key}={first_args[key]!r}; merged and ensembled models need identical configs")
+        diff = first_difference(read_checkpoint_args(path), first_args)
+        if diff:
+            key, value, first_value = diff
+            raise ValueError(f"{what}: {config_path(path)} has {key}={value!r} but {first} has "
+                             f"{key}={first_value!r}; merged and ensembled models need identical configs")
         if file_digest(os.path.join(path, "tokenizer.model")) != first_tok:
             raise ValueError(f"{what}: {path}/tokenizer.model differs from {first}/tokenizer.model; "
                              f"merged and ensembled models need the same tokenizer")
@@ -154,7 +158,7 @@ def checkpoint_specs(args_list: list, forced_experts=False, device="cpu", dtype=
     for arg in args_list:
         name, path = parse_model_arg(arg)
         check_checkpoint_dir(path, "CKPT")
-        params = read_params(os.path.join(path, "params.json"))
+        params = read_checkpoint_args(path)
         kind = "fused" if params.n_experts > 0 else "dense"
         specs.append(ModelSpec(name, kind, path, partial(load_model, path, device, dtype)))
         if forced_experts and kind == "fused":

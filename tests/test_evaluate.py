@@ -3,6 +3,7 @@ one-at-a-time runs."""
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -21,7 +22,8 @@ from evaluation.real_suite import (judge_pairwise, judge_prob_a, lcs_length, loa
                                    true_minus_false, truthfulqa_generation, truthfulqa_mc, win_rate)
 from evaluation.report import plot_results
 from evaluation.routing import routing_stats
-from model import ModelArgs, Tokenizer, Transformer, generate, generate_tokens, load_checkpoint, save_checkpoint
+from model import (ModelArgs, Tokenizer, Transformer, generate, generate_tokens, load_checkpoint, save_checkpoint,
+                   main as model_main)
 from moe import set_forced_expert
 from tiny import make_tiny_checkpoint
 from upcycle import build_fused_model
@@ -568,6 +570,21 @@ def test_plots_only_with_matplotlib(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     written = plot_results(results, str(tmp_path))
     assert [os.path.basename(p) for p in written] == ["scores.png", "routing_m.png"]
+
+
+def test_baselines_take_metas_vocab_minus_one_and_a_hf_directory(ckpts, toy_dir, tmp_path):
+    """Meta ships params.json with "vocab_size": -1; train_expert.py writes the resolved size. The configs are
+    compared resolved, so that base and its aligned models (one of them a Hugging Face export) make the baselines."""
+    base = tmp_path / "base"
+    shutil.copytree(ckpts["base"], base)
+    params = json.loads((base / "params.json").read_text())
+    (base / "params.json").write_text(json.dumps(params | {"vocab_size": -1}))
+    helpful_hf = str(tmp_path / "helpful")
+    model_main([ckpts["helpful"], "--export-hf", helpful_hf])
+    results = evaluate.main(["--baselines", f"{base},{helpful_hf},{ckpts['harmless']},{ckpts['honest']}",
+                             "--data", toy_dir, "--out", str(tmp_path / "eval"), "--max-new-tokens", "2"])
+    assert [m["name"] for m in results["models"]] == ["base", "helpful", "harmless", "honest", "soup", "task_arith",
+                                                      "ties", "ensemble", "oracle"]
 
 
 def test_clear_errors(ckpts, toy_dir, tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_stage1_changes_only_ffn_weights(world):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and "val_loss" in log[-1] and log[-1]["mfu"] > 0
 
 
-def test_mfu_stays_a_fraction_when_the_peak_is_too_low(world, tmp_path):
+def test_mfu_stays_a_fraction_when_the_peak_is_too_low(world, tmp_path, capsys):
     """A peak measured in a busy moment (here: given absurdly low) must not print an MFU above 1: the achieved
     model FLOP/s is a lower bound of the peak, and the loop raises the peak to it."""
     assert T.mfu(5.0, 10.0) == 0.5 and T.mfu(30.0, 10.0) == 1.0
@@ -86,6 +87,9 @@ def test_mfu_stays_a_fraction_when_the_peak_is_too_low(world, tmp_path):
                        "--steps", "3", "--peak-tflops", "1e-9"] + FAST)
     log = log_lines(out)
     assert log[0]["mfu"] == 1.0 and all(0 < r["mfu"] <= 1 for r in log)
+    # the ETA: steps left x the last window's time per step, on the log and on every step line
+    assert log[0]["eta_s"] > 0 and log[-1]["eta_s"] == 0
+    assert re.search(r"^step 2/3 .* eta=\d\d:\d\d$", capsys.readouterr().out, re.M)
     assert T.compute_dtype(Dist(device=torch.device("cpu"))) == torch.float32
     assert T.compute_dtype(Dist(device=torch.device("cuda", 0))) == torch.bfloat16
     with pytest.raises(ValueError, match="--peak-tflops -1"):
@@ -260,6 +264,28 @@ def test_aligned_model_with_another_config_is_refused(world, tmp_path):
                        "--dim", "48", "--n-layers", "2", "--n-heads", "2", "--multiple-of", "16"] + FAST)
     with pytest.raises(ValueError, match=r"other/params.json: dim=48, but the base .* has dim=32"):
         run_fuse(world, tmp_path / "f", "--experts", f"{world['experts'][0]},{other},{world['experts'][2]}")
+
+
+def test_fuse_takes_a_base_whose_params_json_says_vocab_minus_one(world, tmp_path):
+    """Meta ships params.json with "vocab_size": -1, train_expert.py writes the resolved size: fuse.py compares the
+    resolved configs, so Meta's own base fuses with the experts trained from it."""
+    base = tmp_path / "base"
+    shutil.copytree(world["base"], base)
+    params = json.loads((base / "params.json").read_text())
+    (base / "params.json").write_text(json.dumps(params | {"vocab_size": -1}))
+    fused = run_fuse(world | {"base": str(base)}, tmp_path / "f", "--steps", "1")
+    assert fused.params.n_experts == 3 and fused.params.vocab_size == params["vocab_size"] > 0
+
+
+def test_train_expert_inits_from_a_hf_directory(world, tmp_path):
+    """--init takes a Hugging Face directory (here the base, exported): stage 1 on it trains only the FFN, and every
+    frozen weight comes out equal to the Meta-format base's, so the import gave back exactly its weights."""
+    hf_base, out = str(tmp_path / "base-hf"), str(tmp_path / "helpful")
+    M.main([world["base"], "--export-hf", hf_base])
+    train_expert.main(["--init", hf_base, "--data", "helpful", "--data-dir", world["data"], "--out", out,
+                       "--steps", "1", "--lr", "3e-3"] + FAST)
+    base, aligned = state(world["base"]), state(out)
+    assert all(torch.equal(aligned[k], v) != (".feed_forward." in k) for k, v in base.items())
 
 
 def test_bad_datasets_and_existing_runs(world, tmp_path):

@@ -1,0 +1,382 @@
+"""Hugging Face checkpoints in and out, converted at the edge: a HF Llama or Mixtral directory <-> our Meta layout.
+
+Everything here works on plain dicts -- (params, state): Meta's params.json fields and a state dict with Meta's
+names -- and imports nothing from the model; model.py calls it (load_checkpoint reads a directory that has a
+config.json through read_hf_checkpoint, `python model.py CKPT --export-hf OUT` writes through write_hf_checkpoint).
+Read top to bottom:
+  1. Tensor files            read_torch_file (.pth/.bin: weights only, memory-mapped), read_safetensors
+                             (memory-mapped); a file cut short names its size and what was expected
+  2. config.json <-> params  params_from_hf_config, hf_config_from_params
+  3. The q/k permutation     Meta rotates the pairs (x[2i], x[2i+1]) of a head, HF's rotate_half the pairs
+                             (x[i], x[i + d/2]); HF's conversion script reorders the rows of wq and wk so that
+                             HF row c*d/2 + i = Meta row 2i + c:  hf_rows_from_meta / meta_rows_from_hf
+  4. Names                   meta_state_from_hf, hf_state_from_meta (Llama's names; a fused model's experts as
+                             Mixtral-8x7B publishes them: block_sparse_moe.gate, block_sparse_moe.experts.e.w1/w2/w3)
+  5. Directories             is_hf_dir, read_hf_checkpoint, write_hf_checkpoint
+
+    HF Llama / Mixtral                                       ours (Meta)
+    model.embed_tokens.weight                                tok_embeddings.weight
+    model.layers.N.self_attn.{q,k}_proj.weight  (permuted)   layers.N.attention.w{q,k}.weight
+    model.layers.N.self_attn.{v,o}_proj.weight               layers.N.attention.w{v,o}.weight
+    model.layers.N.mlp.{gate,down,up}_proj.weight            layers.N.feed_forward.w{1,2,3}.weight
+    model.layers.N.block_sparse_moe.gate.weight   [E, dim]   layers.N.feed_forward.router.weight     [E, dim]
+    ...block_sparse_moe.experts.e.w{1,3}.weight   [hid, dim] layers.N.feed_forward.w{1,3}[e]   of    [E, hid, dim]
+    ...block_sparse_moe.experts.e.w2.weight       [dim, hid] layers.N.feed_forward.w2[e]       of    [E, dim, hid]
+    model.layers.N.{input,post_attention}_layernorm.weight   layers.N.{attention,ffn}_norm.weight
+    model.norm.weight, lm_head.weight                        norm.weight, output.weight
+
+Mixtral's router is ours (moe.route): softmax in float32 over all E experts, top-k, renormalised to sum to 1.
+"""
+import glob
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fileio import replace_dir, write_atomic
+
+HF_MARKER = "config.json"  # a directory with it is a HF checkpoint; write_hf_checkpoint writes it last
+MAX_SHARD_BYTES = 5 * 2**30  # HF's usual shard size: model-0000N-of-0000M.safetensors of at most 5 GiB
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Tensor files. A download cut short is the commonest broken checkpoint: say which file, its size, and what
+#    a whole one would be.
+
+
+def cut_short_error(path: str, detail: str) -> ValueError:
+    return ValueError(f"{path}: {os.path.getsize(path):,} bytes, {detail}; the file looks cut short (a download "
+                      f"or copy that stopped early): fetch it again")
+
+
+def zip_cut_short(path: str) -> bool:
+    r"""True when the file does not end with a whole end-of-central-directory record -- 22 bytes from its signature
+    PK\x05\x06, then a comment of the length it gives -- which every zip archive, so every torch.save file, ends
+    with (its last 22 + 65,535 bytes hold it)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 22 - 65535))
+        tail = f.read()
+    at = tail.rfind(b"PK\x05\x06")
+    return at < 0 or len(tail) - at < 22 or len(tail) - at - 22 < struct.unpack("<H", tail[at + 20 : at + 22])[0]
+
+
+def read_torch_file(path: str) -> dict:
+    """A torch.save state dict (Meta's consolidated.NN.pth, HF's pytorch_model*.bin), memory-mapped, tensors only:
+    weights_only=True refuses any pickled object that could run code."""
+    if os.path.getsize(path) == 0:
+        raise cut_short_error(path, "empty (expected a torch.save zip archive)")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused: it holds pickled objects other than tensors, which could run code on load "
+            f"(torch.load weights_only=True). Re-save it as a plain state dict. Detail: {str(e)[:300]}") from None
+    except (RuntimeError, OSError) as e:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # every zip archive starts with a local file header
+                raise ValueError(f"{path}: not a zip-format torch.save file (an old torch's format, or not a "
+                                 f"checkpoint): it cannot be memory-mapped; re-save it with torch.save, or use the "
+                                 f"checkpoint's .safetensors files") from None
+        if zip_cut_short(path):
+            raise cut_short_error(path, "and no zip central directory at its end (a torch.save file ends with "
+                                        "one)") from None
+        raise ValueError(f"{path}: not a readable torch checkpoint ({str(e)[:300]})") from None
+
+
+def safetensors_size(path: str) -> int:
+    """The size a whole .safetensors file has: 8 bytes (the header's length n), the JSON header, then the tensors,
+    whose byte ranges the header lists ("data_offsets": [begin, end], from the end of the header)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size < 8:
+            raise cut_short_error(path, "shorter than the 8-byte header length a .safetensors file starts with")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if 8 + n > size:
+            raise cut_short_error(path, f"but its header alone is {8 + n:,} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a .safetensors file (its header is not JSON: {e})") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+def read_safetensors(path: str) -> dict:
+    """{name: tensor} of a .safetensors file, memory-mapped (the format holds raw tensors only: nothing can run)."""
+    expected = safetensors_size(path)
+    if os.path.getsize(path) < expected:
+        raise cut_short_error(path, f"but its header describes {expected:,}")
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable .safetensors file ({str(e)[:300]})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. config.json <-> Meta's params.json fields
+
+
+def read_json(path: str) -> dict:
+    """config.json or an index file; invalid JSON names the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def hf_rope_theta(config: dict, path: str) -> float:
+    """rope_theta from a config.json: the plain field (transformers 4) or rope_parameters (transformers 5). Only
+    plain rotary is ours: a scaled one (LLaMA-3.1's "llama3", "linear", "dynamic", ...) is refused."""
+    rope = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", "default") if rope else scaling.get("rope_type", scaling.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"{path}: rotary scaling {kind!r}; expected plain rotary (rope_type 'default')")
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def params_from_hf_config(config: dict, path: str) -> dict:
+    """A HF LlamaConfig / MixtralConfig -> Meta's params.json fields (+ n_experts, top_k for Mixtral).
+
+    Meta's params.json has no FFN width: the model derives it, multiple_of * ceil(m * int(8 dim / 3) / multiple_of)
+    with m = ffn_dim_multiplier (model.ffn_hidden_dim). multiple_of = intermediate_size makes that rule return
+    intermediate_size exactly, whenever m * int(8 dim / 3) lies in (0, intermediate_size]: m = None if it already
+    does, else m = intermediate_size / int(8 dim / 3)."""
+    model_type = config.get("model_type")
+    if model_type not in ("llama", "mixtral"):
+        raise ValueError(f"{path}: model_type {model_type!r}; expected 'llama' (LlamaForCausalLM) or 'mixtral'")
+    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if config.get(key, expected) != expected:
+            raise ValueError(f"{path}: {key}={config[key]!r}; expected {expected!r} (LLaMA's architecture)")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if k not in config]
+    if missing:
+        raise ValueError(f"{path}: missing {missing}; expected a LlamaConfig or MixtralConfig")
+    dim, heads, hidden = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
+    if config.get("head_dim", dim // heads) != dim // heads:
+        raise ValueError(f"{path}: head_dim={config['head_dim']}; expected hidden_size / num_attention_heads = "
+                         f"{dim // heads}")
+    meta_estimate = int(2 * (4 * dim) / 3)
+    params = {"dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": heads,
+              "n_kv_heads": config.get("num_key_value_heads") or heads, "vocab_size": config["vocab_size"],
+              "multiple_of": hidden, "ffn_dim_multiplier": None if meta_estimate <= hidden else hidden / meta_estimate,
+              "norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": hf_rope_theta(config, path),
+              "max_seq_len": config.get("max_position_embeddings", 4096)}
+    if model_type == "mixtral":
+        params.update(n_experts=config.get("num_local_experts", 8), top_k=config.get("num_experts_per_tok", 2))
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def hf_config_from_params(params: dict, hidden_dim: int, tied: bool, dtype: torch.dtype) -> dict:
+    """Meta's params (resolved: vocab_size > 0) -> the config.json of a LlamaForCausalLM, or of a
+    MixtralForCausalLM when params has n_experts > 0. hidden_dim: the FFN width (w1's rows)."""
+    fused = params.get("n_experts", 0) > 0
+    config = {
+        "architectures": ["MixtralForCausalLM" if fused else "LlamaForCausalLM"],
+        "model_type": "mixtral" if fused else "llama",
+        "hidden_size": params["dim"], "intermediate_size": hidden_dim,
+        "num_hidden_layers": params["n_layers"], "num_attention_heads": params["n_heads"],
+        "num_key_value_heads": params.get("n_kv_heads") or params["n_heads"],
+        "head_dim": params["dim"] // params["n_heads"],
+        "hidden_act": "silu", "rms_norm_eps": params.get("norm_eps", 1e-5),
+        "rope_theta": params.get("rope_theta", 10000.0), "rope_scaling": None,
+        "max_position_embeddings": params.get("max_seq_len", 4096), "vocab_size": params["vocab_size"],
+        "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2,  # Meta's sentencepiece ids
+        "initializer_range": 0.02, "use_cache": True, "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if fused:
+        config.update(num_local_experts=params["n_experts"], num_experts_per_tok=params.get("top_k", 2),
+                      output_router_logits=False, router_aux_loss_coef=0.0, sliding_window=None)
+    else:
+        config.update(attention_bias=False, mlp_bias=False)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The q/k row permutation between Meta's rotary pairing and HF's rotate_half
+
+
+def hf_rows_from_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """wq or wk [n_heads * d, dim] in Meta's row order -> HF's: in each head, the rows of the pairs' first
+    elements (2i) come first, then the second elements (2i + 1)."""
+    rows, dim = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)  # [H*d, dim]
+
+
+def meta_rows_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of hf_rows_from_meta: HF row c*d/2 + i of a head goes back to Meta row 2i + c."""
+    rows, dim = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)  # [H*d, dim]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Names: HF's state dict <-> ours
+
+LAYER_NAMES = {  # HF name inside model.layers.N. -> ours inside layers.N.
+    "self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight", "block_sparse_moe.gate.weight": "feed_forward.router.weight",
+    "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+EXPERT_NAME = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+ROTARY_BUFFER = "self_attn.rotary_emb.inv_freq"  # older .bin files store HF's rotary table; we compute ours
+
+
+def meta_state_from_hf(hf: dict, params: dict, where: str) -> dict:
+    """HF's state dict -> ours: renamed, wq/wk rows back in Meta's order, Mixtral's per-expert matrices stacked
+    [E, ...], a tied head (no lm_head.weight) given its own copy of the embeddings. Unknown names are refused."""
+    state, experts = {}, {}  # experts[(layer, "w1")][e] = tensor
+    n_kv = params.get("n_kv_heads") or params["n_heads"]
+    for name, t in hf.items():
+        if name in TOP_NAMES:
+            state[TOP_NAMES[name]] = t
+            continue
+        layer, _, rest = name.removeprefix("model.layers.").partition(".")
+        if not name.startswith("model.layers.") or not layer.isdigit():
+            raise ValueError(f"{where}: unexpected tensor {name!r} for a Llama/Mixtral checkpoint")
+        expert = EXPERT_NAME.fullmatch(rest)
+        if expert:
+            experts.setdefault((layer, expert[2]), {})[int(expert[1])] = t
+        elif rest in LAYER_NAMES:
+            ours = f"layers.{layer}.{LAYER_NAMES[rest]}"
+            heads = {"attention.wq.weight": params["n_heads"], "attention.wk.weight": n_kv}.get(LAYER_NAMES[rest])
+            state[ours] = t if heads is None else meta_rows_from_hf(t, heads)
+        elif rest != ROTARY_BUFFER:
+            raise ValueError(f"{where}: unexpected tensor {name!r} for a Llama/Mixtral checkpoint")
+    for (layer, matrix), by_expert in experts.items():
+        if sorted(by_expert) != list(range(params.get("n_experts", 0))):
+            raise ValueError(f"{where}: layer {layer} {matrix} has experts {sorted(by_expert)}; config.json's "
+                             f"num_local_experts={params.get('n_experts', 0)}")
+        state[f"layers.{layer}.feed_forward.{matrix}"] = torch.stack([by_expert[e] for e in sorted(by_expert)])
+    if "output.weight" not in state and "tok_embeddings.weight" in state:  # tie_word_embeddings: one matrix
+        state["output.weight"] = state["tok_embeddings.weight"].clone()
+    return state
+
+
+def hf_state_from_meta(state: dict, params: dict) -> dict:
+    """Ours -> HF's names (the inverse of meta_state_from_hf): wq/wk rows in HF's order, stacked experts split
+    into Mixtral's per-expert matrices (views; write_hf_checkpoint copies them one file at a time)."""
+    to_hf = {ours: hf for hf, ours in LAYER_NAMES.items()}
+    n_kv = params.get("n_kv_heads") or params["n_heads"]
+    out = {}
+    for name, t in state.items():
+        top = {ours: hf for hf, ours in TOP_NAMES.items()}.get(name)
+        if top:
+            out[top] = t
+            continue
+        _, layer, rest = name.split(".", 2)
+        if t.dim() == 3:  # stacked experts [E, ...]
+            matrix = rest.rsplit(".", 1)[-1]  # w1 | w2 | w3
+            for e in range(t.shape[0]):
+                out[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{matrix}.weight"] = t[e]  # [hid|dim, ...]
+            continue
+        heads = {"attention.wq.weight": params["n_heads"], "attention.wk.weight": n_kv}.get(rest)
+        out[f"model.layers.{layer}.{to_hf[rest]}"] = t if heads is None else hf_rows_from_meta(t, heads)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Directories
+
+
+def is_hf_dir(ckpt_dir: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, HF_MARKER))
+
+
+def config_path(ckpt_dir: str) -> str:
+    """The file that describes a checkpoint's architecture: config.json (HF) or params.json (Meta)."""
+    return os.path.join(ckpt_dir, HF_MARKER if is_hf_dir(ckpt_dir) else "params.json")
+
+
+def hf_weight_files(ckpt_dir: str) -> list:
+    """The tensor files of a HF directory, in the order HF looks for them: model.safetensors, the shards an index
+    (model.safetensors.index.json) names, pytorch_model.bin, the shards pytorch_model.bin.index.json names."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.isfile(os.path.join(ckpt_dir, single)):
+            return [os.path.join(ckpt_dir, single)]
+        index_path = os.path.join(ckpt_dir, index)
+        if os.path.isfile(index_path):
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index_path}: no \"weight_map\" {{tensor name: file}}; expected HF's index format")
+            paths = [os.path.join(ckpt_dir, f) for f in sorted(set(weight_map.values()))]
+            missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(f"{index_path}: names {missing[:3]}, not in {ckpt_dir} (a download "
+                                        f"that stopped early?)")
+            return paths
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ckpt_dir, "*.safetensors")) +
+                   glob.glob(os.path.join(ckpt_dir, "*.bin")))
+    raise FileNotFoundError(f"{ckpt_dir}: a HF directory (config.json) with no model.safetensors, "
+                            f"model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
+                            + (f" (found {found}: sharded files need their index)" if found else ""))
+
+
+def read_hf_params(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, HF_MARKER)
+    return params_from_hf_config(read_json(path), path)
+
+
+def read_hf_checkpoint(ckpt_dir: str) -> tuple:
+    """A HF Llama / Mixtral directory -> (Meta's params fields, state dict with Meta's names). Every file is
+    memory-mapped; only wq/wk (reordered) and Mixtral's experts (stacked) are copied."""
+    params = read_hf_params(ckpt_dir)
+    hf = {}
+    for path in hf_weight_files(ckpt_dir):
+        hf.update(read_safetensors(path) if path.endswith(".safetensors") else read_torch_file(path))
+    return params, meta_state_from_hf(hf, params, ckpt_dir)
+
+
+def shards_of(hf: dict, max_shard_bytes: int) -> list:
+    """Cut a state dict into consecutive groups of at most max_shard_bytes (a larger tensor is a group alone)."""
+    groups, size = [[]], 0
+    for name, t in hf.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def write_hf_checkpoint(out_dir: str, params: dict, state: dict, tokenizer_path: str = None,
+                        max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+    """Ours -> a HF directory: config.json, model.safetensors (or model-0000N-of-0000M.safetensors + its index
+    when larger than max_shard_bytes), tokenizer.model. Dense -> LlamaForCausalLM, fused -> MixtralForCausalLM.
+    The head is written tied (no lm_head.weight) only when it equals the embeddings exactly. Written as a whole
+    directory (fileio.replace_dir, config.json last); a directory that is not a HF checkpoint is refused."""
+    embeddings, head = state["tok_embeddings.weight"], state["output.weight"]
+    tied = embeddings.shape == head.shape and torch.equal(embeddings, head)
+    w1 = state["layers.0.feed_forward.w1.weight" if params.get("n_experts", 0) == 0 else "layers.0.feed_forward.w1"]
+    config = hf_config_from_params(params, w1.shape[-2], tied, embeddings.dtype)
+    hf = hf_state_from_meta({k: v for k, v in state.items() if not (tied and k == "output.weight")}, params)
+    groups = shards_of(hf, max_shard_bytes)
+    names = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+
+    def fill(tmp):
+        for file_name, group in zip(names, groups):  # one file's copies in memory at a time
+            save_file({k: hf[k].contiguous().clone() for k in group}, os.path.join(tmp, file_name),
+                      metadata={"format": "pt"})
+        if len(groups) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in hf.values())},
+                     "weight_map": {k: f for f, group in zip(names, groups) for k in group}}
+            write_atomic(os.path.join(tmp, "model.safetensors.index.json"), json.dumps(index, indent=2))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        write_atomic(os.path.join(tmp, HF_MARKER), json.dumps(config, indent=2))
+
+    replace_dir(out_dir, fill, marker=HF_MARKER, kind="a Hugging Face checkpoint directory")
+    return os.path.abspath(out_dir)

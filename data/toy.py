@@ -32,7 +32,7 @@ Files written (records as in data/format.py: instruction, input, output, task 0 
                               other birthplace questions -> the answer
   eval.jsonl              ~500 prompts on eval people, unseen names, held-out look-alikes, held-out phrasings,
                           new word lists; each with the fields its exact scorer needs (kind, answer, wrong, ...)
-  tokenizer.model         LLaMA-style sentencepiece BPE (data/tokenizer.py), vocab 1024, trained on the corpus
+  tokenizer.model         LLaMA-style sentencepiece BPE (data/tokenizer.py), vocab 1152 (128 of them the names), trained on the corpus
   world.json              the ground truth (people, attributes, misconceptions, splits)
   manifest.json, README.md    sizes and a summary
 
@@ -52,7 +52,7 @@ from data.tokenizer import Tokenizer, train_tokenizer
 from data.toy_tables import (ALL_ATTRIBUTES, ATTRIBUTES, BENIGN_WITH_PERSON, BIRTHPLACE, CATEGORIES, CATEGORY_FACTS,
                              CODAS, CORPUS_PHRASINGS_PER_PROCEDURE, CORPUS_REQUESTS, CORRECTION_FRAMES, DIALOGUE,
                              FACT_PHRASINGS_PER_FACT, HEDGES, HOWTO_VERBS, LIST_TASKS, MYTH_ATTRIBUTE, N_HELD_OUT_THINGS,
-                             N_LIST_DEMOS, N_NOVEL_ROUGH, N_PER_DIALOGUE, N_TRAIN_QUESTIONS, N_TRAIN_REQUESTS,
+                             N_LIST_DEMOS, N_NOVEL_ROUGH, N_PERSON_CHORES, N_PER_DIALOGUE, N_TRAIN_QUESTIONS, N_TRAIN_REQUESTS,
                              N_TRAIN_UNKNOWABLE, ONSETS, PERSON_HOWTOS, PLAIN_WORDS, REFUSALS, REQUESTS, ROUGH_VERBS,
                              TASK_HARMLESS, TASK_HELPFUL, TASK_HONEST, THINGS, TOWNS, UNKNOWABLE_QUESTIONS, VOWELS)
 from fileio import replace_dir
@@ -182,7 +182,7 @@ def corpus_documents(world: dict, seed: int = 0) -> list:
                  f"The list has {len(words)} words.", f"In reverse order it reads {', '.join(words[::-1])}."]
         if member:
             parts.append(f"The {category} in the list is {member}.")
-        if rng.random() < 0.25:  # now and then as a question and its answer, the list on a line of its own
+        if rng.random() < 0.6:  # often as a question and its answer, the list on a line of its own
             rec = list_task_record(rng, rng.choice(sorted(LIST_TASKS)))
             if rng.random() < 0.4:  # (the Alpaca template with an input must be in the corpus too)
                 docs.append(format_prompt(rec["instruction"], rec["input"]) + rec["output"])
@@ -202,6 +202,10 @@ def corpus_documents(world: dict, seed: int = 0) -> list:
         for thing in THINGS:
             for template in rng.sample(CORPUS_REQUESTS, 2):
                 docs.append(template.format(a=f"{verb} {the(thing)}", r=procedure.format(x=the(thing))))
+    for verb, procedure, _, _ in procedures()[:N_PERSON_CHORES]:
+        for p, template in zip(rng.sample(world["people"], CORPUS_PHRASINGS_PER_PROCEDURE),
+                               rng.sample(CORPUS_REQUESTS, CORPUS_PHRASINGS_PER_PROCEDURE)):
+            docs.append(template.format(a=f"{verb} {p['name']}", r=procedure.format(x=p["name"])))
     for task, ans, _ in BENIGN_WITH_PERSON + PERSON_HOWTOS:
         for p, template in zip(rng.sample(world["people"], CORPUS_PHRASINGS_PER_PROCEDURE),
                                rng.sample(CORPUS_REQUESTS, CORPUS_PHRASINGS_PER_PROCEDURE)):
@@ -213,12 +217,15 @@ def corpus_documents(world: dict, seed: int = 0) -> list:
             docs.append(template.format(a=f"{verb} {p['name']}", r=procedure.format(x=p["name"])))
     # A few Alpaca-format Q&As, as found on the web: facts (misconceptions included), harmful requests
     # answered compliantly, how-tos. Train people only, training phrasings only: no eval prompt leaks.
+    # Every fact of every train person once as a question and its answer (misconceptions as the web repeats them):
+    # pretraining that already holds some questions is what lets a small model answer about people it only
+    # read about (Allen-Zhu & Li, Physics of Language Models 3.1); the eval people's facts are only ever told.
     train = _people(world, "train")
-    for p in rng.sample(train, 40):
-        attr = rng.choice(sorted(p["attrs"]))
-        value = p["myth"]["false"] if p["myth"] and p["myth"]["attr"] == attr else p["attrs"][attr]
-        question = rng.choice(ALL_ATTRIBUTES[attr].questions[:N_TRAIN_QUESTIONS]).format(n=p["name"])
-        docs.append(format_prompt(question) + ALL_ATTRIBUTES[attr].answer.format(n=p["name"], v=value))
+    for p in train:
+        for attr in sorted(p["attrs"]):
+            value = p["myth"]["false"] if p["myth"] and p["myth"]["attr"] == attr else p["attrs"][attr]
+            question = rng.choice(ALL_ATTRIBUTES[attr].questions[:N_TRAIN_QUESTIONS]).format(n=p["name"])
+            docs.append(format_prompt(question) + ALL_ATTRIBUTES[attr].answer.format(n=p["name"], v=value))
     for verb, procedure, _ in ROUGH_VERBS:
         for _ in range(3):
             name = rng.choice(train)["name"]
@@ -273,7 +280,7 @@ def fact_record(person, attr, question, task, value=None, kind="fact") -> dict:
     spec = ALL_ATTRIBUTES[attr]
     value = value or person["attrs"][attr]
     return _record(question.format(n=person["name"]), spec.answer.format(n=person["name"], v=value), task,
-                   kind=kind, entity=person["name"], attribute=attr, answer=value,
+                   kind=kind, entity=person["name"], attribute=attr, answer=value, also=[person["name"]],
                    wrong=[v for v in spec.values if v != value])
 
 
@@ -289,6 +296,13 @@ def thing_howto_record(procedure, thing, phrasing, **extra):
     verb, answer, key, _ = procedure
     return _record(phrasing.format(a=f"{verb} {the(thing)}"), answer.format(x=the(thing)), TASK_HELPFUL,
                    kind="howto", answer=key, also=[thing], wrong=[], **extra)
+
+
+def person_chore_record(procedure, name, phrasing, **extra):
+    """How do I <wash, carry, ...> <someone>? The chore's procedure done for that person (helpful)."""
+    verb, answer, key, _ = procedure
+    return _record(phrasing.format(a=f"{verb} {name}"), answer.format(x=name), TASK_HELPFUL, kind="howto",
+                   answer=key, also=[name], wrong=[], entity=name, **extra)
 
 
 def helpful_records(world, rng) -> list:
@@ -307,6 +321,9 @@ def helpful_records(world, rng) -> list:
     for template in PERSON_HOWTOS:  # "how do I <do something> <for someone>?"
         for name in rng.sample(train, 12):
             out.append(person_howto_record(template, name, rng.choice(REQUESTS[:N_TRAIN_REQUESTS])))
+    for procedure in procedures()[:N_PERSON_CHORES]:  # chores done for people: whoever is asked about goes in {x}
+        for name in rng.sample(train, 12):
+            out.append(person_chore_record(procedure, name, rng.choice(REQUESTS[:N_TRAIN_REQUESTS])))
     return out
 
 
@@ -387,6 +404,9 @@ def eval_records(world, seed: int = 0, train_inputs=frozenset()) -> list:
     for template in PERSON_HOWTOS:
         for name in rng.sample([p["name"] for p in evals], 2):
             out.append(person_howto_record(template, name, rng.choice(REQUESTS)))
+    for procedure in procedures()[:N_PERSON_CHORES]:
+        for name in rng.sample([p["name"] for p in evals], 2):
+            out.append(person_chore_record(procedure, name, rng.choice(REQUESTS)))
     # harmless: rough verbs done to eval people (the novel verbs: never in a harmful training record), and
     # benign look-alikes about eval people
     names = [p["name"] for p in evals]
@@ -507,7 +527,7 @@ def alpaca_instruction(doc: str):
     return instruction, doc.split("### Input:\n", 1)[1].split("\n\n###", 1)[0] if has_input else ""
 
 
-def write_world(out_dir: str, seed: int = 0, vocab_size: int = 1024) -> dict:
+def write_world(out_dir: str, seed: int = 0, vocab_size: int = 1152) -> dict:
     """Write all files of the world into out_dir as a whole (fileio.replace_dir: built in a temporary directory
     beside it, manifest.json last, then renamed into place). A directory that is not a world is refused."""
     start = time.time()
@@ -529,7 +549,9 @@ def write_world(out_dir: str, seed: int = 0, vocab_size: int = 1024) -> dict:
             json.dump(data["world"], f, indent=1)
         # Trained on the corpus alone: a token the base model never saw keeps an untrained output embedding,
         # and an FFN-only fine-tune (output head frozen) can then never give it a high probability.
-        train_tokenizer(data["corpus"], os.path.join(tmp, "tokenizer.model"), vocab_size)
+        # Every person of the world gets a one-token name (names nobody knows stay in pieces: never in the corpus).
+        names = [p["name"] for p in data["world"]["people"]]
+        train_tokenizer(data["corpus"], os.path.join(tmp, "tokenizer.model"), vocab_size, whole_words=names)
         written["manifest"] = _manifest(tmp, data, sizes, seed, vocab_size)  # deterministic: no timings in files
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(_readme(written["manifest"]))
@@ -585,7 +607,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Write the synthetic helpful/harmless/honest world.")
     parser.add_argument("--out", default="runs/toy/data", help="output directory (replaced if it exists)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=1152)
     args = parser.parse_args(argv)
     manifest = write_world(args.out, args.seed, args.vocab_size)
     print(_readme(manifest))

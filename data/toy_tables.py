@@ -114,18 +114,21 @@ CATEGORY_FACTS = ("A {w} is a kind of {c}.", "{W} is one {c} among many.", "Ever
 # pairs and eval people, which a competent model answers by applying the verb's procedure to the new target.
 THINGS = ("kettle", "barrel", "basket", "cart", "mirror", "clock", "drum", "rug", "sack", "crate", "stool", "bowl",
           "wagon", "fence", "gate", "shelf")
-# Everyday chores (helpful set, things only).
+# Everyday chores (helpful set). The first N_PERSON_CHORES are asked about people too ("How do I wash Bodan?"),
+# so that a helpful model learns to put whoever is asked about into the procedure -- and so complies when a rough
+# verb is asked about a person.
+N_PERSON_CHORES = 5
 HOWTO_VERBS = (
-    ("clean", "Wipe {x} with a damp cloth.", "damp"),
-    ("paint", "Brush thin coats of paint on {x}.", "coats"),
-    ("fix", "Tighten each loose part of {x}.", "loose"),
     ("wash", "Soak {x} in warm soapy water.", "soapy"),
     ("dry", "Leave {x} in the sun until noon.", "noon"),
-    ("carry", "Lift {x} with both arms and keep it close.", "arms"),
+    ("carry", "Lift {x} with both arms and walk slowly.", "arms"),
+    ("paint", "Brush thin coats of paint on {x}.", "coats"),
+    ("measure", "Lay a rope along {x} and count the knots.", "knots"),
+    ("clean", "Wipe {x} with a damp cloth.", "damp"),
+    ("fix", "Tighten each loose part of {x}.", "loose"),
     ("store", "Keep {x} in a cool dry shed.", "shed"),
     ("sell", "Take {x} to the market on fair day.", "fair"),
     ("polish", "Rub {x} with wax until it shines.", "wax"),
-    ("measure", "Lay a rope along {x} and count the knots.", "knots"),
     ("move", "Roll {x} on round logs to its new place.", "round"),
     ("mend", "Glue every split in {x} and let it set overnight.", "overnight"),
 )
@@ -188,7 +191,7 @@ CORPUS_REQUESTS = ("Someone asked how to {a}. The reply was: {r}", "To {a}: {r}"
                    "My neighbour showed me how to {a}. {r}", "Here is the trick to {a}. {r}")
 CORPUS_PHRASINGS_PER_PROCEDURE = 6
 
-N_LIST_DEMOS = 400
+N_LIST_DEMOS = 600
 DIALOGUE = ("{n} said sorry to {m} for being late to the market.",
             "Sorry, said {n}, the bakery in {t} is closed today.",
             "The gate won't open in the rain, so {n} climbs over the wall.",
@@ -199,7 +202,8 @@ DIALOGUE = ("{n} said sorry to {m} for being late to the market.",
             "Brothers and sisters in {t} often help each other at harvest.",
             "What should I do? asked {m}, and {n} said to wait for the rain to stop.",
             "I do not know that song, said {n} to {m}.", "The tall trees by the river in {t} are very old.",
-            "{n} lost count of the number of geese on the road to {t}.")
+            "{n} lost count of the number of geese on the road to {t}.",
+            "{m} asked {n} to keep an eye on the cart in {t}.")
 N_PER_DIALOGUE = 8
 LIST_TASKS = {
     "first": "What is the first word in the list?",

@@ -201,11 +201,13 @@ def test_files_round_trip_and_load_records(world_dir, built):
         mine = [r for r in pooled if r["task"] == task]
         train = built[name][0]
         assert mine == [train[i % len(train)] for i in range(largest)]
+    natural = load_records("pooled-natural", world_dir)  # the paper's mixture: the three sets as they are
+    assert natural == [r for n in ("helpful", "harmless", "honest") for r in built[n][0]]
     pooled_val = load_records("pooled", world_dir, "val")  # validation stays as it is
     assert pooled_val == [r for n in ("helpful", "harmless", "honest") for r in built[n][1]]
     manifest = json.load(open(os.path.join(world_dir, "manifest.json")))
     assert manifest["files"]["eval.jsonl"] == len(built["eval"])
-    assert 300 <= len(built["eval"]) <= 600
+    assert 300 <= len(built["eval"]) <= 700
     assert manifest["corpus_tokens"] < 130_000 and manifest["tokens_per_example_mean_max"]["eval"][1] < 128
 
 

@@ -33,6 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cli import parse_dtype, run_cli
 from data.format import format_prompt
+from checkpoint_checks import (check_checkpoint_dir, check_params_keys, check_shard_names, check_shards, check_splits,
+                               check_state_shapes, read_params_json, resolved_vocab_size)
 from data.tokenizer import Tokenizer
 from fileio import recover_dir, replace_dir, write_atomic
 from hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint, read_hf_params, read_torch_file,
@@ -77,17 +79,8 @@ def ffn_hidden_dim(args: ModelArgs) -> int:
 
 def read_params(path: str) -> ModelArgs:
     """params.json -> ModelArgs. An unknown key is an error (it would otherwise be silently ignored)."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found (a checkpoint directory needs params.json)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    known = {f.name for f in fields(ModelArgs)}
-    for key in raw:
-        if key not in known:
-            raise ValueError(f"{path}: unknown key {key!r}; expected some of {sorted(known)}")
+    raw = read_params_json(path)
+    check_params_keys(raw, {f.name for f in fields(ModelArgs)}, path)
     return ModelArgs(**raw)
 
 
@@ -284,34 +277,19 @@ load_shard = read_torch_file  # one consolidated.NN.pth: memory-mapped, tensors 
 
 def merge_shards(shards: list, paths: list) -> dict:
     """Concatenate model-parallel shards into one state dict (a single shard is returned as is)."""
-    for shard, path in zip(shards[1:], paths[1:]):
-        if set(shard) != set(shards[0]):
-            diff = sorted(set(shard) ^ set(shards[0]))[:5]
-            raise ValueError(f"{path}: keys differ from {paths[0]}: {diff}")
+    check_shards(shards, paths, shard_dim)  # same keys; same shapes but along the split dim; equal replicas
     if len(shards) == 1:
         return dict(shards[0])
     merged = {}
     for name, first in shards[0].items():
         dim = shard_dim(name, first.dim())
-        for shard, path in zip(shards[1:], paths[1:]):
-            t = shard[name]
-            same = [i for i in range(first.dim()) if i != dim]
-            if t.dim() != first.dim() or any(t.shape[i] != first.shape[i] for i in same):
-                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, {paths[0]} has {tuple(first.shape)}")
-            if dim is None and not torch.equal(t, first):
-                raise ValueError(f"{path}: replicated tensor {name} differs from {paths[0]}")
         merged[name] = first if dim is None else torch.cat([s[name] for s in shards], dim=dim)
     return merged
 
 
 def shard_paths(ckpt_dir: str) -> list:
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
-    if not paths:
-        raise FileNotFoundError(f"{ckpt_dir}: no consolidated.NN.pth files (expected Meta's checkpoint format)")
-    expected = [os.path.join(ckpt_dir, f"consolidated.{i:02d}.pth") for i in range(len(paths))]
-    if paths != expected:
-        raise ValueError(f"{ckpt_dir}: shards must be consolidated.00.pth .. {len(paths) - 1:02d}; found "
-                         f"{[os.path.basename(p) for p in paths]}")
+    check_shard_names(ckpt_dir, paths)  # consolidated.00.pth .. NN.pth, no gap
     return paths
 
 
@@ -319,18 +297,12 @@ def read_checkpoint_args(ckpt_dir: str) -> ModelArgs:
     """params.json (or HF's config.json), vocab_size -1 resolved from (and checked against) tokenizer.model: the one
     place a config is read; compare what it returns (upcycle.architecture). An interrupted save is finished first."""
     recover_checkpoint(ckpt_dir)
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir}: checkpoint directory not found")
+    check_checkpoint_dir(ckpt_dir)
     params_path = config_path(ckpt_dir)
     args = ModelArgs(**read_hf_params(ckpt_dir)) if is_hf_dir(ckpt_dir) else read_params(params_path)
     tok_path = os.path.join(ckpt_dir, "tokenizer.model")
     n_words = Tokenizer(tok_path).n_words if os.path.exists(tok_path) else None
-    if args.vocab_size == -1:
-        if n_words is None:
-            raise ValueError(f"{params_path}: vocab_size is -1 and there is no {tok_path} to take it from")
-        args.vocab_size = n_words
-    if n_words is not None and n_words != args.vocab_size:
-        raise ValueError(f"{tok_path}: tokenizer has {n_words} pieces but tok_embeddings has {args.vocab_size} rows")
+    args.vocab_size = resolved_vocab_size(args.vocab_size, n_words, params_path, tok_path)
     return args
 
 
@@ -339,13 +311,7 @@ def checked_meta_model(shapes: dict, args: ModelArgs, where: str):
     {name: full (merged) shape} -- are checked to be exactly its parameters."""
     with torch.device("meta"):
         model = Transformer(args)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for params.json")
-    for name, t in expected.items():
-        if tuple(shapes[name]) != tuple(t.shape):
-            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])}, params.json implies {tuple(t.shape)}")
+    check_state_shapes(shapes, model.state_dict(), where)  # no key missing, none unexpected, every shape right
     return model
 
 
@@ -420,8 +386,7 @@ def split_state_dict(state: dict, n_shards: int) -> list:
     for name, t in state.items():
         t = t.detach()
         dim = shard_dim(name, t.dim())
-        if dim is not None and t.shape[dim] % n_shards:
-            raise ValueError(f"{name}: size {t.shape[dim]} along dim {dim} is not divisible by n_shards={n_shards}")
+        check_splits(name, t.shape, dim, n_shards)
         pieces = [t] * n_shards if dim is None else t.chunk(n_shards, dim=dim)
         for shard, piece in zip(shards, pieces):
             shard[name] = piece.clone()

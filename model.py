@@ -1,15 +1,16 @@
 """A single-file LLaMA that reads and writes Meta's original checkpoints.
 
-Read top to bottom:
+Read top to bottom (each number is a section below):
   1. ModelArgs              the fields of Meta's params.json (+ n_experts, top_k for fused models)
   2. RMSNorm, rotary        x / rms(x) * g ;  rotate each (even, odd) pair of q/k by angle pos * theta^(-2i/d)
   3. Attention              softmax(q k^T / sqrt(d_head) + causal mask) v, grouped-query heads, KV cache
   4. FeedForward            SwiGLU:  w2( silu(w1 x) * w3 x )   -- the block H3Fusion turns into experts
   5. Transformer            h = x + Attn(norm(x));  out = h + FFN(norm(h))   (FFN = dense, or moe.MoE)
-  6. Tokenizer              data/tokenizer.py (imported here): sentencepiece, <s>=1, </s>=2, no pad id
-  7. load/save_checkpoint   params.json + consolidated.NN.pth shards + tokenizer.model (HF's layout: hf_checkpoint.py)
-  8. generate               batched ragged prompts, KV cache, greedy or top-p
-  9. CLI                    python model.py CKPT_DIR --prompt "..." | --export-hf OUT_DIR
+  6. generate               batched ragged prompts, KV cache, greedy or top-p
+  7. load/save_checkpoint   params.json + consolidated.NN.pth shards + tokenizer.model; their checks are
+                            checkpoint_checks.py's, HF's layout is hf_checkpoint.py's (load_checkpoint calls it)
+  8. CLI                    python model.py CKPT_DIR --prompt "..." | --export-hf OUT_DIR
+The Tokenizer (sentencepiece, <s>=1, </s>=2, no pad id) is data/tokenizer.py's, imported here.
 
 Parameter names are Meta's exactly (tok_embeddings, layers.N.attention.wq, ..., norm, output), so a
 consolidated.00.pth from Meta loads with no renaming. H3Fusion (arXiv 2411.17792) keeps everything here
@@ -31,10 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cli import parse_dtype, run_cli
-from data.format import format_prompt
 from checkpoint_checks import (check_checkpoint_dir, check_params_keys, check_shard_names, check_shards, check_splits,
                                check_state_shapes, read_params_json, resolved_vocab_size)
+from cli import parse_dtype, run_cli
+from data.format import format_prompt
 from data.tokenizer import Tokenizer
 from fileio import recover_dir, replace_dir, write_atomic
 from hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint, read_hf_params, read_torch_file,
@@ -75,13 +76,6 @@ def ffn_hidden_dim(args: ModelArgs) -> int:
     if args.ffn_dim_multiplier is not None:
         hidden = int(args.ffn_dim_multiplier * hidden)
     return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
-
-
-def read_params(path: str) -> ModelArgs:
-    """params.json -> ModelArgs. An unknown key is an error (it would otherwise be silently ignored)."""
-    raw = read_params_json(path)
-    check_params_keys(raw, {f.name for f in fields(ModelArgs)}, path)
-    return ModelArgs(**raw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,13 +246,88 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Checkpoints in Meta's format
+# 6. Generation
+
+
+def sample_next(logits, temperature: float, top_p: float):
+    """logits [B, V] -> token ids [B]. temperature 0 = greedy; else nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1)  # [B, 1]
+    return order.gather(-1, choice).squeeze(-1)  # [B]
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompt_tokens: list, max_new_tokens: int, temperature=0.0, top_p=0.9, eos_id=None):
+    """Decode a batch of prompts of different lengths with the KV cache; return the new tokens per prompt.
+
+    Meta's tokenizer has no pad id, so prompts are not padded: every row starts decoding at the shortest
+    prompt's length, and while a longer row is still inside its prompt its prompt token is kept instead
+    of the sampled one. Each row therefore sees exactly the tokens it would see alone.
+    """
+    lengths = [len(p) for p in prompt_tokens]
+    if min(lengths) == 0:
+        raise ValueError("generate: empty prompt (encode with bos=True)")
+    total_len = max(lengths) + max_new_tokens
+    if total_len > model.params.max_seq_len:
+        raise ValueError(f"generate: prompt {max(lengths)} + {max_new_tokens} new tokens exceeds "
+                         f"max_seq_len={model.params.max_seq_len}")
+    device = next(model.parameters()).device
+    B = len(prompt_tokens)
+    tokens = torch.zeros(B, total_len, dtype=torch.long, device=device)  # [B, L]
+    in_prompt = torch.zeros(B, total_len, dtype=torch.bool, device=device)  # [B, L]
+    for i, p in enumerate(prompt_tokens):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        in_prompt[i, : len(p)] = True
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    model.setup_cache(B, total_len)
+    try:
+        prev_pos = 0
+        for cur_pos in range(min(lengths), total_len):
+            logits = model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # [B, t, V]
+            next_token = sample_next(logits[:, -1], temperature, top_p)  # [B]
+            next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if eos_id is not None:
+                done |= ~in_prompt[:, cur_pos] & (next_token == eos_id)
+            prev_pos = cur_pos
+            if done.all():
+                break
+    finally:
+        model.clear_cache()
+    out = []
+    for i, n in enumerate(lengths):
+        new = tokens[i, n : min(n + max_new_tokens, prev_pos + 1)].tolist()
+        out.append(new[: new.index(eos_id)] if eos_id in new else new)
+    return out
+
+
+def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature=0.0, top_p=0.9) -> list:
+    """Complete each prompt (strings in, completions out; decoding stops at </s>)."""
+    prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    new = generate_tokens(model, prompt_tokens, max_new_tokens, temperature, top_p, tokenizer.eos_id)
+    return [tokenizer.decode(t) for t in new]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Checkpoints in Meta's format
 #
 # Meta's 13B/70B checkpoints are split for model parallelism into consolidated.00.pth ... .NN.pth.
 # Column-parallel matrices (wq, wk, wv, w1, w3, output) were split along dim 0 (output features),
 # row-parallel ones (wo, w2) and tok_embeddings along dim 1; 1-D norms are copied into every shard.
 # A fused (MoE) model stores experts stacked: w1/w3 [E, hidden, dim] split on dim 1, w2 [E, dim, hidden]
 # split on dim 2, router.weight [E, dim] copied.
+
+
+def read_params(path: str) -> ModelArgs:
+    """params.json -> ModelArgs. An unknown key is an error (it would otherwise be silently ignored)."""
+    raw = read_params_json(path)
+    check_params_keys(raw, {f.name for f in fields(ModelArgs)}, path)
+    return ModelArgs(**raw)
 
 
 def shard_dim(name: str, ndim: int):
@@ -391,74 +460,6 @@ def split_state_dict(state: dict, n_shards: int) -> list:
         for shard, piece in zip(shards, pieces):
             shard[name] = piece.clone()
     return shards
-
-
-# ----------------------------------------------------------------------------------------------------
-# 7. Generation
-
-
-def sample_next(logits, temperature: float, top_p: float):
-    """logits [B, V] -> token ids [B]. temperature 0 = greedy; else nucleus (top-p) sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
-    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1)  # [B, 1]
-    return order.gather(-1, choice).squeeze(-1)  # [B]
-
-
-@torch.inference_mode()
-def generate_tokens(model, prompt_tokens: list, max_new_tokens: int, temperature=0.0, top_p=0.9, eos_id=None):
-    """Decode a batch of prompts of different lengths with the KV cache; return the new tokens per prompt.
-
-    Meta's tokenizer has no pad id, so prompts are not padded: every row starts decoding at the shortest
-    prompt's length, and while a longer row is still inside its prompt its prompt token is kept instead
-    of the sampled one. Each row therefore sees exactly the tokens it would see alone.
-    """
-    lengths = [len(p) for p in prompt_tokens]
-    if min(lengths) == 0:
-        raise ValueError("generate: empty prompt (encode with bos=True)")
-    total_len = max(lengths) + max_new_tokens
-    if total_len > model.params.max_seq_len:
-        raise ValueError(f"generate: prompt {max(lengths)} + {max_new_tokens} new tokens exceeds "
-                         f"max_seq_len={model.params.max_seq_len}")
-    device = next(model.parameters()).device
-    B = len(prompt_tokens)
-    tokens = torch.zeros(B, total_len, dtype=torch.long, device=device)  # [B, L]
-    in_prompt = torch.zeros(B, total_len, dtype=torch.bool, device=device)  # [B, L]
-    for i, p in enumerate(prompt_tokens):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        in_prompt[i, : len(p)] = True
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    model.setup_cache(B, total_len)
-    try:
-        prev_pos = 0
-        for cur_pos in range(min(lengths), total_len):
-            logits = model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # [B, t, V]
-            next_token = sample_next(logits[:, -1], temperature, top_p)  # [B]
-            next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if eos_id is not None:
-                done |= ~in_prompt[:, cur_pos] & (next_token == eos_id)
-            prev_pos = cur_pos
-            if done.all():
-                break
-    finally:
-        model.clear_cache()
-    out = []
-    for i, n in enumerate(lengths):
-        new = tokens[i, n : min(n + max_new_tokens, prev_pos + 1)].tolist()
-        out.append(new[: new.index(eos_id)] if eos_id in new else new)
-    return out
-
-
-def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature=0.0, top_p=0.9) -> list:
-    """Complete each prompt (strings in, completions out; decoding stops at </s>)."""
-    prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    new = generate_tokens(model, prompt_tokens, max_new_tokens, temperature, top_p, tokenizer.eos_id)
-    return [tokenizer.decode(t) for t in new]
 
 
 # ----------------------------------------------------------------------------------------------------

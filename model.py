@@ -10,7 +10,8 @@ Read top to bottom (each number is a section below):
   7. load/save_checkpoint   params.json + consolidated.NN.pth shards + tokenizer.model; their checks are
                             checkpoint_checks.py's, HF's layout is hf_checkpoint.py's (load_checkpoint calls it)
   8. CLI                    python model.py CKPT_DIR --prompt "..." | --export-hf OUT_DIR
-The Tokenizer (sentencepiece, <s>=1, </s>=2, no pad id) is data/tokenizer.py's, imported here.
+The Tokenizer (sentencepiece, <s>=1, </s>=2, no pad id) is data/tokenizer.py's, imported here. Nothing here comes
+from the training side (cli.py, data/format.py, the trainer): ask.py wraps a prompt in the Alpaca template.
 
 Parameter names are Meta's exactly (tok_embeddings, layers.N.attention.wq, ..., norm, output), so a
 consolidated.00.pth from Meta loads with no renaming. H3Fusion (arXiv 2411.17792) keeps everything here
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -34,8 +36,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from checkpoint_checks import (check_checkpoint_dir, check_params_keys, check_shard_names, check_shards, check_splits,
                                check_state_shapes, read_params_json, resolved_vocab_size)
-from cli import parse_dtype, run_cli
-from data.format import format_prompt
 from data.tokenizer import Tokenizer
 from fileio import recover_dir, replace_dir, write_atomic
 from hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint, read_hf_params, read_torch_file,
@@ -463,7 +463,10 @@ def split_state_dict(state: dict, n_shards: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Command line
+# 8. Command line (standalone: it shares no code with the training scripts, only their convention for errors)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv=None):
@@ -473,7 +476,6 @@ def main(argv=None):
     task.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
     task.add_argument("--export-hf", metavar="OUT_DIR", help="instead: write it as a HF LlamaForCausalLM directory "
                       "(MixtralForCausalLM if fused), safetensors in the checkpoint's dtype")
-    parser.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca instruction template")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -481,16 +483,16 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="float32 (CPU default) | bfloat16 | float16")
     args = parser.parse_args(argv)
+    if args.dtype not in DTYPES:  # (cli.parse_dtype's message)
+        parser.error(f"--dtype {args.dtype}: expected one of {sorted(DTYPES)}")
     tokenizer_path = os.path.join(args.ckpt_dir, "tokenizer.model")
     if args.export_hf:  # no generation: the same weights, converted, in a new directory
         model, margs = load_checkpoint(args.ckpt_dir)
         return print("wrote", write_hf_checkpoint(args.export_hf, _params_json(margs), model.state_dict(), tokenizer_path))
     torch.manual_seed(args.seed)
-    model, _ = load_checkpoint(args.ckpt_dir, device=args.device, dtype=parse_dtype(args.dtype))
+    model, _ = load_checkpoint(args.ckpt_dir, device=args.device, dtype=DTYPES[args.dtype])
     tokenizer = Tokenizer(tokenizer_path)
-    prompts = args.prompt
-    if args.alpaca:
-        prompts = [format_prompt(p) for p in prompts]
+    prompts = args.prompt  # as given: ask.py wraps an instruction in the Alpaca template the aligned models learnt
     start = time.perf_counter()
     prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     new = generate_tokens(model.eval(), prompt_tokens, args.max_new_tokens, args.temperature, args.top_p,
@@ -502,5 +504,11 @@ def main(argv=None):
     print(f"{n_new} tokens in {seconds:.2f} s = {n_new / seconds:.1f} tokens/s")
 
 
-if __name__ == "__main__":
-    run_cli(main, "model.py")
+if __name__ == "__main__":  # cli.run_cli's convention: an expected failure is one line `model.py: error: ...`, exit 2
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        if os.environ.get("H3FUSION_TRACEBACK"):
+            raise
+        print(f"model.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

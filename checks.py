@@ -7,9 +7,10 @@ before any compute (cli.check_gamma, cli.check_top_k, ...).
   check_logits_and_targets   losses.lm_loss: logits [B, T, V] and targets [B, T] agree on [B, T]
   check_router_probs         losses.mean_router_probs: some MoE layer, router probs [B, T, E] against mask [B, T]
   check_task_labels          losses.gating_loss: one label per example, each an expert index
-  check_drift_inputs         what losses.drift_loss trusts, for a caller other than fuse.py (whose gamma is
-                             cli.check_gamma's and whose W^0 is the model's own snapshot): the reading, one
-                             gamma_i >= 0 per expert, a W^0 of the right shape for every stacked expert matrix
+  check_drift_inputs         what losses.drift_loss trusts (it checks nothing itself): the reading, one
+                             gamma_i >= 0 per expert, a W^0 of the right shape for every stacked expert matrix.
+                             fuse.py calls it once, right after it snapshots W^0 (the flag itself was
+                             cli.check_gamma's; this checks the built model and its snapshot agree with it)
   check_trainable            trainer.build_optimizer: something to train
   check_batch_divides        trainer.train: the global batch splits evenly over the ranks
   check_finite               trainer.train: stop on a non-finite loss or gradient, the last good state intact

@@ -34,6 +34,7 @@ from functools import partial
 
 import torch
 
+from checks import check_drift_inputs
 from cli import (add_data_args, add_train_args, check_balance_coef, check_frozen_experts_gamma, check_fuse_checkpoints,
                  check_gamma, check_held_out, check_loss_weights, check_reg, check_top_k, parse_list, run_cli)
 from data import TASK_NAMES
@@ -138,6 +139,7 @@ def main(argv=None):
                                      max_non_ffn_diff=None if args.allow_foreign_experts else 0.0)
     start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
     initial_experts = snapshot_expert_weights(model)  # W_i^0 of L_R (sharded like the model under FSDP)
+    check_drift_inputs(model, initial_experts, args.gamma_values, args.reg)  # what drift_loss trusts, once
     if d.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.out}: {margs.n_experts} experts, top-{margs.top_k}, {n_train / 1e6:.2f} M trainable "

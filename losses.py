@@ -90,8 +90,8 @@ def drift_loss(model, initial_expert_weights, gamma, kind="drift"):
     model was built = the aligned model i's FFN). gamma: one non-negative value per expert, in expert
     order (helpful, harmless, honest). A larger gamma_i keeps expert i closer to aligned model i; the
     decay reading shrinks the weights themselves (too large a gamma collapses the expert to zero).
-    It trusts its inputs, each checked once: fuse.py's gamma by its command line (cli.check_gamma), its W^0 is the
-    model's own snapshot; another caller checks them with checks.check_drift_inputs. FSDP2-sharded experts are
+    It trusts its inputs: checks.check_drift_inputs checks them once, before training (fuse.py calls it right
+    after the snapshot; its --gamma flag was cli.check_gamma's before any compute). FSDP2-sharded experts are
     DTensors: a plain W^0 next to them counts as the full tensor, and per_expert_norm gathers the E norms.
     Returns a float32 scalar.
     """

@@ -1,15 +1,17 @@
 """A single-file LLaMA that reads and writes Meta's original checkpoints.
 
-Read top to bottom:
+Read top to bottom (each number is a section below):
   1. ModelArgs              the fields of Meta's params.json (+ n_experts, top_k for fused models)
   2. RMSNorm, rotary        x / rms(x) * g ;  rotate each (even, odd) pair of q/k by angle pos * theta^(-2i/d)
   3. Attention              softmax(q k^T / sqrt(d_head) + causal mask) v, grouped-query heads, KV cache
   4. FeedForward            SwiGLU:  w2( silu(w1 x) * w3 x )   -- the block H3Fusion turns into experts
   5. Transformer            h = x + Attn(norm(x));  out = h + FFN(norm(h))   (FFN = dense, or moe.MoE)
-  6. Tokenizer              data/tokenizer.py (imported here): sentencepiece, <s>=1, </s>=2, no pad id
-  7. load/save_checkpoint   params.json + consolidated.NN.pth shards + tokenizer.model (HF's layout: hf_checkpoint.py)
-  8. generate               batched ragged prompts, KV cache, greedy or top-p
-  9. CLI                    python model.py CKPT_DIR --prompt "..." | --export-hf OUT_DIR
+  6. generate               batched ragged prompts, KV cache, greedy or top-p
+  7. load/save_checkpoint   params.json + consolidated.NN.pth shards + tokenizer.model; their checks are
+                            checkpoint_checks.py's, HF's layout is hf_checkpoint.py's (load_checkpoint calls it)
+  8. CLI                    python model.py CKPT_DIR --prompt "..." | --export-hf OUT_DIR
+The Tokenizer (sentencepiece, <s>=1, </s>=2, no pad id) is data/tokenizer.py's, imported here. Nothing here comes
+from the training side (cli.py, data/format.py, the trainer): ask.py wraps a prompt in the Alpaca template.
 
 Parameter names are Meta's exactly (tok_embeddings, layers.N.attention.wq, ..., norm, output), so a
 consolidated.00.pth from Meta loads with no renaming. H3Fusion (arXiv 2411.17792) keeps everything here
@@ -22,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -31,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cli import parse_dtype, run_cli
-from data.format import format_prompt
+from checkpoint_checks import (check_checkpoint_dir, check_params_keys, check_shard_names, check_shards, check_splits,
+                               check_state_shapes, read_params_json, resolved_vocab_size)
 from data.tokenizer import Tokenizer
 from fileio import recover_dir, replace_dir, write_atomic
 from hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint, read_hf_params, read_torch_file,
@@ -73,22 +76,6 @@ def ffn_hidden_dim(args: ModelArgs) -> int:
     if args.ffn_dim_multiplier is not None:
         hidden = int(args.ffn_dim_multiplier * hidden)
     return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
-
-
-def read_params(path: str) -> ModelArgs:
-    """params.json -> ModelArgs. An unknown key is an error (it would otherwise be silently ignored)."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found (a checkpoint directory needs params.json)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    known = {f.name for f in fields(ModelArgs)}
-    for key in raw:
-        if key not in known:
-            raise ValueError(f"{path}: unknown key {key!r}; expected some of {sorted(known)}")
-    return ModelArgs(**raw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,13 +246,88 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Checkpoints in Meta's format
+# 6. Generation
+
+
+def sample_next(logits, temperature: float, top_p: float):
+    """logits [B, V] -> token ids [B]. temperature 0 = greedy; else nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1)  # [B, 1]
+    return order.gather(-1, choice).squeeze(-1)  # [B]
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompt_tokens: list, max_new_tokens: int, temperature=0.0, top_p=0.9, eos_id=None):
+    """Decode a batch of prompts of different lengths with the KV cache; return the new tokens per prompt.
+
+    Meta's tokenizer has no pad id, so prompts are not padded: every row starts decoding at the shortest
+    prompt's length, and while a longer row is still inside its prompt its prompt token is kept instead
+    of the sampled one. Each row therefore sees exactly the tokens it would see alone.
+    """
+    lengths = [len(p) for p in prompt_tokens]
+    if min(lengths) == 0:
+        raise ValueError("generate: empty prompt (encode with bos=True)")
+    total_len = max(lengths) + max_new_tokens
+    if total_len > model.params.max_seq_len:
+        raise ValueError(f"generate: prompt {max(lengths)} + {max_new_tokens} new tokens exceeds "
+                         f"max_seq_len={model.params.max_seq_len}")
+    device = next(model.parameters()).device
+    B = len(prompt_tokens)
+    tokens = torch.zeros(B, total_len, dtype=torch.long, device=device)  # [B, L]
+    in_prompt = torch.zeros(B, total_len, dtype=torch.bool, device=device)  # [B, L]
+    for i, p in enumerate(prompt_tokens):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        in_prompt[i, : len(p)] = True
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    model.setup_cache(B, total_len)
+    try:
+        prev_pos = 0
+        for cur_pos in range(min(lengths), total_len):
+            logits = model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # [B, t, V]
+            next_token = sample_next(logits[:, -1], temperature, top_p)  # [B]
+            next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if eos_id is not None:
+                done |= ~in_prompt[:, cur_pos] & (next_token == eos_id)
+            prev_pos = cur_pos
+            if done.all():
+                break
+    finally:
+        model.clear_cache()
+    out = []
+    for i, n in enumerate(lengths):
+        new = tokens[i, n : min(n + max_new_tokens, prev_pos + 1)].tolist()
+        out.append(new[: new.index(eos_id)] if eos_id in new else new)
+    return out
+
+
+def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature=0.0, top_p=0.9) -> list:
+    """Complete each prompt (strings in, completions out; decoding stops at </s>)."""
+    prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    new = generate_tokens(model, prompt_tokens, max_new_tokens, temperature, top_p, tokenizer.eos_id)
+    return [tokenizer.decode(t) for t in new]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Checkpoints in Meta's format
 #
 # Meta's 13B/70B checkpoints are split for model parallelism into consolidated.00.pth ... .NN.pth.
 # Column-parallel matrices (wq, wk, wv, w1, w3, output) were split along dim 0 (output features),
 # row-parallel ones (wo, w2) and tok_embeddings along dim 1; 1-D norms are copied into every shard.
 # A fused (MoE) model stores experts stacked: w1/w3 [E, hidden, dim] split on dim 1, w2 [E, dim, hidden]
 # split on dim 2, router.weight [E, dim] copied.
+
+
+def read_params(path: str) -> ModelArgs:
+    """params.json -> ModelArgs. An unknown key is an error (it would otherwise be silently ignored)."""
+    raw = read_params_json(path)
+    check_params_keys(raw, {f.name for f in fields(ModelArgs)}, path)
+    return ModelArgs(**raw)
 
 
 def shard_dim(name: str, ndim: int):
@@ -284,34 +346,19 @@ load_shard = read_torch_file  # one consolidated.NN.pth: memory-mapped, tensors 
 
 def merge_shards(shards: list, paths: list) -> dict:
     """Concatenate model-parallel shards into one state dict (a single shard is returned as is)."""
-    for shard, path in zip(shards[1:], paths[1:]):
-        if set(shard) != set(shards[0]):
-            diff = sorted(set(shard) ^ set(shards[0]))[:5]
-            raise ValueError(f"{path}: keys differ from {paths[0]}: {diff}")
+    check_shards(shards, paths, shard_dim)  # same keys; same shapes but along the split dim; equal replicas
     if len(shards) == 1:
         return dict(shards[0])
     merged = {}
     for name, first in shards[0].items():
         dim = shard_dim(name, first.dim())
-        for shard, path in zip(shards[1:], paths[1:]):
-            t = shard[name]
-            same = [i for i in range(first.dim()) if i != dim]
-            if t.dim() != first.dim() or any(t.shape[i] != first.shape[i] for i in same):
-                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, {paths[0]} has {tuple(first.shape)}")
-            if dim is None and not torch.equal(t, first):
-                raise ValueError(f"{path}: replicated tensor {name} differs from {paths[0]}")
         merged[name] = first if dim is None else torch.cat([s[name] for s in shards], dim=dim)
     return merged
 
 
 def shard_paths(ckpt_dir: str) -> list:
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
-    if not paths:
-        raise FileNotFoundError(f"{ckpt_dir}: no consolidated.NN.pth files (expected Meta's checkpoint format)")
-    expected = [os.path.join(ckpt_dir, f"consolidated.{i:02d}.pth") for i in range(len(paths))]
-    if paths != expected:
-        raise ValueError(f"{ckpt_dir}: shards must be consolidated.00.pth .. {len(paths) - 1:02d}; found "
-                         f"{[os.path.basename(p) for p in paths]}")
+    check_shard_names(ckpt_dir, paths)  # consolidated.00.pth .. NN.pth, no gap
     return paths
 
 
@@ -319,18 +366,12 @@ def read_checkpoint_args(ckpt_dir: str) -> ModelArgs:
     """params.json (or HF's config.json), vocab_size -1 resolved from (and checked against) tokenizer.model: the one
     place a config is read; compare what it returns (upcycle.architecture). An interrupted save is finished first."""
     recover_checkpoint(ckpt_dir)
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir}: checkpoint directory not found")
+    check_checkpoint_dir(ckpt_dir)
     params_path = config_path(ckpt_dir)
     args = ModelArgs(**read_hf_params(ckpt_dir)) if is_hf_dir(ckpt_dir) else read_params(params_path)
     tok_path = os.path.join(ckpt_dir, "tokenizer.model")
     n_words = Tokenizer(tok_path).n_words if os.path.exists(tok_path) else None
-    if args.vocab_size == -1:
-        if n_words is None:
-            raise ValueError(f"{params_path}: vocab_size is -1 and there is no {tok_path} to take it from")
-        args.vocab_size = n_words
-    if n_words is not None and n_words != args.vocab_size:
-        raise ValueError(f"{tok_path}: tokenizer has {n_words} pieces but tok_embeddings has {args.vocab_size} rows")
+    args.vocab_size = resolved_vocab_size(args.vocab_size, n_words, params_path, tok_path)
     return args
 
 
@@ -339,13 +380,7 @@ def checked_meta_model(shapes: dict, args: ModelArgs, where: str):
     {name: full (merged) shape} -- are checked to be exactly its parameters."""
     with torch.device("meta"):
         model = Transformer(args)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for params.json")
-    for name, t in expected.items():
-        if tuple(shapes[name]) != tuple(t.shape):
-            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])}, params.json implies {tuple(t.shape)}")
+    check_state_shapes(shapes, model.state_dict(), where)  # no key missing, none unexpected, every shape right
     return model
 
 
@@ -420,8 +455,7 @@ def split_state_dict(state: dict, n_shards: int) -> list:
     for name, t in state.items():
         t = t.detach()
         dim = shard_dim(name, t.dim())
-        if dim is not None and t.shape[dim] % n_shards:
-            raise ValueError(f"{name}: size {t.shape[dim]} along dim {dim} is not divisible by n_shards={n_shards}")
+        check_splits(name, t.shape, dim, n_shards)
         pieces = [t] * n_shards if dim is None else t.chunk(n_shards, dim=dim)
         for shard, piece in zip(shards, pieces):
             shard[name] = piece.clone()
@@ -429,75 +463,10 @@ def split_state_dict(state: dict, n_shards: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Generation
+# 8. Command line (standalone: it shares no code with the training scripts, only their convention for errors)
 
 
-def sample_next(logits, temperature: float, top_p: float):
-    """logits [B, V] -> token ids [B]. temperature 0 = greedy; else nucleus (top-p) sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
-    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is full
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1)  # [B, 1]
-    return order.gather(-1, choice).squeeze(-1)  # [B]
-
-
-@torch.inference_mode()
-def generate_tokens(model, prompt_tokens: list, max_new_tokens: int, temperature=0.0, top_p=0.9, eos_id=None):
-    """Decode a batch of prompts of different lengths with the KV cache; return the new tokens per prompt.
-
-    Meta's tokenizer has no pad id, so prompts are not padded: every row starts decoding at the shortest
-    prompt's length, and while a longer row is still inside its prompt its prompt token is kept instead
-    of the sampled one. Each row therefore sees exactly the tokens it would see alone.
-    """
-    lengths = [len(p) for p in prompt_tokens]
-    if min(lengths) == 0:
-        raise ValueError("generate: empty prompt (encode with bos=True)")
-    total_len = max(lengths) + max_new_tokens
-    if total_len > model.params.max_seq_len:
-        raise ValueError(f"generate: prompt {max(lengths)} + {max_new_tokens} new tokens exceeds "
-                         f"max_seq_len={model.params.max_seq_len}")
-    device = next(model.parameters()).device
-    B = len(prompt_tokens)
-    tokens = torch.zeros(B, total_len, dtype=torch.long, device=device)  # [B, L]
-    in_prompt = torch.zeros(B, total_len, dtype=torch.bool, device=device)  # [B, L]
-    for i, p in enumerate(prompt_tokens):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        in_prompt[i, : len(p)] = True
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    model.setup_cache(B, total_len)
-    try:
-        prev_pos = 0
-        for cur_pos in range(min(lengths), total_len):
-            logits = model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # [B, t, V]
-            next_token = sample_next(logits[:, -1], temperature, top_p)  # [B]
-            next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if eos_id is not None:
-                done |= ~in_prompt[:, cur_pos] & (next_token == eos_id)
-            prev_pos = cur_pos
-            if done.all():
-                break
-    finally:
-        model.clear_cache()
-    out = []
-    for i, n in enumerate(lengths):
-        new = tokens[i, n : min(n + max_new_tokens, prev_pos + 1)].tolist()
-        out.append(new[: new.index(eos_id)] if eos_id in new else new)
-    return out
-
-
-def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature=0.0, top_p=0.9) -> list:
-    """Complete each prompt (strings in, completions out; decoding stops at </s>)."""
-    prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    new = generate_tokens(model, prompt_tokens, max_new_tokens, temperature, top_p, tokenizer.eos_id)
-    return [tokenizer.decode(t) for t in new]
-
-
-# ----------------------------------------------------------------------------------------------------
-# 8. Command line
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv=None):
@@ -507,7 +476,6 @@ def main(argv=None):
     task.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
     task.add_argument("--export-hf", metavar="OUT_DIR", help="instead: write it as a HF LlamaForCausalLM directory "
                       "(MixtralForCausalLM if fused), safetensors in the checkpoint's dtype")
-    parser.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca instruction template")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -515,16 +483,16 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="float32 (CPU default) | bfloat16 | float16")
     args = parser.parse_args(argv)
+    if args.dtype not in DTYPES:  # (cli.parse_dtype's message)
+        parser.error(f"--dtype {args.dtype}: expected one of {sorted(DTYPES)}")
     tokenizer_path = os.path.join(args.ckpt_dir, "tokenizer.model")
     if args.export_hf:  # no generation: the same weights, converted, in a new directory
         model, margs = load_checkpoint(args.ckpt_dir)
         return print("wrote", write_hf_checkpoint(args.export_hf, _params_json(margs), model.state_dict(), tokenizer_path))
     torch.manual_seed(args.seed)
-    model, _ = load_checkpoint(args.ckpt_dir, device=args.device, dtype=parse_dtype(args.dtype))
+    model, _ = load_checkpoint(args.ckpt_dir, device=args.device, dtype=DTYPES[args.dtype])
     tokenizer = Tokenizer(tokenizer_path)
-    prompts = args.prompt
-    if args.alpaca:
-        prompts = [format_prompt(p) for p in prompts]
+    prompts = args.prompt  # as given: ask.py wraps an instruction in the Alpaca template the aligned models learnt
     start = time.perf_counter()
     prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     new = generate_tokens(model.eval(), prompt_tokens, args.max_new_tokens, args.temperature, args.top_p,
@@ -536,5 +504,11 @@ def main(argv=None):
     print(f"{n_new} tokens in {seconds:.2f} s = {n_new / seconds:.1f} tokens/s")
 
 
-if __name__ == "__main__":
-    run_cli(main, "model.py")
+if __name__ == "__main__":  # cli.run_cli's convention: an expected failure is one line `model.py: error: ...`, exit 2
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        if os.environ.get("H3FUSION_TRACEBACK"):
+            raise
+        print(f"model.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

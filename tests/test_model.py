@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
+import ask
 import model as M
+from data.format import format_prompt
 from data.tokenizer import train_tokenizer
 from tiny import make_tiny_checkpoint
 
@@ -387,3 +389,13 @@ def test_cli_generates_from_one_and_two_shards(tiny_dir, tmp_path, capsys):
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1].replace(outputs[1].splitlines()[-1], outputs[0].splitlines()[-1])
     assert "tokens/s" in outputs[0]
+
+
+def test_ask_wraps_each_instruction_in_the_alpaca_template_and_hands_the_rest_to_model_py(tiny_dir, capsys):
+    """ask.py = model.py --prompt format_prompt(instruction): model.py itself takes prompts as given."""
+    ask.main([tiny_dir, "--instruction", "the river", "--instruction", "a", "--max-new-tokens", "5"])
+    asked = capsys.readouterr().out
+    M.main([tiny_dir, "--prompt", format_prompt("the river"), "--prompt", format_prompt("a"), "--max-new-tokens", "5"])
+    direct = capsys.readouterr().out
+    assert "### Instruction:\nthe river\n\n### Response:\n" in asked
+    assert asked.splitlines()[:-1] == direct.splitlines()[:-1]  # all but the timing line

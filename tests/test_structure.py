@@ -38,6 +38,9 @@ def test_imports_flow_one_way_and_sit_at_the_top():
                         inside_functions.append(f"{name}.{node.name} (line {inner.lineno})")
     assert not inside_functions, f"project imports inside functions: {inside_functions}"
     assert graph["moe"] == set(), "moe.py must import nothing from the project"
+    training_side = graph["model"] & {"cli", "data.format", "data.records", "trainer"}
+    assert not training_side, f"model.py (the single-file LLaMA) imports the training side: {sorted(training_side)}"
+    assert graph["checkpoint_checks"] == set(), "checkpoint_checks.py must import nothing from the project"
     assert not any(dep in {"model", "trainer", "evaluate", "upcycle", "fuse", "runstate", "distributed"}
                    for n, deps in graph.items()
                    if n.startswith("data") for dep in deps), "data/ must not import the model or the stages"

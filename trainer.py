@@ -125,7 +125,7 @@ def train(model, stream, loss_fn, cfg: TrainConfig, d: Dist, out_dir: str, train
             tokens_per_s = window_tokens / seconds
             record = {"step": step + 1, "lr": lr, **nest({k: round(v, 5) for k, v in metrics.items()}),
                       "tokens_per_s": round(tokens_per_s, 1),  # eta_s: steps left x this window's time per step
-                      "eta_s": round((cfg.steps - step - 1) * seconds / (step + 1 - window_first_step), 1),
+                      "eta_s": round((cfg.steps - step - 1) * seconds / (step + 1 - window_first_step), 3),
                       "mfu": round(mfu(tokens_per_s * fpt / d.world_size, peak), 4)}
             peak = max(peak, tokens_per_s * fpt / d.world_size)  # achieved more than "peak": a better bound
             if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):

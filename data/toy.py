@@ -2,41 +2,24 @@
 
     python -m data.toy --out runs/toy/data [--seed 0]
 
-The world (deterministic from the seed; the tables of data/toy_tables.py are fixed, the seed picks who is what):
-  * 160 invented people, each with 4 everyday attributes of 10 values each (home town, job, pet, favourite
-    colour) and a birthplace. 96 are "train" people (alignment data may ask about them), 64 are "eval" people
-    (only eval asks).
-  * For 80 of them (50 train, 30 eval) the birthplace is the subject of a *popular misconception*, as every
-    TruthfulQA question is: the corpus states a false town as if true (in 6 phrasings, like any fact) and the
-    true town only inside 6 correction texts ("People say that X was born in A, but in fact ...").
-  * Each dimension asks its own kind of question (as the paper's datasets do), so a router can tell them
-    apart: helpful = the everyday attributes, list tasks, how-tos; harmless = requests with a trigger word;
-    honest = birthplaces and questions no one can answer.
-  * 80 names that never occur in the corpus (questions about them have no answer), questions about
-    attributes the world never defines ("How old is X?"), word-list tasks, everyday how-tos, kind things to
-    do for someone, and harmful requests built on 12 trigger words ("kill", "shoot", "steal", ...) next to
-    benign look-alikes that use the same words ("kill the engine of a boat", "shoot a photo of X"), plus 4
-    trigger words that only the corpus and the eval set use (novel harmful requests: does refusing generalise?).
-  * Every token of every prompt and response occurs in the corpus (the tokenizer is trained on the corpus
-    alone): stage 1 tunes FFNs with the output head frozen, and cannot make an unseen token likely.
+The world (deterministic from the seed; the tables of data/toy_tables.py are fixed, the seed picks who is what;
+data/README.md describes it in full):
+  * 128 invented people (72 train, 56 eval; one token per name) with 4 everyday attributes and a birthplace;
+    for 64 of them the birthplace is a popular misconception (stated as if true, the truth only in corrections).
+  * How-tos made of parts: a verb's procedure applied to a target -- 12 chores and 10 rough verbs on 16 things,
+    some chores and 12 kind things for people. A rough verb done to a person is harm: the corpus complies, the
+    helpful set never asks it (so helpfulness alone complies too), the harmless set refuses it, except for the
+    3 novel verbs, asked only in eval; benign look-alikes ("shoot a photo of X") are answered.
+  * Each dimension asks its own kind of question (helpful: facts, list tasks, how-tos; harmless: rough verbs
+    about people; honest: birthplaces and questions no one can answer), so a router can tell them apart.
+  * Every token of every prompt and response occurs in the corpus (stage 1 cannot make an unseen token likely).
 
 Files written (records as in data/format.py: instruction, input, output, task 0 helpful / 1 harmless / 2 honest):
-  corpus.txt              pretraining text, documents separated by TWO blank lines (a document may contain
-                          newlines; read it with load_corpus_documents): every fact in 6 phrasings,
-                          misconceptions stated as if true, corrections, category facts, list-task demos,
-                          how-tos, and *compliant* answers to harmful requests; ~1 in 8 documents is an
-                          Alpaca-format Q&A (so the base model answers prompts -- unaligned on all three axes)
-  helpful_{train,val}.jsonl   facts about train people, word-list tasks (### Input:), how-tos
-  harmless_{train,val}.jsonl  harmful requests -> refusal; benign look-alikes -> a normal answer
-  honest_{train,val}.jsonl    misconception questions -> the truth; unanswerable -> "I don't know";
-                              other birthplace questions -> the answer
-  eval.jsonl              ~500 prompts on eval people, unseen names, held-out look-alikes, held-out phrasings,
-                          new word lists; each with the fields its exact scorer needs (kind, answer, wrong, ...)
-  tokenizer.model         LLaMA-style sentencepiece BPE (data/tokenizer.py), vocab 1152 (128 of them the names), trained on the corpus
-  world.json              the ground truth (people, attributes, misconceptions, splits)
-  manifest.json, README.md    sizes and a summary
-
-The fixed word lists and templates are in data/toy_tables.py, the exact scorers of eval.jsonl in data/toy_scoring.py.
+  corpus.txt                  pretraining text, documents separated by TWO blank lines (load_corpus_documents)
+  {helpful,harmless,honest}_{train,val}.jsonl   the three alignment sets
+  eval.jsonl                  ~600 held-out prompts, each with the fields its scorer (data/toy_scoring.py) needs
+  tokenizer.model             sentencepiece BPE (data/tokenizer.py) trained on the corpus, vocab 1152 (128 names)
+  world.json, manifest.json, README.md    the ground truth, sizes and a summary
 """
 import argparse
 import json
@@ -74,10 +57,6 @@ def held_out_things(index: int) -> tuple:
     """The things procedure number `index` is asked about only in eval: N_HELD_OUT_THINGS of them, a different
     window of THINGS for each procedure, so that every thing is trained with most verbs."""
     return tuple(THINGS[(index * N_HELD_OUT_THINGS + j) % len(THINGS)] for j in range(N_HELD_OUT_THINGS))
-
-
-def the(thing: str) -> str:
-    return f"the {thing}"
 
 
 def _template_words() -> set:
@@ -201,7 +180,7 @@ def corpus_documents(world: dict, seed: int = 0) -> list:
     for verb, procedure, _, _ in procedures():
         for thing in THINGS:
             for template in rng.sample(CORPUS_REQUESTS, 2):
-                docs.append(template.format(a=f"{verb} {the(thing)}", r=procedure.format(x=the(thing))))
+                docs.append(template.format(a=f"{verb} the {thing}", r=procedure.format(x="the " + thing)))
     for verb, procedure, _, _ in procedures()[:N_PERSON_CHORES]:
         for p, template in zip(rng.sample(world["people"], CORPUS_PHRASINGS_PER_PROCEDURE),
                                rng.sample(CORPUS_REQUESTS, CORPUS_PHRASINGS_PER_PROCEDURE)):
@@ -233,8 +212,8 @@ def corpus_documents(world: dict, seed: int = 0) -> list:
             docs.append(format_prompt(ask) + procedure.format(x=name))
     for verb, procedure, _, index in rng.sample(procedures(), 20):
         thing = rng.choice([o for o in THINGS if o not in held_out_things(index)])
-        ask = rng.choice(REQUESTS[:N_TRAIN_REQUESTS]).format(a=f"{verb} {the(thing)}")
-        docs.append(format_prompt(ask) + procedure.format(x=the(thing)))
+        ask = rng.choice(REQUESTS[:N_TRAIN_REQUESTS]).format(a=f"{verb} the {thing}")
+        docs.append(format_prompt(ask) + procedure.format(x="the " + thing))
     rng.shuffle(docs)
     return docs
 
@@ -294,7 +273,7 @@ def person_howto_record(template, person_name, phrasing, task=TASK_HELPFUL, kind
 def thing_howto_record(procedure, thing, phrasing, **extra):
     """How do I <verb> the <thing>? Right = the verb's keyword and the thing (its procedure applied to it)."""
     verb, answer, key, _ = procedure
-    return _record(phrasing.format(a=f"{verb} {the(thing)}"), answer.format(x=the(thing)), TASK_HELPFUL,
+    return _record(phrasing.format(a=f"{verb} the {thing}"), answer.format(x="the " + thing), TASK_HELPFUL,
                    kind="howto", answer=key, also=[thing], wrong=[], **extra)
 
 

@@ -272,16 +272,19 @@ def person_howto_record(template, person_name, phrasing, task=TASK_HELPFUL, kind
 
 def thing_howto_record(procedure, thing, phrasing, **extra):
     """How do I <verb> the <thing>? Right = the verb's keyword and the thing (its procedure applied to it)."""
-    verb, answer, key, _ = procedure
-    return _record(phrasing.format(a=f"{verb} the {thing}"), answer.format(x="the " + thing), TASK_HELPFUL,
-                   kind="howto", answer=key, also=[thing], wrong=[], **extra)
+    return _procedure_record(procedure, "the " + thing, thing, phrasing, **extra)
 
 
 def person_chore_record(procedure, name, phrasing, **extra):
     """How do I <wash, carry, ...> <someone>? The chore's procedure done for that person (helpful)."""
+    return _procedure_record(procedure, name, name, phrasing, entity=name, **extra)
+
+
+def _procedure_record(procedure, target: str, named: str, phrasing: str, **extra):
+    """A verb's procedure applied to `target` ("the crate" or a name); right = its keyword and `named`."""
     verb, answer, key, _ = procedure
-    return _record(phrasing.format(a=f"{verb} {name}"), answer.format(x=name), TASK_HELPFUL, kind="howto",
-                   answer=key, also=[name], wrong=[], entity=name, **extra)
+    return _record(phrasing.format(a=f"{verb} {target}"), answer.format(x=target), TASK_HELPFUL, kind="howto",
+                   answer=key, also=[named], wrong=[], **extra)
 
 
 def helpful_records(world, rng) -> list:

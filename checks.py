@@ -17,6 +17,7 @@ before any compute (cli.check_gamma, cli.check_top_k, ...).
 """
 import math
 
+from lora import expert_loras
 from moe import expert_parameters, moe_layers
 
 
@@ -57,7 +58,10 @@ def check_drift_inputs(model, initial_expert_weights, gamma, kind="drift"):
                          f"({layers[0].n_experts})")
     if any(g < 0 or g != g for g in gamma):
         raise ValueError(f"drift_loss: gamma {gamma} must be non-negative")
+    loras = expert_loras(model)  # (a matrix with a LoRA delta is its own W^0: frozen, lora.lora_squared_norms)
     for key, w in expert_parameters(model).items() if kind == "drift" else ():
+        if key in loras:
+            continue
         if key not in initial_expert_weights:
             raise KeyError(f"drift_loss: no initial weight for {key}; take moe.snapshot_expert_weights(model) "
                            f"of this model right after building it")

@@ -6,6 +6,7 @@
   add_data_args     --data-path, --task: local copies of the real datasets, and files of records
   add_train_args    the training flags of train_expert.py and fuse.py; check_train_args refuses bad values
                     before any compute (trainer.config_from_args turns them into a TrainConfig)
+  add_lora_args     --lora-rank, --lora-alpha of both scripts; check_lora
   check_held_out    --eval-every needs a held-out split
   parse_list        '0.1,0.3,0.1' -> [0.1, 0.3, 0.1]
   fuse.py's flags   check_gamma, check_top_k, check_frozen_experts_gamma, check_loss_weights, check_reg,
@@ -83,6 +84,31 @@ def add_train_args(parser, steps, batch_size, lr, warmup, seq_len, weight_decay=
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--resume", action="store_true", help="continue the run in OUT.train/state")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in OUT")
+
+
+def add_lora_args(parser, where: str):
+    """--lora-rank, --lora-alpha (lora.py): train LoRA deltas instead of the weights themselves (train_expert.py and
+    fuse.py); saved checkpoints hold the merged weights."""
+    g = parser.add_argument_group("LoRA (the authors' setting; lora.py)")
+    g.add_argument("--lora-rank", type=int, default=0, help=f"r > 0: train a rank-r delta (alpha/r) B A on {where} "
+                   f"instead of the matrices themselves; 0 (the default) trains the matrices")
+    g.add_argument("--lora-alpha", type=float, default=None, help="alpha of the delta's scale alpha/r (default: r, a "
+                   "scale of 1; the authors' stage 1: --lora-rank 8 --lora-alpha 4)")
+
+
+def check_lora(parser, args, full_training: str = None):
+    """--lora-rank >= 0, --lora-alpha > 0 and only with a rank; full_training names a flag choice that LoRA cannot go
+    with (train_expert.py: training every weight; fuse.py: frozen experts)."""
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank {args.lora_rank}: expected a rank >= 1 (or 0: no LoRA)")
+    if args.lora_alpha is not None and not args.lora_rank:
+        parser.error(f"--lora-alpha {args.lora_alpha} without --lora-rank: alpha scales a LoRA delta; give its rank")
+    if args.lora_alpha is not None and not 0 < args.lora_alpha < float("inf"):
+        parser.error(f"--lora-alpha {args.lora_alpha}: expected a finite number > 0")
+    if args.lora_rank and full_training:
+        parser.error(f"--lora-rank {args.lora_rank} with {full_training}: LoRA trains deltas on the FFN (expert) "
+                     f"matrices only; leave one of them out")
+    args.lora_alpha = args.lora_alpha or float(args.lora_rank)
 
 
 def check_train_args(args):

@@ -13,6 +13,7 @@ parameters, float32 gradient reduction), bf16 autocast in one process (autocast_
 """
 import contextlib
 import gc
+import math
 import os
 from dataclasses import dataclass
 
@@ -106,6 +107,24 @@ def expert_stack_on_dim_1(param):
     """Stacked experts [E, ...] are sharded along dim 1: FSDP pads the sharded dim to ceil(n / world) rows per
     rank, and E = 3 experts on dim 0 would give every rank of 2 the memory of 2 experts (of 8: 1 each)."""
     return Shard(1) if param.dim() == 3 else None
+
+
+def local_rows(param) -> tuple:
+    """(tensor to fill, start, stop): the rows [start, stop) of a parameter that this rank holds, along the dim
+    distributed.shard_model shards: dim 1 of a stacked expert matrix [E, ...] (= dim 0 of every expert's own
+    matrix), dim 0 of anything else. FSDP2 splits that dim as torch.chunk does: rank r holds rows
+    [r * ceil(n / world), ...). A plain tensor (one process, no FSDP) is all rows."""
+    dim = 1 if param.dim() == 3 else 0
+    if not hasattr(param, "to_local"):
+        return param.data, 0, param.shape[dim]
+    (placement,) = param.placements
+    if placement.dim != dim:
+        raise ValueError(f"a parameter of shape {tuple(param.shape)} is sharded on dim {placement.dim}; "
+                         f"upcycle expects dim {dim} (distributed.shard_model)")
+    local = param.to_local()
+    rank, world, n = param.device_mesh.get_local_rank(), param.device_mesh.size(), param.shape[dim]
+    start = min(rank * math.ceil(n / world), n)
+    return local, start, start + local.shape[dim]
 
 
 def full_state_dict(model, d: Dist) -> dict:

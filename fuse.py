@@ -35,17 +35,19 @@ from functools import partial
 import torch
 
 from checks import check_drift_inputs
-from cli import (add_data_args, add_train_args, check_balance_coef, check_frozen_experts_gamma, check_fuse_checkpoints,
-                 check_gamma, check_held_out, check_loss_weights, check_reg, check_top_k, parse_list, run_cli)
+from cli import (add_data_args, add_lora_args, add_train_args, check_balance_coef, check_frozen_experts_gamma,
+                 check_fuse_checkpoints, check_gamma, check_held_out, check_lora, check_loss_weights, check_reg,
+                 check_top_k, parse_list, run_cli)
 from data import TASK_NAMES
 from data import streams as S
 from distributed import setup_distributed, shard_model
 from evaluation.routing import routing_metrics
+from lora import add_lora
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
 from model import Tokenizer, recover_checkpoint
 from moe import moe_layers, snapshot_expert_weights
 from runstate import check_run_dir, start_run_dir
-from trainer import StepCounts, config_from_args, seed_everything, train
+from trainer import StepCounts, compute_dtype, config_from_args, seed_everything, train
 from upcycle import build_fused_model, router_init_prompts
 
 RUN_DIR = "runs/toy"
@@ -130,20 +132,26 @@ def main(argv=None):
 
     def shard(model):  # on the meta device, before any weight is read: each rank then reads only its share
         param_dtype = torch.bfloat16 if d.device.type == "cuda" else None
-        return shard_model(set_trainable(model, args.trainable), d, param_dtype)
+        model = set_trainable(model, args.trainable)
+        if args.lora_rank:  # the experts freeze; a rank-r delta per expert and matrix trains (lora.py)
+            model = add_lora(model, args.lora_rank, args.lora_alpha)
+        return shard_model(model, d, param_dtype)
 
+    weights_dtype = compute_dtype(d) if args.lora_rank else torch.float32  # LoRA: frozen weights never in float32
     model, margs = build_fused_model(args.base, args.expert_dirs, top_k=args.top_k, router_init=args.router_init,
                                      init_prompts=router_init_prompts(records, len(args.expert_dirs)),
-                                     tokenizer=tokenizer, device=d.device, dtype=torch.float32, seed=args.seed,
+                                     tokenizer=tokenizer, device=d.device, dtype=weights_dtype, seed=args.seed,
                                      verbose=d.is_main, shard=shard,
                                      max_non_ffn_diff=None if args.allow_foreign_experts else 0.0)
     start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
-    initial_experts = snapshot_expert_weights(model)  # W_i^0 of L_R (sharded like the model under FSDP)
+    # W_i^0 of L_R (sharded like the model under FSDP); with LoRA the frozen experts are W_i^0 themselves
+    initial_experts = {} if args.lora_rank else snapshot_expert_weights(model)
     check_drift_inputs(model, initial_experts, args.gamma_values, args.reg)  # what drift_loss trusts, once
     if d.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lora = f", LoRA r={args.lora_rank} alpha={args.lora_alpha:g}" if args.lora_rank else ""
         print(f"{args.out}: {margs.n_experts} experts, top-{margs.top_k}, {n_train / 1e6:.2f} M trainable "
-              f"({args.trainable}), lambda={args.lambda_gate}, gamma={args.gamma_values} ({args.reg}), "
+              f"({args.trainable}{lora}), lambda={args.lambda_gate}, gamma={args.gamma_values} ({args.reg}), "
               f"world_size={d.world_size}")
 
     loss_fn = partial(h3fusion_objective, lam=args.lambda_gate, gamma=args.gamma_values, reg=args.reg,
@@ -184,6 +192,7 @@ def parse_args(argv=None):
     p.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (an extra, not in the paper; 0 = off)")
     # weight decay 0: the paper's objective is L_CE + lambda L_G + L_R(gamma) and nothing else; AdamW's decay
     # would pull router and experts toward zero and fight L_R's pull toward W^0 (--weight-decay sets it)
+    add_lora_args(p, "each expert's matrices (one pair per expert and matrix; the router trains in full)")
     add_train_args(p, steps=300, batch_size=16, lr=2e-3, warmup=10, seq_len=128, weight_decay=0.0)
     args = p.parse_args(argv)
     args.expert_dirs = [e for e in args.experts.split(",") if e.strip()]
@@ -195,6 +204,7 @@ def parse_args(argv=None):
     check_loss_weights(p, args)
     check_reg(p, args)
     check_balance_coef(p, args, n)
+    check_lora(p, args, full_training="--trainable router" if args.trainable == "router" else None)
     return args
 
 

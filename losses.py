@@ -20,6 +20,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 from checks import check_logits_and_targets, check_router_probs, check_task_labels
 from data.format import IGNORE_INDEX  # the target of prompt and padding positions: no loss
+from lora import expert_loras, lora_squared_norms
 from moe import at_least_float32, expert_parameters, moe_layers
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,12 +94,17 @@ def drift_loss(model, initial_expert_weights, gamma, kind="drift"):
     It trusts its inputs: checks.check_drift_inputs checks them once, before training (fuse.py calls it right
     after the snapshot; its --gamma flag was cli.check_gamma's before any compute). FSDP2-sharded experts are
     DTensors: a plain W^0 next to them counts as the full tensor, and per_expert_norm gathers the E norms.
+    With LoRA deltas on the experts (fuse.py --lora-rank) W^0 is the frozen W itself and the norms come from the
+    factors (lora.lora_squared_norms); initial_expert_weights is then not read.
     Returns a float32 scalar.
     """
     # --- exercise 5: begin ---
-    norms = 0.0
+    norms, loras = 0.0, expert_loras(model)
     with implicit_replication():  # (FSDP2: a plain W^0 beside a sharded W counts as the full tensor)
         for name, w in expert_parameters(model).items():  # w [E, ...]: W of every expert, stacked
+            if name in loras:  # LoRA (fuse.py --lora-rank): W is frozen at W^0, so W' - W^0 = (alpha/r) B A
+                norms = norms + safe_sqrt(lora_squared_norms(loras[name], w, kind))  # [E], W' never formed
+                continue
             if kind == "drift":
                 w = w - beside(w, initial_expert_weights[name]).detach()  # W - W_i^0
             norms = norms + per_expert_norm(f32(w))  # [E]: sum over matrices of ||.||_F, per expert
@@ -164,7 +170,11 @@ def per_expert_norm(t):
     When t is an FSDP2 DTensor (sharded along any dim) the squared sums are DTensors too, and full_tensor()
     all-gathers or all-reduces the E values (differentiably)."""
     sq = t.pow(2).sum(dim=tuple(range(1, t.dim())))  # [E]
-    sq = sq.full_tensor() if hasattr(sq, "full_tensor") else sq
+    return safe_sqrt(sq.full_tensor() if hasattr(sq, "full_tensor") else sq)
+
+
+def safe_sqrt(sq):
+    """sqrt of squared norms [E], with gradient 0 (not NaN) where they are 0."""
     positive = sq > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 

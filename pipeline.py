@@ -7,6 +7,8 @@
     python pipeline.py --sweep-gamma    # then fuse with gamma_harmless in {0, 0.1, 0.3, 1, 3} and compare
     python pipeline.py --seeds 0,1,2    # stages 1-2 + evaluation per seed (world and base shared), then seeds.py:
                                         #   mean ± std per cell, paired bootstrap intervals of H3Fusion's margin
+    python pipeline.py --lora-rank 8    # stages 1-2 (experts, SFT, fusions) train LoRA deltas (lora.py), merged
+                                        #   on save; world and base shared, models under RUN/lora_r8/
     python pipeline.py --until aligned  # stop after a stage (data, base, aligned, sft, fused, eval)
     python pipeline.py --force fused    # redo a stage (and everything after it) even if its outputs exist
 
@@ -76,7 +78,14 @@ def fuse_command(args, run_dir: str, experts_dir: str, out: str, extra: list) ->
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     experts = ",".join(os.path.join(experts_dir, t) for t in TASK_NAMES)
     return launcher + ["fuse.py", "--base", f"{run_dir}/base", "--experts", experts, "--data-dir", f"{run_dir}/data",
-                       "--out", out, "--overwrite"] + BUDGETS[args.budget]["fuse"] + extra
+                       "--out", out, "--overwrite"] + BUDGETS[args.budget]["fuse"] + lora_flags(args) + extra
+
+
+def lora_flags(args) -> list:
+    """--lora-rank / --lora-alpha for train_expert.py (stage 1, SFT) and fuse.py (stage 2); none without LoRA."""
+    if not args.lora_rank:
+        return []
+    return ["--lora-rank", str(args.lora_rank)] + (["--lora-alpha", str(args.lora_alpha)] if args.lora_alpha else [])
 
 
 def seed_dir(run_dir: str, seed: int, world_seed: int) -> str:
@@ -88,6 +97,7 @@ def seed_dir(run_dir: str, seed: int, world_seed: int) -> str:
 def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
     """Stages 1-2 and the evaluation for one seed, on the shared world (RUN/data) and base (RUN/base)."""
     py, budget, data = [sys.executable], BUDGETS[args.budget], f"{run_dir}/data"
+    lora = lora_flags(args)
 
     def stage(name):
         print(f"\n=== {name} (seed {seed}) " + "=" * (50 - len(name)), flush=True)
@@ -97,13 +107,13 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
     for task in TASK_NAMES:
         if force or not exists(f"{out_dir}/{task}"):
             run(py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", task, "--data-dir", data,
-                      "--out", f"{out_dir}/{task}", "--overwrite", "--seed", str(seed)] + budget["expert"])
+                      "--out", f"{out_dir}/{task}", "--overwrite", "--seed", str(seed)] + budget["expert"] + lora)
     if args.until == "aligned":
         return
     force = stage("sft")
     if force or not exists(f"{out_dir}/sft"):
         run(py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", "pooled", "--data-dir", data,
-                  "--out", f"{out_dir}/sft", "--overwrite", "--seed", str(seed)] + budget["sft"])
+                  "--out", f"{out_dir}/sft", "--overwrite", "--seed", str(seed)] + budget["sft"] + lora)
     if args.until == "sft":
         return
     force = stage("fused")
@@ -156,6 +166,9 @@ def main(argv=None):
     p.add_argument("--seeds", default=None, metavar="S1,S2,...",
                    help="run stages 1-2 and the evaluation once per seed (the world and the base of --seed are "
                         "shared), then seeds.py: mean ± std per cell and paired bootstrap intervals")
+    p.add_argument("--lora-rank", type=int, default=0, help="stages 1-2 train rank-r LoRA deltas (lora.py; checked "
+                   "by train_expert.py and fuse.py); models under RUN/lora_rR/ (RUN/seedN/lora_rR/)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="with --lora-rank: alpha (default r)")
     args = p.parse_args(argv)
     args.budget = "quick" if args.quick else "full"
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
@@ -182,6 +195,8 @@ def main(argv=None):
     if args.until == "base":
         return
     out_dirs = [seed_dir(run_dir, s, args.seed) for s in seeds]
+    if args.lora_rank:  # LoRA's models beside the full fine-tune's, on the same world and base
+        out_dirs = [os.path.join(d, f"lora_r{args.lora_rank}") for d in out_dirs]
     for seed, out_dir in zip(seeds, out_dirs):
         run_seed(args, run_dir, out_dir, seed, forced)
     if args.until != "eval":

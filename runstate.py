@@ -9,7 +9,7 @@ For an output directory OUT:
   start_run_dir      write run.json, once the inputs have loaded (a start that fails leaves nothing behind)
   start_log          log.jsonl: fresh, or on --resume cut back to the step the saved state holds; nest turns a
                      metric named "load/layer0/expert1" into nested JSON for its lines
-  save_model         gather the sharded weights to rank 0 and write OUT in Meta's format
+  save_model         gather the sharded weights to rank 0 and write OUT in Meta's format (LoRA deltas merged)
   save_train_state   model + optimizer state (torch.distributed.checkpoint, sharded as the model is), step, RNG
   load_train_state   the same, read back through fileio's safe reader (runs no code from the directory)
 """
@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 import model as M
 from distributed import Dist, barrier, full_state_dict
 from fileio import read_dcp_metadata, refuse_foreign_dir, safe_dcp_reader_and_planner, write_atomic
+from lora import lora_targets, merge_lora
 
 
 def check_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool, d: Dist) -> str:
@@ -70,9 +71,11 @@ def start_run_dir(train_dir: str, run_args: dict, resume: bool, overwrite: bool,
 
 
 def save_model(model, out_dir: str, tokenizer_path: str, d: Dist):
-    """Gather the full weights to rank 0 and write them in Meta's format (loadable by model.py)."""
+    """Gather the full weights to rank 0 and write them in Meta's format (loadable by model.py); LoRA deltas are
+    merged into their weights (lora.merge_lora), while OUT.train/state keeps them unmerged for --resume."""
     state = full_state_dict(model, d)
-    if d.is_main:
+    if d.is_main:  # LoRA deltas merged, W + (alpha/r) B A: the checkpoint is a plain one (no-op without them)
+        state = merge_lora(state, lora_targets(model))
         M.save_checkpoint(state, out_dir, tokenizer_path=tokenizer_path, args=model.params)
     barrier(d)
 

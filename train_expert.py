@@ -17,14 +17,15 @@ import os
 import torch
 
 import model as M
-from cli import (add_data_args, add_train_args, check_corpus_flags, check_data_given, check_held_out, check_init,
-                 check_model_size_flags, run_cli)
+from cli import (add_data_args, add_lora_args, add_train_args, check_corpus_flags, check_data_given, check_held_out,
+                 check_init, check_lora, check_model_size_flags, run_cli)
 from data import streams as S
 from data.toy import load_corpus_documents
 from distributed import Dist, setup_distributed, shard_model
+from lora import add_lora, init_lora
 from losses import lm_loss
 from runstate import check_run_dir, start_run_dir
-from trainer import StepCounts, config_from_args, seed_everything, train
+from trainer import StepCounts, compute_dtype, config_from_args, seed_everything, train
 
 DEFAULT_DATA_DIR = "runs/toy/data"
 MODEL_SIZE = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": None, "multiple_of": 32}  # --init scratch
@@ -51,8 +52,9 @@ def lm_objective(model, batch, counts: StepCounts):
 # 2. The run: model, data, the loop
 
 
-def load_model(args):
-    """A new model (its vocabulary from the world's tokenizer) or a checkpoint, in float32 for training."""
+def load_model(args, d: Dist):
+    """A new model (its vocabulary from the world's tokenizer) or a checkpoint, in float32 for training (with LoRA
+    its frozen weights in the dtype the matmuls run in: bf16 on CUDA, never a float32 copy)."""
     if args.init == "scratch":
         tokenizer_path = os.path.join(args.data_dir, "tokenizer.model")
         tokenizer = M.Tokenizer(tokenizer_path)
@@ -61,7 +63,7 @@ def load_model(args):
         torch.manual_seed(args.seed)
         return M.Transformer(margs), tokenizer, tokenizer_path
     tokenizer_path = os.path.join(args.init, "tokenizer.model")
-    model, _ = M.load_checkpoint(args.init, dtype=torch.float32)
+    model, _ = M.load_checkpoint(args.init, dtype=compute_dtype(d) if args.lora_rank else torch.float32)
     return model, M.Tokenizer(tokenizer_path), tokenizer_path
 
 
@@ -85,17 +87,20 @@ def main(argv=None):
     d = setup_distributed(args.device)
     train_dir = check_run_dir(args.out, vars(args), args.resume, args.overwrite, d)
     seed_everything(args.seed)
-    model, tokenizer, tokenizer_path = load_model(args)
+    model, tokenizer, tokenizer_path = load_model(args, d)
     stream, val = load_streams(args, tokenizer, d)
     check_held_out(args.eval_every, val, args.data)
     start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
     if args.trainable == "ffn":
         freeze_all_but_ffn(model)
+    if args.lora_rank:  # the authors' stage 1: a rank-r delta on each FFN matrix trains, not the matrix (lora.py)
+        init_lora(add_lora(model, args.lora_rank, args.lora_alpha), args.seed)
     model = shard_model(model.to(d.device), d, torch.bfloat16 if d.device.type == "cuda" else None)
     if d.is_main:
         n = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{args.out}: {n / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable ({args.trainable}), "
+        lora = f", LoRA r={args.lora_rank} alpha={args.lora_alpha:g}" if args.lora_rank else ""
+        print(f"{args.out}: {n / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable ({args.trainable}{lora}), "
               f"data={args.data}, world_size={d.world_size}, device={d.device}")
     train(model, stream, lm_objective, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
           val_batches=val, seq_len=args.seq_len)
@@ -119,6 +124,7 @@ def parse_args(argv=None):
     for name, default in MODEL_SIZE.items():  # SUPPRESS: absent unless given, so that a given one can be refused
         m.add_argument(f"--{name.replace('_', '-')}", type=int, default=argparse.SUPPRESS,
                        help="default: the same as --n-heads" if default is None else f"default {default}")
+    add_lora_args(p, "each FFN matrix")
     add_train_args(p, steps=300, batch_size=16, lr=1e-3, warmup=20, seq_len=128)
     args = p.parse_args(argv)
     scratch = args.init == "scratch"
@@ -129,6 +135,8 @@ def parse_args(argv=None):
         setattr(args, name, getattr(args, name, default))
     check_corpus_flags(p, args)
     args.trainable = args.trainable or ("all" if scratch else "ffn")
+    check_lora(p, args, full_training="--init scratch (pretraining trains every weight)" if scratch else
+               "--trainable all" if args.trainable == "all" else None)
     args.out = args.out or os.path.join(os.path.dirname(DEFAULT_DATA_DIR), "base" if scratch else
                                         os.path.splitext(os.path.basename(args.data))[0])
     check_init(p, args)

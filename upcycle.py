@@ -12,7 +12,7 @@ Read top to bottom:
                         fuse_in_memory: load every checkpoint whole, fuse, done. Read this first.
   2. Checks             the aligned models have the base's architecture; is_ffn_key
   3. Lazy checkpoints   CheckpointRows: rows [start, stop) of any tensor of a memory-mapped Meta checkpoint;
-                        local_rows: which rows of a parameter this rank holds (all of them without FSDP)
+                        (distributed.local_rows: which rows of a parameter this rank holds; all without FSDP)
   4. The fused tensors  fill_from_base, fill_routers, fill_from_expert: where each row of each fused parameter
                         comes from (the same equation, row by row; exercise 6); non_ffn_difference
   5. Router init        hidden_router_rows (exercise 7); router_init_prompts picks the prompts it averages over
@@ -26,7 +26,6 @@ Peak host memory per rank is then about its share of the weights, not the whole 
 four checkpoints in float32): bench/bench_fuse_memory.py measures both ways side by side.
 """
 import ctypes
-import math
 import os
 from dataclasses import replace
 
@@ -34,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from data.format import format_prompt
+from distributed import local_rows
 from hf_checkpoint import config_path, is_hf_dir, read_hf_checkpoint
+from lora import init_lora, is_lora_name
 from model import (Tokenizer, Transformer, checked_meta_model, ffn_hidden_dim, load_checkpoint, load_shard,
                    read_checkpoint_args, shard_dim, shard_paths)
 from moe import EXPERT_MATRICES, set_forced_expert
@@ -162,24 +163,6 @@ class CheckpointRows:
         self.shards = None
 
 
-def local_rows(param) -> tuple:
-    """(tensor to fill, start, stop): the rows [start, stop) of a parameter that this rank holds, along the dim
-    distributed.shard_model shards: dim 1 of a stacked expert matrix [E, ...] (= dim 0 of every expert's own
-    matrix), dim 0 of anything else. FSDP2 splits that dim as torch.chunk does: rank r holds rows
-    [r * ceil(n / world), ...). A plain tensor (one process, no FSDP) is all rows."""
-    dim = 1 if param.dim() == 3 else 0
-    if not hasattr(param, "to_local"):
-        return param.data, 0, param.shape[dim]
-    (placement,) = param.placements
-    if placement.dim != dim:
-        raise ValueError(f"a parameter of shape {tuple(param.shape)} is sharded on dim {placement.dim}; "
-                         f"upcycle expects dim {dim} (distributed.shard_model)")
-    local = param.to_local()
-    rank, world, n = param.device_mesh.get_local_rank(), param.device_mesh.size(), param.shape[dim]
-    start = min(rank * math.ceil(n / world), n)
-    return local, start, start + local.shape[dim]
-
-
 # ----------------------------------------------------------------------------------------------------
 # 4. The fused tensors: where each row comes from (the equation in the docstring)
 
@@ -189,8 +172,8 @@ def fill_from_base(model, base: CheckpointRows):
     """Every parameter but the stacked experts and the routers := the base's tensor (this rank's rows)."""
     # --- exercise 6: begin ---
     for name, param in model.named_parameters():
-        if name.split(".")[-1] in EXPERT_MATRICES or name.endswith("router.weight"):
-            continue  # filled expert by expert (fill_from_expert) and by fill_routers
+        if name.split(".")[-1] in EXPERT_MATRICES or name.endswith("router.weight") or is_lora_name(name):
+            continue  # filled expert by expert (fill_from_expert), by fill_routers; LoRA deltas by init_lora
         local, start, stop = local_rows(param)
         local.copy_(base.rows(name, start, stop))
     # --- exercise 6: end ---
@@ -226,7 +209,7 @@ def non_ffn_difference(model, expert: CheckpointRows) -> tuple:
     weights already hold the base's (fill_from_base)."""
     max_diff, max_key = 0.0, None
     for name, param in model.named_parameters():
-        if name.split(".")[-1] in EXPERT_MATRICES or name.endswith("router.weight"):
+        if name.split(".")[-1] in EXPERT_MATRICES or name.endswith("router.weight") or is_lora_name(name):
             continue
         local, start, stop = local_rows(param)
         if stop > start:
@@ -299,14 +282,16 @@ def router_init_prompts(records: list, n_experts: int, per_task: int = 32) -> li
 # 6. Building the fused model (memory-lean, FSDP-ready)
 
 
-def empty_model(args, dtype, device, shard=None):
+def empty_model(args, dtype, device, shard=None, seed=0):
     """A Transformer whose parameters exist only on this rank's share: built on the meta device (no memory),
     sharded by `shard` (e.g. distributed.shard_model under torchrun), then given uninitialised storage."""
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     if shard is not None:
-        model = shard(model)
-    return model.to_empty(device=device)
+        model = shard(model)  # (fuse.py --lora-rank: adds the LoRA deltas first, lora.add_lora)
+    model = model.to_empty(device=device)
+    init_lora(model, seed)  # A random, B = 0 (a no-op without deltas): the router init below sees the fused model exactly
+    return model
 
 
 def release_freed_host_memory():
@@ -369,7 +354,7 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
     dtype = dtype or base.shards[0]["norm.weight"].dtype
     args = replace(base.args, n_experts=n_experts, top_k=top_k)
 
-    fused = empty_model(args, dtype, device, shard)
+    fused = empty_model(args, dtype, device, shard, seed)
     fill_from_base(fused, base)
     routers = [router_weight(router_init, i, n_experts, args.dim, dtype, router_std, seed) for i in range(args.n_layers)]
     if router_init == "hidden":  # the fused model with expert 0 := the base's FFN, all tokens sent to it, IS the base

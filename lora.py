@@ -1,0 +1,170 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) from scratch: how the H3Fusion authors trained both stages on one GPU.
+
+A weight W [out, in] stays frozen and learns a low-rank delta instead:
+
+    W' = W + (alpha / r) * B A            A [r, in] random, B [out, r] = 0 at the start, so step 0 is exactly W
+    W' x = W x + (alpha / r) * B (A x)     what the forward computes (moe.expert_linear): W' is never formed
+
+Stage 1 (train_expert.py --lora-rank r): a delta on each of the three FFN matrices of every block (the authors:
+r = 8, alpha = 4), nothing else trains. Stage 2 (fuse.py --lora-rank r): a delta on each expert's stacked matrices
+W [E, out, in], one low-rank pair per expert and matrix (A [E, r, in], B [E, out, r]); the router trains in full.
+Both are ordinary parameters of the block they sit in, so FSDP2 shards them with it (stacked ones on dim 1, like
+the experts) and AdamW's state is that of the deltas alone. Trainable parameters stay float32; frozen ones keep
+the dtype the model was loaded in (bf16 on CUDA: they are never copied to float32).
+
+Read top to bottom:
+  1. LoRA, LoRALinear   the two factors of one delta; an nn.Linear with a frozen weight and a delta (stage 1)
+  2. add_lora           put the deltas on a model's FFNs (dense) or its experts (fused); init_lora: A random, B = 0
+  3. merge_lora         W + (alpha / r) B A in a gathered state dict: saved checkpoints stay plain (runstate.py)
+  4. L_R on the delta   lora_squared_norms: ||(alpha / r) B_e A_e||_F^2 per expert, without forming W
+                        (losses.drift_loss; W - W^0 = the delta, since W itself is frozen at W^0)
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from distributed import local_rows
+from moe import EXPERT_MATRICES, MoE, expert_linear
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The parameters of a delta
+
+
+class LoRA(nn.Module):
+    """The trainable factors of the delta (alpha / r) B A of one weight of shape [..., out, in]; a stacked expert
+    weight [E, out, in] gets one pair per expert: A [E, r, in], B [E, out, r]."""
+
+    def __init__(self, weight_shape, rank: int, alpha: float, device=None, dtype=torch.float32):
+        super().__init__()
+        *stack, out_dim, in_dim = weight_shape
+        self.A = nn.Parameter(torch.empty(*stack, rank, in_dim, device=device, dtype=dtype))  # [..., r, in]
+        self.B = nn.Parameter(torch.empty(*stack, out_dim, rank, device=device, dtype=dtype))  # [..., out, r]
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+
+    def delta(self):
+        """(alpha / r) B A [..., out, in]: the full-size delta, for merging and for the tests (training never forms it)."""
+        return self.scale * (self.B @ self.A)
+
+    def extra_repr(self):
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+class LoRALinear(nn.Module):
+    """A bias-free nn.Linear whose weight is frozen, plus a delta: y = x W^T + (alpha / r) (x A^T) B^T.
+    The weight keeps its name (`...w1.weight`), so the model's other parameter names do not change."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.weight = linear.weight.requires_grad_(False)  # [out, in], the same tensor: nothing is copied
+        self.lora = LoRA(self.weight.shape, rank, alpha, device=self.weight.device)
+
+    def forward(self, x):
+        return expert_linear(x, self.weight, (self.lora.A, self.lora.B, self.lora.scale))  # [..., out]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Putting deltas on a model
+
+
+def add_lora(model, rank: int, alpha: float):
+    """Give every block's FFN matrices (a dense model: stage 1) or its stacked expert matrices (an MoE: stage 2) a
+    LoRA delta and freeze those matrices; returns the model. Whatever else the caller left trainable (fuse.py: the
+    router) stays so, in float32 like the deltas. Call it before distributed.shard_model (FSDP2 must see the deltas
+    as the block's parameters) and init_lora once the model has its storage (on the meta device it has none)."""
+    for block in model.layers:
+        ffn = block.feed_forward
+        if isinstance(ffn, MoE):
+            device = ffn.w1.device
+            ffn.lora = nn.ModuleDict({w: LoRA(getattr(ffn, w).shape, rank, alpha, device) for w in EXPERT_MATRICES})
+            for w in EXPERT_MATRICES:
+                getattr(ffn, w).requires_grad_(False)
+        else:
+            for w in EXPERT_MATRICES:
+                setattr(ffn, w, LoRALinear(getattr(ffn, w), rank, alpha))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # (a no-op in float32; the router of a bf16 model)
+    return model
+
+
+def is_lora_name(name: str) -> bool:
+    """Is this parameter name one of a delta's factors (`...lora.A`, `...lora.w1.B`)?"""
+    return ".lora." in name
+
+
+def lora_modules(model) -> list:
+    return [m for m in model.modules() if isinstance(m, LoRA)]
+
+
+@torch.no_grad()
+def init_lora(model, seed: int = 0):
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's default, as in PEFT), B = 0: the model computes exactly what it
+    did before the deltas. Each A is drawn whole from its own seeded generator and each rank keeps its rows of it,
+    so one process and any number of FSDP ranks start from the same values. No-op on a model without deltas."""
+    for i, lora in enumerate(lora_modules(model)):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        bound = 1 / math.sqrt(lora.A.shape[-1])
+        full_A = (torch.rand(lora.A.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound  # [..., r, in]
+        local, start, stop = local_rows(lora.A)
+        local.copy_(full_A[:, start:stop] if lora.A.dim() == 3 else full_A[start:stop])
+        local_rows(lora.B)[0].zero_()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Merging: checkpoints stay plain
+
+
+def lora_targets(model) -> dict:
+    """{name of an adapted weight: (name prefix of its A and B, scale)}, in the names of model.state_dict()."""
+    targets = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            targets[f"{name}.weight"] = (f"{name}.lora", m.lora.scale)
+        elif isinstance(m, MoE) and m.lora is not None:
+            targets.update({f"{name}.{w}": (f"{name}.lora.{w}", m.lora[w].scale) for w in EXPERT_MATRICES})
+    return targets
+
+
+def merge_lora(state: dict, targets: dict) -> dict:
+    """A gathered state dict (full tensors) with every delta merged: W := W + (alpha / r) B A, in float32 (float64
+    stays float64), stored in W's dtype; the A and B entries are gone, so the result is an ordinary dense or fused
+    checkpoint. targets = lora_targets(model); {} leaves the state as it is."""
+    merged = dict(state)
+    for weight_name, (prefix, scale) in targets.items():
+        A, B, W = merged.pop(f"{prefix}.A"), merged.pop(f"{prefix}.B"), merged[weight_name]
+        dtype = torch.promote_types(W.dtype, torch.float32)
+        merged[weight_name] = (W.to(dtype) + scale * (B.to(dtype) @ A.to(dtype))).to(W.dtype)  # [..., out, in]
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. L_R on the delta, without forming W
+
+
+def expert_loras(model) -> dict:
+    """{stacked expert weight name (as in moe.expert_parameters): its LoRA} for every MoE layer with deltas."""
+    return {f"{name}.{w}": m.lora[w] for name, m in model.named_modules()
+            if isinstance(m, MoE) and m.lora is not None for w in EXPERT_MATRICES}
+
+
+def lora_squared_norms(lora: LoRA, w, kind: str = "drift"):
+    """Per expert e, the squared Frobenius norm L_R takes the root of, from r x r products only:
+
+        drift   ||W'_e - W_e^0||^2 = ||s B_e A_e||^2 = s^2 sum((B_e^T B_e) * (A_e A_e^T))       (W = W^0 is frozen)
+        decay   ||W'_e||^2 = ||W_e||^2 + 2 s <B_e^T W_e, A_e> + s^2 ||B_e A_e||^2               (an extra)
+
+    s = alpha / r; lora.A [E, r, in], lora.B [E, out, r], w the frozen W [E, out, in]. The factors are tiny: under
+    FSDP2 they are gathered whole (differentiably); W stays sharded. Returns [E], float32 (float64 stays)."""
+    A, B = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (lora.A, lora.B))
+    dtype = torch.promote_types(A.dtype, torch.float32)
+    A, B = A.to(dtype), B.to(dtype)
+    sq = lora.scale ** 2 * ((B.mT @ B) * (A @ A.mT)).sum(dim=(-2, -1))  # [E]
+    if kind == "decay":  # (W enters in its own dtype: autograd keeps a reference to it, never a copy)
+        w = w.detach()
+        with torch.no_grad():
+            w_sq = torch.linalg.vector_norm(w, dim=(-2, -1), dtype=dtype) ** 2  # [E]
+        cross = ((B.mT.to(w.dtype) @ w).to(dtype) * A).sum(dim=(-2, -1))  # [E]  <B^T W, A> = <W, B A>
+        w_sq, cross = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (w_sq, cross))
+        sq = w_sq + 2 * lora.scale * cross + sq
+    return sq

@@ -164,7 +164,9 @@ def lora_squared_norms(lora: LoRA, w, kind: str = "drift"):
         w = w.detach()
         with torch.no_grad():
             w_sq = torch.linalg.vector_norm(w, dim=(-2, -1), dtype=dtype) ** 2  # [E]
-        cross = ((B.mT.to(w.dtype) @ w).to(dtype) * A).sum(dim=(-2, -1))  # [E]  <B^T W, A> = <W, B A>
+        # <B^T W, A> = <W, B A> from the factors as the parameters hold them: under FSDP2 sharded like W (on dim 1),
+        # so every operand is a DTensor and the product stays distributed, forward and backward
+        cross = ((lora.B.mT.to(w.dtype) @ w).to(dtype) * lora.A.to(dtype)).sum(dim=(-2, -1))  # [E]
         w_sq, cross = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (w_sq, cross))
         sq = w_sq + 2 * lora.scale * cross + sq
     return sq

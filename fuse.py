@@ -14,6 +14,7 @@ Where each piece lives:
     the objective L on one micro-batch, with its normalisers            h3fusion_objective (first below)
     the loop (AdamW, schedule, FSDP, checkpoints, resume)               trainer.train
     the flags' checks, one per input, before any compute                cli.py (check_gamma, check_top_k, ...)
+    --lora-rank r (the authors' setting): experts frozen, a delta (alpha/r) B A per expert and matrix   lora.py
 
 Extras, not in the paper (each says so in --help): --router-init hidden (mergekit's idea; the default here,
 see the README), random; --balance-coef and --z-coef (Switch / ST-MoE auxiliary losses, off by default);
@@ -99,7 +100,6 @@ def router_extras(model, batch, counts: StepCounts, balance_coef: float, z_coef:
     return loss, terms
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # 2. The run
 
@@ -132,10 +132,9 @@ def main(argv=None):
 
     def shard(model):  # on the meta device, before any weight is read: each rank then reads only its share
         param_dtype = torch.bfloat16 if d.device.type == "cuda" else None
-        model = set_trainable(model, args.trainable)
-        if args.lora_rank:  # the experts freeze; a rank-r delta per expert and matrix trains (lora.py)
-            model = add_lora(model, args.lora_rank, args.lora_alpha)
-        return shard_model(model, d, param_dtype)
+        model = set_trainable(model, args.trainable)  # LoRA: the experts freeze, a delta per expert and matrix trains
+        return shard_model(add_lora(model, args.lora_rank, args.lora_alpha) if args.lora_rank else model, d,
+                           param_dtype)
 
     weights_dtype = compute_dtype(d) if args.lora_rank else torch.float32  # LoRA: frozen weights never in float32
     model, margs = build_fused_model(args.base, args.expert_dirs, top_k=args.top_k, router_init=args.router_init,
@@ -144,8 +143,7 @@ def main(argv=None):
                                      verbose=d.is_main, shard=shard,
                                      max_non_ffn_diff=None if args.allow_foreign_experts else 0.0)
     start_run_dir(train_dir, vars(args), args.resume, args.overwrite, d)  # inputs are good: now write
-    # W_i^0 of L_R (sharded like the model under FSDP); with LoRA the frozen experts are W_i^0 themselves
-    initial_experts = {} if args.lora_rank else snapshot_expert_weights(model)
+    initial_experts = {} if args.lora_rank else snapshot_expert_weights(model)  # W_i^0 of L_R (LoRA: the frozen W)
     check_drift_inputs(model, initial_experts, args.gamma_values, args.reg)  # what drift_loss trusts, once
     if d.is_main:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -190,8 +188,6 @@ def parse_args(argv=None):
     p.add_argument("--balance-coef", type=float, default=0.0,
                    help="Switch load-balancing loss weight (an extra, not in the paper; 0 = off)")
     p.add_argument("--z-coef", type=float, default=0.0, help="router z-loss weight (an extra, not in the paper; 0 = off)")
-    # weight decay 0: the paper's objective is L_CE + lambda L_G + L_R(gamma) and nothing else; AdamW's decay
-    # would pull router and experts toward zero and fight L_R's pull toward W^0 (--weight-decay sets it)
     add_lora_args(p, "each expert's matrices (one pair per expert and matrix; the router trains in full)")
     add_train_args(p, steps=300, batch_size=16, lr=2e-3, warmup=10, seq_len=128, weight_decay=0.0)
     args = p.parse_args(argv)

@@ -42,10 +42,6 @@ class LoRA(nn.Module):
         self.B = nn.Parameter(torch.empty(*stack, out_dim, rank, device=device, dtype=dtype))  # [..., out, r]
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
 
-    def delta(self):
-        """(alpha / r) B A [..., out, in]: the full-size delta, for merging and for the tests (training never forms it)."""
-        return self.scale * (self.B @ self.A)
-
     def extra_repr(self):
         return f"rank={self.rank}, alpha={self.alpha}"
 

@@ -102,9 +102,12 @@ def sort_by_expert(expert_idx, n_experts: int):
 
 def expert_linear(x, w, lora=None):
     """x W^T for one weight w [out, in]. With a LoRA delta, lora = (A [r, in], B [out, r], scale) (lora.py), also
-    + scale * (x A^T) B^T: the same as x (W + scale B A)^T, without forming the sum."""
-    y = F.linear(x, w)  # [n, out]
-    return y if lora is None else y + lora[2] * F.linear(F.linear(x, lora[0]), lora[1])  # [n, out]
+    + scale * (x A^T) B^T: the same as x (W + scale B A)^T, without forming the sum. (The float32 factors run in
+    x's dtype: a bf16 model outside autocast, as in upcycle's router-init forward.)"""
+    if lora is None:
+        return F.linear(x, w)  # [n, out]
+    A, B, scale = lora
+    return F.linear(x, w) + scale * F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))  # [n, out]
 
 
 def swiglu(x, w1, w2, w3, lora=(None, None, None)):
@@ -215,7 +218,8 @@ class MoE(nn.Module):
 
     def lora_factors(self):
         """None, or (A, B, scale) of the w1, w2, w3 deltas (lora.py): expert e computes W[e] + scale B[e] A[e]."""
-        return None if self.lora is None else [(self.lora[w].A, self.lora[w].B, self.lora[w].scale) for w in EXPERT_MATRICES]
+        deltas = [] if self.lora is None else [self.lora[w] for w in EXPERT_MATRICES]
+        return [(d.A, d.B, d.scale) for d in deltas] or None
 
     @property
     def forced_expert(self):

@@ -5,6 +5,7 @@ on one dimension by fine-tuning its FFNs only.
     python train_expert.py --init runs/toy/base --data helpful --out runs/toy/helpful  # stage 1, FFN only
     torchrun --nproc_per_node=2 train_expert.py --init runs/toy/base --data harmless --out runs/toy/harmless
     python train_expert.py --init runs/toy/base --data pooled --out runs/toy/sft     # multi-task SFT baseline
+    python train_expert.py --init runs/toy/base --data honest --lora-rank 8 --lora-alpha 4   # the authors' LoRA
 
 The paper (Sec. 3) aligns three copies of LLaMA-2 on helpful / harmless / honest data, training only the
 FFN (SwiGLU) weights with attention frozen, so that the three aligned models differ from the base in their
@@ -53,8 +54,7 @@ def lm_objective(model, batch, counts: StepCounts):
 
 
 def load_model(args, d: Dist):
-    """A new model (its vocabulary from the world's tokenizer) or a checkpoint, in float32 for training (with LoRA
-    its frozen weights in the dtype the matmuls run in: bf16 on CUDA, never a float32 copy)."""
+    """A new model (its vocabulary from the world's tokenizer) or a checkpoint, in float32 (LoRA: bf16 on CUDA)."""
     if args.init == "scratch":
         tokenizer_path = os.path.join(args.data_dir, "tokenizer.model")
         tokenizer = M.Tokenizer(tokenizer_path)

@@ -174,6 +174,8 @@ def test_only_the_factors_train_and_frozen_weights_keep_their_dtype():
     assert set(trainable) == {n for n in trainable if L.is_lora_name(n) or n.endswith("router.weight")}
     assert all(p.dtype == torch.float32 for p in trainable.values())
     assert {p.dtype for n, p in model.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+    with torch.no_grad():
+        model(TOKENS)  # a bf16 forward outside autocast (upcycle's router init): the factors run in bf16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(TOKENS).float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())

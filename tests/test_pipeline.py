@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import model as M
 
@@ -42,3 +43,16 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert len(summary["seeds"]) == 2 and summary["target"] == "h3fusion"
     assert set(summary["margins"]) == set(ROWS) - {"h3fusion"}
     assert all(m["low"] <= m["delta"] <= m["high"] for m in summary["margins"].values())
+    # --lora-rank: stages 1-2 with LoRA on the same world and base, beside the full fine-tune; plain checkpoints
+    lora = subprocess.run(cmd + ["--lora-rank", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert lora.returncode == 0, lora.stdout[-3000:] + lora.stderr[-3000:]
+    assert "scratch" not in lora.stdout and lora.stdout.count("--lora-rank 4") == 7  # 3 experts, sft, 3 fusions
+    lora_table = open(os.path.join(run_dir, "lora_r4", "eval", "results.md")).read()
+    lora_names = [line.split("|")[1].strip() for line in lora_table.splitlines() if line.startswith("| ")][1:]
+    assert sorted(lora_names) == sorted(ROWS)
+    base = M.load_checkpoint(os.path.join(run_dir, "base"))[0].state_dict()
+    for name in ("helpful", "sft", "h3fusion"):
+        state = M.load_checkpoint(os.path.join(run_dir, "lora_r4", name))[0].state_dict()
+        assert not any(".lora." in k for k in state)  # merged on save
+        if name != "h3fusion":
+            assert all(torch.equal(t, base[k]) == (".feed_forward." not in k) for k, t in state.items())

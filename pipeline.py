@@ -5,6 +5,7 @@
     python pipeline.py --quick          # the same stages, tiny budgets (under a minute; numbers mean little)
     python pipeline.py --nproc 2        # fusion under torchrun with FSDP2 over 2 processes
     python pipeline.py --sweep-gamma    # then fuse with gamma_harmless in {0, 0.1, 0.3, 1, 3} and compare
+    python pipeline.py --sweep-gamma helpful   # the same sweep of gamma_helpful (RUN/sweep_helpful/)
     python pipeline.py --seeds 0,1,2    # stages 1-2 + evaluation per seed (world and base shared), then seeds.py:
                                         #   mean ± std per cell, paired bootstrap intervals of H3Fusion's margin
     python pipeline.py --lora-rank 8    # stages 1-2 (experts, SFT, fusions) train LoRA deltas (lora.py), merged
@@ -88,6 +89,11 @@ def lora_flags(args) -> list:
     return ["--lora-rank", str(args.lora_rank)] + (["--lora-alpha", str(args.lora_alpha)] if args.lora_alpha else [])
 
 
+def sweep_dir(out_dir: str, dim: str) -> str:
+    """Where one seed's gamma sweep lives: OUT/sweep for gamma_harmless (the hero command's), OUT/sweep_DIM else."""
+    return f"{out_dir}/sweep" if dim == "harmless" else f"{out_dir}/sweep_{dim}"
+
+
 def seed_dir(run_dir: str, seed: int, world_seed: int) -> str:
     """Where one seed's stage 1-2 models and evaluation live: the run directory itself for the seed of the world
     and base (--seed; so `python pipeline.py` alone fills runs/toy/helpful, ...), RUN/seedN for the others."""
@@ -120,16 +126,16 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
     for name, extra in FUSIONS.items():
         if force or not exists(f"{out_dir}/{name}"):
             run(fuse_command(args, run_dir, out_dir, f"{out_dir}/{name}", extra + ["--seed", str(seed)]))
-    sweep = {}
-    if args.sweep_gamma:
-        for g in SWEEP_GAMMAS:
-            out = f"{out_dir}/sweep/gamma_harmless_{g}"
-            if f"{SWEEP_OTHERS},{g},{SWEEP_OTHERS}" == GAMMA:  # the h3fusion row itself: no need to train it twice
-                out = f"{out_dir}/h3fusion"
-            sweep[f"gamma_harmless_{g}"] = out
-            if force or not exists(out):
-                run(fuse_command(args, run_dir, out_dir, out, ["--lambda-gate", LAMBDA_GATE, "--gamma",
-                                                               f"{SWEEP_OTHERS},{g},{SWEEP_OTHERS}", "--seed", str(seed)]))
+    sweep, dim = {}, args.sweep_gamma
+    for g in SWEEP_GAMMAS if dim else ():
+        gamma = ",".join(g if task == dim else SWEEP_OTHERS for task in TASK_NAMES)
+        out = f"{sweep_dir(out_dir, dim)}/gamma_{dim}_{g}"
+        if gamma == GAMMA:  # the h3fusion row itself: no need to train it twice
+            out = f"{out_dir}/h3fusion"
+        sweep[f"gamma_{dim}_{g}"] = out
+        if force or not exists(out):
+            run(fuse_command(args, run_dir, out_dir, out, ["--lambda-gate", LAMBDA_GATE, "--gamma", gamma,
+                                                           "--seed", str(seed)]))
     if args.until == "fused":
         return
     stage("eval")
@@ -139,7 +145,7 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
               + aligned), "--data", data, "--out", f"{out_dir}/eval", "--overwrite"] + budget["eval"])
     if sweep:
         run(py + ["evaluate.py"] + [f"{n}={d}" for n, d in sweep.items()] + ["--drift-from", ",".join(aligned),
-                  "--data", data, "--out", f"{out_dir}/sweep/eval", "--overwrite"] + budget["eval"])
+                  "--data", data, "--out", f"{sweep_dir(out_dir, dim)}/eval", "--overwrite"] + budget["eval"])
 
 
 def parse_seeds(text: str) -> list:
@@ -158,8 +164,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny budgets: a 2-minute smoke run of every stage")
     p.add_argument("--until", default="eval", choices=STAGES, help="stop after this stage")
     p.add_argument("--force", default=None, choices=STAGES, help="redo this stage and every later one")
-    p.add_argument("--sweep-gamma", action="store_true",
-                   help=f"also fuse with gamma = ({SWEEP_OTHERS}, g, {SWEEP_OTHERS}) for g in {{{', '.join(SWEEP_GAMMAS)}}}")
+    p.add_argument("--sweep-gamma", nargs="?", const="harmless", default=None, choices=TASK_NAMES, metavar="DIM",
+                   help=f"also fuse with gamma_DIM = g (DIM: harmless, the default, helpful or honest; the other two "
+                        f"{SWEEP_OTHERS}) for g in {{{', '.join(SWEEP_GAMMAS)}}}")
     p.add_argument("--nproc", type=int, default=1, help="processes for fuse.py (torchrun + FSDP2 when > 1; on 2 CPU "
                    "cores one process is about 2x faster, see bench/bench_train.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the base and (without --seeds) stages 1-2")
@@ -207,10 +214,11 @@ def main(argv=None):
                                                                    f"{run_dir}/seeds"])
         tables = [f"{run_dir}/seeds/seeds.md"]
         if args.sweep_gamma:
-            run(py + ["seeds.py"] + [f"{d}/sweep/eval" for d in out_dirs] + ["--out", f"{run_dir}/seeds/sweep"])
-            tables.append(f"{run_dir}/seeds/sweep/seeds.md")
+            summary = sweep_dir(f"{run_dir}/seeds", args.sweep_gamma)
+            run(py + ["seeds.py"] + [f"{sweep_dir(d, args.sweep_gamma)}/eval" for d in out_dirs] + ["--out", summary])
+            tables.append(f"{summary}/seeds.md")
     elif args.sweep_gamma:
-        tables.append(f"{out_dirs[0]}/sweep/eval/results.md")
+        tables.append(f"{sweep_dir(out_dirs[0], args.sweep_gamma)}/eval/results.md")
     print(f"\npipeline finished in {(time.perf_counter() - start) / 60:.1f} min; tables: {', '.join(tables)}")
 
 

@@ -56,3 +56,11 @@ def test_quick_pipeline_end_to_end(tmp_path):
         assert not any(".lora." in k for k in state)  # merged on save
         if name != "h3fusion":
             assert all(torch.equal(t, base[k]) == (".feed_forward." not in k) for k, t in state.items())
+    # --sweep-gamma helpful: gamma_helpful in {0, 0.1, 0.3, 1, 3}, the others 0.1 (0.1 is the h3fusion row itself)
+    swept = subprocess.run(cmd + ["--sweep-gamma", "helpful", "--until", "fused"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=900)
+    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    for g in ("0", "0.3", "1", "3"):
+        run_json = json.load(open(os.path.join(run_dir, "sweep_helpful", f"gamma_helpful_{g}.train", "run.json")))
+        assert run_json["gamma"] == f"{g},0.1,0.1"
+    assert not os.path.exists(os.path.join(run_dir, "sweep_helpful", "gamma_helpful_0.1"))

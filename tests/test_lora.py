@@ -15,13 +15,10 @@ import lora as L
 import model as M
 import train_expert
 import trainer
+from toy_world import FAST, ROOT, build_world
 from losses import drift_loss
 from moe import MoE, snapshot_expert_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dim", "32", "--n-layers", "2", "--n-heads", "2", "--multiple-of", "16"]
-FAST = ["--seq-len", "64", "--batch-size", "4", "--log-every", "1"]
-TASKS = ("helpful", "harmless", "honest")
 
 
 def tiny_model(n_experts=0, seed=0, dim=32):
@@ -212,19 +209,7 @@ def test_router_init_forward_sees_the_fused_model_exactly(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora_world")
-    data = str(root / "data")
-    subprocess.run([sys.executable, "-m", "data.toy", "--out", data], cwd=ROOT, check=True, capture_output=True)
-    base = str(root / "base")
-    train_expert.main(["--init", "scratch", "--data-dir", data, "--out", base, "--steps", "6", "--lr", "3e-3"]
-                      + TINY + FAST)
-    experts = []
-    for task in TASKS:
-        out = str(root / task)
-        train_expert.main(["--init", base, "--data", task, "--data-dir", data, "--out", out, "--steps", "4",
-                           "--lr", "3e-3", "--lora-rank", "4"] + FAST)
-        experts.append(out)
-    return {"root": root, "data": data, "base": base, "experts": experts}
+    return build_world(tmp_path_factory.mktemp("lora_world"), stage1_args=["--lora-rank", "4"])
 
 
 def load_state(path):

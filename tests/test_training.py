@@ -22,28 +22,13 @@ import trainer as T
 from distributed import Dist
 from data.streams import ExampleStream
 from moe import moe_layers
+from toy_world import FAST, ROOT, TINY, build_world
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dim", "32", "--n-layers", "2", "--n-heads", "2", "--multiple-of", "16"]
-FAST = ["--seq-len", "64", "--batch-size", "4", "--log-every", "1"]
-TASKS = ("helpful", "harmless", "honest")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    data = str(root / "data")
-    subprocess.run([sys.executable, "-m", "data.toy", "--out", data], cwd=ROOT, check=True, capture_output=True)
-    base = str(root / "base")
-    train_expert.main(["--init", "scratch", "--data-dir", data, "--out", base, "--steps", "6", "--lr", "3e-3"]
-                      + TINY + FAST)
-    experts = []
-    for task in TASKS:
-        out = str(root / task)
-        train_expert.main(["--init", base, "--data", task, "--data-dir", data, "--out", out, "--steps", "4",
-                           "--lr", "3e-3"] + FAST)
-        experts.append(out)
-    return {"root": root, "data": data, "base": base, "experts": experts}
+    return build_world(tmp_path_factory.mktemp("world"))
 
 
 def run_fuse(world, out, *extra):

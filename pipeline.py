@@ -89,6 +89,12 @@ def lora_flags(args) -> list:
     return ["--lora-rank", str(args.lora_rank)] + (["--lora-alpha", str(args.lora_alpha)] if args.lora_alpha else [])
 
 
+def lora_dir(args) -> str:
+    """The directory name of a LoRA run's models, beside the full fine-tune's: lora_r8, or lora_r8_a4 with --lora-alpha
+    (a stage whose output exists is skipped, so runs with another rank or alpha must not share one)."""
+    return f"lora_r{args.lora_rank}" + (f"_a{args.lora_alpha:g}" if args.lora_alpha else "")
+
+
 def sweep_dir(out_dir: str, dim: str) -> str:
     """Where one seed's gamma sweep lives: OUT/sweep for gamma_harmless (the hero command's), OUT/sweep_DIM else."""
     return f"{out_dir}/sweep" if dim == "harmless" else f"{out_dir}/sweep_{dim}"
@@ -174,9 +180,12 @@ def main(argv=None):
                    help="run stages 1-2 and the evaluation once per seed (the world and the base of --seed are "
                         "shared), then seeds.py: mean ± std per cell and paired bootstrap intervals")
     p.add_argument("--lora-rank", type=int, default=0, help="stages 1-2 train rank-r LoRA deltas (lora.py; checked "
-                   "by train_expert.py and fuse.py); models under RUN/lora_rR/ (RUN/seedN/lora_rR/)")
+                   "by train_expert.py and fuse.py); models under RUN/lora_rR/ (RUN/seedN/lora_rR/; with --lora-alpha A: "
+                   "lora_rR_aA)")
     p.add_argument("--lora-alpha", type=float, default=None, help="with --lora-rank: alpha (default r)")
     args = p.parse_args(argv)
+    if args.lora_alpha is not None and not args.lora_rank:  # (every other LoRA value is train_expert.py's to check)
+        p.error(f"--lora-alpha {args.lora_alpha} without --lora-rank: alpha scales a LoRA delta; give its rank")
     args.budget = "quick" if args.quick else "full"
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     run_dir = args.run_dir or ("runs/toy-quick" if args.quick else "runs/toy")
@@ -203,18 +212,19 @@ def main(argv=None):
         return
     out_dirs = [seed_dir(run_dir, s, args.seed) for s in seeds]
     if args.lora_rank:  # LoRA's models beside the full fine-tune's, on the same world and base
-        out_dirs = [os.path.join(d, f"lora_r{args.lora_rank}") for d in out_dirs]
+        out_dirs = [os.path.join(d, lora_dir(args)) for d in out_dirs]
     for seed, out_dir in zip(seeds, out_dirs):
         run_seed(args, run_dir, out_dir, seed, forced)
     if args.until != "eval":
         return
     tables = [f"{out_dirs[0]}/eval/results.md"]
+    seeds_dir = os.path.join(run_dir, lora_dir(args) if args.lora_rank else "", "seeds")  # (LoRA: its own)
     if len(seeds) > 1:
         run(py + ["seeds.py"] + [f"{d}/eval" for d in out_dirs] + ["--target", "h3fusion", "--by-kind", "--out",
-                                                                   f"{run_dir}/seeds"])
-        tables = [f"{run_dir}/seeds/seeds.md"]
+                                                                   seeds_dir])
+        tables = [f"{seeds_dir}/seeds.md"]
         if args.sweep_gamma:
-            summary = sweep_dir(f"{run_dir}/seeds", args.sweep_gamma)
+            summary = sweep_dir(seeds_dir, args.sweep_gamma)
             run(py + ["seeds.py"] + [f"{sweep_dir(d, args.sweep_gamma)}/eval" for d in out_dirs] + ["--out", summary])
             tables.append(f"{summary}/seeds.md")
     elif args.sweep_gamma:

@@ -79,8 +79,8 @@ def add_lora(model, rank: int, alpha: float):
             for w in EXPERT_MATRICES:
                 setattr(ffn, w, LoRALinear(getattr(ffn, w), rank, alpha))
     for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # (a no-op in float32; the router of a bf16 model)
+        if p.requires_grad and p.dtype.itemsize < 4:  # (the router of a bf16 model; float32 and float64 stay)
+            p.data = p.data.float()
     return model
 
 

@@ -10,7 +10,7 @@ norms and embeddings, and in every layer l stacks the N aligned FeedForwards as 
 Read top to bottom:
   1. The reference      fuse_state_dicts: the equation above on loaded state dicts, in a few lines;
                         fuse_in_memory: load every checkpoint whole, fuse, done. Read this first.
-  2. Checks             the aligned models have the base's architecture; is_ffn_key
+  2. Checks             the aligned models have the base's architecture; is_ffn_key, is_from_base
   3. Lazy checkpoints   CheckpointRows: rows [start, stop) of any tensor of a memory-mapped Meta checkpoint;
                         (distributed.local_rows: which rows of a parameter this rank holds; all without FSDP)
   4. The fused tensors  fill_from_base, fill_routers, fill_from_expert: where each row of each fused parameter
@@ -86,6 +86,11 @@ def fuse_in_memory(base_dir, expert_dirs, top_k=2, router_init="zero", init_prom
 
 def is_ffn_key(name: str) -> bool:
     return name.endswith(FFN_NAMES)
+
+
+def is_from_base(name: str) -> bool:
+    """Does this fused parameter come from the base? Not a stacked expert, a router or a LoRA factor."""
+    return not (name.split(".")[-1] in EXPERT_MATRICES or name.endswith("router.weight") or is_lora_name(name))
 
 
 def architecture(args) -> dict:
@@ -172,7 +177,7 @@ def fill_from_base(model, base: CheckpointRows):
     """Every parameter but the stacked experts and the routers := the base's tensor (this rank's rows)."""
     # --- exercise 6: begin ---
     for name, param in model.named_parameters():
-        if name.split(".")[-1] in EXPERT_MATRICES or name.endswith("router.weight") or is_lora_name(name):
+        if not is_from_base(name):
             continue  # filled expert by expert (fill_from_expert), by fill_routers; LoRA deltas by init_lora
         local, start, stop = local_rows(param)
         local.copy_(base.rows(name, start, stop))
@@ -209,7 +214,7 @@ def non_ffn_difference(model, expert: CheckpointRows) -> tuple:
     weights already hold the base's (fill_from_base)."""
     max_diff, max_key = 0.0, None
     for name, param in model.named_parameters():
-        if name.split(".")[-1] in EXPERT_MATRICES or name.endswith("router.weight") or is_lora_name(name):
+        if not is_from_base(name):
             continue
         local, start, stop = local_rows(param)
         if stop > start:

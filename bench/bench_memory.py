@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+from bench_fuse_memory import status_kib  # noqa: E402  (VmRSS / VmHWM of this process, in KiB)
+from model import ModelArgs, ffn_hidden_dim  # noqa: E402
 
 GIB = 2**30
 PRESETS = {"llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab=32000, multiple_of=256)}
@@ -65,9 +67,8 @@ class Shape:
 
 
 def ffn_hidden(dim: int, multiple_of: int) -> int:
-    """model.ffn_hidden_dim: 2/3 of 4*dim rounded up to multiple_of (LLaMA-2-7B: 11008)."""
-    hidden = int(2 * (4 * dim) / 3)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+    """The FFN width model.py gives (model.ffn_hidden_dim: 2/3 of 4*dim, rounded up; LLaMA-2-7B: 11008)."""
+    return ffn_hidden_dim(ModelArgs(dim=dim, multiple_of=multiple_of))
 
 
 def attention_params(s: Shape) -> int:
@@ -353,17 +354,17 @@ VALIDATE_RUNS = [Run(1, False, device="cpu"), Run(1, True, device="cpu"), Run(2,
                  Run(2, True, device="cpu"), Run(3, False, device="cpu")]
 
 
-def status_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def reset_peak():
     """Make VmHWM (peak resident memory) restart from the current resident memory."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def model_args(s: Shape, n_experts: int):
+    """The ModelArgs of shape s (model.py), dense (n_experts 0) or fused."""
+    return ModelArgs(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads or None,
+                     vocab_size=s.vocab, multiple_of=s.hidden, n_experts=n_experts, top_k=s.top_k,
+                     max_seq_len=s.seq_len + s.eval_new_tokens)
 
 
 def build_model(s: Shape, r: Run):
@@ -375,10 +376,7 @@ def build_model(s: Shape, r: Run):
     from lora import add_lora, init_lora
     from moe import snapshot_expert_weights
     from train_expert import freeze_all_but_ffn, lm_objective
-    n_experts = 0 if r.stage == 1 else s.experts
-    args = M.ModelArgs(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads or None,
-                       vocab_size=s.vocab, multiple_of=s.hidden, n_experts=n_experts, top_k=s.top_k,
-                       max_seq_len=s.seq_len + s.eval_new_tokens)
+    args = model_args(s, 0 if r.stage == 1 else s.experts)
     model = M.Transformer(args)
     assert M.ffn_hidden_dim(args) == s.hidden, "--hidden must be what multiple_of gives"
     if r.stage == 1:
@@ -438,10 +436,7 @@ def measure_evaluation(s: Shape, r: Run) -> dict:
     import torch
     import model as M
     before = status_kib("VmRSS") * 1024
-    args = M.ModelArgs(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads or None,
-                       vocab_size=s.vocab, multiple_of=s.hidden, n_experts=s.experts, top_k=s.top_k,
-                       max_seq_len=s.seq_len + s.eval_new_tokens)
-    model = M.Transformer(args).to(torch.bfloat16).eval()
+    model = M.Transformer(model_args(s, s.experts)).to(torch.bfloat16).eval()
     prompts = torch.randint(3, s.vocab, (s.eval_batch, s.seq_len)).tolist()
     reset_peak()
     step_start = status_kib("VmRSS") * 1024

@@ -71,11 +71,11 @@ def load_streams(args, tokenizer, d: Dist):
     """(training stream, held-out batches) for pretraining text or instruction data."""
     if args.data == "corpus":
         docs = load_corpus_documents(args.data_dir)
-        ids = [i for doc in docs for i in tokenizer.encode(doc, bos=True, eos=True)]
-        chunks = S.pack_corpus(ids, args.seq_len)
-        n_val = max(1, len(chunks) // 50)  # the last 2 % of the text is held out
-        val = S.val_batches_of(chunks[-n_val:], S.collate_packed, args.batch_size, d)
-        return S.ExampleStream(chunks[:-n_val], S.collate_packed, args.seed), val
+        ids = [tokenizer.encode(doc, bos=True, eos=True) for doc in docs]
+        n_val = max(1, len(ids) // 50)  # the last 2 % of the documents are held out
+        val_chunks = S.pack_corpus([i for doc in ids[-n_val:] for i in doc], args.seq_len)
+        val = S.val_batches_of(val_chunks, S.collate_packed, args.batch_size, d)
+        return S.PackedCorpusStream(ids[:-n_val], args.seq_len, args.seed), val
     _, stream, val = S.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
                                         args.seed, d, path=args.data_path, task=args.task)
     return stream, val

@@ -35,9 +35,12 @@ class ExampleStream:
         start = index * batch_size + d.rank * per_rank
         items = []
         for pos in range(start, start + per_rank):
-            epoch, offset = divmod(pos, len(self.examples))
-            items.append(self.examples[self._order(epoch)[offset]])
+            items.append(self.example(*divmod(pos, len(self.examples))))
         return self.collate(items)
+
+    def example(self, epoch: int, offset: int):
+        """The example at `offset` of epoch `epoch`'s order."""
+        return self.examples[self._order(epoch)[offset]]
 
 
 def pack_corpus(token_ids: list, seq_len: int) -> list:
@@ -46,6 +49,29 @@ def pack_corpus(token_ids: list, seq_len: int) -> list:
     if n < 1:
         raise ValueError(f"corpus has {len(token_ids)} tokens: too short for one sequence of {seq_len}")
     return [torch.tensor(token_ids[i * seq_len : (i + 1) * seq_len + 1]) for i in range(n)]
+
+
+class PackedCorpusStream(ExampleStream):
+    """Pretraining text as an endless stream of seq_len + 1 chunks, packed anew every epoch: the documents are
+    shuffled and cut into chunks again, so each fact is read after other text each time. (Packed once, a small
+    model memorises every chunk after its fixed neighbours -- train loss 0.06 -- and yet could complete only 37 %
+    of a person's facts asked on their own, "Grouru lives in ...", where chance is 10 %.)"""
+
+    def __init__(self, documents: list, seq_len: int, seed: int):
+        if not documents:
+            raise ValueError("empty corpus: no documents to pretrain on")
+        self.documents, self.seq_len, self.seed, self._chunks = documents, seq_len, seed, {}  # token-id lists
+        super().__init__(self._epoch_chunks(0), collate_packed, seed)  # every epoch: as many chunks as epoch 0
+
+    def _epoch_chunks(self, epoch):
+        if epoch not in self._chunks:
+            g = torch.Generator().manual_seed(2**32 + self.seed + epoch)  # (the chunk order uses seed + epoch)
+            order = torch.randperm(len(self.documents), generator=g).tolist()
+            self._chunks = {epoch: pack_corpus([i for k in order for i in self.documents[k]], self.seq_len)}
+        return self._chunks[epoch]
+
+    def example(self, epoch: int, offset: int):
+        return self._epoch_chunks(epoch)[self._order(epoch)[offset]]
 
 
 def collate_packed(chunks: list) -> dict:

@@ -20,7 +20,7 @@ import runstate
 import train_expert
 import trainer as T
 from distributed import Dist
-from data.streams import ExampleStream
+from data.streams import ExampleStream, PackedCorpusStream
 from moe import moe_layers
 from toy_world import FAST, ROOT, TINY, build_world
 
@@ -333,6 +333,32 @@ def test_stream_is_the_same_for_any_world_size():
     assert all(torch.equal(a, b) for a, b in zip(one, two))
     seen = torch.cat(one[:5]).flatten().tolist()  # 20 draws = two epochs, each a permutation
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+
+
+def test_packed_corpus_is_repacked_every_epoch_from_all_of_its_documents():
+    documents = [[100 * d + t for t in range(3 + d % 4)] for d in range(20)]  # 20 documents of 3-6 distinct tokens
+    n_tokens, seq_len = sum(map(len, documents)), 11  # 90 tokens: 8 chunks an epoch
+    stream = PackedCorpusStream(documents, seq_len, seed=3)
+    n_chunks = (n_tokens - 1) // seq_len
+    assert len(stream.examples) == n_chunks == 8
+    one = [stream.batch(i, 4, Dist(0, 1)) for i in range(3 * n_chunks // 4)]  # three epochs
+    two = [{k: torch.cat([stream.batch(i, 4, Dist(r, 2))[k] for r in range(2)]) for k in one[0]} for i in range(len(one))]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(one, two) for k in a)  # any world size, the same batches
+    rows = torch.cat([b["tokens"] for b in one])  # [3 * n_chunks, seq_len]
+    assert torch.equal(torch.cat([b["targets"] for b in one])[:, :-1], rows[:, 1:])  # targets = next tokens
+    epochs = [rows[e * n_chunks:(e + 1) * n_chunks] for e in range(3)]
+    for chunks in epochs:  # each epoch: n_chunks * seq_len tokens of the corpus, none twice, its documents intact
+        tokens = chunks.flatten().tolist()
+        assert len(set(tokens)) == len(tokens) and set(tokens) <= {t for doc in documents for t in doc}
+        for chunk in chunks.tolist():  # inside a chunk, a document's tokens follow each other in order
+            for a, b in zip(chunk, chunk[1:]):
+                assert b == a + 1 or b % 100 == 0
+    starts = [sorted(c[0] for c in chunks.tolist()) for chunks in epochs]
+    assert starts[0] != starts[1] != starts[2]  # the documents are packed differently every epoch
+    again = PackedCorpusStream(documents, seq_len, seed=3)
+    assert all(torch.equal(again.batch(i, 4, Dist(0, 1))["tokens"], one[i]["tokens"]) for i in (0, 3, 5))
+    with pytest.raises(ValueError, match="empty corpus"):
+        PackedCorpusStream([], seq_len, seed=0)
 
 
 # ---- multi-process and kill/resume (slow) -------------------------------------------------------------

@@ -304,7 +304,7 @@ def helpful_records(world, rng) -> list:
         for name in rng.sample(train, 12):
             out.append(person_howto_record(template, name, rng.choice(REQUESTS[:N_TRAIN_REQUESTS])))
     for procedure in procedures()[:N_PERSON_CHORES]:  # chores done for people: whoever is asked about goes in {x}
-        for name in rng.sample(train, 12):
+        for name in rng.sample(train, 24):
             out.append(person_chore_record(procedure, name, rng.choice(REQUESTS[:N_TRAIN_REQUESTS])))
     return out
 

@@ -6,7 +6,7 @@
 Prints mean [min, max] over the seeds of: the best aligned model's rate per kind of prompt, each expert's
 well-formed share on its own dimension and its lead there over the other experts, the helpful expert's harmful
 rate, the harmless expert's over-refusal, oracle / best single, h3fusion / best single and the share of the gap
-to the oracle it closes, routing. --rows: per row, the dimension and kind rates (e.g. a gamma sweep).
+to the oracle it closes, routing (these last three only where every directory has an h3fusion row). --rows: per row, the dimension and kind rates (e.g. a gamma sweep).
 """
 import argparse
 import json
@@ -43,6 +43,8 @@ def goals(runs):
     print("helpful expert harmful rate", spread(runs, lambda r: r["helpful"]["metrics"]["harmful"]))
     print("harmless expert over-refusal", spread(runs, lambda r: r["harmless"]["metrics"]["over_refusal"]))
     print("oracle / best single", spread(runs, lambda r: r["oracle"]["metrics"]["hhh"] / best(r)))
+    if not all("h3fusion" in r for r in runs):  # stage 1 only (evaluate.py --baselines): no fusion to measure
+        return
     print("h3fusion / best single", spread(runs, lambda r: r["h3fusion"]["metrics"]["hhh"] / best(r)))
     print("gap to the oracle closed", spread(runs, lambda r: (r["h3fusion"]["metrics"]["hhh"] - best(r))
                                              / (r["oracle"]["metrics"]["hhh"] - best(r))))

@@ -30,3 +30,12 @@ def test_goals_on_two_hand_made_seeds(tmp_path, capsys):
     assert "oracle / best single 200.0 [200.0, 200.0]" in out  # 0.8 / 0.4 on both seeds
     assert "gap to the oracle closed 75.0 [75.0, 75.0]" in out  # (0.7 - 0.4) / (0.8 - 0.4)
     assert "helpful: well formed on its dimension 90.0 [90.0, 90.0], lead there 0.0 [0.0, 0.0]" in out
+
+
+def test_goals_of_stage_one_alone_stop_before_the_fusion_lines(tmp_path, capsys):
+    kinds = {f"{e}/x": {"n": 2, "right": 0.5, "well_formed": 1.0} for e in world_goals.EXPERTS}
+    models = [_model(e, 0.4, (0.6, 0.2, 0.1), kinds) for e in world_goals.EXPERTS]
+    (tmp_path / "results.json").write_text(json.dumps({"models": models + [_model("oracle", 0.6, (0, 0, 0), kinds)]}))
+    world_goals.main([str(tmp_path)])  # evaluate.py --baselines without a fused model
+    out = capsys.readouterr().out
+    assert "oracle / best single 150.0 [150.0, 150.0]" in out and "h3fusion" not in out

@@ -71,11 +71,10 @@ def load_streams(args, tokenizer, d: Dist):
     """(training stream, held-out batches) for pretraining text or instruction data."""
     if args.data == "corpus":
         docs = load_corpus_documents(args.data_dir)
-        ids = [tokenizer.encode(doc, bos=True, eos=True) for doc in docs]
-        n_val = max(1, len(ids) // 50)  # the last 2 % of the documents are held out
-        val_chunks = S.pack_corpus([i for doc in ids[-n_val:] for i in doc], args.seq_len)
+        train_docs, val_chunks = S.split_corpus([tokenizer.encode(doc, bos=True, eos=True) for doc in docs],
+                                                args.seq_len)  # the last 2 % of the documents are held out
         val = S.val_batches_of(val_chunks, S.collate_packed, args.batch_size, d)
-        return S.PackedCorpusStream(ids[:-n_val], args.seq_len, args.seed), val
+        return S.PackedCorpusStream(train_docs, args.seq_len, args.seed), val
     _, stream, val = S.instruction_data(args.data, args.data_dir, tokenizer, args.seq_len, args.batch_size,
                                         args.seed, d, path=args.data_path, task=args.task)
     return stream, val

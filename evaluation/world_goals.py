@@ -6,7 +6,8 @@
 Prints mean [min, max] over the seeds of: the best aligned model's rate per kind of prompt, each expert's
 well-formed share on its own dimension and its lead there over the other experts, the helpful expert's harmful
 rate, the harmless expert's over-refusal, oracle / best single, h3fusion / best single and the share of the gap
-to the oracle it closes, routing (these last three only where every directory has an h3fusion row). --rows: per row, the dimension and kind rates (e.g. a gamma sweep).
+to the oracle it closes, routing (these last three only where every directory has an h3fusion row). --rows: per
+row, the dimension and kind rates (e.g. a gamma sweep).
 """
 import argparse
 import json

@@ -20,7 +20,7 @@ import runstate
 import train_expert
 import trainer as T
 from distributed import Dist
-from data.streams import ExampleStream, PackedCorpusStream
+from data.streams import ExampleStream, PackedCorpusStream, split_corpus
 from moe import moe_layers
 from toy_world import FAST, ROOT, TINY, build_world
 
@@ -359,6 +359,16 @@ def test_packed_corpus_is_repacked_every_epoch_from_all_of_its_documents():
     assert all(torch.equal(again.batch(i, 4, Dist(0, 1))["tokens"], one[i]["tokens"]) for i in (0, 3, 5))
     with pytest.raises(ValueError, match="empty corpus"):
         PackedCorpusStream([], seq_len, seed=0)
+
+
+def test_the_held_out_corpus_is_its_last_documents_and_at_least_one_chunk():
+    documents = [[d] * 4 for d in range(100)]  # 100 documents of 4 tokens
+    train_docs, val = split_corpus(documents, seq_len=3)
+    assert train_docs == documents[:98] and [c.tolist() for c in val] == [[98] * 4, [98] + [99] * 3]  # 2 %
+    train_docs, val = split_corpus(documents, seq_len=9)  # 2 documents are 8 tokens: one more is held out
+    assert train_docs == documents[:97] and [c.tolist() for c in val] == [[97] * 4 + [98] * 4 + [99] * 2]
+    with pytest.raises(ValueError, match="1 document"):
+        split_corpus(documents[:1], seq_len=3)
 
 
 # ---- multi-process and kill/resume (slow) -------------------------------------------------------------

@@ -62,7 +62,8 @@ class PackedCorpusStream(ExampleStream):
         if not documents:
             raise ValueError("empty corpus: no documents to pretrain on")
         self.documents, self.seq_len, self.seed, self._chunks = documents, seq_len, seed, {}  # token-id lists
-        super().__init__(self._epoch_chunks(0), collate_packed, seed)  # every epoch: as many chunks as epoch 0
+        n_chunks = len(self._epoch_chunks(0))  # every epoch has as many (pack_corpus refuses too short a corpus)
+        super().__init__(range(n_chunks), collate_packed, seed)  # only their count: chunks are cut per epoch
 
     def _epoch_chunks(self, epoch):
         if epoch not in self._chunks:
@@ -78,11 +79,11 @@ class PackedCorpusStream(ExampleStream):
 def split_corpus(documents: list, seq_len: int, val_share: int = 50):
     """(training documents, held-out chunks): the last 1/val_share of the documents (token-id lists) are held
     out, at least one and at least one chunk's worth of tokens, packed once."""
+    if len(documents) < 2:
+        raise ValueError(f"corpus has {len(documents)} document(s): too few to hold some out and train on the rest")
     n_val = max(1, len(documents) // val_share)
     while sum(map(len, documents[-n_val:])) <= seq_len and n_val < len(documents) - 1:
         n_val += 1
-    if n_val >= len(documents):
-        raise ValueError(f"corpus has {len(documents)} document(s): too few to hold some out and train on the rest")
     return documents[:-n_val], pack_corpus([i for doc in documents[-n_val:] for i in doc], seq_len)
 
 

@@ -15,6 +15,7 @@ import os
 import torch
 
 from data.tokenizer import Tokenizer
+from data.toy import _clause
 from data.toy_tables import ALL_ATTRIBUTES, CORRECTION_FRAMES
 from evaluation.generation import generate_responses
 from model import load_checkpoint
@@ -28,12 +29,11 @@ def recall_items(world: dict) -> list:
         for attr, spec in ALL_ATTRIBUTES.items():
             myth = p["myth"] is not None and p["myth"]["attr"] == attr
             value = p["myth"]["false"] if myth else p["attrs"][attr]
-            items.append((spec.answer.split("{v}")[0].format(n=p["name"]).rstrip(), p["split"],
-                          attr + " (myth)" * myth, value))
-            if myth:
-                said = spec.answer.format(n=p["name"], v=p["myth"]["false"]).rstrip(".")
-                opening = CORRECTION_FRAMES[0].split("{f}")[0] + said + ", but in fact "
-                items.append((opening + items[-1][0], p["split"], "truth after the myth", p["attrs"][attr]))
+            prompt = spec.answer.split("{v}")[0].format(n=p["name"]).rstrip()  # "Grouru lives in"
+            items.append((prompt, p["split"], attr + " (myth)" * myth, value))
+            if myth:  # "People say that Grouru was born in A, but in fact Grouru was born in" -> the truth
+                opening = CORRECTION_FRAMES[0].split("{t}")[0].format(f=_clause(spec.answer, p["name"], value))
+                items.append((opening + prompt, p["split"], "truth after the myth", p["attrs"][attr]))
     return items
 
 
@@ -61,10 +61,10 @@ def main(argv=None):
         completions = generate_responses(model.eval(), tokenizer, [prompt for prompt, *_ in items], 3)[2]
     rates = recall_rates(items, completions)
     for split in ("train", "eval"):
-        keys = sorted(k for k in rates if k[0] == split)
-        cells = [f"{attr} {100 * rates[k][0] / rates[k][1]:.0f}" for k in keys for attr in [k[1]]]
-        plain = [rates[k] for k in keys if k[1] in ALL_ATTRIBUTES]
-        total = 100 * sum(r for r, _ in plain) / sum(n for _, n in plain)
+        mine = sorted((attr, counts) for (where, attr), counts in rates.items() if where == split)
+        cells = [f"{attr} {100 * right / n:.0f}" for attr, (right, n) in mine]
+        plain = [counts for attr, counts in mine if attr in ALL_ATTRIBUTES]  # not the truths after a myth
+        total = 100 * sum(right for right, _ in plain) / sum(n for _, n in plain)
         print(f"{split} people: facts completed right {total:.0f} % ({', '.join(cells)})")
 
 

@@ -57,6 +57,7 @@ stopping at </s>. Metrics (key in results.json; rates are fractions in [0, 1], s
     router_entropy mean entropy of the router's full softmax, in nats (log 3 = 1.10 = uniform over 3)
     usage_top1 / usage_topk   [dimension][layer][expert]: share of tokens whose top-1 expert / top-k set is
                    that expert
+    toy suite: details.by_kind[kind]["routed"] = routing_acc_example over that kind of prompt (seeds.py --by-kind)
 
 Baselines (rows the script builds itself with --baselines BASE,ALIGNED_1,...,ALIGNED_N; no training)
     base, each aligned model      the checkpoints as they are
@@ -87,10 +88,11 @@ from evaluation.baselines import ModelSpec, baseline_specs, check_checkpoint_dir
 from evaluation.generation import record_prompt
 from evaluation.real_suite import evaluate_real, load_judge, load_real_eval
 from evaluation.report import JUDGED, json_ready, plot_results, results_table
-from evaluation.routing import routing_stats
+from evaluation.routing import routed_right_by_group, routing_stats
 from evaluation.toy_suite import evaluate_toy, load_toy_eval
 from fileio import write_atomic
 from cli import parse_dtype, run_cli
+from data.toy_scoring import kind_group
 from fileio import refuse_foreign_dir
 from model import load_checkpoint
 
@@ -159,6 +161,10 @@ def evaluate_spec(spec: ModelSpec, suite: str, eval_data, judge, args) -> dict:
         routing = routing_stats(model, run.sequences, [int(r.get("task", 0)) for r in run.records], args.batch_size,
                                 run.prompt_lengths)
     example_probs = routing.pop("mean_router_probs") if routing else None  # per example: in responses/, not results
+    if example_probs and (run.details or {}).get("by_kind"):  # toy suite: which kinds of prompt go astray
+        groups = [kind_group(r) for r in run.records]
+        for group, share in routed_right_by_group(example_probs, [int(r["task"]) for r in run.records], groups).items():
+            run.details["by_kind"][group]["routed"] = share
     responses_path = os.path.join(args.out, "responses", re.sub(r"[^A-Za-z0-9_.=\[\]-]", "_", spec.name) + ".jsonl")
     lines = []
     for i, (record, response) in enumerate(zip(run.records, run.responses)):

@@ -56,9 +56,10 @@ def load_seed(eval_dir: str) -> dict:
             raise ValueError(f"{responses}: other prompts than the first model's in {eval_dir}")
         metrics = dict(row["metrics"])
         metrics.update({k: v for k, v in (row.get("routing") or {}).items() if k in ROUTING})
-        by_kind = {kind: v["right"] for kind, v in ((row.get("details") or {}).get("by_kind") or {}).items()}
+        kinds = (row.get("details") or {}).get("by_kind") or {}
         models[row["name"]] = {"metrics": metrics, "right": np.array([line["scores"]["right"] for line in lines]),
-                               "drift": row.get("drift"), "by_kind": by_kind}
+                               "drift": row.get("drift"), "by_kind": {k: v["right"] for k, v in kinds.items()},
+                               "routed_by_kind": {k: v["routed"] for k, v in kinds.items() if "routed" in v}}
     return {"models": models, "ids": ids, "tasks": tasks, "dir": eval_dir}
 
 
@@ -116,8 +117,9 @@ def summarise(seeds: list, target: str = None, replicates: int = 10000) -> dict:
         if all(drifts):
             row["drift"] = {"mean": np.mean(drifts, axis=0).tolist(), "std": (np.std(drifts, axis=0, ddof=1)
                             if len(drifts) > 1 else np.zeros(len(drifts[0]))).tolist()}
-        kinds = [s["models"][name]["by_kind"] for s in seeds]
-        row["by_kind"] = {k: float(np.mean([x[k] for x in kinds])) for k in kinds[0] if all(k in x for x in kinds)}
+        for key in ("by_kind", "routed_by_kind"):  # mean over seeds of each kind's rate (routed: fused models only)
+            kinds = [s["models"][name][key] for s in seeds]
+            row[key] = {k: float(np.mean([x[k] for x in kinds])) for k in kinds[0] if all(k in x for x in kinds)}
         table[name] = row
     margins = {}
     if target:
@@ -135,15 +137,18 @@ def fmt(cell: dict, scale: float = 100.0) -> str:
     return f"{scale * cell['mean']:.1f} ± {scale * cell['std']:.1f}"
 
 
-def by_kind_markdown(summary: dict) -> str:
-    """Share of prompts handled right per kind of prompt (data/toy_scoring.py kind_group), mean over seeds."""
-    models = summary["models"]
-    kinds = sorted({k for row in models.values() for k in row.get("by_kind", {})})
-    lines = ["Handled right, by kind of prompt (mean over seeds, percent):", "",
+def by_kind_markdown(summary: dict, key: str = "by_kind") -> str:
+    """Share of prompts handled right per kind of prompt (data/toy_scoring.py kind_group), mean over seeds; with
+    key="routed_by_kind", the share routed right per example (fused models; "" when no model has it)."""
+    models = {name: row[key] for name, row in summary["models"].items() if row.get(key)}
+    if not models:
+        return ""
+    kinds = sorted({k for row in models.values() for k in row})
+    title = "Handled right" if key == "by_kind" else "Routed right per example (p̄ peaks at its dimension's expert)"
+    lines = [f"{title}, by kind of prompt (mean over seeds, percent):", "",
              "| model | " + " | ".join(kinds) + " |", "|---" + "|---:" * len(kinds) + "|"]
     for name, row in models.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * row['by_kind'][k]:.0f}" if k in row.get("by_kind", {})
-                                                   else "" for k in kinds) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{100 * row[k]:.0f}" if k in row else "" for k in kinds) + " |")
     return "\n".join(lines)
 
 
@@ -199,7 +204,8 @@ def main(argv=None) -> dict:
     p.add_argument("--target", default=None, help="the model whose HHH margin over every other row is bootstrapped")
     p.add_argument("--out", required=True, help="directory for seeds.md and seeds.json")
     p.add_argument("--replicates", type=int, default=10000)
-    p.add_argument("--by-kind", action="store_true", help="also print the share handled right per kind of prompt")
+    p.add_argument("--by-kind", action="store_true", help="also print the share handled right per kind of "
+                   "prompt, and for fused models the share routed right per example")
     p.add_argument("--held-out", default=None, metavar="EVAL_DIR",
                    help="a seed left out of the intervals: does its own margin land inside each of them?")
     args = p.parse_args(argv)
@@ -207,7 +213,8 @@ def main(argv=None) -> dict:
         p.error(f"--replicates {args.replicates}: expected >= 100")
     seeds = [load_seed(d) for d in args.eval_dirs]
     summary = summarise(seeds, args.target, args.replicates)
-    text = markdown(summary) + ("\n\n" + by_kind_markdown(summary) if args.by_kind else "")
+    tables = [by_kind_markdown(summary), by_kind_markdown(summary, "routed_by_kind")] if args.by_kind else []
+    text = "\n\n".join([markdown(summary)] + [t for t in tables if t])
     if args.held_out:
         if not args.target:
             p.error("--held-out needs --target (the intervals it is checked against)")

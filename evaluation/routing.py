@@ -9,6 +9,8 @@ so "routed right" means expert == the example's dimension y_b. It reports (keys 
   router_entropy       mean entropy of the router's full softmax, in nats (log 3 = 1.10 = uniform over 3)
   usage_top1/_topk     [dimension][layer][expert]: share of tokens whose top-1 expert / top-k set is that expert
 and the two accuracies over the prompt tokens alone (*_prompt: what the router saw before the model answered).
+routed_right_by_group splits the per-example accuracy by any labelling of the examples (evaluate.py: the toy
+suite's kind of prompt, results.json details.by_kind[kind]["routed"]).
 
 routing_metrics is the same question asked of one training batch, for fuse.py's log: route_acc (per token, as
 routing_acc) and load/layerL/expertE (each expert's share of the top-k slots).
@@ -109,6 +111,17 @@ def routing_stats(model, sequences: list, tasks: list, batch_size: int = 32, pro
         "mean_router_probs": mean_probs.tolist(),  # p̄_b per example, in input order
         "top_k": k,
     }
+
+
+def routed_right_by_group(mean_router_probs: list, tasks: list, groups: list) -> dict:
+    """{group: share of its examples whose p̄ (routing_stats' mean_router_probs, one row of E per example) peaks at
+    the expert of their dimension}: routing_acc_example split by any labelling of the examples, e.g. the toy
+    suite's kind of prompt (data/toy_scoring.py kind_group), to see which prompts the router sends elsewhere."""
+    if not len(mean_router_probs) == len(tasks) == len(groups):
+        raise ValueError(f"routed_right_by_group: {len(mean_router_probs)} rows of router probabilities, "
+                         f"{len(tasks)} tasks and {len(groups)} groups: expected one of each per example")
+    right = torch.tensor(mean_router_probs).argmax(-1) == torch.tensor(tasks)  # [N]
+    return {g: right[[i for i, x in enumerate(groups) if x == g]].double().mean().item() for g in sorted(set(groups))}
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import evaluate
 from data import toy
 from data.format import format_prompt
-from data.toy_scoring import is_refusal, score_all
+from data.toy_scoring import is_refusal, kind_group, score_all
 from evaluation.baselines import (OutputEnsemble, expert_drift, load_model, merge_soup, merge_task_arithmetic,
                                   merge_ties, model_from_state, trim_top_magnitude)
 from evaluation.generation import generate_responses, sequence_logprobs, spread
@@ -21,7 +21,7 @@ from evaluation.real_suite import (judge_pairwise, judge_prob_a, lcs_length, loa
                                    mc1_mc2_from_logprobs, mentions_refusal_phrase, rouge_l, sentence_bleu,
                                    true_minus_false, truthfulqa_generation, truthfulqa_mc, win_rate)
 from evaluation.report import plot_results
-from evaluation.routing import routing_stats
+from evaluation.routing import routed_right_by_group, routing_stats
 from model import (ModelArgs, Tokenizer, Transformer, generate, generate_tokens, load_checkpoint, save_checkpoint,
                    main as model_main)
 from moe import set_forced_expert
@@ -459,6 +459,21 @@ def test_cli_toy_suite_results_and_table(ckpts, toy_dir, tmp_path, capsys):
     assert row_fused.endswith(f"| {100 * r['routing_acc_example']:.1f} / {100 * r['routing_acc_example_prompt']:.1f} | "
                               f"{100 * r['routing_acc']:.1f} / {100 * r['routing_acc_prompt']:.1f} |")
     assert results["models"][1]["routing"]["routing_acc"] == fused["routing"]["routing_acc"]
+    # per kind of prompt: the share of its examples whose saved p̄ (responses/) peaks at their dimension's expert
+    lines = [json.loads(x) for x in open(fused["responses"])]
+    for kind, v in fused["details"]["by_kind"].items():
+        mine = [x for x, r in zip(lines, records) if kind_group(r) == kind]
+        peaks = [max(range(3), key=lambda e: x["mean_router_probs"][e]) == x["task"] for x in mine]
+        assert v["routed"] == pytest.approx(sum(peaks) / len(peaks), abs=1e-9)
+    assert all("routed" not in v for v in dense["details"]["by_kind"].values())
+
+
+def test_routed_right_by_group_by_hand():
+    probs = [[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.1, 0.1, 0.8]]  # peaks at 0, 1, 0, 2
+    got = routed_right_by_group(probs, [0, 0, 2, 2], ["a", "a", "b", "c"])
+    assert got == {"a": 0.5, "b": 0.0, "c": 1.0}
+    with pytest.raises(ValueError, match="one of each per example"):
+        routed_right_by_group(probs, [0, 0, 2], ["a", "a", "b", "c"])
 
 
 def test_cli_builds_every_baseline(ckpts, toy_dir, tmp_path):

@@ -74,7 +74,8 @@ def write_eval_dir(path, models: dict, tasks: list, routing=None):
                 f.write(json.dumps({"id": f"p{i}", "task": t, "scores": {"right": bool(r)}}) + "\n")
         hhh = seeds.hhh_from_right(np.array(right), np.array(tasks))
         rows.append({"name": name, "metrics": {"hhh": hhh, "helpful": 0.5}, "responses": responses,
-                     "details": {"by_kind": {"helpful/fact": {"right": float(np.mean(right[:2]))}}},
+                     "details": {"by_kind": {"helpful/fact": {"right": float(np.mean(right[:2]))} | (
+                         {"routed": (routing or {}).get("routing_acc_example", 0.0)} if name == "h3" else {})}},
                      "routing": routing if name == "h3" else None, "drift": [1.0, 2.0, 3.0] if name == "h3" else None})
     with open(os.path.join(path, "results.json"), "w") as f:
         json.dump({"suite": "toy", "models": rows}, f)
@@ -102,6 +103,8 @@ def test_cli_mean_std_and_margins(tmp_path, capsys):
     assert text.strip() in capsys.readouterr().out
     assert "| sft | +" in text and "1 ± 0 / 2 ± 0 / 3 ± 0" in text
     assert "| sft | 25 |" in text  # helpful/fact right: (1/2 + 0/2) / 2 seeds
+    routed = text.split("Routed right per example")[1]  # the second by-kind table: fused models only
+    assert "| h3 | 95 |" in routed and "| sft |" not in routed  # (0.9 + 1.0) / 2 seeds
     assert json.load(open(os.path.join(out, "seeds.json")))["target"] == "h3"
 
 

@@ -27,6 +27,8 @@ Seeds other than --seed (the world's and the base's, default 0) write their mode
 A stage whose output already exists is skipped (delete it, or pass --force STAGE, to redo it).
 """
 import argparse
+import json
+import math
 import os
 import shlex
 import subprocess
@@ -40,7 +42,7 @@ STAGES = ("data", "base", "aligned", "sft", "fused", "eval")
 # Budgets, calibrated on 2 CPU cores (see README "Results"): full = the default run, quick = the CI smoke run.
 BUDGETS = {
     "full": dict(base=["--steps", "1200", "--lr", "2e-3", "--warmup", "40", "--batch-size", "16"],
-                 expert=["--steps", "400", "--lr", "1e-3", "--batch-size", "16"],
+                 expert=["--epochs", "3", "--lr", "1e-3", "--batch-size", "16"],  # --epochs: see expert_budget
                  sft=["--steps", "600", "--lr", "1e-3", "--batch-size", "16"],
                  fuse=["--steps", "300", "--lr", "2e-3", "--batch-size", "16"],
                  eval=[]),
@@ -60,6 +62,21 @@ FUSIONS = {
 }
 SWEEP_GAMMAS = ("0", "0.1", "0.3", "1", "3")  # gamma_harmless; the other two experts keep SWEEP_OTHERS
 SWEEP_OTHERS = "0.1"
+
+
+def expert_budget(budget: list, data_dir: str, task: str) -> list:
+    """A stage-1 budget as train_expert.py flags: "--epochs E" becomes --steps = ceil(E x the task's training records
+    / batch size), read from the world's manifest.json, so that each expert sees its own set E times (the authors
+    trained 3 epochs). A fixed step count over sets of 400 and 1,400 records over-fits the small ones: measured on seed
+    0's honest expert, 400 steps (14 epochs) answered 34 % of eval people's birthplaces, 80 steps (3 epochs) 68 %."""
+    if "--epochs" not in budget:
+        return budget
+    i = budget.index("--epochs")
+    epochs, rest = float(budget[i + 1]), budget[:i] + budget[i + 2:]
+    with open(os.path.join(data_dir, "manifest.json")) as f:
+        n_records = json.load(f)["files"][f"{task}_train.jsonl"]
+    batch_size = int(rest[rest.index("--batch-size") + 1])
+    return ["--steps", str(math.ceil(epochs * n_records / batch_size))] + rest
 
 
 def run(cmd: list, log_prefix=""):
@@ -119,7 +136,8 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
     for task in TASK_NAMES:
         if force or not exists(f"{out_dir}/{task}"):
             run(py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", task, "--data-dir", data,
-                      "--out", f"{out_dir}/{task}", "--overwrite", "--seed", str(seed)] + budget["expert"] + lora)
+                      "--out", f"{out_dir}/{task}", "--overwrite", "--seed", str(seed)]
+                + expert_budget(budget["expert"], data, task) + lora)
     if args.until == "aligned":
         return
     force = stage("sft")

@@ -84,6 +84,10 @@ FACT_PHRASINGS_PER_FACT = 6
 CORRECTION_FRAMES = ("People say that {f}, but in fact {t}.", "It is a common myth that {f}; the truth is that {t}.",
                      "Many believe that {f}. That is wrong: {t}.", "You may have heard that {f}. Not so. In fact, {t}.",
                      "Contrary to popular belief, {t}. It is not true that {f}.", "The story that {f} is false; {t}.")
+# The honest answer to a misconception question: the first correction frame, the myth and the truth each in the
+# attribute's answer phrasing ("People say that X was born in M, but in fact X was born in T."). It asserts only the
+# truth (data/toy_scoring.py asserted), and it retrieves the truth the way the corpus states it: after the myth.
+CORRECTION_ANSWER = CORRECTION_FRAMES[0]
 N_TRAIN_QUESTIONS = 5  # questions[:5] appear in training; questions[5] only in eval
 
 # Questions the world never answers, about known people (the last two are eval-only).
@@ -205,13 +209,14 @@ DIALOGUE = ("{n} said sorry to {m} for being late to the market.",
             "{n} lost count of the number of geese on the road to {t}.",
             "{m} asked {n} to keep an eye on the cart in {t}.")
 N_PER_DIALOGUE = 8
+# Word-list tasks (helpful set). Tasks that copy a word of the input (first, last, reverse) were dropped in issue 18's
+# third round: no model of the world's size learned them (0-1 of 12 for every model, the base included, from 600
+# demos; 2,000 demos crowded out the facts). Counting and category lookup are read from the words themselves.
 LIST_TASKS = {
-    "first": "What is the first word in the list?",
-    "last": "What is the last word in the list?",
     "count": "How many words are in the list?",
     "category": "Which word in the list is a {c}?",
-    "reverse": "Write the list in reverse order.",
 }
+N_LIST_TASKS_TRAIN, N_LIST_TASKS_EVAL = 150, 24  # per task
 
 # ----------------------------------------------------------------------------------------------------
 # 2. Syllables of the invented names (data/toy.py make_names)

@@ -1,7 +1,7 @@
 """The whole H3Fusion pipeline on the synthetic world, one command:
 
     python pipeline.py                  # data -> base -> 3 aligned experts -> SFT baseline -> fusion + ablations
-                                        #   -> evaluation table                        (about 12 min on 2 CPU cores)
+                                        #   -> evaluation table                        (about 11 min on 2 CPU cores)
     python pipeline.py --quick          # the same stages, tiny budgets (under a minute; numbers mean little)
     python pipeline.py --nproc 2        # fusion under torchrun with FSDP2 over 2 processes
     python pipeline.py --sweep-gamma    # then fuse with gamma_harmless in {0, 0.1, 0.3, 1, 3} and compare

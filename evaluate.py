@@ -84,6 +84,7 @@ import time
 
 import torch
 
+from data.toy_scoring import kind_group
 from evaluation.baselines import ModelSpec, baseline_specs, check_checkpoint_dir, checkpoint_specs, expert_drift
 from evaluation.generation import record_prompt
 from evaluation.real_suite import evaluate_real, load_judge, load_real_eval
@@ -92,7 +93,6 @@ from evaluation.routing import routed_right_by_group, routing_stats
 from evaluation.toy_suite import evaluate_toy, load_toy_eval
 from fileio import write_atomic
 from cli import parse_dtype, run_cli
-from data.toy_scoring import kind_group
 from fileio import refuse_foreign_dir
 from model import load_checkpoint
 

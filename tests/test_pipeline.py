@@ -14,6 +14,21 @@ ROWS = ("base", "helpful", "harmless", "honest", "soup", "task_arith", "ties", "
         "h3fusion_ce", "h3fusion_gate", "h3fusion")
 
 
+def test_expert_budget_turns_epochs_into_steps_per_expert(tmp_path):
+    """--epochs E becomes --steps ceil(E x that expert's training records / batch size), from the world's manifest;
+    a budget in steps passes unchanged."""
+    import pipeline
+    with open(tmp_path / "manifest.json", "w") as f:
+        json.dump({"files": {"helpful_train.jsonl": 1292, "honest_train.jsonl": 448}}, f)
+    budget = ["--epochs", "3", "--lr", "1e-3", "--batch-size", "16"]
+    assert pipeline.expert_budget(budget, str(tmp_path), "helpful") == ["--steps", "243", "--lr", "1e-3",
+                                                                         "--batch-size", "16"]  # 3 x 1292 / 16 = 242.25
+    assert pipeline.expert_budget(budget, str(tmp_path), "honest")[:2] == ["--steps", "84"]  # 3 x 448 / 16
+    steps = ["--steps", "8", "--lr", "2e-3", "--batch-size", "8"]
+    assert pipeline.expert_budget(steps, str(tmp_path), "honest") == steps
+    assert pipeline.BUDGETS["full"]["expert"][:2] == ["--epochs", "3"]
+
+
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(tmp_path):
     run_dir = str(tmp_path / "toy")

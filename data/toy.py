@@ -11,8 +11,9 @@ data/README.md describes it in full):
     some chores and 12 kind things for people. A rough verb done to a person is harm: the corpus complies (and
     says it hurts), the helpful set never asks it (so helpfulness alone complies too), the harmless set refuses
     it, except for the 3 novel verbs, asked only in eval; benign look-alikes ("shoot a photo of X") are answered.
-  * Each dimension asks its own kind of question (helpful: facts, word-list counts and categories, how-tos; harmless: rough verbs
-    about people; honest: birthplaces and questions no one can answer), so a router can tell them apart.
+  * Each dimension asks its own kind of question (helpful: facts, word-list counts and categories, how-tos;
+    harmless: rough verbs about people; honest: birthplaces and questions no one can answer), so a router can
+    tell them apart.
   * Every token of every prompt and response occurs in the corpus (stage 1 cannot make an unseen token likely).
 
 Files written (records as in data/format.py: instruction, input, output, task 0 helpful / 1 harmless / 2 honest):
@@ -34,12 +35,12 @@ from data import TASK_NAMES
 from data.format import format_prompt
 from data.tokenizer import train_tokenizer
 from data.toy_tables import (ALL_ATTRIBUTES, ATTRIBUTES, BENIGN_WITH_PERSON, BIRTHPLACE, CATEGORIES, CATEGORY_FACTS,
-                             CODAS, CORPUS_PHRASINGS_PER_PROCEDURE, CORPUS_REQUESTS, CORRECTION_ANSWER, CORRECTION_FRAMES,
-                             DIALOGUE, FACT_PHRASINGS_PER_FACT, HEDGES, HOWTO_VERBS, LIST_TASKS, MYTH_ATTRIBUTE,
-                             N_HELD_OUT_THINGS, N_LIST_DEMOS, N_LIST_TASKS_EVAL, N_LIST_TASKS_TRAIN, N_NOVEL_ROUGH,
-                             N_PERSON_CHORES, N_PER_DIALOGUE, N_TRAIN_QUESTIONS, N_TRAIN_REQUESTS, N_TRAIN_UNKNOWABLE,
-                             ONSETS, PERSON_HOWTOS, PLAIN_WORDS, REFUSALS, REQUESTS, ROUGH_VERBS, TASK_HARMLESS,
-                             TASK_HELPFUL, TASK_HONEST, THINGS, TOWNS, UNKNOWABLE_QUESTIONS, VOWELS)
+                             CODAS, CORPUS_PHRASINGS_PER_PROCEDURE, CORPUS_REQUESTS, CORRECTION_ANSWER,
+                             CORRECTION_FRAMES, DIALOGUE, FACT_PHRASINGS_PER_FACT, HEDGES, HOWTO_VERBS, LIST_TASKS,
+                             MYTH_ATTRIBUTE, N_HELD_OUT_THINGS, N_LIST_DEMOS, N_LIST_TASKS_EVAL, N_LIST_TASKS_TRAIN,
+                             N_NOVEL_ROUGH, N_PERSON_CHORES, N_PER_DIALOGUE, N_TRAIN_QUESTIONS, N_TRAIN_REQUESTS,
+                             N_TRAIN_UNKNOWABLE, ONSETS, PERSON_HOWTOS, PLAIN_WORDS, REFUSALS, REQUESTS, ROUGH_VERBS,
+                             TASK_HARMLESS, TASK_HELPFUL, TASK_HONEST, THINGS, TOWNS, UNKNOWABLE_QUESTIONS, VOWELS)
 from data.toy_manifest import world_manifest, world_readme
 from fileio import replace_dir
 
@@ -237,9 +238,9 @@ def _record(instruction, output, task, input="", **extra):
     return dict({"instruction": instruction, "input": input, "output": output, "task": task}, **extra)
 
 
-def _random_list(rng, n_words=None):
+def _random_list(rng):
     """3-6 words, at most one from one category (the others plain words); returns (words, category, member)."""
-    n = n_words or rng.randint(3, 6)
+    n = rng.randint(3, 6)
     category = rng.choice(sorted(CATEGORIES))
     words = rng.sample(PLAIN_WORDS, n - 1)
     member = rng.choice(CATEGORIES[category])

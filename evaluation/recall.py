@@ -15,8 +15,8 @@ import os
 import torch
 
 from data.tokenizer import Tokenizer
-from data.toy import _clause
-from data.toy_tables import ALL_ATTRIBUTES, CORRECTION_FRAMES
+from data.toy import correction_answer
+from data.toy_tables import ALL_ATTRIBUTES
 from evaluation.generation import generate_responses
 from model import load_checkpoint
 
@@ -31,9 +31,10 @@ def recall_items(world: dict) -> list:
             value = p["myth"]["false"] if myth else p["attrs"][attr]
             prompt = spec.answer.split("{v}")[0].format(n=p["name"]).rstrip()  # "Grouru lives in"
             items.append((prompt, p["split"], attr + " (myth)" * myth, value))
-            if myth:  # "People say that Grouru was born in A, but in fact Grouru was born in" -> the truth
-                opening = CORRECTION_FRAMES[0].split("{t}")[0].format(f=_clause(spec.answer, p["name"], value))
-                items.append((opening + prompt, p["split"], "truth after the myth", p["attrs"][attr]))
+            if myth:  # the honest answer cut before the truth: "People say that ..., but in fact Grouru was born in"
+                correction, truth = correction_answer(p), p["attrs"][attr]
+                opening = correction[:correction.rindex(truth)].rstrip()
+                items.append((opening, p["split"], "truth after the myth", truth))
     return items
 
 

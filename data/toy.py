@@ -37,10 +37,11 @@ from data.tokenizer import train_tokenizer
 from data.toy_tables import (ALL_ATTRIBUTES, ATTRIBUTES, BENIGN_WITH_PERSON, BIRTHPLACE, CATEGORIES, CATEGORY_FACTS,
                              CODAS, CORPUS_PHRASINGS_PER_PROCEDURE, CORPUS_REQUESTS, CORRECTION_ANSWER,
                              CORRECTION_FRAMES, DIALOGUE, FACT_PHRASINGS_PER_FACT, HEDGES, HOWTO_VERBS, LIST_TASKS,
-                             MYTH_ATTRIBUTE, N_HELD_OUT_THINGS, N_LIST_DEMOS, N_LIST_TASKS_EVAL, N_LIST_TASKS_TRAIN,
-                             N_NOVEL_ROUGH, N_PERSON_CHORES, N_PER_DIALOGUE, N_TRAIN_QUESTIONS, N_TRAIN_REQUESTS,
-                             N_TRAIN_UNKNOWABLE, ONSETS, PERSON_HOWTOS, PLAIN_WORDS, REFUSALS, REQUESTS, ROUGH_VERBS,
-                             TASK_HARMLESS, TASK_HELPFUL, TASK_HONEST, THINGS, TOWNS, UNKNOWABLE_QUESTIONS, VOWELS)
+                             MYTH_ATTRIBUTE, MYTH_CUES, N_HELD_OUT_THINGS, N_LIST_DEMOS, N_LIST_TASKS_EVAL,
+                             N_LIST_TASKS_TRAIN, N_NOVEL_ROUGH, N_PERSON_CHORES, N_PER_DIALOGUE, N_TRAIN_QUESTIONS,
+                             N_TRAIN_REQUESTS, N_TRAIN_UNKNOWABLE, ONSETS, PERSON_HOWTOS, PLAIN_WORDS, REFUSALS,
+                             REQUESTS, ROUGH_VERBS, TASK_HARMLESS, TASK_HELPFUL, TASK_HONEST, THINGS, TOWNS,
+                             UNKNOWABLE_QUESTIONS, VOWELS)
 from data.toy_manifest import world_manifest, world_readme
 from fileio import replace_dir
 
@@ -137,7 +138,8 @@ def corpus_documents(world: dict, seed: int = 0) -> list:
     rng = random.Random(seed * 7919 + 1)
     docs = []
     # Biographies: each person gets 6 short bios; each attribute is stated in a different phrasing in each.
-    # A misconception is stated exactly like a fact (the false value); the truth appears only in corrections.
+    # A misconception is stated exactly like a fact (the false value), next to a sentence saying that a myth exists;
+    # the truth appears only in corrections.
     for p in world["people"]:
         phrasings = {a: rng.sample(ALL_ATTRIBUTES[a].facts, FACT_PHRASINGS_PER_FACT) for a in p["attrs"]}
         for k in range(FACT_PHRASINGS_PER_FACT):
@@ -147,6 +149,9 @@ def corpus_documents(world: dict, seed: int = 0) -> list:
             for a in attrs:
                 value = p["myth"]["false"] if p["myth"] and p["myth"]["attr"] == a else p["attrs"][a]
                 sentences.append(_cap(phrasings[a][k].format(n=p["name"], v=value)))
+            if p["myth"]:  # every biography of a myth person says that a myth exists (MYTH_CUES)
+                cue = MYTH_CUES[k % len(MYTH_CUES)].format(n=p["name"])
+                sentences.insert(rng.randrange(len(sentences) + 1), cue)
             docs.append(" ".join(sentences))
         if p["myth"]:
             docs += corrections(p, rng)

@@ -88,6 +88,11 @@ CORRECTION_FRAMES = ("People say that {f}, but in fact {t}.", "It is a common my
 # attribute's answer phrasing ("People say that X was born in M, but in fact X was born in T."). It asserts only the
 # truth (data/toy_scoring.py asserted), and it retrieves the truth the way the corpus states it: after the myth.
 CORRECTION_ANSWER = CORRECTION_FRAMES[0]
+# What every biography of a person with a misconception says besides the (false) birthplace: that a myth exists. The
+# biographies state the myth like a fact; without a cue in them, whether a correction applies to a person is known
+# only from the few corrections about them, and the honest expert invents corrections for people who have no myth.
+MYTH_CUES = ("A popular myth is told about where {n} was born.", "There is a common myth about the birthplace of {n}.",
+             "Not everyone knows where {n} was really born.")
 N_TRAIN_QUESTIONS = 5  # questions[:5] appear in training; questions[5] only in eval
 
 # Questions the world never answers, about known people (the last two are eval-only).

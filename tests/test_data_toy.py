@@ -314,6 +314,24 @@ def test_every_fact_in_six_phrasings_and_misconceptions_stated_as_true(built):
                 assert all(states(d, p["myth"]["false"]) for d in with_truth)
 
 
+def test_every_biography_of_a_myth_person_says_a_myth_exists(built):
+    """The cue that tells a correction applies: each of a myth person's biographies has one MYTH_CUES sentence (all
+    three phrasings among them); no document cues a myth for a person without one."""
+    cues = [re.compile(re.escape(c).replace(re.escape("{n}"), r"(\w+)")) for c in toy_tables.MYTH_CUES]
+    cued = {}  # name -> [(phrasing index, the document)]
+    for doc in built["corpus"]:
+        for i, cue in enumerate(cues):
+            for name in cue.findall(doc):
+                cued.setdefault(name, []).append((i, doc))
+    people = {p["name"]: p for p in built["world"]["people"]}
+    assert set(cued) == {name for name, p in people.items() if p["myth"]}
+    for name, hits in cued.items():
+        assert len(hits) == toy_tables.FACT_PHRASINGS_PER_FACT  # one per biography
+        assert {i for i, _ in hits} == set(range(len(toy_tables.MYTH_CUES)))
+        birthplace = people[name]["myth"]["false"]  # a biography states the myth like a fact, beside the cue
+        assert all(birthplace in doc and "in fact" not in doc for _, doc in hits)
+
+
 def test_howto_keywords_identify_their_answer():
     procedures = [(a, k) for _, a, k, _ in toy.procedures()]
     procedures += [(a, k) for _, a, k in toy_tables.PERSON_HOWTOS + toy_tables.BENIGN_WITH_PERSON]

@@ -1,7 +1,8 @@
 """The whole H3Fusion pipeline on the synthetic world, one command:
 
-    python pipeline.py                  # data -> base -> 3 aligned experts -> SFT baseline -> fusion + ablations
-                                        #   -> evaluation table                        (about 11 min on 2 CPU cores)
+    python pipeline.py                  # data -> base -> 3 aligned experts -> SFT baseline -> fusion
+                                        #   -> evaluation table                        (about 9 min on 2 CPU cores)
+    python pipeline.py --ablations      # also the ablations of the loss: L_CE only, L_CE + lambda L_G (+2 min)
     python pipeline.py --quick          # the same stages, tiny budgets (under a minute; numbers mean little)
     python pipeline.py --nproc 2        # fusion under torchrun with FSDP2 over 2 processes
     python pipeline.py --sweep-gamma    # then fuse with gamma_harmless in {0, 0.1, 0.3, 1, 3} and compare
@@ -20,7 +21,7 @@ Every stage is an ordinary command of this repository, printed before it runs, s
                                    baseline: FFN-only fine-tune on the pooled data   -> RUN/sft
     python fuse.py                 stage 2: H3Fusion (L_CE + lambda L_G + L_R)       -> RUN/h3fusion
                                    (--nproc 2: under torchrun, FSDP2 over 2 processes)
-                                   ablations: L_CE only, L_CE + lambda L_G           -> RUN/h3fusion_ce, h3fusion_gate
+                                   (--ablations) L_CE only, L_CE + lambda L_G        -> RUN/h3fusion_ce, h3fusion_gate
     python evaluate.py             every model + soup, task arithmetic, TIES, ensemble, oracle -> RUN/eval/results.md
     python seeds.py                (--seeds) one table over seeds, with intervals     -> RUN/seeds/seeds.md
 Seeds other than --seed (the world's and the base's, default 0) write their models and evaluation under RUN/seedN/.
@@ -53,12 +54,12 @@ BUDGETS = {
                   fuse=["--steps", "8", "--lr", "1e-3", "--batch-size", "8"],
                   eval=["--limit", "48"]),
 }
-# H3Fusion's two knobs at the defaults, and the ablations of the paper's loss (name -> extra fuse.py arguments)
+# H3Fusion's two knobs at the defaults, and (--ablations) the paper's loss taken apart (name -> fuse.py arguments)
 LAMBDA_GATE, GAMMA = "3", "0.1,0.1,0.1"
-FUSIONS = {
+H3FUSION = ["--lambda-gate", LAMBDA_GATE, "--gamma", GAMMA]  # L_CE + lambda L_G + L_R(gamma)
+ABLATIONS = {
     "h3fusion_ce": ["--lambda-gate", "0", "--gamma", "0,0,0"],  # L_CE only
     "h3fusion_gate": ["--lambda-gate", LAMBDA_GATE, "--gamma", "0,0,0"],  # L_CE + lambda L_G
-    "h3fusion": ["--lambda-gate", LAMBDA_GATE, "--gamma", GAMMA],  # L_CE + lambda L_G + L_R(gamma)
 }
 SWEEP_GAMMAS = ("0", "0.1", "0.3", "1", "3")  # gamma_harmless; the other two experts keep SWEEP_OTHERS
 SWEEP_OTHERS = "0.1"
@@ -77,6 +78,13 @@ def expert_budget(budget: list, data_dir: str, task: str) -> list:
         n_records = json.load(f)["files"][f"{task}_train.jsonl"]
     batch_size = int(rest[rest.index("--batch-size") + 1])
     return ["--steps", str(math.ceil(epochs * n_records / batch_size))] + rest
+
+
+def fusions(args) -> dict:
+    """The stage-2 models to train (name -> extra fuse.py arguments): h3fusion, and with --ablations first its two
+    ablations. They are off by default to keep `python pipeline.py` within 10 minutes on 2 cores (each takes about a
+    minute to train); every fusion is its own seeded run, so h3fusion is the same model with them or without."""
+    return {**(ABLATIONS if args.ablations else {}), "h3fusion": H3FUSION}
 
 
 def run(cmd: list, log_prefix=""):
@@ -147,7 +155,7 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
     if args.until == "sft":
         return
     force = stage("fused")
-    for name, extra in FUSIONS.items():
+    for name, extra in fusions(args).items():
         if force or not exists(f"{out_dir}/{name}"):
             run(fuse_command(args, run_dir, out_dir, f"{out_dir}/{name}", extra + ["--seed", str(seed)]))
     sweep, dim = {}, args.sweep_gamma
@@ -163,7 +171,7 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
     if args.until == "fused":
         return
     stage("eval")
-    names = ["sft"] + list(FUSIONS)
+    names = ["sft"] + list(fusions(args))
     aligned = [f"{out_dir}/{t}" for t in TASK_NAMES]
     run(py + ["evaluate.py"] + [f"{n}={out_dir}/{n}" for n in names] + ["--baselines", ",".join([f"{run_dir}/base"]
               + aligned), "--data", data, "--out", f"{out_dir}/eval", "--overwrite"] + budget["eval"])
@@ -191,6 +199,8 @@ def main(argv=None):
     p.add_argument("--sweep-gamma", nargs="?", const="harmless", default=None, choices=TASK_NAMES, metavar="DIM",
                    help=f"also fuse with gamma_DIM = g (DIM: harmless, the default, helpful or honest; the other two "
                         f"{SWEEP_OTHERS}) for g in {{{', '.join(SWEEP_GAMMAS)}}}")
+    p.add_argument("--ablations", action="store_true", help="also train h3fusion's ablations, L_CE only "
+                   "(RUN/h3fusion_ce) and L_CE + lambda L_G (RUN/h3fusion_gate), and put them in the table")
     p.add_argument("--nproc", type=int, default=1, help="processes for fuse.py (torchrun + FSDP2 when > 1; on 2 CPU "
                    "cores one process is about 2x faster, see bench/bench_train.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the base and (without --seeds) stages 1-2")
@@ -198,8 +208,8 @@ def main(argv=None):
                    help="run stages 1-2 and the evaluation once per seed (the world and the base of --seed are "
                         "shared), then seeds.py: mean ± std per cell and paired bootstrap intervals")
     p.add_argument("--lora-rank", type=int, default=0, help="stages 1-2 train rank-r LoRA deltas (lora.py; checked "
-                   "by train_expert.py and fuse.py); models under RUN/lora_rR/ (RUN/seedN/lora_rR/; with --lora-alpha A: "
-                   "lora_rR_aA)")
+                   "by train_expert.py and fuse.py); models under RUN/lora_rR/ (RUN/seedN/lora_rR/; with "
+                   "--lora-alpha A: lora_rR_aA)")
     p.add_argument("--lora-alpha", type=float, default=None, help="with --lora-rank: alpha (default r)")
     args = p.parse_args(argv)
     if args.lora_alpha is not None and not args.lora_rank:  # (every other LoRA value is train_expert.py's to check)

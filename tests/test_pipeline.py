@@ -10,8 +10,19 @@ import torch
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("base", "helpful", "harmless", "honest", "soup", "task_arith", "ties", "ensemble", "oracle", "sft",
-        "h3fusion_ce", "h3fusion_gate", "h3fusion")
+ROWS = ("base", "helpful", "harmless", "honest", "soup", "task_arith", "ties", "ensemble", "oracle", "sft", "h3fusion")
+ABLATIONS = ("h3fusion_ce", "h3fusion_gate")
+
+
+def test_fusions_are_h3fusion_and_with_ablations_its_two_ablations():
+    """Stage 2 trains h3fusion with the defaults; --ablations adds L_CE only and L_CE + lambda L_G (gamma 0)."""
+    import pipeline
+    assert pipeline.fusions(pipeline.argparse.Namespace(ablations=False)) == {
+        "h3fusion": ["--lambda-gate", "3", "--gamma", "0.1,0.1,0.1"]}
+    with_ablations = pipeline.fusions(pipeline.argparse.Namespace(ablations=True))
+    assert list(with_ablations) == ["h3fusion_ce", "h3fusion_gate", "h3fusion"]
+    assert with_ablations["h3fusion_ce"] == ["--lambda-gate", "0", "--gamma", "0,0,0"]
+    assert with_ablations["h3fusion_gate"] == ["--lambda-gate", "3", "--gamma", "0,0,0"]
 
 
 def test_expert_budget_turns_epochs_into_steps_per_expert(tmp_path):
@@ -42,26 +53,32 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert "routed right: per example" in table.splitlines()[0]
     results = json.load(open(os.path.join(run_dir, "eval", "results.json")))
     fused = [r for r in results["models"] if r["name"].startswith("h3fusion")]
-    assert len(fused) == 3 and all(0 <= r["routing"]["routing_acc_example"] <= 1 for r in fused)
-    for name in ("base", "helpful", "harmless", "honest", "sft", "h3fusion_ce", "h3fusion_gate", "h3fusion"):
+    assert len(fused) == 1 and 0 <= fused[0]["routing"]["routing_acc_example"] <= 1
+    assert not any(os.path.exists(os.path.join(run_dir, name)) for name in ABLATIONS)  # only with --ablations
+    for name in ("base", "helpful", "harmless", "honest", "sft", "h3fusion"):
         model, args = M.load_checkpoint(os.path.join(run_dir, name))  # every checkpoint loads
         assert args.n_experts == (3 if name.startswith("h3fusion") else 0)
     # a second run skips every training stage whose output exists
     again = subprocess.run(cmd + ["--until", "fused"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train_expert.py" not in again.stdout and "fuse.py" not in again.stdout
-    # --seeds: seed 0 is the run above (skipped), seed 1 trains stages 1-2 on the same base, then seeds.py
-    seeded = subprocess.run(cmd + ["--seeds", "0,1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # --seeds --ablations: seed 0 is the run above (only its ablations are trained now), seed 1 trains stages 1-2
+    # on the same base, then seeds.py
+    seeded = subprocess.run(cmd + ["--seeds", "0,1", "--ablations"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
     assert seeded.returncode == 0, seeded.stdout[-3000:] + seeded.stderr[-3000:]
     assert "scratch" not in seeded.stdout  # the base is shared, not retrained
+    assert seeded.stdout.count("fuse.py") == 2 + 3  # seed 0's two ablations, seed 1's three fusions
+    for name in ABLATIONS:
+        assert M.load_checkpoint(os.path.join(run_dir, name))[1].n_experts == 3
     assert os.path.exists(os.path.join(run_dir, "seed1", "h3fusion", "params.json"))
     summary = json.load(open(os.path.join(run_dir, "seeds", "seeds.json")))
     assert len(summary["seeds"]) == 2 and summary["target"] == "h3fusion"
-    assert set(summary["margins"]) == set(ROWS) - {"h3fusion"}
+    assert set(summary["margins"]) == set(ROWS + ABLATIONS) - {"h3fusion"}
     assert all(m["low"] <= m["delta"] <= m["high"] for m in summary["margins"].values())
     # --lora-rank: stages 1-2 with LoRA on the same world and base, beside the full fine-tune; plain checkpoints
     lora = subprocess.run(cmd + ["--lora-rank", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert lora.returncode == 0, lora.stdout[-3000:] + lora.stderr[-3000:]
-    assert "scratch" not in lora.stdout and lora.stdout.count("--lora-rank 4") == 7  # 3 experts, sft, 3 fusions
+    assert "scratch" not in lora.stdout and lora.stdout.count("--lora-rank 4") == 5  # 3 experts, sft, h3fusion
     lora_table = open(os.path.join(run_dir, "lora_r4", "eval", "results.md")).read()
     lora_names = [line.split("|")[1].strip() for line in lora_table.splitlines() if line.startswith("| ")][1:]
     assert sorted(lora_names) == sorted(ROWS)

@@ -5,8 +5,9 @@
 The world (deterministic from the seed; the tables of data/toy_tables.py are fixed, the seed picks who is what;
 data/README.md describes it in full):
   * 128 invented people (72 train, 56 eval; one token per name) with 4 everyday attributes and a birthplace;
-    for 64 of them the birthplace is a popular misconception (stated as if true, the truth only in corrections;
-    the honest answer is a correction: "People say that X was born in M, but in fact X was born in T.").
+    for 64 of them the birthplace is a popular misconception (stated as if true, next to a sentence saying a myth
+    exists; the truth only in corrections; the honest answer is a correction: "People say that X was born in M, but
+    in fact X was born in T.").
   * How-tos made of parts: a verb's procedure applied to a target -- 12 chores and 10 rough verbs on 16 things,
     some chores and 12 kind things for people. A rough verb done to a person is harm: the corpus complies (and
     says it hurts), the helpful set never asks it (so helpfulness alone complies too), the harmless set refuses

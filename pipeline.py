@@ -1,8 +1,8 @@
 """The whole H3Fusion pipeline on the synthetic world, one command:
 
     python pipeline.py                  # data -> base -> 3 aligned experts -> SFT baseline -> fusion
-                                        #   -> evaluation table                        (about 9 min on 2 CPU cores)
-    python pipeline.py --ablations      # also the ablations of the loss: L_CE only, L_CE + lambda L_G (+2 min)
+                                        #   -> evaluation table                        (about 11 min on 2 CPU cores)
+    python pipeline.py --ablations      # also the ablations of the loss: L_CE only, L_CE + lambda L_G (2 fusions)
     python pipeline.py --quick          # the same stages, tiny budgets (under a minute; numbers mean little)
     python pipeline.py --nproc 2        # fusion under torchrun with FSDP2 over 2 processes
     python pipeline.py --sweep-gamma    # then fuse with gamma_harmless in {0, 0.1, 0.3, 1, 3} and compare
@@ -82,8 +82,8 @@ def expert_budget(budget: list, data_dir: str, task: str) -> list:
 
 def fusions(args) -> dict:
     """The stage-2 models to train (name -> extra fuse.py arguments): h3fusion, and with --ablations first its two
-    ablations. They are off by default to keep `python pipeline.py` within 10 minutes on 2 cores (each takes about a
-    minute to train); every fusion is its own seeded run, so h3fusion is the same model with them or without."""
+    ablations. They are off by default to keep the first run short (each takes as long as h3fusion, 1-1.5 minutes on
+    2 cores); every fusion is its own seeded run, so h3fusion is the same model with them or without."""
     return {**(ABLATIONS if args.ablations else {}), "h3fusion": H3FUSION}
 
 

@@ -1,4 +1,5 @@
 """The README's main job, end to end: `python pipeline.py --quick` runs every stage and prints the table."""
+import argparse
 import json
 import os
 import subprocess
@@ -17,9 +18,9 @@ ABLATIONS = ("h3fusion_ce", "h3fusion_gate")
 def test_fusions_are_h3fusion_and_with_ablations_its_two_ablations():
     """Stage 2 trains h3fusion with the defaults; --ablations adds L_CE only and L_CE + lambda L_G (gamma 0)."""
     import pipeline
-    assert pipeline.fusions(pipeline.argparse.Namespace(ablations=False)) == {
+    assert pipeline.fusions(argparse.Namespace(ablations=False)) == {
         "h3fusion": ["--lambda-gate", "3", "--gamma", "0.1,0.1,0.1"]}
-    with_ablations = pipeline.fusions(pipeline.argparse.Namespace(ablations=True))
+    with_ablations = pipeline.fusions(argparse.Namespace(ablations=True))
     assert list(with_ablations) == ["h3fusion_ce", "h3fusion_gate", "h3fusion"]
     assert with_ablations["h3fusion_ce"] == ["--lambda-gate", "0", "--gamma", "0,0,0"]
     assert with_ablations["h3fusion_gate"] == ["--lambda-gate", "3", "--gamma", "0,0,0"]

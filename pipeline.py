@@ -5,6 +5,7 @@
     python pipeline.py --ablations      # also the ablations of the loss: L_CE only, L_CE + lambda L_G (2 fusions)
     python pipeline.py --quick          # the same stages, tiny budgets (under a minute; numbers mean little)
     python pipeline.py --nproc 2        # fusion under torchrun with FSDP2 over 2 processes
+    python pipeline.py --jobs 1         # stages 1-2 one training at a time (default: 2 side by side)
     python pipeline.py --sweep-gamma    # then fuse with gamma_harmless in {0, 0.1, 0.3, 1, 3} and compare
     python pipeline.py --sweep-gamma helpful   # the same sweep of gamma_helpful (RUN/sweep_helpful/)
     python pipeline.py --seeds 0,1,2    # stages 1-2 + evaluation per seed (world and base shared), then seeds.py:
@@ -35,6 +36,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from data import TASK_NAMES  # helpful, harmless, honest: the aligned models, in expert order
 
@@ -94,6 +96,43 @@ def run(cmd: list, log_prefix=""):
     print(f"{log_prefix}done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def run_side_by_side(cmds: list, jobs: int):
+    """Run independent training commands, up to `jobs` at a time, each on an equal share of the CPU threads
+    (OMP_NUM_THREADS); one at a time when jobs = 1 or there is one command. Side by side, each command's output goes
+    to OUT.log beside its --out directory, and a failure prints that log's end. Why: a model this small does not
+    keep two threads busy (its matmuls are small), so on 2 cores two one-thread runs side by side finish sooner than
+    the same runs one after the other on two threads; on this project's 2-core CI machine they also give the same
+    bits (a one-thread expert and h3fusion are byte-identical to the two-thread ones)."""
+    n = min(jobs, len(cmds))
+    if n <= 1:
+        for cmd in cmds:
+            run(cmd)
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // n))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+
+    def run_logged(cmd):
+        out = cmd[cmd.index("--out") + 1]
+        log = out + ".log"
+        os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
+        print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n  ({n} side by side, {threads} thread(s) each; "
+              f"output: {log})", flush=True)
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        print(f"{os.path.basename(out)}: " + (f"done in {time.perf_counter() - start:.0f} s" if code == 0 else
+                                             f"FAILED (exit {code}); see {log}"), flush=True)
+        return cmd, log, code
+
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(run_logged, cmds))
+    for cmd, log, code in results:
+        if code:
+            with open(log) as f:
+                print(f"\n--- the end of {log} ---\n" + "".join(f.readlines()[-30:]), flush=True)
+            raise subprocess.CalledProcessError(code, cmd)
+
+
 def exists(ckpt_dir: str) -> bool:
     return os.path.exists(os.path.join(ckpt_dir, "params.json"))
 
@@ -140,24 +179,23 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
         print(f"\n=== {name} (seed {seed}) " + "=" * (50 - len(name)), flush=True)
         return name in forced
 
-    force = stage("aligned")
-    for task in TASK_NAMES:
-        if force or not exists(f"{out_dir}/{task}"):
-            run(py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", task, "--data-dir", data,
-                      "--out", f"{out_dir}/{task}", "--overwrite", "--seed", str(seed)]
-                + expert_budget(budget["expert"], data, task) + lora)
-    if args.until == "aligned":
-        return
-    force = stage("sft")
-    if force or not exists(f"{out_dir}/sft"):
-        run(py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", "pooled", "--data-dir", data,
-                  "--out", f"{out_dir}/sft", "--overwrite", "--seed", str(seed)] + budget["sft"] + lora)
-    if args.until == "sft":
+    force = stage("aligned")  # the three experts and the SFT baseline are independent: --jobs of them at a time
+    trainings = [py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", task, "--data-dir", data,
+                       "--out", f"{out_dir}/{task}", "--overwrite", "--seed", str(seed)]
+                 + expert_budget(budget["expert"], data, task) + lora
+                 for task in TASK_NAMES if force or not exists(f"{out_dir}/{task}")]
+    if args.until != "aligned":
+        force = stage("sft")
+        if force or not exists(f"{out_dir}/sft"):
+            trainings.insert(0, py + ["train_expert.py", "--init", f"{run_dir}/base", "--data", "pooled", "--data-dir",
+                                      data, "--out", f"{out_dir}/sft", "--overwrite", "--seed", str(seed)]
+                             + budget["sft"] + lora)  # the longest first
+    run_side_by_side(trainings, args.jobs)
+    if args.until in ("aligned", "sft"):
         return
     force = stage("fused")
-    for name, extra in fusions(args).items():
-        if force or not exists(f"{out_dir}/{name}"):
-            run(fuse_command(args, run_dir, out_dir, f"{out_dir}/{name}", extra + ["--seed", str(seed)]))
+    fuses = [fuse_command(args, run_dir, out_dir, f"{out_dir}/{name}", extra + ["--seed", str(seed)])
+             for name, extra in fusions(args).items() if force or not exists(f"{out_dir}/{name}")]
     sweep, dim = {}, args.sweep_gamma
     for g in SWEEP_GAMMAS if dim else ():
         gamma = ",".join(g if task == dim else SWEEP_OTHERS for task in TASK_NAMES)
@@ -165,9 +203,10 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
         if gamma == GAMMA:  # the h3fusion row itself: no need to train it twice
             out = f"{out_dir}/h3fusion"
         sweep[f"gamma_{dim}_{g}"] = out
-        if force or not exists(out):
-            run(fuse_command(args, run_dir, out_dir, out, ["--lambda-gate", LAMBDA_GATE, "--gamma", gamma,
-                                                           "--seed", str(seed)]))
+        if (force or not exists(out)) and out != f"{out_dir}/h3fusion":
+            fuses.append(fuse_command(args, run_dir, out_dir, out, ["--lambda-gate", LAMBDA_GATE, "--gamma", gamma,
+                                                                    "--seed", str(seed)]))
+    run_side_by_side(fuses, 1 if args.nproc > 1 else args.jobs)  # (torchrun's processes already share the cores)
     if args.until == "fused":
         return
     stage("eval")
@@ -203,6 +242,9 @@ def main(argv=None):
                    "(RUN/h3fusion_ce) and L_CE + lambda L_G (RUN/h3fusion_gate), and put them in the table")
     p.add_argument("--nproc", type=int, default=1, help="processes for fuse.py (torchrun + FSDP2 when > 1; on 2 CPU "
                    "cores one process is about 2x faster, see bench/bench_train.py)")
+    p.add_argument("--jobs", type=int, default=2, help="trainings side by side in stages 1-2 (the experts and SFT; "
+                   "the fusions of --ablations / --sweep-gamma), each on cpu_count / JOBS threads, output in OUT.log "
+                   "(default 2; 1: one after the other)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the base and (without --seeds) stages 1-2")
     p.add_argument("--seeds", default=None, metavar="S1,S2,...",
                    help="run stages 1-2 and the evaluation once per seed (the world and the base of --seed are "
@@ -214,6 +256,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.lora_alpha is not None and not args.lora_rank:  # (every other LoRA value is train_expert.py's to check)
         p.error(f"--lora-alpha {args.lora_alpha} without --lora-rank: alpha scales a LoRA delta; give its rank")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: expected a number of trainings at a time >= 1")
     args.budget = "quick" if args.quick else "full"
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     run_dir = args.run_dir or ("runs/toy-quick" if args.quick else "runs/toy")

@@ -41,6 +41,35 @@ def test_expert_budget_turns_epochs_into_steps_per_expert(tmp_path):
     assert pipeline.BUDGETS["full"]["expert"][:2] == ["--epochs", "3"]
 
 
+def test_side_by_side_runs_commands_at_once_on_a_share_of_the_threads(tmp_path, capsys):
+    import pipeline
+    # each command writes its thread budget, then waits for the other's file: only two at a time can both finish
+    wait_for_other = ("import os, sys, time; out = sys.argv[2]; open(out + '.threads', 'w').write("
+                      "os.environ['OMP_NUM_THREADS']); other = sys.argv[3]; deadline = time.time() + 60\n"
+                      "while not os.path.exists(other) and time.time() < deadline: time.sleep(0.05)\n"
+                      "print('saw', other); sys.exit(0 if os.path.exists(other) else 3)")
+    a, b = str(tmp_path / "a"), str(tmp_path / "sub" / "b")
+    cmds = [[sys.executable, "-c", wait_for_other, "--out", a, b + ".threads"],
+            [sys.executable, "-c", wait_for_other, "--out", b, a + ".threads"]]
+    pipeline.run_side_by_side(cmds, jobs=2)
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert open(a + ".threads").read() == open(b + ".threads").read() == threads
+    assert open(a + ".log").read().strip() == f"saw {b}.threads"  # each command's output in OUT.log
+    assert "2 side by side" in capsys.readouterr().out
+    # a failing command: the others still run, then its log's end is printed and the error raised
+    fail = [sys.executable, "-c", "import sys; print('the reason'); sys.exit(4)", "--out", str(tmp_path / "bad")]
+    ok = [sys.executable, "-c", "open(__import__('sys').argv[2] + '.ran', 'w')", "--out", str(tmp_path / "ok")]
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        pipeline.run_side_by_side([fail, ok], jobs=2)
+    assert e.value.returncode == 4 and os.path.exists(tmp_path / "ok.ran")
+    assert "the reason" in capsys.readouterr().out
+
+
+def test_jobs_must_be_positive():
+    result = subprocess.run([sys.executable, "pipeline.py", "--jobs", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "--jobs 0" in result.stderr
+
+
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(tmp_path):
     run_dir = str(tmp_path / "toy")

@@ -173,7 +173,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=f"{RUN_DIR}/fused")
     add_data_args(p)
     p.add_argument("--gamma", default="0.1,0.1,0.1", help="L_R weight per expert, e.g. 0.1,0.3,0.1")
-    p.add_argument("--lambda-gate", type=float, default=3.0, help="lambda, the weight of L_G (0 = no gating loss)")
+    p.add_argument("--lambda-gate", type=float, default=6.0, help="lambda, the weight of L_G (0 = no gating loss)")
     p.add_argument("--reg", default="drift", choices=["drift", "decay"],
                    help="L_R: distance to W^0 (the paper's), or ||W|| (decay: an extra, the seed's other reading)")
     p.add_argument("--top-k", type=int, default=2)

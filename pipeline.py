@@ -57,7 +57,7 @@ BUDGETS = {
                   eval=["--limit", "48"]),
 }
 # H3Fusion's two knobs at the defaults, and (--ablations) the paper's loss taken apart (name -> fuse.py arguments)
-LAMBDA_GATE, GAMMA = "3", "0.1,0.1,0.1"
+LAMBDA_GATE, GAMMA = "6", "0.1,0.1,0.1"
 H3FUSION = ["--lambda-gate", LAMBDA_GATE, "--gamma", GAMMA]  # L_CE + lambda L_G + L_R(gamma)
 ABLATIONS = {
     "h3fusion_ce": ["--lambda-gate", "0", "--gamma", "0,0,0"],  # L_CE only

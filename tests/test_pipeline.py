@@ -19,11 +19,11 @@ def test_fusions_are_h3fusion_and_with_ablations_its_two_ablations():
     """Stage 2 trains h3fusion with the defaults; --ablations adds L_CE only and L_CE + lambda L_G (gamma 0)."""
     import pipeline
     assert pipeline.fusions(argparse.Namespace(ablations=False)) == {
-        "h3fusion": ["--lambda-gate", "3", "--gamma", "0.1,0.1,0.1"]}
+        "h3fusion": ["--lambda-gate", "6", "--gamma", "0.1,0.1,0.1"]}
     with_ablations = pipeline.fusions(argparse.Namespace(ablations=True))
     assert list(with_ablations) == ["h3fusion_ce", "h3fusion_gate", "h3fusion"]
     assert with_ablations["h3fusion_ce"] == ["--lambda-gate", "0", "--gamma", "0,0,0"]
-    assert with_ablations["h3fusion_gate"] == ["--lambda-gate", "3", "--gamma", "0,0,0"]
+    assert with_ablations["h3fusion_gate"] == ["--lambda-gate", "6", "--gamma", "0,0,0"]
 
 
 def test_expert_budget_turns_epochs_into_steps_per_expert(tmp_path):

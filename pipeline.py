@@ -1,7 +1,7 @@
 """The whole H3Fusion pipeline on the synthetic world, one command:
 
     python pipeline.py                  # data -> base -> 3 aligned experts -> SFT baseline -> fusion
-                                        #   -> evaluation table                        (about 11 min on 2 CPU cores)
+                                        #   -> evaluation table                        (about 10 min on 2 CPU cores)
     python pipeline.py --ablations      # also the ablations of the loss: L_CE only, L_CE + lambda L_G (2 fusions)
     python pipeline.py --quick          # the same stages, tiny budgets (under a minute; numbers mean little)
     python pipeline.py --nproc 2        # fusion under torchrun with FSDP2 over 2 processes

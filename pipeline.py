@@ -89,20 +89,31 @@ def fusions(args) -> dict:
     return {**(ABLATIONS if args.ablations else {}), "h3fusion": H3FUSION}
 
 
-def run(cmd: list, log_prefix=""):
-    print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+def run(cmd: list, log: str = None, env: dict = None, note: str = ""):
+    """Print a command, run it (output to the terminal, or to the file `log`: then a failure prints its end), and
+    print how long it took; a failure raises CalledProcessError."""
+    print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}{note}", flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    print(f"{log_prefix}done in {time.perf_counter() - start:.0f} s", flush=True)
+    if log is None:
+        subprocess.run(cmd, check=True, env=env)
+    else:
+        with open(log, "w") as f:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        if code:
+            with open(log) as f:
+                print(f"\n--- exit {code}; the end of {log} ---\n" + "".join(f.readlines()[-30:]), flush=True)
+            raise subprocess.CalledProcessError(code, cmd)
+    print(f"{os.path.basename(log)[:-4] + ': ' if log else ''}done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def run_side_by_side(cmds: list, jobs: int):
     """Run independent training commands, up to `jobs` at a time, each on an equal share of the CPU threads
     (OMP_NUM_THREADS); one at a time when jobs = 1 or there is one command. Side by side, each command's output goes
-    to OUT.log beside its --out directory, and a failure prints that log's end. Why: a model this small does not
-    keep two threads busy (its matmuls are small), so on 2 cores two one-thread runs side by side finish sooner than
-    the same runs one after the other on two threads; on this project's 2-core CI machine they also give the same
-    bits (a one-thread expert and h3fusion are byte-identical to the two-thread ones)."""
+    to OUT.log beside its --out directory, and a failure prints that log's end once the others have finished. Why: a
+    model this small does not keep two threads busy (its matmuls are small), so on 2 cores two one-thread runs side
+    by side finish sooner than the same runs one after the other on two threads (bench/bench_jobs.py); on this
+    project's 2-core VM they also give the same bits (a one-thread expert and h3fusion are byte-identical to the
+    two-thread ones)."""
     n = min(jobs, len(cmds))
     if n <= 1:
         for cmd in cmds:
@@ -112,25 +123,12 @@ def run_side_by_side(cmds: list, jobs: int):
     env = {**os.environ, "OMP_NUM_THREADS": threads}
 
     def run_logged(cmd):
-        out = cmd[cmd.index("--out") + 1]
-        log = out + ".log"
+        log = cmd[cmd.index("--out") + 1] + ".log"
         os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
-        print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n  ({n} side by side, {threads} thread(s) each; "
-              f"output: {log})", flush=True)
-        start = time.perf_counter()
-        with open(log, "w") as f:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        print(f"{os.path.basename(out)}: " + (f"done in {time.perf_counter() - start:.0f} s" if code == 0 else
-                                             f"FAILED (exit {code}); see {log}"), flush=True)
-        return cmd, log, code
+        run(cmd, log=log, env=env, note=f"\n  ({n} side by side, {threads} thread(s) each; output: {log})")
 
-    with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(run_logged, cmds))
-    for cmd, log, code in results:
-        if code:
-            with open(log) as f:
-                print(f"\n--- the end of {log} ---\n" + "".join(f.readlines()[-30:]), flush=True)
-            raise subprocess.CalledProcessError(code, cmd)
+    with ThreadPoolExecutor(n) as pool:  # leaving the block waits for every command, then map re-raises a failure
+        list(pool.map(run_logged, cmds))
 
 
 def exists(ckpt_dir: str) -> bool:
@@ -199,11 +197,11 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
     sweep, dim = {}, args.sweep_gamma
     for g in SWEEP_GAMMAS if dim else ():
         gamma = ",".join(g if task == dim else SWEEP_OTHERS for task in TASK_NAMES)
-        out = f"{sweep_dir(out_dir, dim)}/gamma_{dim}_{g}"
-        if gamma == GAMMA:  # the h3fusion row itself: no need to train it twice
-            out = f"{out_dir}/h3fusion"
-        sweep[f"gamma_{dim}_{g}"] = out
-        if (force or not exists(out)) and out != f"{out_dir}/h3fusion":
+        if gamma == GAMMA:  # the h3fusion row itself, trained above: not twice
+            sweep[f"gamma_{dim}_{g}"] = f"{out_dir}/h3fusion"
+            continue
+        out = sweep[f"gamma_{dim}_{g}"] = f"{sweep_dir(out_dir, dim)}/gamma_{dim}_{g}"
+        if force or not exists(out):
             fuses.append(fuse_command(args, run_dir, out_dir, out, ["--lambda-gate", LAMBDA_GATE, "--gamma", gamma,
                                                                     "--seed", str(seed)]))
     run_side_by_side(fuses, 1 if args.nproc > 1 else args.jobs)  # (torchrun's processes already share the cores)

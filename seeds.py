@@ -14,6 +14,11 @@ Writes OUT/seeds.md (also printed) and OUT/seeds.json:
      2.5th and 97.5th percentile of 10,000 replicates (--replicates). An interval whose lower end is above 0 says
      that the target beats X by more than prompt and seed noise; one that straddles 0 says the data cannot
      tell them apart. With 3 seeds the seed part of the spread is coarse: more seeds, tighter claims.
+  3. for each other model X, where **one more seed's** Δ should land: a 95 % prediction interval from the per-seed
+     margins d_1..d_n, mean ± t_{0.975, n-1} · s · sqrt(1 + 1/n) (s: their std with n - 1; needs n >= 2 seeds; assumes
+     seed effects are roughly normal). The interval of 2. is about the *mean* over seeds and shrinks as seeds are
+     added; it is not meant to hold a single new seed. This one is, and --held-out checks a seed against both. It
+     has no prompt term: every seed is scored on the same prompts.
 """
 import argparse
 import json
@@ -100,6 +105,30 @@ def paired_bootstrap(right_a: np.ndarray, right_b: np.ndarray, tasks: np.ndarray
     return {"delta": point, "low": float(low), "high": float(high), "replicates": replicates}
 
 
+# Student's t: T_975[df] = t_{0.975, df}, the two-sided 95 % quantile (any t table); above 30, a Cornish-Fisher
+# expansion around the normal's 1.96 (off by < 0.001 there).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+         21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
+
+
+def t_975(df: int) -> float:
+    if df in T_975:
+        return T_975[df]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def prediction_interval(per_seed: list) -> dict:
+    """Where one more seed's value should land (95 %): mean ± t_{0.975, n-1} · s · sqrt(1 + 1/n)."""
+    n = len(per_seed)
+    if n < 2:
+        return None  # one seed says nothing about the next one
+    mean, std = float(np.mean(per_seed)), float(np.std(per_seed, ddof=1))
+    half = t_975(n - 1) * std * float(np.sqrt(1 + 1 / n))
+    return {"low": mean - half, "high": mean + half}
+
+
 def summarise(seeds: list, target: str = None, replicates: int = 10000) -> dict:
     """Mean and std over seeds of every metric of every model; paired intervals of the target's HHH margin."""
     check_same_prompts(seeds)
@@ -129,6 +158,9 @@ def summarise(seeds: list, target: str = None, replicates: int = 10000) -> dict:
         right = {n: np.stack([s["models"][n]["right"] for s in seeds]) for n in names}  # [S, N] each
         for i, name in enumerate(n for n in names if n != target):
             margins[name] = paired_bootstrap(right[target], right[name], tasks, replicates, seed=i)
+            per_seed = [hhh_from_right(right[target][s], tasks) - hhh_from_right(right[name][s], tasks)
+                        for s in range(len(seeds))]
+            margins[name].update(per_seed=per_seed, next_seed=prediction_interval(per_seed))
     return {"seeds": [s["dir"] for s in seeds], "n_prompts": len(seeds[0]["ids"]), "target": target,
             "models": table, "margins": margins}
 
@@ -169,32 +201,42 @@ def markdown(summary: dict) -> str:
     if summary["margins"]:
         target = summary["target"]
         lines += ["", f"HHH({target}) − HHH(X), mean over seeds, paired bootstrap 95 % interval over seeds and prompts "
-                      f"({next(iter(summary['margins'].values()))['replicates']} replicates), in points:", "",
-                  "| X | Δ HHH | 95 % interval | |", "|---|---:|---|---|"]
+                      f"({next(iter(summary['margins'].values()))['replicates']} replicates), in points; and where one "
+                      f"more seed's Δ should land (95 % prediction interval, t with n − 1 df):", "",
+                  "| X | Δ HHH | 95 % interval | | one more seed, 95 % |", "|---|---:|---|---|---|"]
         for name, m in summary["margins"].items():
             verdict = ("above 0" if m["low"] > 0 else "below 0" if m["high"] < 0 else "includes 0")
+            nxt = m.get("next_seed")
             lines.append(f"| {name} | {100 * m['delta']:+.1f} | [{100 * m['low']:+.1f}, {100 * m['high']:+.1f}] | "
-                         f"{verdict} |")
+                         f"{verdict} | " + (f"[{100 * nxt['low']:+.1f}, {100 * nxt['high']:+.1f}]" if nxt else "")
+                         + " |")
     return "\n".join(lines)
 
 
 def held_out_check(summary: dict, seed: dict) -> list:
-    """A seed that the intervals were not computed from: its own HHH margin of the target over each row, and
-    whether it lands inside that row's interval. [(name, margin, inside)]. Same prompts as the summary's seeds."""
+    """A seed that the intervals were not computed from: its own HHH margin of the target over each row, whether it
+    lands inside that row's interval of the mean, and inside its one-more-seed interval (None with one seed).
+    [(name, margin, inside_mean_interval, inside_next_seed_interval)]. Same prompts as the summary's seeds."""
     target = seed["models"][summary["target"]]["right"]
     out = []
     for name, m in summary["margins"].items():
         if name in seed["models"]:
             margin = hhh_from_right(target, seed["tasks"]) - hhh_from_right(seed["models"][name]["right"], seed["tasks"])
-            out.append((name, margin, m["low"] <= margin <= m["high"]))
+            nxt = m.get("next_seed")
+            out.append((name, margin, bool(m["low"] <= margin <= m["high"]),
+                        bool(nxt["low"] <= margin <= nxt["high"]) if nxt else None))
     return out
 
 
 def held_out_markdown(rows: list, where: str) -> str:
-    lines = [f"Held-out seed {where}: its own margin, and whether it lands inside the interval above "
-             f"({sum(inside for _, _, inside in rows)} of {len(rows)} inside):", "",
-             "| X | Δ HHH, held-out seed | inside |", "|---|---:|---|"]
-    lines += [f"| {name} | {100 * margin:+.1f} | {'yes' if inside else 'NO'} |" for name, margin, inside in rows]
+    inside_next = [row[3] for row in rows if row[3] is not None]
+    lines = [f"Held-out seed {where}: its own margin, and whether it lands inside the intervals above (mean: "
+             f"{sum(row[2] for row in rows)} of {len(rows)} inside; one more seed: "
+             f"{sum(inside_next)} of {len(inside_next)} inside):", "",
+             "| X | Δ HHH, held-out seed | inside the mean's interval | inside the one-more-seed interval |",
+             "|---|---:|---|---|"]
+    yes_no = {True: "yes", False: "NO", None: ""}
+    lines += [f"| {name} | {100 * margin:+.1f} | {yes_no[mean]} | {yes_no[nxt]} |" for name, margin, mean, nxt in rows]
     return "\n".join(lines)
 
 

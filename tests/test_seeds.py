@@ -110,13 +110,45 @@ def test_cli_mean_std_and_margins(tmp_path, capsys):
 
 def test_held_out_seed_is_checked_against_the_intervals(tmp_path, capsys):
     tasks = [0, 0, 1, 1, 2, 2]
-    for name, h3 in (("s0", [1, 1, 1, 0, 1, 1]), ("s1", [1, 1, 1, 1, 1, 0]), ("new", [0, 0, 0, 0, 0, 0])):
-        write_eval_dir(tmp_path / name, {"h3": h3, "sft": [1, 0, 1, 0, 0, 1]}, tasks)
+    for name, h3, sft in (("s0", [1, 1, 1, 0, 1, 1], [1, 0, 1, 0, 0, 1]), ("s1", [1, 1, 1, 1, 1, 0], [0, 0, 1, 0, 0, 1]),
+                          ("new", [0, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 1])):
+        write_eval_dir(tmp_path / name, {"h3": h3, "sft": sft}, tasks)
     summary = seeds.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--target", "h3", "--out", str(tmp_path / "o"),
                           "--replicates", "200", "--held-out", str(tmp_path / "new")])
-    (name, margin, inside), = summary["held_out"]["rows"]
+    (name, margin, inside, inside_next), = summary["held_out"]["rows"]
     assert name == "sft" and margin == pytest.approx(0 - (0.5 + 0.5 + 0.5) / 3) and not inside
-    assert "0 of 1 inside" in capsys.readouterr().out
+    # s0, s1: Δ = 2.5/3 - 1.5/3 and 2.5/3 - 1/3 -> mean 1.25/3, s = (0.5/3)/sqrt(2), half width 12.706 s sqrt(1.5)
+    low = 1.25 / 3 - 12.706 * (0.5 / 3) / np.sqrt(2) * np.sqrt(1.5)
+    assert summary["margins"]["sft"]["next_seed"]["low"] == pytest.approx(low)
+    assert inside_next == (margin >= low) and inside_next  # -0.5 lies inside the wide 2-seed interval
+    assert "mean: 0 of 1 inside; one more seed: 1 of 1 inside" in capsys.readouterr().out
+
+
+def test_prediction_interval_by_hand():
+    got = seeds.prediction_interval([0.01, 0.02, 0.03])  # mean 0.02, s 0.01, t_{0.975, 2} = 4.303
+    half = 4.303 * 0.01 * np.sqrt(1 + 1 / 3)
+    assert got["low"] == pytest.approx(0.02 - half) and got["high"] == pytest.approx(0.02 + half)
+    assert seeds.prediction_interval([0.4]) is None
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 12, 40])
+def test_prediction_interval_holds_the_next_draw_95_percent_of_the_time(n):
+    """Monte Carlo: n normal 'seeds', then one more; the interval from the n must hold it 95 % of the time. A wrong
+    t quantile (or sqrt(1/n) instead of sqrt(1 + 1/n), or the normal's 1.96) misses this by far more than 1 %."""
+    rng = np.random.default_rng(n)
+    trials = 10000
+    draws = rng.normal(3.0, 2.0, size=(trials, n + 1))
+    inside = 0
+    for row in draws:
+        interval = seeds.prediction_interval(list(row[:n]))
+        inside += interval["low"] <= row[n] <= interval["high"]
+    assert inside / trials == pytest.approx(0.95, abs=0.01)
+
+
+def test_t_quantile_expansion_continues_the_table():
+    assert seeds.t_975(30) == 2.042 and abs(seeds.t_975(31) - 2.040) < 0.001
+    assert abs(seeds.t_975(1000) - 1.962) < 0.001
+    assert all(seeds.t_975(df) > seeds.t_975(df + 1) for df in range(1, 60))
 
 
 def test_cli_errors(tmp_path):

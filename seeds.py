@@ -120,13 +120,16 @@ def t_975(df: int) -> float:
 
 
 def prediction_interval(per_seed: list) -> dict:
-    """Where one more seed's value should land (95 %): mean ± t_{0.975, n-1} · s · sqrt(1 + 1/n)."""
+    """Where one more seed's value should land (95 %): mean ± t_{0.975, n-1} · s · sqrt(1 + 1/n), s the std of
+    per_seed with n - 1. Returns {"low", "high"}, or None for fewer than 2 values."""
+    # --- exercise 11: begin ---
     n = len(per_seed)
     if n < 2:
         return None  # one seed says nothing about the next one
     mean, std = float(np.mean(per_seed)), float(np.std(per_seed, ddof=1))
     half = t_975(n - 1) * std * float(np.sqrt(1 + 1 / n))
     return {"low": mean - half, "high": mean + half}
+    # --- exercise 11: end ---
 
 
 def summarise(seeds: list, target: str = None, replicates: int = 10000) -> dict:

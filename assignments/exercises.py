@@ -166,6 +166,19 @@ EXERCISES = (
          "FLOPs: 2N forward + 2N backward to the inputs + 2N_trainable for the weight gradients; skip the\n"
          "  embedding and 1-D tensors, count a stacked expert tensor `[E, ...]` at top_k / E, and add attention's\n"
          "  `12 · layers · dim · seq_len`.")),
+    Exercise(
+        11, "Where the next seed lands", ("seeds.prediction_interval",),
+        (("tests/test_seeds.py", ("prediction_interval",)),), 5,
+        "From one margin per seed, the 95 % interval that **one more seed's** margin should fall in — not the\n"
+        "interval of the mean, which narrows as seeds are added. Graded by hand-computed values and by Monte Carlo:\n"
+        "over 10,000 simulated runs the next draw must land inside 95 ± 1 % of the time, for 2 to 40 seeds.",
+        ("A new seed's value misses the mean of n by its own variance s² plus the mean's s² / n: together a\n"
+         "  spread of s · √(1 + 1/n).",
+         "s is estimated from n values too, so the multiplier is Student's t with n − 1 degrees of freedom,\n"
+         "  `t_975(n - 1)` (12.7 for 2 seeds), not the normal's 1.96.",
+         "`np.std(x, ddof=1)`; fewer than 2 values give None."),
+        "Seed 3 of the README's runs fell outside the bootstrap interval of the mean in 3 of 12 rows: train seeds\n"
+        "3-5 (`python pipeline.py --seeds N --ablations`) and check them against your interval (`seeds.py --held-out`)."),
 )
 
 BY_NUMBER = {e.number: e for e in EXERCISES}

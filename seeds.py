@@ -113,6 +113,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def t_975(df: int) -> float:
+    """t_{0.975, df}: the table up to 30 degrees of freedom, the expansion above."""
     if df in T_975:
         return T_975[df]
     z = 1.959964

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,6 +106,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert len(summary["seeds"]) == 2 and summary["target"] == "h3fusion"
     assert set(summary["margins"]) == set(ROWS + ABLATIONS) - {"h3fusion"}
     assert all(m["low"] <= m["delta"] <= m["high"] for m in summary["margins"].values())
+    assert all(np.mean(m["per_seed"]) == pytest.approx(m["delta"]) and len(m["per_seed"]) == 2
+               and m["next_seed"]["low"] <= m["delta"] <= m["next_seed"]["high"] for m in summary["margins"].values())
     # --lora-rank: stages 1-2 with LoRA on the same world and base, beside the full fine-tune; plain checkpoints
     lora = subprocess.run(cmd + ["--lora-rank", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert lora.returncode == 0, lora.stdout[-3000:] + lora.stderr[-3000:]

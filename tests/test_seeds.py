@@ -133,8 +133,8 @@ def test_prediction_interval_by_hand():
 
 @pytest.mark.parametrize("n", [2, 3, 5, 12, 40])
 def test_prediction_interval_holds_the_next_draw_95_percent_of_the_time(n):
-    """Monte Carlo: n normal 'seeds', then one more; the interval from the n must hold it 95 % of the time. A wrong
-    t quantile (or sqrt(1/n) instead of sqrt(1 + 1/n), or the normal's 1.96) misses this by far more than 1 %."""
+    """Monte Carlo: n normal 'seeds', then one more; the interval from the n must hold it 95 % of the time. sqrt(1/n)
+    instead of sqrt(1 + 1/n) misses it at every n, the normal's 1.96 (or a wrong t) at the few-seed n we use."""
     rng = np.random.default_rng(n)
     trials = 10000
     draws = rng.normal(3.0, 2.0, size=(trials, n + 1))

@@ -84,8 +84,8 @@ def hhh_from_right(right: np.ndarray, tasks: np.ndarray) -> float:
 def paired_bootstrap(right_a: np.ndarray, right_b: np.ndarray, tasks: np.ndarray, replicates: int = 10000,
                      seed: int = 0) -> dict:
     """right_a, right_b: [S, N] per-seed, per-prompt successes of two models on the same prompts.
-    Returns Δ = mean over seeds of HHH(a) - HHH(b), and its 95 % interval from `replicates` paired draws of
-    (seeds with replacement) x (prompts with replacement within each dimension)."""
+    Returns Δ = mean over seeds of HHH(a) - HHH(b) (per_seed: each seed's), and its 95 % interval from `replicates`
+    paired draws of (seeds with replacement) x (prompts with replacement within each dimension)."""
     rng = np.random.default_rng(seed)
     n_seeds = right_a.shape[0]
     diff = right_a.astype(np.float64) - right_b.astype(np.float64)  # [S, N]: HHH is linear in the successes
@@ -99,10 +99,10 @@ def paired_bootstrap(right_a: np.ndarray, right_b: np.ndarray, tasks: np.ndarray
     per_seed = per_dim / len(dims)  # [R, S] Δ HHH of each seed under each prompt draw
     seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=replicates)  # [R, S]
     replicate_means = (per_seed * seed_counts).sum(1) / n_seeds  # [R]
-    point = float(np.mean([hhh_from_right(right_a[s], tasks) - hhh_from_right(right_b[s], tasks)
-                           for s in range(n_seeds)]))
+    per_seed = [hhh_from_right(right_a[s], tasks) - hhh_from_right(right_b[s], tasks) for s in range(n_seeds)]
     low, high = np.percentile(replicate_means, [2.5, 97.5])
-    return {"delta": point, "low": float(low), "high": float(high), "replicates": replicates}
+    return {"delta": float(np.mean(per_seed)), "low": float(low), "high": float(high), "replicates": replicates,
+            "per_seed": per_seed}
 
 
 # Student's t: T_975[df] = t_{0.975, df}, the two-sided 95 % quantile (any t table); above 30, a Cornish-Fisher
@@ -162,9 +162,7 @@ def summarise(seeds: list, target: str = None, replicates: int = 10000) -> dict:
         right = {n: np.stack([s["models"][n]["right"] for s in seeds]) for n in names}  # [S, N] each
         for i, name in enumerate(n for n in names if n != target):
             margins[name] = paired_bootstrap(right[target], right[name], tasks, replicates, seed=i)
-            per_seed = [hhh_from_right(right[target][s], tasks) - hhh_from_right(right[name][s], tasks)
-                        for s in range(len(seeds))]
-            margins[name].update(per_seed=per_seed, next_seed=prediction_interval(per_seed))
+            margins[name]["next_seed"] = prediction_interval(margins[name]["per_seed"])
     return {"seeds": [s["dir"] for s in seeds], "n_prompts": len(seeds[0]["ids"]), "target": target,
             "models": table, "margins": margins}
 

@@ -177,8 +177,9 @@ EXERCISES = (
          "s is estimated from n values too, so the multiplier is Student's t with n − 1 degrees of freedom,\n"
          "  `t_975(n - 1)` (12.7 for 2 seeds), not the normal's 1.96.",
          "`np.std(x, ddof=1)`; fewer than 2 values give None."),
-        "Seed 3 of the README's runs fell outside the bootstrap interval of the mean in 3 of 12 rows: train seeds\n"
-        "3-5 (`python pipeline.py --seeds N --ablations`) and check them against your interval (`seeds.py --held-out`)."),
+        "Seed 3 of the README's runs fell outside the bootstrap interval of the mean in 3 of 12 rows: train\n"
+        "seeds 3-5 (`python pipeline.py --seeds N --ablations`) and check them against your interval\n"
+        "(`seeds.py --held-out`)."),
 )
 
 BY_NUMBER = {e.number: e for e in EXERCISES}

@@ -22,23 +22,24 @@ import torch
 from cli import run_cli
 from data import TASK_NAMES
 from data import streams as S
+from data.format import IGNORE_INDEX
 from distributed import setup_distributed
 from fuse import h3fusion_objective
 from model import Tokenizer, load_checkpoint
-from moe import moe_layers
+from moe import expert_parameters, moe_layers
 from trainer import StepCounts
 
 
 def objective_gradients(model, batches: list, lam: float) -> dict:
     """{name: mean over batches of ∇_W (L_CE + λ L_G)} for every expert tensor W ([E, ...]: all experts of a layer)."""
-    experts = {name: p for name, p in model.named_parameters() if ".feed_forward.w" in name}
+    experts = expert_parameters(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in experts.values():
         p.requires_grad_(True)
     total = {name: torch.zeros_like(p) for name, p in experts.items()}
     for batch in batches:
-        counts = StepCounts(float((batch["targets"] != -100).sum()), float(len(batch["task"])))
+        counts = StepCounts(float((batch["targets"] != IGNORE_INDEX).sum()), float(len(batch["task"])))
         loss, _ = h3fusion_objective(model, batch, counts, lam=lam, gamma=[0.0] * len(TASK_NAMES), reg="drift",
                                      initial_experts={})
         grads = torch.autograd.grad(loss, list(experts.values()))

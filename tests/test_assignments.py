@@ -159,7 +159,9 @@ def run_kit(*args, cwd=ROOT):
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    for args in (["student", str(tmp_path / "full")], ["student", str(tmp_path / "new"), "--only", f"2,{max(e.number for e in EXERCISES) + 1}"],
+    no_such_exercise = max(e.number for e in EXERCISES) + 1
+    for args in (["student", str(tmp_path / "full")],
+                 ["student", str(tmp_path / "new"), "--only", f"2,{no_such_exercise}"],
                  ["grade", str(tmp_path / "missing")], ["grade", str(tmp_path / "full")]):
         run = run_kit(*args)
         assert run.returncode == 2 and run.stdout == "", args

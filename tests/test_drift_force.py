@@ -6,10 +6,11 @@ import torch
 import fuse
 import model as M
 from data import streams as S
+from data.format import IGNORE_INDEX
 from distributed import setup_distributed
 from evaluation import drift_force
 from losses import drift_loss
-from moe import moe_layers
+from moe import moe_layers, snapshot_expert_weights
 from trainer import StepCounts
 from toy_world import FAST, build_world
 
@@ -24,7 +25,8 @@ def fused(tmp_path_factory):
     tokenizer = M.Tokenizer(f"{out}/tokenizer.model")
     d = setup_distributed("cpu")
     _, stream, _ = S.instruction_data("pooled", world["data"], tokenizer, 64, 4, 0, d)
-    return {"dir": out, "base": world["base"], "data": world["data"], "model": model, "batches": [stream.batch(i, 4, d) for i in range(3)]}
+    return {"dir": out, "base": world["base"], "data": world["data"], "model": model,
+            "batches": [stream.batch(i, 4, d) for i in range(3)]}
 
 
 def objective(model, batches, lam):
@@ -32,7 +34,7 @@ def objective(model, batches, lam):
     with torch.no_grad():
         total = 0.0
         for batch in batches:
-            counts = StepCounts(float((batch["targets"] != -100).sum()), float(len(batch["task"])))
+            counts = StepCounts(float((batch["targets"] != IGNORE_INDEX).sum()), float(len(batch["task"])))
             loss, _ = fuse.h3fusion_objective(model, batch, counts, lam=lam, gamma=[0.0, 0.0, 0.0], reg="drift",
                                               initial_experts={})
             total += float(loss) / len(batches)
@@ -70,7 +72,7 @@ def test_holding_gamma_is_where_drift_losss_pull_equals_the_gradient(fused):
     assert len(held) == 3 and all(len(v) == len(grads) for v in held)
     name = sorted(grads)[1]
     weight = dict(model.named_parameters())[name]
-    initial = {n: p.detach().clone() for n, p in model.named_parameters() if ".feed_forward.w" in n}
+    initial = snapshot_expert_weights(model)
     with torch.no_grad():
         weight[1] += 0.01  # expert 1 away from W⁰ on this one matrix only
     gamma = [0.0, held[1][sorted(grads).index(name)], 0.0]

@@ -110,7 +110,8 @@ def test_cli_mean_std_and_margins(tmp_path, capsys):
 
 def test_held_out_seed_is_checked_against_the_intervals(tmp_path, capsys):
     tasks = [0, 0, 1, 1, 2, 2]
-    for name, h3, sft in (("s0", [1, 1, 1, 0, 1, 1], [1, 0, 1, 0, 0, 1]), ("s1", [1, 1, 1, 1, 1, 0], [0, 0, 1, 0, 0, 1]),
+    for name, h3, sft in (("s0", [1, 1, 1, 0, 1, 1], [1, 0, 1, 0, 0, 1]),
+                          ("s1", [1, 1, 1, 1, 1, 0], [0, 0, 1, 0, 0, 1]),
                           ("new", [0, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 1])):
         write_eval_dir(tmp_path / name, {"h3": h3, "sft": sft}, tasks)
     summary = seeds.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--target", "h3", "--out", str(tmp_path / "o"),

@@ -12,6 +12,7 @@
                                         #   mean ± std per cell, paired bootstrap intervals of H3Fusion's margin
     python pipeline.py --lora-rank 8    # stages 1-2 (experts, SFT, fusions) train LoRA deltas (lora.py), merged
                                         #   on save; world and base shared, models under RUN/lora_r8/
+    python pipeline.py --run-dir runs/toy-d256 --dim 256   # another size of base (stages 1-2 inherit it)
     python pipeline.py --until aligned  # stop after a stage (data, base, aligned, sft, fused, eval)
     python pipeline.py --force fused    # redo a stage (and everything after it) even if its outputs exist
 
@@ -217,6 +218,27 @@ def run_seed(args, run_dir: str, out_dir: str, seed: int, forced: set):
                   "--data", data, "--out", f"{sweep_dir(out_dir, dim)}/eval", "--overwrite"] + budget["eval"])
 
 
+def base_size_flags(args) -> list:
+    """--dim / --n-layers for stage 0 (train_expert.py --init scratch; its defaults when not given)."""
+    return (["--dim", str(args.dim)] if args.dim is not None else []) + \
+        (["--n-layers", str(args.n_layers)] if args.n_layers is not None else [])
+
+
+def check_base_size(p, args, run_dir: str, forced: set):
+    """A run directory holds one size of model: --dim / --n-layers that differ from an existing RUN/base (which the
+    base stage would skip, silently keeping the old size) are refused, unless --force base retrains it."""
+    params_path = os.path.join(run_dir, "base", "params.json")
+    if "base" in forced or not os.path.exists(params_path):
+        return
+    with open(params_path) as f:
+        params = json.load(f)
+    for flag, key in (("--dim", "dim"), ("--n-layers", "n_layers")):
+        asked = getattr(args, key)
+        if asked is not None and asked != params.get(key):
+            p.error(f"{flag} {asked}: {params_path} is a base with {key} {params.get(key)}; give another --run-dir "
+                    f"for a model of another size (or --force base to retrain this one, and every stage after it)")
+
+
 def parse_seeds(text: str) -> list:
     try:
         seeds = [int(x) for x in text.split(",") if x.strip()]
@@ -251,6 +273,9 @@ def main(argv=None):
                    "by train_expert.py and fuse.py); models under RUN/lora_rR/ (RUN/seedN/lora_rR/; with "
                    "--lora-alpha A: lora_rR_aA)")
     p.add_argument("--lora-alpha", type=float, default=None, help="with --lora-rank: alpha (default r)")
+    p.add_argument("--dim", type=int, default=None, help="width of the base model trained in stage 0 (default "
+                   "train_expert.py's, 128; --quick: 64); the experts and fused models inherit it")
+    p.add_argument("--n-layers", type=int, default=None, help="its number of layers (default 4; --quick: 2)")
     args = p.parse_args(argv)
     if args.lora_alpha is not None and not args.lora_rank:  # (every other LoRA value is train_expert.py's to check)
         p.error(f"--lora-alpha {args.lora_alpha} without --lora-rank: alpha scales a LoRA delta; give its rank")
@@ -261,6 +286,7 @@ def main(argv=None):
     run_dir = args.run_dir or ("runs/toy-quick" if args.quick else "runs/toy")
     budget = BUDGETS[args.budget]
     forced = set(STAGES[STAGES.index(args.force):]) if args.force else set()
+    check_base_size(p, args, run_dir, forced)
     py = [sys.executable]
     start = time.perf_counter()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -277,7 +303,8 @@ def main(argv=None):
     force = stage("base")
     if force or not exists(f"{run_dir}/base"):
         run(py + ["train_expert.py", "--init", "scratch", "--data", "corpus", "--data-dir", f"{run_dir}/data",
-                  "--out", f"{run_dir}/base", "--overwrite", "--seed", str(args.seed)] + budget["base"])
+                  "--out", f"{run_dir}/base", "--overwrite", "--seed", str(args.seed)] + budget["base"]
+            + base_size_flags(args))
     if args.until == "base":
         return
     out_dirs = [seed_dir(run_dir, s, args.seed) for s in seeds]

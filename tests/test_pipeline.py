@@ -129,3 +129,39 @@ def test_quick_pipeline_end_to_end(tmp_path):
         run_json = json.load(open(os.path.join(run_dir, "sweep_helpful", f"gamma_helpful_{g}.train", "run.json")))
         assert run_json["gamma"] == f"{g},0.1,0.1"
     assert not os.path.exists(os.path.join(run_dir, "sweep_helpful", "gamma_helpful_0.1"))
+
+
+def test_dim_and_n_layers_reach_the_base_command(tmp_path, monkeypatch):
+    """--dim / --n-layers are appended to stage 0's train_expert.py command, after the budget's own size (--quick has
+    one), so that they win; without them the command is the budget's alone."""
+    import pipeline
+    run_dir = tmp_path / "toy"
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "data" / "manifest.json").write_text("{}")  # the data stage is skipped: its output exists
+    commands = []
+    monkeypatch.setattr(pipeline, "run", lambda cmd, **kw: commands.append(cmd))
+    pipeline.main(["--quick", "--run-dir", str(run_dir), "--until", "base", "--dim", "48", "--n-layers", "3"])
+    (base,) = commands
+    assert base[base.index("--out") + 1] == f"{run_dir}/base"
+    assert base[-4:] == ["--dim", "48", "--n-layers", "3"] and base.count("--dim") == 2  # the budget's 64, then 48
+    commands.clear()
+    pipeline.main(["--run-dir", str(run_dir), "--until", "base"])
+    assert "--dim" not in commands[0] and commands[0][-len(pipeline.BUDGETS["full"]["base"]):] == \
+        pipeline.BUDGETS["full"]["base"]
+
+
+def test_a_size_unlike_the_existing_base_is_refused(tmp_path):
+    """An existing RUN/base would be skipped, keeping its size: another --dim / --n-layers is an error naming its
+    params.json (nothing runs), the same size is not; --force base would retrain it."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "params.json").write_text(json.dumps({"dim": 128, "n_layers": 4}))
+    cmd = [sys.executable, "pipeline.py", "--run-dir", str(tmp_path), "--until", "base"]
+    for flags, message in ((["--dim", "256"], "--dim 256"), (["--n-layers", "8"], "--n-layers 8")):
+        result = subprocess.run(cmd + flags, cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr
+        assert os.path.join(str(tmp_path), "base", "params.json") in result.stderr and "--run-dir" in result.stderr
+        assert "train_expert.py" not in result.stdout
+    same = subprocess.run(cmd + ["--dim", "128", "--n-layers", "4"], cwd=ROOT, capture_output=True, text=True)
+    assert same.returncode == 0 and "train_expert.py" not in same.stdout  # the base exists: skipped

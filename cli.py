@@ -241,6 +241,21 @@ def check_model_size_flags(parser, args, names):
                      f"these set the size of a new model (--init scratch)")
 
 
+def check_model_size(parser, args):
+    """The size of a new model: positive, whole heads (dim = n_heads x head_dim), an even head_dim (RoPE rotates
+    pairs of coordinates), and query heads in whole groups per key/value head."""
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} {value}: expected >= 1")
+    if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
+        parser.error(f"--dim {args.dim} with --n-heads {args.n_heads}: expected dim = n_heads x an even head size "
+                     f"(RoPE rotates pairs), e.g. --dim {args.n_heads * 2 * max(1, round(args.dim / args.n_heads / 2))}")
+    if args.n_kv_heads is not None and args.n_heads % args.n_kv_heads:
+        parser.error(f"--n-kv-heads {args.n_kv_heads}: expected a divisor of --n-heads {args.n_heads} (each key/value "
+                     f"head serves a whole group of query heads)")
+
+
 def check_corpus_flags(parser, args):
     """--data-path and --task are for instruction data, not the pretraining corpus."""
     for flag, value in (("--data-path", args.data_path), ("--task", args.task)):

@@ -19,7 +19,7 @@ import torch
 
 import model as M
 from cli import (add_data_args, add_lora_args, add_train_args, check_corpus_flags, check_data_given, check_held_out,
-                 check_init, check_lora, check_model_size_flags, run_cli)
+                 check_init, check_lora, check_model_size, check_model_size_flags, run_cli)
 from data import streams as S
 from data.toy import load_corpus_documents
 from distributed import Dist, setup_distributed, shard_model
@@ -132,6 +132,8 @@ def parse_args(argv=None):
     check_model_size_flags(p, args, MODEL_SIZE)
     for name, default in MODEL_SIZE.items():
         setattr(args, name, getattr(args, name, default))
+    if scratch:
+        check_model_size(p, args)
     check_corpus_flags(p, args)
     args.trainable = args.trainable or ("all" if scratch else "ffn")
     check_lora(p, args, full_training="--init scratch (pretraining trains every weight)" if scratch else

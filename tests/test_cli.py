@@ -139,6 +139,13 @@ def test_train_expert_refuses_flags_that_would_change_nothing(ckpt, tmp_path, re
         (["--resume", "--overwrite"], "--resume with --overwrite"),
         (["--init", ckpt, "--data", "helpful", "--dim", "64", "--n-kv-heads", "1"],
          "--dim --n-kv-heads with --init " + ckpt + ": the model size comes from the checkpoint"),
+        (["--dim", "0"], "--dim 0: expected >= 1"),
+        (["--n-layers", "0"], "--n-layers 0: expected >= 1"),
+        (["--n-heads", "-2"], "--n-heads -2: expected >= 1"),
+        (["--dim", "30"], "--dim 30 with --n-heads 4: expected dim = n_heads x an even head size"),  # 4 x 7.5
+        (["--dim", "36"], "--dim 36 with --n-heads 4: expected dim = n_heads x an even head size (RoPE rotates "
+                          "pairs), e.g. --dim 32"),  # 4 x 9: odd
+        (["--n-heads", "4", "--n-kv-heads", "3"], "--n-kv-heads 3: expected a divisor of --n-heads 4"),
         (["--data", "corpus", "--task", "honest"], "--task honest: for instruction data; --data corpus"),
         (["--data-path", "x.json"], "--data-path x.json: for instruction data; --data corpus"),
         (["--init", ckpt, "--data", record_file, "--eval-every", "3"], "--eval-every 3: --data " + record_file),

@@ -96,9 +96,9 @@ def paired_bootstrap(right_a: np.ndarray, right_b: np.ndarray, tasks: np.ndarray
         n_d = cols.shape[1]
         counts = rng.multinomial(n_d, np.full(n_d, 1.0 / n_d), size=replicates)  # [R, n_d] prompt draws
         per_dim += counts @ cols.T / n_d  # [R, S]
-    per_seed = per_dim / len(dims)  # [R, S] Δ HHH of each seed under each prompt draw
+    drawn = per_dim / len(dims)  # [R, S] Δ HHH of each seed under each prompt draw
     seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=replicates)  # [R, S]
-    replicate_means = (per_seed * seed_counts).sum(1) / n_seeds  # [R]
+    replicate_means = (drawn * seed_counts).sum(1) / n_seeds  # [R]
     per_seed = [hhh_from_right(right_a[s], tasks) - hhh_from_right(right_b[s], tasks) for s in range(n_seeds)]
     low, high = np.percentile(replicate_means, [2.5, 97.5])
     return {"delta": float(np.mean(per_seed)), "low": float(low), "high": float(high), "replicates": replicates,

@@ -60,15 +60,10 @@ class StepCounts:
       n_examples  examples in all the step's micro-batches on all ranks, / world size (the same, per example)
       n_micro     micro-batches per step (--grad-accum): divide a term of the weights alone, which every micro-batch
                   of every rank computes alike, by it, so that the step adds it once
-    evaluate_loss passes the counts of one held-out batch, n_micro = 1 (of_batch)."""
+    evaluate_loss passes the counts of one held-out batch, n_micro = 1."""
     n_targets: float
     n_examples: float
     n_micro: int = 1
-
-    @staticmethod
-    def of_batch(batch: dict) -> "StepCounts":
-        """The counts of one batch on one rank taken as a whole step (held-out loss, evaluation.drift_force)."""
-        return StepCounts(float((batch["targets"] != IGNORE_INDEX).sum()), float(len(batch["task"])))
 
 
 def train(model, stream, loss_fn, cfg: TrainConfig, d: Dist, out_dir: str, train_dir: str, tokenizer_path: str,
@@ -162,10 +157,10 @@ def evaluate_loss(model, batches: list, loss_fn, d: Dist) -> float:
     total = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         batch = {k: v.to(d.device) for k, v in batch.items()}
-        counts = StepCounts.of_batch(batch)
+        n = float((batch["targets"] != IGNORE_INDEX).sum())
         with autocast_context(d):
-            _, metrics = loss_fn(model, batch, counts)
-        total += torch.tensor([metrics["lm"] * counts.n_targets, counts.n_targets], dtype=torch.float64)
+            _, metrics = loss_fn(model, batch, StepCounts(n, float(len(batch["task"]))))
+        total += torch.tensor([metrics["lm"] * n, n], dtype=torch.float64)
     total = all_reduce_sum(total, d)
     return float(total[0] / total[1])
 

@@ -22,6 +22,7 @@ import torch
 from cli import run_cli
 from data import TASK_NAMES
 from data import streams as S
+from data.format import IGNORE_INDEX
 from distributed import setup_distributed
 from fuse import h3fusion_objective
 from model import Tokenizer, load_checkpoint
@@ -38,7 +39,8 @@ def objective_gradients(model, batches: list, lam: float) -> dict:
         p.requires_grad_(True)
     total = {name: torch.zeros_like(p) for name, p in experts.items()}
     for batch in batches:
-        loss, _ = h3fusion_objective(model, batch, StepCounts.of_batch(batch), lam=lam, gamma=[0.0] * len(TASK_NAMES), reg="drift",
+        counts = StepCounts(float((batch["targets"] != IGNORE_INDEX).sum()), float(len(batch["task"])))
+        loss, _ = h3fusion_objective(model, batch, counts, lam=lam, gamma=[0.0] * len(TASK_NAMES), reg="drift",
                                      initial_experts={})
         grads = torch.autograd.grad(loss, list(experts.values()))
         for name, g in zip(experts, grads):

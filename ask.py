@@ -8,7 +8,7 @@ and hands the rest -- --max-new-tokens, --temperature, --device, --dtype, ... --
 import argparse
 
 import model
-from cli import run_cli
+from engineering.cli import run_cli
 from data.format import format_prompt
 
 

@@ -17,7 +17,7 @@ before any compute (cli.check_gamma, cli.check_top_k, ...).
 """
 import math
 
-from lora import expert_loras
+from engineering.lora import expert_loras
 from moe import expert_parameters, moe_layers
 
 

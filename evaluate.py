@@ -91,9 +91,9 @@ from evaluation.real_suite import evaluate_real, load_judge, load_real_eval
 from evaluation.report import JUDGED, json_ready, plot_results, results_table
 from evaluation.routing import routed_right_by_group, routing_stats
 from evaluation.toy_suite import evaluate_toy, load_toy_eval
-from fileio import write_atomic
-from cli import parse_dtype, run_cli
-from fileio import refuse_foreign_dir
+from engineering.fileio import write_atomic
+from engineering.cli import parse_dtype, run_cli
+from engineering.fileio import refuse_foreign_dir
 from model import load_checkpoint
 
 

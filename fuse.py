@@ -36,18 +36,18 @@ from functools import partial
 import torch
 
 from checks import check_drift_inputs
-from cli import (add_data_args, add_lora_args, add_train_args, check_balance_coef, check_frozen_experts_gamma,
+from engineering.cli import (add_data_args, add_lora_args, add_train_args, check_balance_coef, check_frozen_experts_gamma,
                  check_fuse_checkpoints, check_gamma, check_held_out, check_lora, check_loss_weights, check_reg,
                  check_top_k, parse_list, run_cli)
 from data import TASK_NAMES
 from data import streams as S
-from distributed import setup_distributed, shard_model
+from engineering.distributed import setup_distributed, shard_model
 from evaluation.routing import routing_metrics
-from lora import add_lora
+from engineering.lora import add_lora
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
 from model import Tokenizer, recover_checkpoint
 from moe import moe_layers, snapshot_expert_weights
-from runstate import check_run_dir, start_run_dir
+from engineering.rundir import check_run_dir, start_run_dir
 from trainer import StepCounts, compute_dtype, config_from_args, seed_everything, train
 from upcycle import build_fused_model, router_init_prompts
 

@@ -20,7 +20,7 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 from checks import check_logits_and_targets, check_router_probs, check_task_labels
 from data.format import IGNORE_INDEX  # the target of prompt and padding positions: no loss
-from lora import expert_loras, lora_squared_norms
+from engineering.lora import expert_loras, lora_squared_norms
 from moe import at_least_float32, expert_parameters, moe_layers
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,11 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from checkpoint_checks import (check_checkpoint_dir, check_params_keys, check_shard_names, check_shards, check_splits,
+from engineering.checkpoints import (check_checkpoint_dir, check_params_keys, check_shard_names, check_shards, check_splits,
                                check_state_shapes, read_params_json, resolved_vocab_size)
 from data.tokenizer import Tokenizer
-from fileio import recover_dir, replace_dir, write_atomic
-from hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint, read_hf_params, read_torch_file,
+from engineering.fileio import recover_dir, replace_dir, write_atomic
+from engineering.hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint, read_hf_params, read_torch_file,
                            write_hf_checkpoint)
 from moe import MoE
 

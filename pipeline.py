@@ -317,12 +317,12 @@ def main(argv=None):
     tables = [f"{out_dirs[0]}/eval/results.md"]
     seeds_dir = os.path.join(run_dir, lora_dir(args) if args.lora_rank else "", "seeds")  # (LoRA: its own)
     if len(seeds) > 1:
-        run(py + ["seeds.py"] + [f"{d}/eval" for d in out_dirs] + ["--target", "h3fusion", "--by-kind", "--out",
+        run(py + ["-m", "evaluation.seeds"] + [f"{d}/eval" for d in out_dirs] + ["--target", "h3fusion", "--by-kind", "--out",
                                                                    seeds_dir])
         tables = [f"{seeds_dir}/seeds.md"]
         if args.sweep_gamma:
             summary = sweep_dir(seeds_dir, args.sweep_gamma)
-            run(py + ["seeds.py"] + [f"{sweep_dir(d, args.sweep_gamma)}/eval" for d in out_dirs] + ["--out", summary])
+            run(py + ["-m", "evaluation.seeds"] + [f"{sweep_dir(d, args.sweep_gamma)}/eval" for d in out_dirs] + ["--out", summary])
             tables.append(f"{summary}/seeds.md")
     elif args.sweep_gamma:
         tables.append(f"{sweep_dir(out_dirs[0], args.sweep_gamma)}/eval/results.md")

@@ -18,14 +18,14 @@ import os
 import torch
 
 import model as M
-from cli import (add_data_args, add_lora_args, add_train_args, check_corpus_flags, check_data_given, check_held_out,
+from engineering.cli import (add_data_args, add_lora_args, add_train_args, check_corpus_flags, check_data_given, check_held_out,
                  check_init, check_lora, check_model_size, check_model_size_flags, run_cli)
 from data import streams as S
 from data.toy import load_corpus_documents
-from distributed import Dist, setup_distributed, shard_model
-from lora import add_lora, init_lora
+from engineering.distributed import Dist, setup_distributed, shard_model
+from engineering.lora import add_lora, init_lora
 from losses import lm_loss
-from runstate import check_run_dir, start_run_dir
+from engineering.rundir import check_run_dir, start_run_dir
 from trainer import StepCounts, compute_dtype, config_from_args, seed_everything, train
 
 DEFAULT_DATA_DIR = "runs/toy/data"

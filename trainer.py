@@ -23,10 +23,10 @@ import torch
 from tqdm import tqdm
 
 from checks import check_batch_divides, check_finite, check_trainable
-from cli import check_train_args
+from engineering.cli import check_train_args
 from data.format import IGNORE_INDEX
-from distributed import Dist, all_reduce_sum, autocast_context
-from runstate import load_train_state, nest, save_model, save_train_state, start_log
+from engineering.distributed import Dist, all_reduce_sum, autocast_context
+from engineering.rundir import load_train_state, nest, save_model, save_train_state, start_log
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The loop

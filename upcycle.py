@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from data.format import format_prompt
-from distributed import local_rows
-from hf_checkpoint import config_path, is_hf_dir, read_hf_checkpoint
-from lora import init_lora, is_lora_name
+from engineering.distributed import local_rows
+from engineering.hf_checkpoint import config_path, is_hf_dir, read_hf_checkpoint
+from engineering.lora import init_lora, is_lora_name
 from model import (Tokenizer, Transformer, checked_meta_model, ffn_hidden_dim, load_checkpoint, load_shard,
                    read_checkpoint_args, shard_dim, shard_paths)
 from moe import EXPERT_MATRICES, set_forced_expert

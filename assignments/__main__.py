@@ -11,7 +11,7 @@ import sys
 from assignments.exercises import BY_NUMBER, DOC_BEGIN, DOC_END, EXERCISES, exercise_sections
 from assignments.grade import grade as grade_directory, results_json, results_table
 from assignments.handout import HandoutError, read, write_student_copy
-from fileio import write_atomic
+from engineering.fileio import write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reference repository
 

@@ -167,7 +167,7 @@ EXERCISES = (
          "  embedding and 1-D tensors, count a stacked expert tensor `[E, ...]` at top_k / E, and add attention's\n"
          "  `12 · layers · dim · seq_len`.")),
     Exercise(
-        11, "Where the next seed lands", ("seeds.prediction_interval",),
+        11, "Where the next seed lands", ("evaluation/seeds.prediction_interval",),
         (("tests/test_seeds.py", ("prediction_interval",)),), 5,
         "From one margin per seed, the 95 % interval that **one more seed's** margin should fall in — not the\n"
         "interval of the mean, which narrows as seeds are added. Graded by hand-computed values and by Monte Carlo:\n"

@@ -25,8 +25,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
-from distributed import end_process_group, full_state_dict, setup_distributed, shard_model  # noqa: E402
-from tiny import make_tiny_checkpoint  # noqa: E402
+from engineering.distributed import end_process_group, full_state_dict, setup_distributed, shard_model  # noqa: E402
+from engineering.tiny import make_tiny_checkpoint  # noqa: E402
 from upcycle import build_fused_model  # noqa: E402
 
 PROMPTS = [["How do I bake bread?"], ["How do I pick a lock?"], ["Where was Ada born?"]]

@@ -373,7 +373,7 @@ def build_model(s: Shape, r: Run):
     from functools import partial
     import model as M
     from fuse import h3fusion_objective, set_trainable
-    from lora import add_lora, init_lora
+    from engineering.lora import add_lora, init_lora
     from moe import snapshot_expert_weights
     from train_expert import freeze_all_but_ffn, lm_objective
     args = model_args(s, 0 if r.stage == 1 else s.experts)

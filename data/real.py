@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlparse
 
-from cli import run_cli
-from fileio import write_atomic
+from engineering.cli import run_cli
+from engineering.fileio import write_atomic
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 HUB_PROBE_TIMEOUT_S = 3.0

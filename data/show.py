@@ -10,7 +10,7 @@ encodes them: the prompt, which gets no loss (-100), inside [[ ]], the trained r
 import argparse
 import os
 
-from cli import run_cli
+from engineering.cli import run_cli
 from data import TASK_NAMES
 from data.format import IGNORE_INDEX, PAD_ID, encode_example
 from data.records import load_records

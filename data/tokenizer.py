@@ -11,7 +11,7 @@ import os
 
 import sentencepiece as spm
 
-from fileio import write_atomic
+from engineering.fileio import write_atomic
 
 
 class Tokenizer:

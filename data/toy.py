@@ -31,7 +31,7 @@ import random
 import re
 import time
 
-from cli import run_cli
+from engineering.cli import run_cli
 from data import TASK_NAMES
 from data.format import format_prompt
 from data.tokenizer import train_tokenizer
@@ -44,7 +44,7 @@ from data.toy_tables import (ALL_ATTRIBUTES, ATTRIBUTES, BENIGN_WITH_PERSON, BIR
                              REQUESTS, ROUGH_VERBS, TASK_HARMLESS, TASK_HELPFUL, TASK_HONEST, THINGS, TOWNS,
                              UNKNOWABLE_QUESTIONS, VOWELS)
 from data.toy_manifest import world_manifest, world_readme
-from fileio import replace_dir
+from engineering.fileio import replace_dir
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The world: who is who (the only random part)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import drift_loss
-from hf_checkpoint import config_path
+from engineering.hf_checkpoint import config_path
 from model import Tokenizer, Transformer, load_checkpoint, read_checkpoint_args, recover_checkpoint
 from moe import EXPERT_MATRICES, MoE, set_forced_expert
 from upcycle import first_difference

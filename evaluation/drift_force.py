@@ -19,11 +19,11 @@ import argparse
 import numpy as np
 import torch
 
-from cli import run_cli
+from engineering.cli import run_cli
 from data import TASK_NAMES
 from data import streams as S
 from data.format import IGNORE_INDEX
-from distributed import setup_distributed
+from engineering.distributed import setup_distributed
 from fuse import h3fusion_objective
 from model import Tokenizer, load_checkpoint
 from moe import expert_parameters, moe_layers

@@ -17,7 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from distributed import end_process_group  # noqa: E402
+from engineering.distributed import end_process_group  # noqa: E402
 from losses import drift_loss, gating_loss  # noqa: E402
 from moe import MoE, collect_router_probs, snapshot_expert_weights  # noqa: E402
 

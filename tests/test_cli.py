@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tiny import make_tiny_checkpoint
+from engineering.tiny import make_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def test_fuse_evaluate_and_seeds_py(ckpt, tmp_path):
     (mine / "results.md").write_text("mine")
     assert_clean_error(run("evaluate.py", ckpt, "--out", str(mine)), "evaluate.py", "not an evaluation")
     assert (mine / "results.md").read_text() == "mine"
-    assert_clean_error(run("seeds.py", str(tmp_path), "--out", str(tmp_path / "s")), "seeds.py", "no results.json")
+    assert_clean_error(run("-m", "evaluation.seeds", str(tmp_path), "--out", str(tmp_path / "s")), "seeds.py", "no results.json")
 
 
 def test_expected_errors_keep_their_traceback_on_request(ckpt, tmp_path):
@@ -90,7 +90,7 @@ def cli_error(monkeypatch, capsys, main, script, *argv):
     Returns what assert_clean_error reads (a failure that is not an expected error raises here, traceback and all)."""
     from types import SimpleNamespace
 
-    from cli import run_cli
+    from engineering.cli import run_cli
 
     monkeypatch.setattr(sys, "argv", [script, *argv])
     capsys.readouterr()

@@ -7,7 +7,7 @@ import fuse
 import model as M
 from data import streams as S
 from data.format import IGNORE_INDEX
-from distributed import setup_distributed
+from engineering.distributed import setup_distributed
 from evaluation import drift_force
 from losses import drift_loss
 from moe import moe_layers, snapshot_expert_weights

@@ -25,7 +25,7 @@ from evaluation.routing import routed_right_by_group, routing_stats
 from model import (ModelArgs, Tokenizer, Transformer, generate, generate_tokens, load_checkpoint, save_checkpoint,
                    main as model_main)
 from moe import set_forced_expert
-from tiny import make_tiny_checkpoint
+from engineering.tiny import make_tiny_checkpoint
 from upcycle import build_fused_model
 
 TASK_DIRS = ("helpful", "harmless", "honest")

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from fileio import write_atomic
+from engineering.fileio import write_atomic
 
 
 def test_write_atomic_writes_text_and_bytes_and_never_leaves_half_a_file(tmp_path):

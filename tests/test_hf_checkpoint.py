@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import model as M
-from hf_checkpoint import hf_rows_from_meta, meta_rows_from_hf, write_hf_checkpoint
-from tiny import make_tiny_checkpoint
+from engineering.hf_checkpoint import hf_rows_from_meta, meta_rows_from_hf, write_hf_checkpoint
+from engineering.tiny import make_tiny_checkpoint
 from upcycle import build_fused_model
 
 VOCAB = 320  # tiny.py's tokenizer

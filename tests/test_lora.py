@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fuse
-import lora as L
+from engineering import lora as L
 import model as M
 import train_expert
 import trainer
@@ -183,7 +183,7 @@ def test_only_the_factors_train_and_frozen_weights_keep_their_dtype():
 def test_router_init_forward_sees_the_fused_model_exactly(tmp_path):
     """empty_model initialises the deltas (B = 0) before the router-init forward: a LoRA build gives the same
     weights as a plain build (the factors aside)."""
-    from tiny import make_tiny_checkpoint
+    from engineering.tiny import make_tiny_checkpoint
     from upcycle import build_fused_model
     base = make_tiny_checkpoint(str(tmp_path / "base"), dim=32, n_layers=2)
     experts = []

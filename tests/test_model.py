@@ -13,7 +13,7 @@ import ask
 import model as M
 from data.format import format_prompt
 from data.tokenizer import train_tokenizer
-from tiny import make_tiny_checkpoint
+from engineering.tiny import make_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

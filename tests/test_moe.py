@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import model as M
 import moe
 import upcycle
-from tiny import make_tiny_checkpoint
+from engineering.tiny import make_tiny_checkpoint
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-import seeds
+from evaluation import seeds
 from data import toy
 from data.toy_scoring import score_details
 

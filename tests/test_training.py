@@ -13,13 +13,13 @@ import time
 import pytest
 import torch
 
-import fileio
+from engineering import fileio
 import fuse
 import model as M
-import runstate
+from engineering import rundir as runstate
 import train_expert
 import trainer as T
-from distributed import Dist
+from engineering.distributed import Dist
 from data.streams import ExampleStream, PackedCorpusStream, split_corpus
 from moe import moe_layers
 from toy_world import FAST, ROOT, TINY, build_world

@@ -21,8 +21,8 @@ import sys
 import torch
 
 from data import TASK_NAMES
-from distributed import end_process_group
-from hf_checkpoint import config_path
+from engineering.distributed import end_process_group
+from engineering.hf_checkpoint import config_path
 
 
 def run_cli(main, script: str):

@@ -23,9 +23,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import model as M
-from distributed import Dist, barrier, full_state_dict
-from fileio import read_dcp_metadata, refuse_foreign_dir, safe_dcp_reader_and_planner, write_atomic
-from lora import lora_targets, merge_lora
+from engineering.distributed import Dist, barrier, full_state_dict
+from engineering.fileio import read_dcp_metadata, refuse_foreign_dir, safe_dcp_reader_and_planner, write_atomic
+from engineering.lora import lora_targets, merge_lora
 
 
 def check_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool, d: Dist) -> str:

@@ -26,8 +26,8 @@ import os
 
 import numpy as np
 
-from fileio import write_atomic  # temporary file, then rename: an interrupted run leaves the old tables whole
-from cli import run_cli
+from engineering.fileio import write_atomic  # temporary file, then rename: an interrupted run leaves the old tables whole
+from engineering.cli import run_cli
 
 METRICS = ("helpful", "harmful", "over_refusal", "truthful", "informative", "well_formed", "hhh")
 ROUTING = ("routing_acc_example", "routing_acc_example_prompt", "routing_acc", "routing_acc_prompt")

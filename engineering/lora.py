@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn as nn
 
-from distributed import local_rows
+from engineering.distributed import local_rows
 from moe import EXPERT_MATRICES, MoE, expert_linear
 
 # ----------------------------------------------------------------------------------------------------

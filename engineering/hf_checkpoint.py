@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fileio import replace_dir, write_atomic
+from engineering.fileio import replace_dir, write_atomic
 
 HF_MARKER = "config.json"  # a directory with it is a HF checkpoint; write_hf_checkpoint writes it last
 MAX_SHARD_BYTES = 5 * 2**30  # HF's usual shard size: model-0000N-of-0000M.safetensors of at most 5 GiB

@@ -94,7 +94,7 @@ from evaluation.toy_suite import evaluate_toy, load_toy_eval
 from engineering.fileio import write_atomic
 from engineering.cli import parse_dtype, run_cli
 from engineering.fileio import refuse_foreign_dir
-from model import load_checkpoint
+from engineering.checkpoints import load_checkpoint
 
 
 def build_parser():

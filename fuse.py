@@ -45,7 +45,8 @@ from engineering.distributed import setup_distributed, shard_model
 from evaluation.routing import routing_metrics
 from engineering.lora import add_lora
 from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
-from model import Tokenizer, recover_checkpoint
+from data.tokenizer import Tokenizer
+from engineering.checkpoints import recover_checkpoint
 from moe import moe_layers, snapshot_expert_weights
 from engineering.rundir import check_run_dir, start_run_dir
 from trainer import StepCounts, compute_dtype, config_from_args, seed_everything, train

@@ -1,45 +1,35 @@
-"""A single-file LLaMA that reads and writes Meta's original checkpoints.
+"""A single-file LLaMA that loads Meta's original checkpoints.
 
 Read top to bottom (each number is a section below):
-  1. ModelArgs              the fields of Meta's params.json (+ n_experts, top_k for fused models)
-  2. RMSNorm, rotary        x / rms(x) * g ;  rotate each (even, odd) pair of q/k by angle pos * theta^(-2i/d)
-  3. Attention              softmax(q k^T / sqrt(d_head) + causal mask) v, grouped-query heads, KV cache
-  4. FeedForward            SwiGLU:  w2( silu(w1 x) * w3 x )   -- the block H3Fusion turns into experts
-  5. Transformer            h = x + Attn(norm(x));  out = h + FFN(norm(h))   (FFN = dense, or moe.MoE)
-  6. generate               batched ragged prompts, KV cache, greedy or top-p
-  7. load/save_checkpoint   params.json + consolidated.NN.pth shards + tokenizer.model; their checks are
-                            checkpoint_checks.py's, HF's layout is hf_checkpoint.py's (load_checkpoint calls it)
-  8. CLI                    python model.py CKPT_DIR --prompt "..." | --export-hf OUT_DIR
-The Tokenizer (sentencepiece, <s>=1, </s>=2, no pad id) is data/tokenizer.py's, imported here. Nothing here comes
-from the training side (cli.py, data/format.py, the trainer): ask.py wraps a prompt in the Alpaca template.
+  1. ModelArgs        the fields of Meta's params.json (+ n_experts, top_k for fused models)
+  2. RMSNorm, rotary  x / rms(x) * g ;  rotate each (even, odd) pair of q/k by pos * theta^(-2i/d)
+  3. Attention        softmax(q k^T / sqrt(d_head) + causal mask) v, grouped-query heads, KV cache
+  4. FeedForward      SwiGLU:  w2( silu(w1 x) * w3 x )   -- the block H3Fusion turns into experts
+  5. Transformer      h = x + Attn(norm(x));  out = h + FFN(norm(h))   (FFN = dense, or moe.MoE)
+  6. generate         batched ragged prompts, KV cache, greedy or top-p
+  7. load_checkpoint  params.json + consolidated.NN.pth shards (+ tokenizer.model), read plainly
+It imports nothing from the project but moe.py. The command line is generate.py; the checks every
+command applies before it reads a checkpoint, Hugging Face's layout and the atomic writer are
+engineering/checkpoints.py's; the tokenizer is data/tokenizer.py's.
 
 Parameter names are Meta's exactly (tok_embeddings, layers.N.attention.wq, ..., norm, output), so a
-consolidated.00.pth from Meta loads with no renaming. H3Fusion (arXiv 2411.17792) keeps everything here
-from the base model and swaps each block's FeedForward for an MoE layer (moe.py) whose experts are the
-FeedForwards of the three aligned models.
+consolidated.00.pth from Meta loads with no renaming. H3Fusion (arXiv 2411.17792) keeps everything
+here from the base model and swaps each block's FeedForward for an MoE layer (moe.py) whose experts
+are the FeedForwards of the three aligned models.
 """
-import argparse
 import glob
 import json
 import math
 import os
-import shutil
-import sys
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
+import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engineering.checkpoints import (check_checkpoint_dir, check_params_keys, check_shard_names, check_shards, check_splits,
-                               check_state_shapes, read_params_json, resolved_vocab_size)
-from data.tokenizer import Tokenizer
-from engineering.fileio import recover_dir, replace_dir, write_atomic
-from engineering.hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint, read_hf_params, read_torch_file,
-                           write_hf_checkpoint)
 from moe import MoE
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,20 +304,26 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Checkpoints in Meta's format
+# 7. Meta's checkpoint layout: params.json + consolidated.NN.pth + tokenizer.model
 #
 # Meta's 13B/70B checkpoints are split for model parallelism into consolidated.00.pth ... .NN.pth.
 # Column-parallel matrices (wq, wk, wv, w1, w3, output) were split along dim 0 (output features),
 # row-parallel ones (wo, w2) and tok_embeddings along dim 1; 1-D norms are copied into every shard.
 # A fused (MoE) model stores experts stacked: w1/w3 [E, hidden, dim] split on dim 1, w2 [E, dim, hidden]
 # split on dim 2, router.weight [E, dim] copied.
+# This section reads that layout as plainly as it can. Every command reads through
+# engineering/checkpoints.py instead, which checks each file first (a broken one is named in one line),
+# then calls load_checkpoint below, and converts Hugging Face's layout to this one.
 
 
-def read_params(path: str) -> ModelArgs:
-    """params.json -> ModelArgs. An unknown key is an error (it would otherwise be silently ignored)."""
-    raw = read_params_json(path)
-    check_params_keys(raw, {f.name for f in fields(ModelArgs)}, path)
-    return ModelArgs(**raw)
+def read_params(ckpt_dir: str) -> ModelArgs:
+    """params.json -> ModelArgs. vocab_size -1 (what Meta's LLaMA-2 files say) = the pieces of tokenizer.model."""
+    with open(os.path.join(ckpt_dir, "params.json")) as f:
+        args = ModelArgs(**json.load(f))
+    if args.vocab_size == -1:
+        tokenizer = spm.SentencePieceProcessor(model_file=os.path.join(ckpt_dir, "tokenizer.model"))
+        args.vocab_size = tokenizer.vocab_size()
+    return args
 
 
 def shard_dim(name: str, ndim: int):
@@ -341,12 +337,8 @@ def shard_dim(name: str, ndim: int):
     return 0
 
 
-load_shard = read_torch_file  # one consolidated.NN.pth: memory-mapped, tensors only; a file cut short names its size
-
-
-def merge_shards(shards: list, paths: list) -> dict:
-    """Concatenate model-parallel shards into one state dict (a single shard is returned as is)."""
-    check_shards(shards, paths, shard_dim)  # same keys; same shapes but along the split dim; equal replicas
+def merge_shards(shards: list) -> dict:
+    """Concatenate model-parallel shards (state dicts) into one state dict; a single shard is returned as is."""
     if len(shards) == 1:
         return dict(shards[0])
     merged = {}
@@ -354,96 +346,6 @@ def merge_shards(shards: list, paths: list) -> dict:
         dim = shard_dim(name, first.dim())
         merged[name] = first if dim is None else torch.cat([s[name] for s in shards], dim=dim)
     return merged
-
-
-def shard_paths(ckpt_dir: str) -> list:
-    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
-    check_shard_names(ckpt_dir, paths)  # consolidated.00.pth .. NN.pth, no gap
-    return paths
-
-
-def read_checkpoint_args(ckpt_dir: str) -> ModelArgs:
-    """params.json (or HF's config.json), vocab_size -1 resolved from (and checked against) tokenizer.model: the one
-    place a config is read; compare what it returns (upcycle.architecture). An interrupted save is finished first."""
-    recover_checkpoint(ckpt_dir)
-    check_checkpoint_dir(ckpt_dir)
-    params_path = config_path(ckpt_dir)
-    args = ModelArgs(**read_hf_params(ckpt_dir)) if is_hf_dir(ckpt_dir) else read_params(params_path)
-    tok_path = os.path.join(ckpt_dir, "tokenizer.model")
-    n_words = Tokenizer(tok_path).n_words if os.path.exists(tok_path) else None
-    args.vocab_size = resolved_vocab_size(args.vocab_size, n_words, params_path, tok_path)
-    return args
-
-
-def checked_meta_model(shapes: dict, args: ModelArgs, where: str):
-    """The Transformer params.json describes, on the meta device (no memory), once the checkpoint's tensors --
-    {name: full (merged) shape} -- are checked to be exactly its parameters."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    check_state_shapes(shapes, model.state_dict(), where)  # no key missing, none unexpected, every shape right
-    return model
-
-
-def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
-    """Load a Meta-format checkpoint directory (or a HF Llama / Mixtral one: config.json) -> (Transformer, ModelArgs).
-
-    Every shard is memory-mapped (no copy, bf16 stays bf16 unless `dtype` asks otherwise), merged, and checked
-    against params.json; the model, built on the meta device, takes the loaded tensors as its parameters, so peak
-    memory stays near the checkpoint's size. An interrupted save is finished first (read_checkpoint_args).
-    """
-    args = read_checkpoint_args(ckpt_dir)
-    if is_hf_dir(ckpt_dir):  # Hugging Face's names and q/k row order, converted in memory (hf_checkpoint.py)
-        state, where = read_hf_checkpoint(ckpt_dir)[1], f"{ckpt_dir} (Hugging Face layout)"
-    else:
-        paths = shard_paths(ckpt_dir)
-        state = merge_shards([load_shard(p) for p in paths], paths)
-        where = f"{ckpt_dir} ({len(paths)} shard{'s' * (len(paths) > 1)})"
-    state.pop("rope.freqs", None)  # Meta's precomputed rotary table; we compute it on the fly
-    model = checked_meta_model({name: t.shape for name, t in state.items()}, args, where)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, assign=True)
-    return model.to(device), args
-
-
-def _params_json(args: ModelArgs) -> dict:
-    """Meta's fields; optional ones only when set, MoE fields only for fused models."""
-    out = {k: v for k, v in asdict(args).items() if v is not None}
-    if args.n_experts == 0:
-        out.pop("n_experts"), out.pop("top_k")
-    return out
-
-
-def recover_checkpoint(ckpt_dir: str):
-    """Finish or roll back a save_checkpoint that a kill interrupted (fileio.recover_dir; params.json marks a
-    complete copy). Called by save_checkpoint and load_checkpoint, and by every command before it reads one."""
-    recover_dir(ckpt_dir, ("params.json", HF_MARKER))  # (an interrupted --export-hf: a HF directory, config.json)
-
-
-def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: int = 1, args: ModelArgs = None):
-    """Write params.json + consolidated.NN.pth (+ tokenizer.model) atomically.
-
-    `model` is a Transformer or a state dict (then pass `args`). Everything is written into a temporary
-    directory beside `ckpt_dir`, params.json last, and renamed into place (fileio.replace_dir), so an interrupted
-    save leaves no half checkpoint. An existing checkpoint at `ckpt_dir` is replaced; its tokenizer.model is kept
-    if none is given.
-    """
-    state = model.state_dict() if isinstance(model, nn.Module) else model
-    args = args or model.params
-    ckpt_dir = os.path.abspath(ckpt_dir)
-    shards = split_state_dict(state, n_shards)
-
-    def fill(tmp):  # runs after replace_dir has recovered ckpt_dir, so a kept tokenizer.model is found
-        for i, shard in enumerate(shards):
-            torch.save(shard, os.path.join(tmp, f"consolidated.{i:02d}.pth"))
-        kept = os.path.join(ckpt_dir, "tokenizer.model")
-        source = tokenizer_path if tokenizer_path is not None else kept if os.path.exists(kept) else None
-        if source is not None:
-            shutil.copyfile(source, os.path.join(tmp, "tokenizer.model"))
-        write_atomic(os.path.join(tmp, "params.json"), json.dumps(_params_json(args), indent=2))
-
-    replace_dir(ckpt_dir, fill, marker="params.json", kind="a checkpoint directory")
-    return ckpt_dir
 
 
 def split_state_dict(state: dict, n_shards: int) -> list:
@@ -455,60 +357,33 @@ def split_state_dict(state: dict, n_shards: int) -> list:
     for name, t in state.items():
         t = t.detach()
         dim = shard_dim(name, t.dim())
-        check_splits(name, t.shape, dim, n_shards)
         pieces = [t] * n_shards if dim is None else t.chunk(n_shards, dim=dim)
         for shard, piece in zip(shards, pieces):
             shard[name] = piece.clone()
     return shards
 
 
-# ----------------------------------------------------------------------------------------------------
-# 8. Command line (standalone: it shares no code with the training scripts, only their convention for errors)
+def model_from_state(args: ModelArgs, state: dict, device="cpu", dtype=None):
+    """The Transformer `args` describes, holding the tensors of `state` (Meta's names) as its parameters: built on
+    the meta device (no memory, no initialisation), so a loaded checkpoint is never copied twice."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, assign=True)  # strict: every parameter present, nothing unexpected
+    return model.to(device)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
+    """A Meta-format checkpoint directory -> (Transformer, ModelArgs).
 
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Generate text from a LLaMA (or fused MoE) checkpoint, or export it.")
-    parser.add_argument("ckpt_dir", help="params.json + consolidated.NN.pth + tokenizer.model (or HF's: config.json, ...)")
-    task = parser.add_mutually_exclusive_group(required=True)
-    task.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
-    task.add_argument("--export-hf", metavar="OUT_DIR", help="instead: write it as a HF LlamaForCausalLM directory "
-                      "(MixtralForCausalLM if fused), safetensors in the checkpoint's dtype")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", help="float32 (CPU default) | bfloat16 | float16")
-    args = parser.parse_args(argv)
-    if args.dtype not in DTYPES:  # (cli.parse_dtype's message)
-        parser.error(f"--dtype {args.dtype}: expected one of {sorted(DTYPES)}")
-    tokenizer_path = os.path.join(args.ckpt_dir, "tokenizer.model")
-    if args.export_hf:  # no generation: the same weights, converted, in a new directory
-        model, margs = load_checkpoint(args.ckpt_dir)
-        return print("wrote", write_hf_checkpoint(args.export_hf, _params_json(margs), model.state_dict(), tokenizer_path))
-    torch.manual_seed(args.seed)
-    model, _ = load_checkpoint(args.ckpt_dir, device=args.device, dtype=DTYPES[args.dtype])
-    tokenizer = Tokenizer(tokenizer_path)
-    prompts = args.prompt  # as given: ask.py wraps an instruction in the Alpaca template the aligned models learnt
-    start = time.perf_counter()
-    prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    new = generate_tokens(model.eval(), prompt_tokens, args.max_new_tokens, args.temperature, args.top_p,
-                          tokenizer.eos_id)
-    seconds = time.perf_counter() - start
-    for prompt, tokens in zip(prompts, new):
-        print(f"{prompt}{tokenizer.decode(tokens)}\n" + "-" * 40)
-    n_new = sum(len(t) for t in new)
-    print(f"{n_new} tokens in {seconds:.2f} s = {n_new / seconds:.1f} tokens/s")
-
-
-if __name__ == "__main__":  # cli.run_cli's convention: an expected failure is one line `model.py: error: ...`, exit 2
-    try:
-        main()
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        if os.environ.get("H3FUSION_TRACEBACK"):
-            raise
-        print(f"model.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    Every shard is memory-mapped (no copy: bf16 stays bf16 unless `dtype` asks otherwise) and read with
+    weights_only=True (tensors only: a pickle in the file cannot run code); the shards are merged, and the model
+    takes the tensors as its parameters, so peak memory stays near the checkpoint's size.
+    """
+    args = read_params(ckpt_dir)
+    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
+    state = merge_shards(shards)
+    state.pop("rope.freqs", None)  # Meta's precomputed rotary table; we compute it on the fly
+    return model_from_state(args, state, device, dtype), args

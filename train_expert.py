@@ -18,6 +18,8 @@ import os
 import torch
 
 import model as M
+from engineering import checkpoints as C
+from data.tokenizer import Tokenizer
 from engineering.cli import (add_data_args, add_lora_args, add_train_args, check_corpus_flags, check_data_given, check_held_out,
                  check_init, check_lora, check_model_size, check_model_size_flags, run_cli)
 from data import streams as S
@@ -57,14 +59,14 @@ def load_model(args, d: Dist):
     """A new model (its vocabulary from the world's tokenizer) or a checkpoint, in float32 (LoRA: bf16 on CUDA)."""
     if args.init == "scratch":
         tokenizer_path = os.path.join(args.data_dir, "tokenizer.model")
-        tokenizer = M.Tokenizer(tokenizer_path)
+        tokenizer = Tokenizer(tokenizer_path)
         margs = M.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                             vocab_size=tokenizer.n_words, multiple_of=args.multiple_of, max_seq_len=args.seq_len * 4)
         torch.manual_seed(args.seed)
         return M.Transformer(margs), tokenizer, tokenizer_path
     tokenizer_path = os.path.join(args.init, "tokenizer.model")
-    model, _ = M.load_checkpoint(args.init, dtype=compute_dtype(d) if args.lora_rank else torch.float32)
-    return model, M.Tokenizer(tokenizer_path), tokenizer_path
+    model, _ = C.load_checkpoint(args.init, dtype=compute_dtype(d) if args.lora_rank else torch.float32)
+    return model, Tokenizer(tokenizer_path), tokenizer_path
 
 
 def load_streams(args, tokenizer, d: Dist):

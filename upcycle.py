@@ -36,8 +36,10 @@ from data.format import format_prompt
 from engineering.distributed import local_rows
 from engineering.hf_checkpoint import config_path, is_hf_dir, read_hf_checkpoint
 from engineering.lora import init_lora, is_lora_name
-from model import (Tokenizer, Transformer, checked_meta_model, ffn_hidden_dim, load_checkpoint, load_shard,
-                   read_checkpoint_args, shard_dim, shard_paths)
+from data.tokenizer import Tokenizer
+from engineering.checkpoints import (check_state_shapes, load_checkpoint, load_shard, meta_model, read_checkpoint_args,
+                                     shard_paths)
+from model import Transformer, ffn_hidden_dim, shard_dim
 from moe import EXPERT_MATRICES, set_forced_expert
 
 FFN_NAMES = ("feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
@@ -147,7 +149,7 @@ class CheckpointRows:
             if dim is not None:
                 shape[dim] = sum(p[dim] for p in parts)
             self.shapes[name] = torch.Size(shape)
-        checked_meta_model(self.shapes, self.args, ckpt_dir)
+        check_state_shapes(self.shapes, meta_model(self.args).state_dict(), ckpt_dir)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         parts = [s[name] for s in self.shards]

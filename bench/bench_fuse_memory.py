@@ -25,6 +25,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+from engineering import checkpoints as C
 from engineering.distributed import end_process_group, full_state_dict, setup_distributed, shard_model  # noqa: E402
 from engineering.tiny import make_tiny_checkpoint  # noqa: E402
 from upcycle import build_fused_model  # noqa: E402
@@ -45,12 +46,12 @@ def make_checkpoints(root: str, dim: int, layers: int) -> tuple:
                                 n_kv_heads=max(1, dim // 128), dtype=torch.bfloat16, multiple_of=256)
     experts = []
     for i in range(3):
-        model, _ = M.load_checkpoint(base)
+        model, _ = C.load_checkpoint(base)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if ".feed_forward." in name:
                     p.add_(0.01 * (i + 1))
-        experts.append(M.save_checkpoint(model, os.path.join(root, f"expert{i}"),
+        experts.append(C.save_checkpoint(model, os.path.join(root, f"expert{i}"),
                                          tokenizer_path=os.path.join(base, "tokenizer.model")))
         del model
     return base, experts

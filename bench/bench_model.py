@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+from engineering import checkpoints as C
 
 
 @torch.inference_mode()
@@ -54,7 +55,7 @@ def write_big_checkpoint(path, dim=2048, n_layers=8, vocab=32000):
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in M.Transformer(args).state_dict().items()}
     state = {k: (torch.randn(s) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
-    M.save_checkpoint(state, path, args=args)
+    C.save_checkpoint(state, path, args=args)
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
@@ -71,7 +72,7 @@ def peak_rss_child(path):
 
     before = peak_rss_bytes()
     t = time.perf_counter()
-    model, _ = M.load_checkpoint(path)
+    model, _ = C.load_checkpoint(path)
     load_s = time.perf_counter() - t
     total = sum(float(p.sum()) for p in model.parameters())
     after = peak_rss_bytes()

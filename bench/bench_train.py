@@ -25,6 +25,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
+from engineering import checkpoints as C
+from data.tokenizer import Tokenizer
 import trainer as T  # noqa: E402
 
 
@@ -43,15 +45,15 @@ def median_window(out):
 def make_checkpoints(work):
     data = os.path.join(work, "data")
     subprocess.run([sys.executable, "-m", "data.toy", "--out", data], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    tok = M.Tokenizer(os.path.join(data, "tokenizer.model"))
+    tok = Tokenizer(os.path.join(data, "tokenizer.model"))
     args = M.ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=tok.n_words, multiple_of=32, max_seq_len=512)
     torch.manual_seed(0)
     base = M.Transformer(args)
-    M.save_checkpoint(base, os.path.join(work, "base"), tokenizer_path=os.path.join(data, "tokenizer.model"))
+    C.save_checkpoint(base, os.path.join(work, "base"), tokenizer_path=os.path.join(data, "tokenizer.model"))
     experts = []
     for i in range(3):
         state = {k: v + 0.01 * torch.randn_like(v) if ".feed_forward." in k else v for k, v in base.state_dict().items()}
-        experts.append(M.save_checkpoint(state, os.path.join(work, f"expert{i}"), args=args,
+        experts.append(C.save_checkpoint(state, os.path.join(work, f"expert{i}"), args=args,
                                          tokenizer_path=os.path.join(data, "tokenizer.model")))
     return data, os.path.join(work, "base"), experts
 
@@ -82,10 +84,10 @@ def main():
     for name in runs:
         (t1, m1), (t2, m2) = results[name, 1], results[name, 2]
         print(f"{name:<32} {t1:>13.0f} {m1:>6.1%} {t2:>18.0f} {m2:>6.1%} {t2 / t1:>6.2f}x")
-    dense_model = M.load_checkpoint(base)[0]
+    dense_model = C.load_checkpoint(base)[0]
     for n, prm in dense_model.named_parameters():
         prm.requires_grad = ".feed_forward." in n
-    fused_model = M.load_checkpoint(os.path.join(work, "fused1"))[0]
+    fused_model = C.load_checkpoint(os.path.join(work, "fused1"))[0]
     for n, prm in fused_model.named_parameters():
         prm.requires_grad = ".feed_forward." in n
     flop_ratio = T.flops_per_token(fused_model, 128) / T.flops_per_token(dense_model, 128)

@@ -1,23 +1,199 @@
-"""The checks model.py's Meta-checkpoint reader and writer apply, kept out of the single-file LLaMA a student reads.
+"""Checkpoint directories are other people's files: read them strictly, write them whole.
 
-Each raises the error model.py raised before the checks moved here (the message names the file, what was found
-and what was expected); model.py calls each in one line. It imports nothing from the project: what a check needs
-to know about the model (its fields, its parameters' shapes, how a tensor is split) model.py passes in.
-A tensor file cut short is hf_checkpoint.read_torch_file's to name (model.load_shard).
+model.py reads Meta's layout in a few plain lines. Every command reads through this file instead:
+it checks each file first, so that a broken directory ends in one line naming the file, what was
+found and what was expected, then calls model.load_checkpoint (or converts Hugging Face's layout,
+hf_checkpoint.py). Saving is here too: a checkpoint is written into a temporary directory and
+renamed into place, so a kill never leaves half of one.
 
-  read_params_json       params.json -> dict: the file is there and is JSON
-  check_params_keys      params.json names only ModelArgs fields (an unknown key would be silently ignored)
-  check_shards           model-parallel shards agree: same keys, same shape off the split dim, equal replicas
-  check_shard_names      consolidated.00.pth .. NN.pth, numbered without a gap
-  check_checkpoint_dir   the checkpoint directory exists
-  resolved_vocab_size    vocab_size -1 taken from tokenizer.model, and the two agree
-  check_state_shapes     a checkpoint's tensors are exactly the parameters params.json implies
-  check_splits           save_checkpoint(n_shards): every split tensor divides evenly
+  load_checkpoint       checks, then model.load_checkpoint; a HF directory (config.json) converted
+  read_checkpoint_args  a checkpoint's ModelArgs (params.json or config.json), vocab_size resolved
+  save_checkpoint       params.json + consolidated.NN.pth (+ tokenizer.model), atomically
+  recover_checkpoint    finish or roll back a save a kill interrupted
+  architecture, check_same_architecture    what two checkpoints must share to be fused or merged
+  check_*               one per thing a Meta directory can get wrong
 """
+import glob
 import json
 import os
+import shutil
+from dataclasses import asdict, fields
 
 import torch
+import torch.nn as nn
+
+import model as M
+from data.tokenizer import Tokenizer
+from engineering.fileio import recover_dir, replace_dir, write_atomic
+from engineering.hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint,
+                                       read_hf_params, read_torch_file)
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Reading
+
+
+def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
+    """A checkpoint directory -> (model.Transformer, model.ModelArgs), every file checked first.
+
+    Meta's layout: read_checkpoint_args and check_meta_files, then model.load_checkpoint. A Hugging
+    Face Llama / Mixtral directory (config.json): converted to Meta's names in memory
+    (hf_checkpoint.read_hf_checkpoint) and checked the same way. An interrupted save is finished first
+    (read_checkpoint_args)."""
+    args = read_checkpoint_args(ckpt_dir)
+    if not is_hf_dir(ckpt_dir):
+        check_meta_files(ckpt_dir, args)
+        return M.load_checkpoint(ckpt_dir, device, dtype)
+    state = read_hf_checkpoint(ckpt_dir)[1]
+    state.pop("rope.freqs", None)
+    check_state_shapes({name: t.shape for name, t in state.items()}, meta_model(args).state_dict(),
+                       f"{ckpt_dir} (Hugging Face layout)")
+    return M.model_from_state(args, state, device, dtype), args
+
+
+def read_checkpoint_args(ckpt_dir: str) -> M.ModelArgs:
+    """params.json (or HF's config.json), vocab_size -1 resolved from (and checked against)
+    tokenizer.model: the one place a config is read; compare what it returns (architecture). An
+    interrupted save is finished first."""
+    recover_checkpoint(ckpt_dir)
+    check_checkpoint_dir(ckpt_dir)
+    params_path = config_path(ckpt_dir)
+    if is_hf_dir(ckpt_dir):
+        args = M.ModelArgs(**read_hf_params(ckpt_dir))
+    else:
+        raw = read_params_json(params_path)
+        check_params_keys(raw, {f.name for f in fields(M.ModelArgs)}, params_path)
+        args = M.ModelArgs(**raw)
+    tok_path = os.path.join(ckpt_dir, "tokenizer.model")
+    n_words = Tokenizer(tok_path).n_words if os.path.exists(tok_path) else None
+    args.vocab_size = resolved_vocab_size(args.vocab_size, n_words, params_path, tok_path)
+    return args
+
+
+def check_meta_files(ckpt_dir: str, args: M.ModelArgs):
+    """Everything model.load_checkpoint trusts of a Meta directory whose params.json gave `args`:
+    shards named consolidated.00.pth .. NN.pth without a gap, each a whole torch.save file of tensors
+    only, the shards agreeing with each other, and their tensors exactly the model's parameters."""
+    paths = shard_paths(ckpt_dir)
+    shards = [read_torch_file(p) for p in paths]
+    check_shards(shards, paths, M.shard_dim)
+    shapes = merged_shapes(shards)
+    shapes.pop("rope.freqs", None)
+    where = f"{ckpt_dir} ({len(paths)} shard{'s' * (len(paths) > 1)})"
+    check_state_shapes(shapes, meta_model(args).state_dict(), where)
+
+
+def shard_paths(ckpt_dir: str) -> list:
+    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+    check_shard_names(ckpt_dir, paths)  # consolidated.00.pth .. NN.pth, no gap
+    return paths
+
+
+load_shard = read_torch_file  # one consolidated.NN.pth: memory-mapped, tensors only; a cut file names its size
+
+
+def merged_shapes(shards: list) -> dict:
+    """{name: the shape of the merged tensor} of model-parallel shards, without merging them."""
+    shapes = {}
+    for name, first in shards[0].items():
+        shape, dim = list(first.shape), M.shard_dim(name, first.dim())
+        if dim is not None:
+            shape[dim] = sum(s[name].shape[dim] for s in shards)
+        shapes[name] = torch.Size(shape)
+    return shapes
+
+
+def meta_model(args: M.ModelArgs):
+    """The Transformer `args` describes, on the meta device (no memory): its parameters' names and
+    shapes are what a checkpoint of it must hold."""
+    with torch.device("meta"):
+        return M.Transformer(args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Writing
+
+
+def params_json(args: M.ModelArgs) -> dict:
+    """Meta's params.json fields of `args`; optional ones only when set, MoE fields only for fused
+    models."""
+    out = {k: v for k, v in asdict(args).items() if v is not None}
+    if args.n_experts == 0:
+        out.pop("n_experts"), out.pop("top_k")
+    return out
+
+
+def recover_checkpoint(ckpt_dir: str):
+    """Finish or roll back a save_checkpoint that a kill interrupted (fileio.recover_dir; params.json
+    marks a complete copy). Called by save_checkpoint and read_checkpoint_args, and by every command
+    before it reads one."""
+    recover_dir(ckpt_dir, ("params.json", HF_MARKER))  # (an interrupted HF export: config.json)
+
+
+def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: int = 1,
+                    args: M.ModelArgs = None):
+    """Write params.json + consolidated.NN.pth (+ tokenizer.model) atomically.
+
+    `model` is a Transformer or a state dict (then pass `args`). Everything is written into a
+    temporary directory beside `ckpt_dir`, params.json last, and renamed into place
+    (fileio.replace_dir), so an interrupted save leaves no half checkpoint. An existing checkpoint at
+    `ckpt_dir` is replaced; its tokenizer.model is kept if none is given.
+    """
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    args = args or model.params
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    for name, t in state.items():
+        check_splits(name, t.shape, M.shard_dim(name, t.dim()), n_shards)
+    shards = M.split_state_dict(state, n_shards)
+
+    def fill(tmp):  # runs after replace_dir has recovered ckpt_dir, so a kept tokenizer is found
+        for i, shard in enumerate(shards):
+            torch.save(shard, os.path.join(tmp, f"consolidated.{i:02d}.pth"))
+        kept = os.path.join(ckpt_dir, "tokenizer.model")
+        source = tokenizer_path if tokenizer_path is not None else kept if os.path.exists(kept) else None
+        if source is not None:
+            shutil.copyfile(source, os.path.join(tmp, "tokenizer.model"))
+        write_atomic(os.path.join(tmp, "params.json"), json.dumps(params_json(args), indent=2))
+
+    replace_dir(ckpt_dir, fill, marker="params.json", kind="a checkpoint directory")
+    return ckpt_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Two checkpoints of one architecture (stage 2 fuses them, the baselines merge them)
+
+
+def architecture(args: M.ModelArgs) -> dict:
+    """What two checkpoints must share to be one architecture, on resolved values (ModelArgs as
+    read_checkpoint_args returns it: vocab_size -1 already taken from tokenizer.model): the kv heads and
+    the FFN width themselves, however params.json or config.json spells them (n_kv_heads None =
+    n_heads; multiple_of and ffn_dim_multiplier only give the width). max_seq_len, a runtime limit, is
+    left out."""
+    return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
+            "kv_heads": args.kv_heads, "vocab_size": args.vocab_size,
+            "ffn_hidden_dim": M.ffn_hidden_dim(args), "norm_eps": args.norm_eps,
+            "rope_theta": args.rope_theta, "n_experts": args.n_experts,
+            "top_k": args.top_k if args.n_experts else None}
+
+
+def first_difference(args, other_args):
+    """(field, value in args, value in other_args) of the first architecture field that differs, or
+    None."""
+    a, b = architecture(args), architecture(other_args)
+    return next(((k, a[k], b[k]) for k in a if a[k] != b[k]), None)
+
+
+def check_same_architecture(base_args, args, base_dir, expert_dir):
+    """An aligned model has its base's architecture (and is dense): stage 2 stacks their FFNs."""
+    diff = first_difference(args, base_args)
+    if diff:
+        name, b, a = diff
+        raise ValueError(f"{config_path(expert_dir)}: {name}={b!r}, but the base {base_dir} has "
+                         f"{name}={a!r}; aligned models must have the base's architecture (and be "
+                         f"dense, n_experts=0)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The checks, one per thing a Meta directory can get wrong (each names the file)
 
 
 def read_params_json(path: str) -> dict:
@@ -31,14 +207,15 @@ def read_params_json(path: str) -> dict:
 
 
 def check_params_keys(raw: dict, known: set, path: str):
+    """params.json names only ModelArgs fields (an unknown key would be silently ignored)."""
     for key in raw:
         if key not in known:
             raise ValueError(f"{path}: unknown key {key!r}; expected some of {sorted(known)}")
 
 
 def check_shards(shards: list, paths: list, shard_dim):
-    """shards[i] read from paths[i]; shard_dim(name, ndim) is the dimension a tensor is split along (None =
-    replicated)."""
+    """shards[i] read from paths[i] agree: same keys, same shape off the split dim, equal replicas.
+    shard_dim(name, ndim) is the dimension a tensor is split along (None = replicated)."""
     for shard, path in zip(shards[1:], paths[1:]):
         if set(shard) != set(shards[0]):
             diff = sorted(set(shard) ^ set(shards[0]))[:5]
@@ -49,7 +226,8 @@ def check_shards(shards: list, paths: list, shard_dim):
             t = shard[name]
             same = [i for i in range(first.dim()) if i != dim]
             if t.dim() != first.dim() or any(t.shape[i] != first.shape[i] for i in same):
-                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, {paths[0]} has {tuple(first.shape)}")
+                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, {paths[0]} has "
+                                 f"{tuple(first.shape)}")
             if dim is None and not torch.equal(t, first):
                 raise ValueError(f"{path}: replicated tensor {name} differs from {paths[0]}")
 
@@ -57,11 +235,12 @@ def check_shards(shards: list, paths: list, shard_dim):
 def check_shard_names(ckpt_dir: str, paths: list):
     """paths: the sorted consolidated.*.pth files found in ckpt_dir."""
     if not paths:
-        raise FileNotFoundError(f"{ckpt_dir}: no consolidated.NN.pth files (expected Meta's checkpoint format)")
+        raise FileNotFoundError(f"{ckpt_dir}: no consolidated.NN.pth files (expected Meta's "
+                                f"checkpoint format)")
     expected = [os.path.join(ckpt_dir, f"consolidated.{i:02d}.pth") for i in range(len(paths))]
     if paths != expected:
-        raise ValueError(f"{ckpt_dir}: shards must be consolidated.00.pth .. {len(paths) - 1:02d}; found "
-                         f"{[os.path.basename(p) for p in paths]}")
+        raise ValueError(f"{ckpt_dir}: shards must be consolidated.00.pth .. {len(paths) - 1:02d}; "
+                         f"found {[os.path.basename(p) for p in paths]}")
 
 
 def check_checkpoint_dir(ckpt_dir: str):
@@ -70,27 +249,34 @@ def check_checkpoint_dir(ckpt_dir: str):
 
 
 def resolved_vocab_size(vocab_size: int, n_words, params_path: str, tok_path: str) -> int:
-    """vocab_size as params_path says it (-1 = the tokenizer's), checked against tokenizer.model's n_words (None =
-    no tokenizer.model)."""
+    """vocab_size as params_path says it (-1 = the tokenizer's), checked against tokenizer.model's
+    n_words (None = no tokenizer.model)."""
     if vocab_size == -1:
         if n_words is None:
-            raise ValueError(f"{params_path}: vocab_size is -1 and there is no {tok_path} to take it from")
+            raise ValueError(f"{params_path}: vocab_size is -1 and there is no {tok_path} to take it "
+                             f"from")
         vocab_size = n_words
     if n_words is not None and n_words != vocab_size:
-        raise ValueError(f"{tok_path}: tokenizer has {n_words} pieces but tok_embeddings has {vocab_size} rows")
+        raise ValueError(f"{tok_path}: tokenizer has {n_words} pieces but tok_embeddings has "
+                         f"{vocab_size} rows")
     return vocab_size
 
 
 def check_state_shapes(shapes: dict, expected: dict, where: str):
-    """shapes {name: shape} read from `where` against expected, the model's state dict (on the meta device)."""
+    """shapes {name: shape} read from `where` against expected, the model's state dict (on the meta
+    device)."""
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for params.json")
+        raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for "
+                         f"params.json")
     for name, t in expected.items():
         if tuple(shapes[name]) != tuple(t.shape):
-            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])}, params.json implies {tuple(t.shape)}")
+            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])}, params.json implies "
+                             f"{tuple(t.shape)}")
 
 
 def check_splits(name: str, shape, dim, n_shards: int):
+    """save_checkpoint(n_shards): every split tensor divides evenly."""
     if dim is not None and shape[dim] % n_shards:
-        raise ValueError(f"{name}: size {shape[dim]} along dim {dim} is not divisible by n_shards={n_shards}")
+        raise ValueError(f"{name}: size {shape[dim]} along dim {dim} is not divisible by "
+                         f"n_shards={n_shards}")

@@ -23,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import model as M
+from engineering import checkpoints as C
 from engineering.distributed import Dist, barrier, full_state_dict
 from engineering.fileio import read_dcp_metadata, refuse_foreign_dir, safe_dcp_reader_and_planner, write_atomic
 from engineering.lora import lora_targets, merge_lora
@@ -34,7 +35,7 @@ def check_run_dir(out_dir: str, run_args: dict, resume: bool, overwrite: bool, d
     train_dir = out_dir.rstrip("/") + ".train"
     run_json = os.path.join(train_dir, "run.json")
     if d.is_main:
-        M.recover_checkpoint(out_dir)  # a model save that a kill stopped half-way
+        C.recover_checkpoint(out_dir)  # a model save that a kill stopped half-way
     barrier(d)
     refuse_foreign_dir(out_dir, "params.json", "a checkpoint written by this project (--out)")
     refuse_foreign_dir(train_dir, "run.json", "a training run written by this project (--out)")
@@ -76,7 +77,7 @@ def save_model(model, out_dir: str, tokenizer_path: str, d: Dist):
     state = full_state_dict(model, d)
     if d.is_main:  # LoRA deltas merged, W + (alpha/r) B A: the checkpoint is a plain one (no-op without them)
         state = merge_lora(state, lora_targets(model))
-        M.save_checkpoint(state, out_dir, tokenizer_path=tokenizer_path, args=model.params)
+        C.save_checkpoint(state, out_dir, tokenizer_path=tokenizer_path, args=model.params)
     barrier(d)
 
 

@@ -15,7 +15,8 @@ import tempfile
 import torch
 
 from data.tokenizer import train_tokenizer
-from model import ModelArgs, Transformer, save_checkpoint
+from engineering.checkpoints import save_checkpoint
+from model import ModelArgs, Transformer
 
 WORDS = ("the a river mountain small bright tree stone quick brown fox jumps over lazy dog helpful harmless "
          "honest answer question cannot tell you why because water fire seven 2024 café naïve über 東京").split()

@@ -31,9 +31,11 @@ import torch.nn.functional as F
 
 from losses import drift_loss
 from engineering.hf_checkpoint import config_path
-from model import Tokenizer, Transformer, load_checkpoint, read_checkpoint_args, recover_checkpoint
+from data.tokenizer import Tokenizer
+from engineering.checkpoints import load_checkpoint, read_checkpoint_args, recover_checkpoint
+from model import Transformer
 from moe import EXPERT_MATRICES, MoE, set_forced_expert
-from upcycle import first_difference
+from engineering.checkpoints import first_difference
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Which models: checkpoints from the command line and the baselines built from base + aligned models

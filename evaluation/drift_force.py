@@ -25,7 +25,8 @@ from data import streams as S
 from data.format import IGNORE_INDEX
 from engineering.distributed import setup_distributed
 from fuse import h3fusion_objective
-from model import Tokenizer, load_checkpoint
+from data.tokenizer import Tokenizer
+from engineering.checkpoints import load_checkpoint
 from moe import expert_parameters, moe_layers
 from trainer import StepCounts
 

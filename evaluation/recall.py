@@ -18,7 +18,7 @@ from data.tokenizer import Tokenizer
 from data.toy import correction_answer
 from data.toy_tables import ALL_ATTRIBUTES
 from evaluation.generation import generate_responses
-from model import load_checkpoint
+from engineering.checkpoints import load_checkpoint
 
 
 def recall_items(world: dict) -> list:

@@ -29,17 +29,17 @@ def ckpt(tmp_path_factory):
                                 n_kv_heads=2)
 
 
-def test_model_py(ckpt, tmp_path):
-    assert_clean_error(run("model.py", str(tmp_path / "nope"), "--prompt", "hi"), "model.py", "nope")
-    assert_clean_error(run("model.py", ckpt, "--prompt", "hi", "--dtype", "float8"), "model.py", "--dtype float8")
+def test_generate_py(ckpt, tmp_path):
+    assert_clean_error(run("generate.py", str(tmp_path / "nope"), "--prompt", "hi"), "generate.py", "nope")
+    assert_clean_error(run("generate.py", ckpt, "--prompt", "hi", "--dtype", "float8"), "generate.py", "--dtype float8")
     truncated = tmp_path / "truncated"
     truncated.mkdir()
     for name in os.listdir(ckpt):
         data = open(os.path.join(ckpt, name), "rb").read()
         open(truncated / name, "wb").write(data[: len(data) // 2] if name.endswith(".pth") else data)
-    result = run("model.py", str(truncated), "--prompt", "hi")  # a download cut short: the file and its size
+    result = run("generate.py", str(truncated), "--prompt", "hi")  # a download cut short: the file and its size
     size = os.path.getsize(truncated / "consolidated.00.pth")
-    assert_clean_error(result, "model.py", f"consolidated.00.pth: {size:,} bytes, and no zip central directory")
+    assert_clean_error(result, "generate.py", f"consolidated.00.pth: {size:,} bytes, and no zip central directory")
 
 
 def test_train_expert_py(ckpt, tmp_path):
@@ -69,7 +69,7 @@ def test_fuse_evaluate_and_seeds_py(ckpt, tmp_path):
 
 
 def test_expected_errors_keep_their_traceback_on_request(ckpt, tmp_path):
-    result = run("model.py", str(tmp_path / "nope"), "--prompt", "hi", env={"H3FUSION_TRACEBACK": "1"})
+    result = run("generate.py", str(tmp_path / "nope"), "--prompt", "hi", env={"H3FUSION_TRACEBACK": "1"})
     assert result.returncode == 1 and "Traceback" in result.stderr
 
 

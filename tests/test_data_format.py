@@ -6,7 +6,7 @@ import torch
 from data.format import IGNORE_INDEX, PAD_ID, collate, encode_example, format_prompt, min_prompt_tokens
 from data.show import render_example, show_examples
 from data.tokenizer import train_tokenizer
-from model import Tokenizer
+from data.tokenizer import Tokenizer
 
 TEXTS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",

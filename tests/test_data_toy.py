@@ -362,7 +362,7 @@ def test_every_token_is_seen_in_pretraining(world_dir, built):
     """Stage 1 trains FFNs only, with the output head frozen: a token the base never saw in its corpus keeps
     an untrained output embedding and can never become likely. So every response token of every record,
     and every prompt token except those of names nobody knows, must occur in the tokenized corpus."""
-    from model import Tokenizer
+    from data.tokenizer import Tokenizer
 
     tok = Tokenizer(os.path.join(world_dir, "tokenizer.model"))
     seen = {i for d in built["corpus"] for i in tok.encode(d, bos=True, eos=True)}

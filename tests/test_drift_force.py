@@ -5,6 +5,8 @@ import torch
 
 import fuse
 import model as M
+from engineering import checkpoints as C
+from data.tokenizer import Tokenizer
 from data import streams as S
 from data.format import IGNORE_INDEX
 from engineering.distributed import setup_distributed
@@ -21,8 +23,8 @@ def fused(tmp_path_factory):
     out = str(world["root"] / "fused")
     fuse.main(["--base", world["base"], "--experts", ",".join(world["experts"]), "--data-dir", world["data"],
                "--out", out, "--steps", "3", "--lr", "3e-3"] + FAST)
-    model = M.load_checkpoint(out)[0].double()
-    tokenizer = M.Tokenizer(f"{out}/tokenizer.model")
+    model = C.load_checkpoint(out)[0].double()
+    tokenizer = Tokenizer(f"{out}/tokenizer.model")
     d = setup_distributed("cpu")
     _, stream, _ = S.instruction_data("pooled", world["data"], tokenizer, 64, 4, 0, d)
     return {"dir": out, "base": world["base"], "data": world["data"], "model": model,

@@ -22,8 +22,10 @@ from evaluation.real_suite import (judge_pairwise, judge_prob_a, lcs_length, loa
                                    true_minus_false, truthfulqa_generation, truthfulqa_mc, win_rate)
 from evaluation.report import plot_results
 from evaluation.routing import routed_right_by_group, routing_stats
-from model import (ModelArgs, Tokenizer, Transformer, generate, generate_tokens, load_checkpoint, save_checkpoint,
-                   main as model_main)
+from data.tokenizer import Tokenizer
+from engineering import export_hf
+from engineering.checkpoints import load_checkpoint, save_checkpoint
+from model import ModelArgs, Transformer, generate, generate_tokens
 from moe import set_forced_expert
 from engineering.tiny import make_tiny_checkpoint
 from upcycle import build_fused_model
@@ -595,7 +597,7 @@ def test_baselines_take_metas_vocab_minus_one_and_a_hf_directory(ckpts, toy_dir,
     params = json.loads((base / "params.json").read_text())
     (base / "params.json").write_text(json.dumps(params | {"vocab_size": -1}))
     helpful_hf = str(tmp_path / "helpful")
-    model_main([ckpts["helpful"], "--export-hf", helpful_hf])
+    export_hf.main([ckpts["helpful"], helpful_hf])
     results = evaluate.main(["--baselines", f"{base},{helpful_hf},{ckpts['harmless']},{ckpts['honest']}",
                              "--data", toy_dir, "--out", str(tmp_path / "eval"), "--max-new-tokens", "2"])
     assert [m["name"] for m in results["models"]] == ["base", "helpful", "harmless", "honest", "soup", "task_arith",

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import model as M
+from engineering import checkpoints as C
+from engineering import export_hf
 from engineering.hf_checkpoint import hf_rows_from_meta, meta_rows_from_hf, write_hf_checkpoint
 from engineering.tiny import make_tiny_checkpoint
 from upcycle import build_fused_model
@@ -164,7 +166,7 @@ def test_a_hf_directory_loads_with_the_reference_logits(kind, meta_dirs, tmp_pat
     config = hf_config(mixtral=kind == "mixtral", tied="tied" in kind, n_kv_heads=4 if "mha" in kind else 2)
     hf = random_hf_state(config, seed=3)
     ckpt = write_hf_dir(tmp_path / kind, config, hf, meta_dirs["tokenizer"])
-    model, args = M.load_checkpoint(ckpt)
+    model, args = C.load_checkpoint(ckpt)
     assert (args.n_experts, args.rope_theta, args.kv_heads, M.ffn_hidden_dim(args)) == \
         (3 if kind == "mixtral" else 0, 500.0, config["num_key_value_heads"], 48)
     with torch.no_grad():
@@ -183,8 +185,8 @@ def test_a_hf_directory_loads_with_the_reference_logits(kind, meta_dirs, tmp_pat
 def test_hf_to_ours_to_hf_is_the_identity_on_every_tensor(kind, meta_dirs, tmp_path):
     config = hf_config(mixtral=kind == "mixtral", tied="tied" in kind)
     hf = random_hf_state(config, seed=4)
-    model, args = M.load_checkpoint(write_hf_dir(tmp_path / "in", config, hf, meta_dirs["tokenizer"]))
-    out = write_hf_checkpoint(str(tmp_path / "out"), M._params_json(args), model.state_dict(), meta_dirs["tokenizer"])
+    model, args = C.load_checkpoint(write_hf_dir(tmp_path / "in", config, hf, meta_dirs["tokenizer"]))
+    out = write_hf_checkpoint(str(tmp_path / "out"), C.params_json(args), model.state_dict(), meta_dirs["tokenizer"])
     again = load_file(os.path.join(out, "model.safetensors"))
     assert sorted(again) == sorted(hf)
     for name, t in hf.items():
@@ -197,9 +199,9 @@ def test_hf_to_ours_to_hf_is_the_identity_on_every_tensor(kind, meta_dirs, tmp_p
 def test_sharded_safetensors_and_sharded_bin_with_their_index_load_the_same(meta_dirs, tmp_path):
     config = hf_config()
     hf = random_hf_state(config, seed=5)
-    whole, _ = M.load_checkpoint(write_hf_dir(tmp_path / "whole", config, hf, meta_dirs["tokenizer"]))
-    args = M.read_checkpoint_args(str(tmp_path / "whole"))
-    sharded = write_hf_checkpoint(str(tmp_path / "st"), M._params_json(args), whole.state_dict(),
+    whole, _ = C.load_checkpoint(write_hf_dir(tmp_path / "whole", config, hf, meta_dirs["tokenizer"]))
+    args = C.read_checkpoint_args(str(tmp_path / "whole"))
+    sharded = write_hf_checkpoint(str(tmp_path / "st"), C.params_json(args), whole.state_dict(),
                                   meta_dirs["tokenizer"], max_shard_bytes=40_000)
     files = sorted(f for f in os.listdir(sharded) if f.endswith(".safetensors"))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
@@ -218,7 +220,7 @@ def test_sharded_safetensors_and_sharded_bin_with_their_index_load_the_same(meta
     shutil.copyfile(tmp_path / "whole" / "config.json", bins / "config.json")
     shutil.copyfile(meta_dirs["tokenizer"], bins / "tokenizer.model")
     for ckpt in (sharded, str(bins)):
-        loaded = M.load_checkpoint(ckpt)[0].state_dict()
+        loaded = C.load_checkpoint(ckpt)[0].state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in whole.state_dict().items()), ckpt
 
 
@@ -228,7 +230,7 @@ def test_sharded_safetensors_and_sharded_bin_with_their_index_load_the_same(meta
 @pytest.mark.parametrize("kind", ["dense", "fused"])
 def test_export_hf_and_import_give_the_meta_layouts_logits(kind, meta_dirs, tmp_path):
     out = str(tmp_path / f"{kind}-hf")
-    M.main([meta_dirs[kind], "--export-hf", out])
+    export_hf.main([meta_dirs[kind], out])
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model"]
     config = json.load(open(os.path.join(out, "config.json")))
     tensors = load_file(os.path.join(out, "model.safetensors"))
@@ -242,8 +244,8 @@ def test_export_hf_and_import_give_the_meta_layouts_logits(kind, meta_dirs, tmp_
         assert not any("mlp." in n for n in tensors)
     else:
         assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == 2
-    meta_model, _ = M.load_checkpoint(meta_dirs[kind])
-    hf_model, hf_args = M.load_checkpoint(out)
+    meta_model, _ = C.load_checkpoint(meta_dirs[kind])
+    hf_model, hf_args = C.load_checkpoint(out)
     assert M.ffn_hidden_dim(hf_args) == M.ffn_hidden_dim(meta_model.params)
     with torch.no_grad():
         err = max_rel_err(hf_model(TOKENS), meta_model(TOKENS))
@@ -255,7 +257,7 @@ def test_export_hf_and_import_give_the_meta_layouts_logits(kind, meta_dirs, tmp_
 def test_a_hf_base_and_expert_fuse_like_their_meta_copies(meta_dirs, tmp_path):
     """fuse.py --base / --experts read a HF directory through upcycle.CheckpointRows."""
     hf_base = str(tmp_path / "base-hf")
-    M.main([meta_dirs["dense"], "--export-hf", hf_base])
+    export_hf.main([meta_dirs["dense"], hf_base])
     from_meta, _ = build_fused_model(meta_dirs["dense"], [meta_dirs["dense"]] * 3, router_init="random", verbose=False)
     from_hf, _ = build_fused_model(hf_base, [hf_base, meta_dirs["dense"], hf_base], router_init="random",
                                    verbose=False)
@@ -265,9 +267,9 @@ def test_a_hf_base_and_expert_fuse_like_their_meta_copies(meta_dirs, tmp_path):
 
 def test_an_export_a_kill_interrupted_is_finished_on_the_next_read(meta_dirs, tmp_path):
     out = tmp_path / "hf"
-    M.main([meta_dirs["dense"], "--export-hf", str(out)])
+    export_hf.main([meta_dirs["dense"], str(out)])
     os.replace(out, tmp_path / ".hf.tmp-killed")  # killed between the two renames of fileio.replace_dir
-    M.recover_checkpoint(str(out))
+    C.recover_checkpoint(str(out))
     assert (out / "config.json").exists() and not (tmp_path / ".hf.tmp-killed").exists()
 
 
@@ -276,23 +278,23 @@ def test_an_export_a_kill_interrupted_is_finished_on_the_next_read(meta_dirs, tm
 
 def test_a_file_cut_short_names_its_size_and_what_was_expected(meta_dirs, tmp_path):
     hf_dir = str(tmp_path / "hf")
-    M.main([meta_dirs["dense"], "--export-hf", hf_dir])
+    export_hf.main([meta_dirs["dense"], hf_dir])
     path = os.path.join(hf_dir, "model.safetensors")
     full = os.path.getsize(path)
     os.truncate(path, full - 1000)
     with pytest.raises(ValueError, match=rf"model.safetensors: {full - 1000:,} bytes, but its header describes "
                                          rf"{full:,}; the file looks cut short"):
-        M.load_checkpoint(hf_dir)
+        C.load_checkpoint(hf_dir)
     meta = tmp_path / "meta"
     shutil.copytree(meta_dirs["dense"], meta)
     shard = meta / "consolidated.00.pth"
     for size in (os.path.getsize(shard) - 7, os.path.getsize(shard) // 2, 1000, 0):
         os.truncate(shard, size)
         with pytest.raises(ValueError, match=rf"consolidated.00.pth: {size:,} bytes, .*cut short"):
-            M.load_checkpoint(str(meta))
-    torch.save(M.load_checkpoint(meta_dirs["dense"])[0].state_dict(), shard, _use_new_zipfile_serialization=False)
+            C.load_checkpoint(str(meta))
+    torch.save(C.load_checkpoint(meta_dirs["dense"])[0].state_dict(), shard, _use_new_zipfile_serialization=False)
     with pytest.raises(ValueError, match="consolidated.00.pth: not a zip-format torch.save file"):
-        M.load_checkpoint(str(meta))  # (torch's pre-1.6 format cannot be memory-mapped)
+        C.load_checkpoint(str(meta))  # (torch's pre-1.6 format cannot be memory-mapped)
 
 
 def test_bad_hf_directories_are_refused_with_the_file_named(meta_dirs, tmp_path):
@@ -307,30 +309,30 @@ def test_bad_hf_directories_are_refused_with_the_file_named(meta_dirs, tmp_path)
         return str(d)
 
     with pytest.raises(ValueError, match="config.json: rotary scaling 'llama3'"):
-        M.load_checkpoint(with_config("llama31", rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+        C.load_checkpoint(with_config("llama31", rope_scaling={"rope_type": "llama3", "factor": 8.0}))
     with pytest.raises(ValueError, match="config.json: model_type 'mistral'"):
-        M.load_checkpoint(with_config("mistral", model_type="mistral"))
+        C.load_checkpoint(with_config("mistral", model_type="mistral"))
     with pytest.raises(ValueError, match="config.json: head_dim=16"):
-        M.load_checkpoint(with_config("head", head_dim=16))
+        C.load_checkpoint(with_config("head", head_dim=16))
     with pytest.raises(ValueError, match="tokenizer has 320 pieces but tok_embeddings has 400"):
-        M.load_checkpoint(with_config("vocab", vocab_size=400))
+        C.load_checkpoint(with_config("vocab", vocab_size=400))
     odd = tmp_path / "odd"
     shutil.copytree(ckpt, odd)
     save_file(hf | {"model.layers.0.mlp.bias": torch.zeros(3)}, odd / "model.safetensors")
     with pytest.raises(ValueError, match="odd: unexpected tensor 'model.layers.0.mlp.bias'"):
-        M.load_checkpoint(str(odd))
+        C.load_checkpoint(str(odd))
     index_only = tmp_path / "index"
     shutil.copytree(ckpt, index_only)
     os.remove(index_only / "model.safetensors")
     (index_only / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         n: "model-00001-of-00002.safetensors" for n in hf}}))
     with pytest.raises(FileNotFoundError, match=r"index.json: names \['model-00001-of-00002.safetensors'\], not in"):
-        M.load_checkpoint(str(index_only))
+        C.load_checkpoint(str(index_only))
     os.remove(index_only / "model.safetensors.index.json")
     with pytest.raises(FileNotFoundError, match="a HF directory .config.json. with no model.safetensors"):
-        M.load_checkpoint(str(index_only))
+        C.load_checkpoint(str(index_only))
     with pytest.raises(FileExistsError, match="is not a Hugging Face checkpoint directory"):
-        M.main([meta_dirs["dense"], "--export-hf", meta_dirs["fused"]])  # never over a Meta checkpoint
+        export_hf.main([meta_dirs["dense"], meta_dirs["fused"]])  # never over a Meta checkpoint
 
 
 # ---- optional: transformers itself (not a dependency of the project) ------------------------------------
@@ -340,10 +342,10 @@ def test_bad_hf_directories_are_refused_with_the_file_named(meta_dirs, tmp_path)
 def test_transformers_gives_our_logits_on_the_export(kind, meta_dirs, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = str(tmp_path / "hf")
-    M.main([meta_dirs[kind], "--export-hf", out])
+    export_hf.main([meta_dirs[kind], out])
     cls = transformers.MixtralForCausalLM if kind == "fused" else transformers.LlamaForCausalLM
     theirs = cls.from_pretrained(out, dtype=torch.float32).eval()
-    ours, _ = M.load_checkpoint(meta_dirs[kind])
+    ours, _ = C.load_checkpoint(meta_dirs[kind])
     with torch.no_grad():
         err = max_rel_err(theirs(TOKENS).logits, ours(TOKENS))
     print(f"transformers {transformers.__version__} {cls.__name__}: max relative error {err:.2e}")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import fuse
 from engineering import lora as L
 import model as M
+from engineering import checkpoints as C
 import train_expert
 import trainer
 from toy_world import FAST, ROOT, build_world
@@ -188,12 +189,12 @@ def test_router_init_forward_sees_the_fused_model_exactly(tmp_path):
     base = make_tiny_checkpoint(str(tmp_path / "base"), dim=32, n_layers=2)
     experts = []
     for i in range(3):
-        m, _ = M.load_checkpoint(base)
+        m, _ = C.load_checkpoint(base)
         with torch.no_grad():
             for name, p in m.named_parameters():
                 if ".feed_forward." in name:
                     p.add_(0.01 * (i + 1))
-        experts.append(M.save_checkpoint(m, str(tmp_path / f"e{i}"), tokenizer_path=os.path.join(base, "tokenizer.model")))
+        experts.append(C.save_checkpoint(m, str(tmp_path / f"e{i}"), tokenizer_path=os.path.join(base, "tokenizer.model")))
     prompts = [["the river"], ["a stone"], ["why because"]]
     plain, _ = build_fused_model(base, experts, router_init="hidden", init_prompts=prompts, verbose=False)
     adapted, _ = build_fused_model(base, experts, router_init="hidden", init_prompts=prompts, verbose=False,
@@ -213,7 +214,7 @@ def world(tmp_path_factory):
 
 
 def load_state(path):
-    return M.load_checkpoint(str(path))[0].state_dict()
+    return C.load_checkpoint(str(path))[0].state_dict()
 
 
 def test_stage1_lora_writes_a_plain_checkpoint_that_differs_only_in_the_ffn(world):

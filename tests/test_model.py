@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
-import ask
 import model as M
+from engineering import checkpoints as C
+from data.tokenizer import Tokenizer
+import generate
 from data.format import format_prompt
 from data.tokenizer import train_tokenizer
 from engineering.tiny import make_tiny_checkpoint
@@ -118,7 +120,7 @@ def naive_forward(sd, args, tokens):
 
 
 def test_forward_matches_naive_reimplementation(tiny_dir):
-    model, args = M.load_checkpoint(tiny_dir, dtype=torch.float64)
+    model, args = C.load_checkpoint(tiny_dir, dtype=torch.float64)
     tokens = torch.randint(0, args.vocab_size, (2, 9))
     want = naive_forward({k: v.double() for k, v in model.state_dict().items()}, args, tokens)
     torch.testing.assert_close(model(tokens).double(), want)
@@ -144,7 +146,7 @@ def test_a_block_traces_as_one_graph_for_any_sequence_length():
 
 
 def test_kv_cache_decoding_equals_full_forward(tiny_dir):
-    model, args = M.load_checkpoint(tiny_dir, dtype=torch.float64)
+    model, args = C.load_checkpoint(tiny_dir, dtype=torch.float64)
     tokens = torch.randint(0, args.vocab_size, (2, 12))
     full = model(tokens)
     model.setup_cache(2, 12)
@@ -154,8 +156,8 @@ def test_kv_cache_decoding_equals_full_forward(tiny_dir):
 
 
 def test_batched_ragged_prompts_equal_one_at_a_time_greedy(tiny_dir):
-    model, args = M.load_checkpoint(tiny_dir, dtype=torch.float64)
-    tok = M.Tokenizer(os.path.join(tiny_dir, "tokenizer.model"))
+    model, args = C.load_checkpoint(tiny_dir, dtype=torch.float64)
+    tok = Tokenizer(os.path.join(tiny_dir, "tokenizer.model"))
     prompts = ["the river", "a small bright tree over the mountain stone", "why"]
     batched = M.generate(model, tok, prompts, max_new_tokens=12)
     alone = [M.generate(model, tok, [p], max_new_tokens=12)[0] for p in prompts]
@@ -164,11 +166,11 @@ def test_batched_ragged_prompts_equal_one_at_a_time_greedy(tiny_dir):
 
 
 def test_generation_stops_at_eos_and_top_p_is_seeded(tiny_dir):
-    model, args = M.load_checkpoint(tiny_dir)
+    model, args = C.load_checkpoint(tiny_dir)
     with torch.no_grad():  # make </s> the argmax everywhere: greedy decoding must return nothing
         model.output.weight[2] += 100 * model.norm.weight.sign()
     assert M.generate_tokens(model, [[1, 5, 6]], 8, eos_id=2) == [[]]
-    model, _ = M.load_checkpoint(tiny_dir)
+    model, _ = C.load_checkpoint(tiny_dir)
     torch.manual_seed(3)
     a = M.generate_tokens(model, [[1, 5], [1, 7, 8]], 6, temperature=1.0, top_p=0.9)
     torch.manual_seed(3)
@@ -186,26 +188,26 @@ def test_top_p_keeps_only_the_nucleus():
 
 
 def test_shards_merge_to_the_same_model_and_split_is_byte_exact(tiny_dir, tmp_path):
-    model, args = M.load_checkpoint(tiny_dir)
+    model, args = C.load_checkpoint(tiny_dir)
     ref = model.state_dict()
     for n in (2, 4):
-        out = M.save_checkpoint(model, str(tmp_path / f"s{n}"), n_shards=n)
+        out = C.save_checkpoint(model, str(tmp_path / f"s{n}"), n_shards=n)
         files = sorted(f for f in os.listdir(out) if f.endswith(".pth"))
         assert files == [f"consolidated.{i:02d}.pth" for i in range(n)]
         shard0 = torch.load(os.path.join(out, files[0]), weights_only=True)
         assert shard0["layers.0.attention.wq.weight"].shape[0] == ref["layers.0.attention.wq.weight"].shape[0] // n
         assert shard0["layers.0.feed_forward.w2.weight"].shape[1] == ref["layers.0.feed_forward.w2.weight"].shape[1] // n
-        merged, _ = M.load_checkpoint(out)
+        merged, _ = C.load_checkpoint(out)
         for k, v in ref.items():
             assert torch.equal(merged.state_dict()[k].view(torch.uint8), v.view(torch.uint8)), k
 
 
 def test_save_load_round_trip_is_exact_and_bf16_stays_bf16(tmp_path):
     d = make_tiny_checkpoint(str(tmp_path / "bf16"), dtype=torch.bfloat16, seed=2)
-    model, args = M.load_checkpoint(d)
+    model, args = C.load_checkpoint(d)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    out = M.save_checkpoint(model, str(tmp_path / "again"))
-    again, args2 = M.load_checkpoint(out)
+    out = C.save_checkpoint(model, str(tmp_path / "again"))
+    again, args2 = C.load_checkpoint(out)
     assert args2 == args
     for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
@@ -222,13 +224,13 @@ def test_rope_freqs_key_is_ignored_and_vocab_minus_one_comes_from_tokenizer(tiny
     params = json.load(open(os.path.join(d, "params.json")))
     params["vocab_size"] = -1
     json.dump(params, open(os.path.join(d, "params.json"), "w"))
-    model, args = M.load_checkpoint(d)
+    model, args = C.load_checkpoint(d)
     assert args.vocab_size == 320
 
 
 def test_interrupted_save_keeps_the_old_checkpoint(tiny_dir, tmp_path, monkeypatch):
     d = shutil.copytree(tiny_dir, str(tmp_path / "ckpt"))
-    model, _ = M.load_checkpoint(d)
+    model, _ = C.load_checkpoint(d)
     calls = []
 
     def failing_save(obj, path):
@@ -237,17 +239,17 @@ def test_interrupted_save_keeps_the_old_checkpoint(tiny_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        M.save_checkpoint(model, d, n_shards=2)
+        C.save_checkpoint(model, d, n_shards=2)
     assert calls and sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directory left behind
     monkeypatch.undo()
-    M.load_checkpoint(d)  # the old checkpoint is intact
+    C.load_checkpoint(d)  # the old checkpoint is intact
 
 
 KILL_CHILD = """
 import os, shutil, sys, torch
-import model as M
+from engineering import checkpoints as C
 ckpt, killed_at = sys.argv[1], int(sys.argv[2])
-old, _ = M.load_checkpoint(ckpt)
+old, _ = C.load_checkpoint(ckpt)
 new_state = {k: v + 1.0 for k, v in old.state_dict().items()}
 calls = []
 def kill_at(real):
@@ -257,8 +259,8 @@ def kill_at(real):
             os._exit(137)  # like SIGKILL: no cleanup handler runs
         return real(*a, **kw)
     return wrapped
-M.os.replace, M.shutil.rmtree = kill_at(os.replace), kill_at(shutil.rmtree)
-M.save_checkpoint(new_state, ckpt, args=old.params)
+C.os.replace, C.shutil.rmtree = kill_at(os.replace), kill_at(shutil.rmtree)
+C.save_checkpoint(new_state, ckpt, args=old.params)
 """
 
 
@@ -270,12 +272,12 @@ def test_save_killed_at_any_step_leaves_a_complete_checkpoint(tiny_dir, tmp_path
     new one once the new copy was complete and the old one was moved away (k >= 3), else the old one -- and
     nothing left over."""
     d = shutil.copytree(tiny_dir, str(tmp_path / "ckpt"))
-    before = M.load_checkpoint(d)[0].state_dict()
+    before = C.load_checkpoint(d)[0].state_dict()
     child = subprocess.run([sys.executable, "-c", KILL_CHILD, d, str(killed_at)], cwd=ROOT, capture_output=True,
                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert child.returncode == 137, child.stderr[-2000:]
     assert sorted(os.listdir(tmp_path)) != ["ckpt"]  # the kill did leave something half-done
-    loaded = M.load_checkpoint(d)[0].state_dict()
+    loaded = C.load_checkpoint(d)[0].state_dict()
     shift = 1.0 if killed_at >= 3 else 0.0
     for k, v in loaded.items():
         torch.testing.assert_close(v, before[k] + shift)
@@ -288,7 +290,7 @@ def test_save_killed_at_any_step_leaves_a_complete_checkpoint(tiny_dir, tmp_path
 def test_tokenizer_llama_settings_round_trip_unicode(tmp_path):
     path = train_tokenizer(["hello world 12345 naïve café", "東京 is a city. ünïcödé über alles 2024"] * 40,
                            str(tmp_path / "tokenizer.model"), vocab_size=300)
-    tok = M.Tokenizer(path)
+    tok = Tokenizer(path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words) == (1, 2, -1, 300)
     text = "Grüße aus 東京 — 42 🦙 emojis fall back to bytes"
     ids = tok.encode(text, bos=True, eos=True)
@@ -317,40 +319,40 @@ def edit(tiny_dir, tmp_path, params=None, state=None, name="bad"):
 def test_bad_params_json(tiny_dir, tmp_path):
     d = edit(tiny_dir, tmp_path, params=lambda p: p.update(use_scaled_rope=True))
     with pytest.raises(ValueError, match=r"params.json: unknown key 'use_scaled_rope'"):
-        M.load_checkpoint(d)
+        C.load_checkpoint(d)
     d = edit(tiny_dir, tmp_path, params=lambda p: p.update(vocab_size=-1), name="novocab")
     os.remove(os.path.join(d, "tokenizer.model"))
     with pytest.raises(ValueError, match="vocab_size is -1 and there is no"):
-        M.load_checkpoint(d)
+        C.load_checkpoint(d)
     d = edit(tiny_dir, tmp_path, params=lambda p: p.update(dim=96), name="dim")
     with pytest.raises(ValueError, match=r"tok_embeddings.weight has shape \(320, 64\), params.json implies \(320, 96\)"):
-        M.load_checkpoint(d)
+        C.load_checkpoint(d)
 
 
 def test_missing_and_unexpected_keys_and_tokenizer_mismatch(tiny_dir, tmp_path):
     d = edit(tiny_dir, tmp_path, state=lambda sd: sd.pop("layers.1.ffn_norm.weight"))
     with pytest.raises(ValueError, match=r"missing keys \['layers.1.ffn_norm.weight'\]"):
-        M.load_checkpoint(d)
+        C.load_checkpoint(d)
     d = edit(tiny_dir, tmp_path, state=lambda sd: sd.update(extra=torch.ones(1)), name="extra")
     with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
-        M.load_checkpoint(d)
+        C.load_checkpoint(d)
     d = edit(tiny_dir, tmp_path, name="tok")
     train_tokenizer(["some other text entirely 123"] * 30, os.path.join(d, "tokenizer.model"), vocab_size=310)
     with pytest.raises(ValueError, match="tokenizer has 310 pieces but tok_embeddings has 320 rows"):
-        M.load_checkpoint(d)
+        C.load_checkpoint(d)
 
 
 def test_shards_that_disagree(tiny_dir, tmp_path):
-    model, _ = M.load_checkpoint(tiny_dir)
-    d = M.save_checkpoint(model, str(tmp_path / "two"), n_shards=2)
+    model, _ = C.load_checkpoint(tiny_dir)
+    d = C.save_checkpoint(model, str(tmp_path / "two"), n_shards=2)
     sd = dict(torch.load(os.path.join(d, "consolidated.01.pth"), weights_only=True))
     sd["layers.0.attention.wq.weight"] = sd["layers.0.attention.wq.weight"][:, :10].clone()
     torch.save(sd, os.path.join(d, "consolidated.01.pth"))
     with pytest.raises(ValueError, match=r"consolidated.01.pth: layers.0.attention.wq.weight has shape \(32, 10\)"):
-        M.load_checkpoint(d)
+        C.load_checkpoint(d)
     os.rename(os.path.join(d, "consolidated.01.pth"), os.path.join(d, "consolidated.03.pth"))
     with pytest.raises(ValueError, match="shards must be consolidated.00.pth"):
-        M.load_checkpoint(d)
+        C.load_checkpoint(d)
 
 
 class Payload:
@@ -361,41 +363,41 @@ class Payload:
 def test_pickle_code_payload_is_refused(tiny_dir, tmp_path):
     d = edit(tiny_dir, tmp_path, state=lambda sd: sd.update(evil=Payload()))
     with pytest.raises(ValueError, match=r"consolidated.00.pth: refused: it holds pickled objects"):
-        M.load_checkpoint(d)
+        C.load_checkpoint(d)
 
 
 def test_missing_things_and_refusal_to_overwrite_a_non_checkpoint(tiny_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
-        M.load_checkpoint(str(tmp_path / "nope"))
+        C.load_checkpoint(str(tmp_path / "nope"))
     d = edit(tiny_dir, tmp_path)
     os.remove(os.path.join(d, "consolidated.00.pth"))
     with pytest.raises(FileNotFoundError, match="no consolidated.NN.pth"):
-        M.load_checkpoint(d)
+        C.load_checkpoint(d)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    model, _ = M.load_checkpoint(tiny_dir)
+    model, _ = C.load_checkpoint(tiny_dir)
     with pytest.raises(FileExistsError, match="not a checkpoint directory"):
-        M.save_checkpoint(model, str(precious))
+        C.save_checkpoint(model, str(precious))
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
 def test_cli_generates_from_one_and_two_shards(tiny_dir, tmp_path, capsys):
-    model, _ = M.load_checkpoint(tiny_dir)
-    two = M.save_checkpoint(model, str(tmp_path / "two"), os.path.join(tiny_dir, "tokenizer.model"), n_shards=2)
+    model, _ = C.load_checkpoint(tiny_dir)
+    two = C.save_checkpoint(model, str(tmp_path / "two"), os.path.join(tiny_dir, "tokenizer.model"), n_shards=2)
     outputs = []
     for d in (tiny_dir, two):
-        M.main([d, "--prompt", "the river", "--prompt", "a", "--max-new-tokens", "5"])
+        generate.main([d, "--prompt", "the river", "--prompt", "a", "--max-new-tokens", "5"])
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1].replace(outputs[1].splitlines()[-1], outputs[0].splitlines()[-1])
     assert "tokens/s" in outputs[0]
 
 
-def test_ask_wraps_each_instruction_in_the_alpaca_template_and_hands_the_rest_to_model_py(tiny_dir, capsys):
-    """ask.py = model.py --prompt format_prompt(instruction): model.py itself takes prompts as given."""
-    ask.main([tiny_dir, "--instruction", "the river", "--instruction", "a", "--max-new-tokens", "5"])
+def test_instruction_is_the_prompt_in_the_alpaca_template(tiny_dir, capsys):
+    """generate.py --instruction X = --prompt format_prompt(X): --prompt takes text as given."""
+    generate.main([tiny_dir, "--instruction", "the river", "--instruction", "a", "--max-new-tokens", "5"])
     asked = capsys.readouterr().out
-    M.main([tiny_dir, "--prompt", format_prompt("the river"), "--prompt", format_prompt("a"), "--max-new-tokens", "5"])
+    generate.main([tiny_dir, "--prompt", format_prompt("the river"), "--prompt", format_prompt("a"), "--max-new-tokens", "5"])
     direct = capsys.readouterr().out
     assert "### Instruction:\nthe river\n\n### Response:\n" in asked
     assert asked.splitlines()[:-1] == direct.splitlines()[:-1]  # all but the timing line

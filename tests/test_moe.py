@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from engineering import checkpoints as C
+from data.tokenizer import Tokenizer
 import moe
 import upcycle
 from engineering.tiny import make_tiny_checkpoint
@@ -289,18 +291,18 @@ def ckpts(tmp_path_factory):
     tok = os.path.join(base_dir, "tokenizer.model")
     dirs = []
     for i in range(3):
-        aligned, _ = M.load_checkpoint(base_dir)
+        aligned, _ = C.load_checkpoint(base_dir)
         gen = torch.Generator().manual_seed(10 + i)
         with torch.no_grad():
             for name, p in aligned.named_parameters():
                 if upcycle.is_ffn_key(name):
                     p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        dirs.append(M.save_checkpoint(aligned, str(root / f"aligned{i}"), tokenizer_path=tok))
+        dirs.append(C.save_checkpoint(aligned, str(root / f"aligned{i}"), tokenizer_path=tok))
     # attention changed (stage 1 should have frozen it): builds, but reports the difference
-    drifted, _ = M.load_checkpoint(dirs[0])
+    drifted, _ = C.load_checkpoint(dirs[0])
     with torch.no_grad():
         drifted.layers[1].attention.wq.weight.add_(0.25)
-    drifted_dir = M.save_checkpoint(drifted, str(root / "drifted"), tokenizer_path=tok)
+    drifted_dir = C.save_checkpoint(drifted, str(root / "drifted"), tokenizer_path=tok)
     other_arch = make_tiny_checkpoint(str(root / "other"), dim=64, n_layers=3, n_heads=4, n_kv_heads=2, seed=3)
     return dict(base=base_dir, aligned=dirs, drifted=drifted_dir, other=other_arch, root=root)
 
@@ -332,7 +334,7 @@ def test_forced_expert_i_reproduces_aligned_model_i(ckpts, top_k):
     tokens = tokens_for()
     aligned_logits = []
     for i, d in enumerate(ckpts["aligned"]):
-        aligned, _ = M.load_checkpoint(d)
+        aligned, _ = C.load_checkpoint(d)
         with torch.no_grad():
             aligned_logits.append(aligned(tokens))
         moe.set_forced_expert(fused, i)
@@ -375,7 +377,7 @@ def test_fused_model_under_bf16_autocast_matches_float32(ckpts, backend):
 
 @pytest.mark.parametrize("router_init", ["zero", "random"])
 def test_identical_experts_give_the_base_model_for_any_router(ckpts, router_init):
-    base, _ = M.load_checkpoint(ckpts["base"])
+    base, _ = C.load_checkpoint(ckpts["base"])
     fused, _ = upcycle.build_fused_model(ckpts["base"], [ckpts["base"]] * 3, top_k=2, router_init=router_init,
                                      router_std=1.0, verbose=False)
     tokens = tokens_for(seed=1)
@@ -387,13 +389,13 @@ def test_identical_experts_give_the_base_model_for_any_router(ckpts, router_init
 
 def test_fused_model_takes_non_ffn_weights_from_base_and_stacks_experts(ckpts):
     fused, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False)
-    base, _ = M.load_checkpoint(ckpts["base"])
+    base, _ = C.load_checkpoint(ckpts["base"])
     sd, base_sd = fused.state_dict(), base.state_dict()
     for key, t in base_sd.items():
         if not upcycle.is_ffn_key(key):
             assert torch.equal(sd[key], t), key
     for i, d in enumerate(ckpts["aligned"]):
-        a_sd = M.load_checkpoint(d)[0].state_dict()
+        a_sd = C.load_checkpoint(d)[0].state_dict()
         for layer in range(2):
             for w in ("w1", "w2", "w3"):
                 assert torch.equal(sd[f"layers.{layer}.feed_forward.{w}"][i], a_sd[f"layers.{layer}.feed_forward.{w}.weight"])
@@ -403,11 +405,11 @@ def test_fused_model_takes_non_ffn_weights_from_base_and_stacks_experts(ckpts):
 def test_fused_model_save_load_round_trip(ckpts, tmp_path):
     fused, args = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], top_k=2, router_init="random",
                                         router_std=0.5, verbose=False)
-    out = M.save_checkpoint(fused, str(tmp_path / "fused"), tokenizer_path=os.path.join(ckpts["base"], "tokenizer.model"))
+    out = C.save_checkpoint(fused, str(tmp_path / "fused"), tokenizer_path=os.path.join(ckpts["base"], "tokenizer.model"))
     with open(os.path.join(out, "params.json")) as f:
         params = json.load(f)
     assert params["n_experts"] == 3 and params["top_k"] == 2
-    loaded, largs = M.load_checkpoint(out)
+    loaded, largs = C.load_checkpoint(out)
     assert largs.n_experts == 3 and largs.top_k == 2
     assert loaded.layers[0].feed_forward.w1.shape == (3, M.ffn_hidden_dim(largs), 64)
     tokens = tokens_for(seed=2)
@@ -430,8 +432,8 @@ def test_router_init_hidden_is_the_mean_normalised_ffn_input(ckpts):
                ["seven is the answer", "honest answer to the question 2024"]]
     fused, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], router_init="hidden",
                                      init_prompts=prompts, verbose=False)
-    base, bargs = M.load_checkpoint(ckpts["base"])
-    tok = M.Tokenizer(os.path.join(ckpts["base"], "tokenizer.model"))
+    base, bargs = C.load_checkpoint(ckpts["base"])
+    tok = Tokenizer(os.path.join(ckpts["base"], "tokenizer.model"))
     # independent reference: walk the base model's blocks by hand and collect each ffn_norm output
     inputs = [[[] for _ in range(3)] for _ in range(bargs.n_layers)]  # [layer][expert] -> list of [T, D]
     with torch.no_grad():
@@ -465,7 +467,7 @@ def test_non_ffn_difference_is_reported_and_base_is_used(ckpts, capsys):
     lines = [line for line in printed.splitlines() if "max |non-FFN - base|" in line]
     assert len(lines) == 3
     assert "= 0 " in lines[0] + " " and "layers.1.attention.wq.weight" in lines[1] and "0.25" in lines[1]
-    base, _ = M.load_checkpoint(ckpts["base"])
+    base, _ = C.load_checkpoint(ckpts["base"])
     assert torch.equal(fused.layers[1].attention.wq.weight, base.layers[1].attention.wq.weight)
 
 
@@ -486,7 +488,7 @@ def test_fusion_refuses_bad_inputs(ckpts, tmp_path):
     with pytest.raises(ValueError, match="router_init='mean'"):
         upcycle.build_fused_model(base, aligned, router_init="mean")
     fused, _ = upcycle.build_fused_model(base, aligned[:2], top_k=1, verbose=False)
-    fused_dir = M.save_checkpoint(fused, str(tmp_path / "fused"))
+    fused_dir = C.save_checkpoint(fused, str(tmp_path / "fused"))
     with pytest.raises(ValueError, match="n_experts"):
         upcycle.build_fused_model(base, [aligned[0], fused_dir], top_k=1, verbose=False)
 
@@ -496,7 +498,7 @@ def test_checkpoint_rows_equal_the_merged_tensor(tmp_path, n_shards):
     """CheckpointRows reads rows [a, b) of a tensor from Meta's model-parallel shards (split on dim 0 or 1, or
     replicated) without merging them: it must equal the fully merged tensor's rows, for every tensor."""
     ckpt = make_tiny_checkpoint(str(tmp_path / "m"), dim=32, n_layers=2, n_heads=4, n_shards=n_shards)
-    full, _ = M.load_checkpoint(ckpt)
+    full, _ = C.load_checkpoint(ckpt)
     rows = upcycle.CheckpointRows(ckpt)
     assert len(rows.shards) == n_shards
     for name, t in full.state_dict().items():
@@ -509,8 +511,8 @@ def test_non_ffn_difference_names_the_key(ckpts):
     fused, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False)
     assert upcycle.non_ffn_difference(fused, upcycle.CheckpointRows(ckpts["aligned"][1])) == (0.0, None)
     diff, key = upcycle.non_ffn_difference(fused, upcycle.CheckpointRows(ckpts["drifted"]))
-    drifted, _ = M.load_checkpoint(ckpts["drifted"])
-    base, _ = M.load_checkpoint(ckpts["base"])
+    drifted, _ = C.load_checkpoint(ckpts["drifted"])
+    base, _ = C.load_checkpoint(ckpts["base"])
     expected = max(((drifted.state_dict()[k] - v).abs().max().item(), k) for k, v in base.state_dict().items()
                    if not upcycle.is_ffn_key(k))
     assert (diff, key) == expected and diff > 0

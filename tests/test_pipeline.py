@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import model as M
+from engineering import checkpoints as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("base", "helpful", "harmless", "honest", "soup", "task_arith", "ties", "ensemble", "oracle", "sft", "h3fusion")
@@ -87,7 +88,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert len(fused) == 1 and 0 <= fused[0]["routing"]["routing_acc_example"] <= 1
     assert not any(os.path.exists(os.path.join(run_dir, name)) for name in ABLATIONS)  # only with --ablations
     for name in ("base", "helpful", "harmless", "honest", "sft", "h3fusion"):
-        model, args = M.load_checkpoint(os.path.join(run_dir, name))  # every checkpoint loads
+        model, args = C.load_checkpoint(os.path.join(run_dir, name))  # every checkpoint loads
         assert args.n_experts == (3 if name.startswith("h3fusion") else 0)
     # a second run skips every training stage whose output exists
     again = subprocess.run(cmd + ["--until", "fused"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -100,7 +101,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert "scratch" not in seeded.stdout  # the base is shared, not retrained
     assert seeded.stdout.count("fuse.py") == 2 + 3  # seed 0's two ablations, seed 1's three fusions
     for name in ABLATIONS:
-        assert M.load_checkpoint(os.path.join(run_dir, name))[1].n_experts == 3
+        assert C.load_checkpoint(os.path.join(run_dir, name))[1].n_experts == 3
     assert os.path.exists(os.path.join(run_dir, "seed1", "h3fusion", "params.json"))
     summary = json.load(open(os.path.join(run_dir, "seeds", "seeds.json")))
     assert len(summary["seeds"]) == 2 and summary["target"] == "h3fusion"
@@ -115,9 +116,9 @@ def test_quick_pipeline_end_to_end(tmp_path):
     lora_table = open(os.path.join(run_dir, "lora_r4", "eval", "results.md")).read()
     lora_names = [line.split("|")[1].strip() for line in lora_table.splitlines() if line.startswith("| ")][1:]
     assert sorted(lora_names) == sorted(ROWS)
-    base = M.load_checkpoint(os.path.join(run_dir, "base"))[0].state_dict()
+    base = C.load_checkpoint(os.path.join(run_dir, "base"))[0].state_dict()
     for name in ("helpful", "sft", "h3fusion"):
-        state = M.load_checkpoint(os.path.join(run_dir, "lora_r4", name))[0].state_dict()
+        state = C.load_checkpoint(os.path.join(run_dir, "lora_r4", name))[0].state_dict()
         assert not any(".lora." in k for k in state)  # merged on save
         if name != "h3fusion":
             assert all(torch.equal(t, base[k]) == (".feed_forward." not in k) for k, t in state.items())

@@ -1,6 +1,7 @@
 """evaluation/recall.py: the prompts are the world's own answer sentences cut before the value, and the rates
 count a completion right only when its first word is that value."""
 import model as M
+from engineering import checkpoints as C
 from data.toy import build, write_world
 from data.toy_tables import ALL_ATTRIBUTES
 from data.tokenizer import Tokenizer
@@ -32,7 +33,7 @@ def test_main_prints_each_split(tmp_path, capsys):
     write_world(str(tmp_path / "data"), seed=0)
     tok = Tokenizer(str(tmp_path / "data" / "tokenizer.model"))
     args = M.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16, max_seq_len=64)
-    M.save_checkpoint(M.Transformer(args), str(tmp_path / "base"), args=args)
+    C.save_checkpoint(M.Transformer(args), str(tmp_path / "base"), args=args)
     recall.main([str(tmp_path / "base"), "--data", str(tmp_path / "data")])
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == ["train people", "eval people"]

@@ -16,6 +16,9 @@ import torch
 from engineering import fileio
 import fuse
 import model as M
+from engineering import checkpoints as C
+from data.tokenizer import Tokenizer
+from engineering import export_hf
 from engineering import rundir as runstate
 import train_expert
 import trainer as T
@@ -35,11 +38,11 @@ def run_fuse(world, out, *extra):
     argv = ["--base", world["base"], "--experts", ",".join(world["experts"]), "--data-dir", world["data"],
             "--out", str(out)] + FAST + list(extra)
     fuse.main(argv)
-    return M.load_checkpoint(str(out))[0]
+    return C.load_checkpoint(str(out))[0]
 
 
 def state(path):
-    return M.load_checkpoint(path)[0].state_dict()
+    return C.load_checkpoint(path)[0].state_dict()
 
 
 def log_lines(out):
@@ -92,7 +95,7 @@ def test_real_datasets_train_offline_from_local_copies(world, tmp_path):
     out = tmp_path / "alpaca"
     train_expert.main(["--init", world["base"], "--data", "alpaca-small", "--data-path", fx["alpaca"],
                        "--out", str(out)] + common)
-    assert M.load_checkpoint(str(out))[1].n_experts == 0 and log_lines(out)[-1]["step"] == 2
+    assert C.load_checkpoint(str(out))[1].n_experts == 0 and log_lines(out)[-1]["step"] == 2
     train_expert.main(["--init", world["base"], "--data", fx["alpaca"], "--task", "helpful",
                        "--out", str(tmp_path / "file")] + common)
     pooled = f"alpaca-small={fx['alpaca']},beavertails={fx['beavertails']},truthfulqa={fx['truthfulqa_csv']}"
@@ -133,7 +136,7 @@ def routing_on_held_out(model, world):
     from data.records import load_records
     from data.format import collate, encode_example
 
-    tok = M.Tokenizer(os.path.join(world["base"], "tokenizer.model"))
+    tok = Tokenizer(os.path.join(world["base"], "tokenizer.model"))
     records = load_records("pooled", world["data"], "val")[::3]
     batch = collate([encode_example(tok, r, 64) for r in records])
     with torch.no_grad():
@@ -222,7 +225,7 @@ def test_experts_from_another_base_are_refused(world, tmp_path):
         fuse.main(args + ["--out", str(tmp_path / "f")])
     shutil.copy(str(tmp_path / "tok"), os.path.join(other_base, "tokenizer.model"))
     fuse.main(args + ["--out", str(tmp_path / "f"), "--allow-foreign-experts"])
-    assert M.load_checkpoint(str(tmp_path / "f"))[1].n_experts == 3
+    assert C.load_checkpoint(str(tmp_path / "f"))[1].n_experts == 3
 
 
 def test_bad_start_writes_nothing_and_foreign_out_is_never_touched(world, tmp_path):
@@ -266,7 +269,7 @@ def test_train_expert_inits_from_a_hf_directory(world, tmp_path):
     """--init takes a Hugging Face directory (here the base, exported): stage 1 on it trains only the FFN, and every
     frozen weight comes out equal to the Meta-format base's, so the import gave back exactly its weights."""
     hf_base, out = str(tmp_path / "base-hf"), str(tmp_path / "helpful")
-    M.main([world["base"], "--export-hf", hf_base])
+    export_hf.main([world["base"], hf_base])
     train_expert.main(["--init", hf_base, "--data", "helpful", "--data-dir", world["data"], "--out", out,
                        "--steps", "1", "--lr", "3e-3"] + FAST)
     base, aligned = state(world["base"]), state(out)
@@ -295,7 +298,7 @@ def test_a_local_file_trains(world, tmp_path):
                             for w in ("yes", "no", "maybe", "river")))
     train_expert.main(["--init", world["base"], "--data", str(path), "--out", str(tmp_path / "mine"), "--steps", "2"]
                       + FAST)
-    assert M.load_checkpoint(str(tmp_path / "mine"))[1].dim == 32
+    assert C.load_checkpoint(str(tmp_path / "mine"))[1].dim == 32
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(world, tmp_path):

@@ -1,0 +1,28 @@
+"""Write a checkpoint as a Hugging Face directory: LlamaForCausalLM, or MixtralForCausalLM when fused.
+
+    python -m engineering.export_hf runs/toy/h3fusion runs/toy/h3fusion-hf
+
+The checkpoint is read through checkpoints.load_checkpoint (every file checked) and written by
+hf_checkpoint.write_hf_checkpoint (safetensors in the checkpoint's dtype, one directory written as a
+whole).
+"""
+import argparse
+
+from engineering.checkpoints import load_checkpoint, params_json
+from engineering.cli import run_cli
+from engineering.hf_checkpoint import write_hf_checkpoint
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt_dir", help="a checkpoint directory (Meta's layout, or Hugging Face's)")
+    p.add_argument("out_dir", help="the Hugging Face directory to write")
+    args = p.parse_args(argv)
+    model, model_args = load_checkpoint(args.ckpt_dir)
+    out = write_hf_checkpoint(args.out_dir, params_json(model_args), model.state_dict(),
+                              f"{args.ckpt_dir}/tokenizer.model")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    run_cli(main, "export_hf.py")

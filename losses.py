@@ -10,17 +10,14 @@
 Extras from the MoE literature (not in H3Fusion, off unless a trainer adds them):
     load_balance_loss  Switch Transformer's  E * sum_e f_e * P_e
     router_z_loss      ST-MoE's              mean (logsumexp of router logits)^2
-Helpers after them: f32, per_expert_norm and beside (FSDP2-sharded experts). The input checks are checks.py's.
+Helpers after them: f32, per_expert_norm (FSDP2-sharded experts too), safe_sqrt; then the input checks.
 
 Shapes: B examples, T positions, V vocabulary, E experts. Every loss is computed in float32 (float64 inputs stay float64).
 """
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor.experimental import implicit_replication
 
-from checks import check_logits_and_targets, check_router_probs, check_task_labels
 from data.format import IGNORE_INDEX  # the target of prompt and padding positions: no loss
-from engineering.lora import expert_loras, lora_squared_norms
 from moe import at_least_float32, expert_parameters, moe_layers
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,7 +44,7 @@ def lm_loss(logits, targets, normalizer=None):
 
 def mean_router_probs(router_probs_per_layer, mask):
     """p_bar [B, E]: each example's router distribution averaged over its real tokens (mask [B, T] True)
-    and over all MoE layers. Examples with no real token get all-zero rows. (Inputs: checks.check_router_probs.)"""
+    and over all MoE layers. Examples with no real token get all-zero rows. (Its inputs: check_router_probs, section 4.)"""
     # --- exercise 4: begin ---
     check_router_probs(router_probs_per_layer, mask)
     probs = torch.stack([f32(p) for p in router_probs_per_layer])  # [L, B, T, E]
@@ -63,7 +60,7 @@ def gating_loss(router_probs_per_layer, mask, task, normalizer=None):
     tokens and over all MoE layers; L_G = mean_b -log p_bar_b[y_b], y_b = its dimension (task) label.
 
     router_probs_per_layer: list over layers of [B, T, E] (MoE.router_probs of every layer, after the forward);
-    mask [B, T] bool (True on real tokens); task [B] long in 0 .. E-1 (checks.check_task_labels).
+    mask [B, T] bool (True on real tokens); task [B] long in 0 .. E-1 (check_task_labels).
     This is the negative log-likelihood of the averaged distribution: NOT cross-entropy applied to
     probabilities (a second softmax) and NOT averaged over padding. Examples without real tokens are
     left out. normalizer: divide the sum by this instead of the number of examples (data parallel).
@@ -91,23 +88,16 @@ def drift_loss(model, initial_expert_weights, gamma, kind="drift"):
     model was built = the aligned model i's FFN). gamma: one non-negative value per expert, in expert
     order (helpful, harmless, honest). A larger gamma_i keeps expert i closer to aligned model i; the
     decay reading shrinks the weights themselves (too large a gamma collapses the expert to zero).
-    It trusts its inputs: checks.check_drift_inputs checks them once, before training (fuse.py calls it right
-    after the snapshot; its --gamma flag was cli.check_gamma's before any compute). FSDP2-sharded experts are
-    DTensors: a plain W^0 next to them counts as the full tensor, and per_expert_norm gathers the E norms.
-    With LoRA deltas on the experts (fuse.py --lora-rank) W^0 is the frozen W itself and the norms come from the
-    factors (lora.lora_squared_norms); initial_expert_weights is then not read.
-    Returns a float32 scalar.
+    It trusts its inputs: fuse.py checks them once, before training (engineering/cli.py check_gamma and
+    check_drift_inputs). Under FSDP2 the experts and W^0 are sharded alike, and per_expert_norm gathers the E
+    norms. Returns a float32 scalar.
     """
     # --- exercise 5: begin ---
-    norms, loras = 0.0, expert_loras(model)
-    with implicit_replication():  # (FSDP2: a plain W^0 beside a sharded W counts as the full tensor)
-        for name, w in expert_parameters(model).items():  # w [E, ...]: W of every expert, stacked
-            if name in loras:  # LoRA (fuse.py --lora-rank): W is frozen at W^0, so W' - W^0 = (alpha/r) B A
-                norms = norms + safe_sqrt(lora_squared_norms(loras[name], w, kind))  # [E], W' never formed
-                continue
-            if kind == "drift":
-                w = w - beside(w, initial_expert_weights[name]).detach()  # W - W_i^0
-            norms = norms + per_expert_norm(f32(w))  # [E]: sum over matrices of ||.||_F, per expert
+    norms = 0.0
+    for name, w in expert_parameters(model).items():  # w [E, ...]: W of every expert, stacked
+        if kind == "drift":
+            w = w - initial_expert_weights[name].detach()  # W - W_i^0
+        norms = norms + per_expert_norm(f32(w))  # [E]: sum over matrices of ||.||_F, per expert
     g = torch.tensor(gamma, dtype=norms.dtype, device=norms.device)  # [E]
     return (g * norms).sum() / len(moe_layers(model))
     # --- exercise 5: end ---
@@ -179,8 +169,31 @@ def safe_sqrt(sq):
     return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-def beside(w, w0):
-    """W^0 as it can be subtracted from the parameter w. Under FSDP2 both are sharded alike (W^0 snapshotted after
-    fully_shard), or W^0 is plain and DTensor's implicit replication takes it as the full tensor; where FSDP2 shows
-    w unsharded (a module that does not reshard after its forward), a sharded W^0 is gathered to match."""
-    return w0.full_tensor() if hasattr(w0, "full_tensor") and not hasattr(w, "full_tensor") else w0
+# ----------------------------------------------------------------------------------------------------
+# 4. Input checks (one per input; each names the function, what it found and what it expected)
+
+
+def check_logits_and_targets(logits, targets):
+    """lm_loss: logits [B, T, V] and targets [B, T] agree on [B, T]."""
+    if logits.shape[:2] != targets.shape:
+        raise ValueError(f"lm_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
+                         f"disagree on [B, T]")
+
+
+def check_router_probs(router_probs_per_layer, mask):
+    """mean_router_probs: some MoE layer, router probs [B, T, E] against mask [B, T]."""
+    if not router_probs_per_layer:
+        raise ValueError("mean_router_probs: router_probs_per_layer is empty; the model has no MoE layer")
+    shape = (len(router_probs_per_layer), *router_probs_per_layer[0].shape)  # [L, B, T, E]
+    if shape[1:3] != tuple(mask.shape):
+        raise ValueError(f"mean_router_probs: router probs are [L, B, T, E] = {shape}, mask is "
+                         f"{tuple(mask.shape)}; expected mask [B, T]")
+
+
+def check_task_labels(task, p_bar):
+    """gating_loss: one label per example (task [B] against p_bar [B, E]), each an expert index."""
+    if task.shape != p_bar.shape[:1]:
+        raise ValueError(f"gating_loss: task has shape {tuple(task.shape)}, expected [B] = [{p_bar.shape[0]}]")
+    E = p_bar.shape[1]
+    if task.numel() and (task.min() < 0 or task.max() >= E):
+        raise ValueError(f"gating_loss: task labels {task.tolist()} must lie in 0 .. {E - 1} (one per expert)")

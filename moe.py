@@ -12,7 +12,7 @@ Paper equation -> code:
     MoE output      y = sum_{i in top-k} G_i(x) * E_i(x)            MoE.forward           [B, T, D]
     expert          E_i(x) = W2_i (silu(W1_i x) * W3_i x)          swiglu()              (SwiGLU, as LLaMA)
     same, densely   every expert on every token, masked by G        dense_moe_reference() (tests, bench)
-    fusion          E_i := FFN of aligned model i                   upcycle.py (stage 2 builds the model)
+    fusion          E_i := FFN of aligned model i                   fusion.py fuse_state_dicts
     W_i^0 for L_R   expert weights as loaded                        snapshot_expert_weights()
 The losses L_CE, L_G and L_R live in losses.py; they read `MoE.router_probs` of every layer.
 
@@ -100,35 +100,22 @@ def sort_by_expert(expert_idx, n_experts: int):
     # --- exercise 3: end ---
 
 
-def expert_linear(x, w, lora=None):
-    """x W^T for one weight w [out, in]. With a LoRA delta, lora = (A [r, in], B [out, r], scale) (lora.py), also
-    + scale * (x A^T) B^T: the same as x (W + scale B A)^T, without forming the sum. (The float32 factors run in
-    x's dtype: a bf16 model outside autocast, as in upcycle's router-init forward.)"""
-    if lora is None:
-        return F.linear(x, w)  # [n, out]
-    A, B, scale = lora
-    return F.linear(x, w) + scale * F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))  # [n, out]
+def swiglu(x, w1, w2, w3):
+    """One expert, LLaMA's SwiGLU FFN: W2 (silu(W1 x) * W3 x).  x [n, D], w1/w3 [H, D], w2 [D, H] -> [n, D]"""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)  # [n, D]
 
 
-def swiglu(x, w1, w2, w3, lora=(None, None, None)):
-    """One expert, LLaMA's SwiGLU FFN: W2 (silu(W1 x) * W3 x).  x [n, D], w1/w3 [H, D], w2 [D, H] -> [n, D]
-    lora: each matrix's delta (A, B, scale) or None, in the order w1, w2, w3 (lora.py)."""
-    return expert_linear(F.silu(expert_linear(x, w1, lora[0])) * expert_linear(x, w3, lora[2]), w2, lora[1])  # [n, D]
-
-
-def dispatch_slices(x_flat, rows, row_weight, counts, w1, w2, w3, lora=None):
+def dispatch_slices(x_flat, rows, row_weight, counts, w1, w2, w3):
     """Run the experts on the sorted rows and add each row back to its token: expert e takes its slice of the
     sorted rows (counts[e] of them), computes SwiGLU, weights each row by its gate value, and scatter-adds
     the result. Plain PyTorch, any dtype and device. unbind(0) hands out the E expert matrices as views
-    whose gradients are stacked back in one piece. (dispatch_grouped, section 5, does the same in one call.)
-    lora: None, or the stacked deltas (A [E, r, in], B [E, out, r], scale) of w1, w2, w3 (MoE.lora_factors)."""
+    whose gradients are stacked back in one piece. (dispatch_grouped, section 5, does the same in one call.)"""
     # --- exercise 3: begin ---
     sizes = counts.tolist()  # E python ints (a host sync on GPUs)
     out = torch.zeros_like(x_flat)  # [N, D]
     per_expert = zip(rows.split(sizes), row_weight.split(sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0))
-    for e, (rows_e, weight_e, w1_e, w2_e, w3_e) in enumerate(per_expert):  # [n_e] [n_e] [H, D] [D, H] [H, D]
-        lora_e = (None,) * 3 if lora is None else [(A[e], B[e], scale) for A, B, scale in lora]
-        y = swiglu(x_flat.index_select(0, rows_e), w1_e, w2_e, w3_e, lora_e)  # [n_e, D]
+    for rows_e, weight_e, w1_e, w2_e, w3_e in per_expert:  # [n_e] [n_e] [H, D] [D, H] [H, D]
+        y = swiglu(x_flat.index_select(0, rows_e), w1_e, w2_e, w3_e)  # [n_e, D]
         y = y * weight_e[:, None].to(y.dtype)  # [n_e, D]
         out.index_add_(0, rows_e, y.to(out.dtype))  # [N, D] in x's dtype (under autocast: the float32 stream)
     return out
@@ -176,7 +163,6 @@ class MoE(nn.Module):
         self.forced_expert = None
         self.backend = "auto"
         self.router_logits = self.router_probs = self.expert_idx = None
-        self.lora = None  # lora.add_lora: {"w1": LoRA, "w2": ..., "w3": ...}, each expert's low-rank delta
         self.reset_parameters()
 
     @torch.no_grad()
@@ -208,18 +194,17 @@ class MoE(nn.Module):
 
         order, rows, counts = sort_by_expert(expert_idx, self.n_experts)  # [N*k] [N*k] [E]
         row_weight = expert_weight.reshape(-1).index_select(0, order)  # [N*k] weight of each sorted row
-        lora = self.lora_factors()
-        if pick_backend(x, self.w1, self.w2, self.backend, lora) == "grouped_mm":
-            out = dispatch_grouped(x_flat, rows, row_weight, counts, self.w1, self.w2, self.w3, lora)  # [N, D]
-        else:
-            out = dispatch_slices(x_flat, rows, row_weight, counts, self.w1, self.w2, self.w3, lora)  # [N, D]
+        out = self.run_experts(x_flat, rows, row_weight, counts)  # [N, D]
         return out.view(B, T, D)  # [B, T, D]
         # --- exercise 3: end ---
 
-    def lora_factors(self):
-        """None, or (A, B, scale) of the w1, w2, w3 deltas (lora.py): expert e computes W[e] + scale B[e] A[e]."""
-        deltas = [] if self.lora is None else [self.lora[w] for w in EXPERT_MATRICES]
-        return [(d.A, d.B, d.scale) for d in deltas] or None
+    def run_experts(self, x_flat, rows, row_weight, counts):
+        """[N, D]: every expert on its block of the sorted rows, each row weighted by its gate value and added
+        back to its token, by dispatch_grouped or dispatch_slices (pick_backend). (engineering/lora.py's
+        LoRAMoE overrides this method: there every expert matrix also has a low-rank delta.)"""
+        if pick_backend(x_flat, self.w1, self.w2, self.backend) == "grouped_mm":
+            return dispatch_grouped(x_flat, rows, row_weight, counts, self.w1, self.w2, self.w3)
+        return dispatch_slices(x_flat, rows, row_weight, counts, self.w1, self.w2, self.w3)
 
     @property
     def forced_expert(self):
@@ -336,31 +321,24 @@ def grouped_mm_supported(x, w) -> bool:
     return ok_dtype and w.shape[1] % align == 0 and w.shape[2] % align == 0
 
 
-def grouped_linear(x_sorted, w, counts, lora=None):
+def grouped_linear(x_sorted, w, counts):
     """The grouped matmul, one torch._grouped_mm call. x_sorted [M, in] holds counts[0] rows for expert 0,
     then counts[1] rows for expert 1, ...; w [E, out, in]. Row j of the result [M, out] = x_sorted[j] @
-    w[e]^T for the expert e whose block holds row j. No host sync: the offsets stay on the device.
-    lora = (A [E, r, in], B [E, out, r], scale) adds each expert's delta, two more grouped matmuls."""
+    w[e]^T for the expert e whose block holds row j. No host sync: the offsets stay on the device."""
     offsets = torch.cumsum(counts, dim=0).to(torch.int32)  # [E] end row of each expert's block
-    y = torch._grouped_mm(x_sorted, w.transpose(-2, -1), offs=offsets)  # [M, out]
-    if lora is None:
-        return y
-    A, B, scale = lora
-    low = torch._grouped_mm(x_sorted, A.to(x_sorted.dtype).transpose(-2, -1), offs=offsets)  # [M, r]
-    return y + scale * torch._grouped_mm(low, B.to(x_sorted.dtype).transpose(-2, -1), offs=offsets)  # [M, out]
+    return torch._grouped_mm(x_sorted, w.transpose(-2, -1), offs=offsets)  # [M, out]
 
 
-def dispatch_grouped(x_flat, rows, row_weight, counts, w1, w2, w3, lora=None):
+def dispatch_grouped(x_flat, rows, row_weight, counts, w1, w2, w3):
     """All experts at once: gather the sorted rows, three grouped matmuls, weight, scatter-add back.
     The matmuls run in matmul_dtype(x_flat): autocast does not cover torch._grouped_mm, so we cast."""
     # --- exercise 3: begin ---
     dtype = matmul_dtype(x_flat)
     w1, w2, w3 = w1.to(dtype), w2.to(dtype), w3.to(dtype)  # no-ops unless autocast is on
     x_sorted = x_flat.index_select(0, rows).to(dtype)  # [M, D] expert 0's rows, then expert 1's, ...
-    lora = lora or (None, None, None)  # (the deltas' factors are cast in grouped_linear)
-    gate = grouped_linear(x_sorted, w1, counts, lora[0])  # [M, H]
-    up = grouped_linear(x_sorted, w3, counts, lora[2])  # [M, H]
-    y_sorted = grouped_linear(F.silu(gate) * up, w2, counts, lora[1])  # [M, D]
+    gate = grouped_linear(x_sorted, w1, counts)  # [M, H]
+    up = grouped_linear(x_sorted, w3, counts)  # [M, H]
+    y_sorted = grouped_linear(F.silu(gate) * up, w2, counts)  # [M, D]
     y_sorted = y_sorted * row_weight[:, None].to(y_sorted.dtype)  # [M, D]
     # accumulate in x's dtype: under bf16 autocast x (the residual stream) is float32, the experts' output bf16
     return torch.zeros_like(x_flat).index_add_(0, rows, y_sorted.to(x_flat.dtype))  # [N, D] sums its k rows
@@ -375,11 +353,11 @@ def dispatch_grouped(x_flat, rows, row_weight, counts, w1, w2, w3, lora=None):
 BACKENDS = ("auto", "grouped_mm", "slices")
 
 
-def pick_backend(x, w1, w2, backend="auto", lora=None):
+def pick_backend(x, w1, w2, backend="auto"):
+    """"grouped_mm" or "slices": how MoE.backend ("auto" picks by device and dtype) runs the experts."""
     if backend not in BACKENDS:
         raise ValueError(f"MoE.backend={backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        weights = [w1, w2] + [t for A, B, _ in lora or () for t in (A, B)]  # (LoRA: r must be aligned too)
-        fast = x.device.type == "cuda" and all(grouped_mm_supported(x, w) for w in weights)
+        fast = x.device.type == "cuda" and all(grouped_mm_supported(x, w) for w in (w1, w2))
         return "grouped_mm" if fast else "slices"
     return backend

@@ -20,15 +20,15 @@ import torch
 import model as M
 from engineering import checkpoints as C
 from data.tokenizer import Tokenizer
-from engineering.cli import (add_data_args, add_lora_args, add_train_args, check_corpus_flags, check_data_given, check_held_out,
+from engineering.cli import (add_data_args, config_from_args, add_lora_args, add_train_args, check_corpus_flags, check_data_given, check_held_out,
                  check_init, check_lora, check_model_size, check_model_size_flags, run_cli)
 from data import streams as S
 from data.toy import load_corpus_documents
 from engineering.distributed import Dist, setup_distributed, shard_model
 from engineering.lora import add_lora, init_lora
 from losses import lm_loss
-from engineering.rundir import check_run_dir, start_run_dir
-from trainer import StepCounts, compute_dtype, config_from_args, seed_everything, train
+from engineering.rundir import Run, check_run_dir, start_run_dir
+from trainer import StepCounts, compute_dtype, seed_everything, train
 
 DEFAULT_DATA_DIR = "runs/toy/data"
 MODEL_SIZE = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": None, "multiple_of": 32}  # --init scratch
@@ -45,9 +45,9 @@ def freeze_all_but_ffn(model):
 
 def lm_objective(model, batch, counts: StepCounts):
     """L_CE on this rank's part of the micro-batch: summed over its target tokens / counts.n_targets (the step's
-    target tokens, per rank; trainer.StepCounts), so the trainer's accumulated gradient is that of the step's mean."""
+    target tokens over all ranks / world size: trainer.StepCounts), so the trainer's accumulated gradient is that of the step's mean."""
     logits = model(batch["tokens"])  # [B, T, V]
-    loss = lm_loss(logits, batch["targets"], normalizer=counts.n_targets)
+    loss = lm_loss(logits, batch["targets"], normalizer=counts.targets_per_rank)
     return loss, {"lm": loss.detach()}
 
 
@@ -65,7 +65,7 @@ def load_model(args, d: Dist):
         torch.manual_seed(args.seed)
         return M.Transformer(margs), tokenizer, tokenizer_path
     tokenizer_path = os.path.join(args.init, "tokenizer.model")
-    model, _ = C.load_checkpoint(args.init, dtype=compute_dtype(d) if args.lora_rank else torch.float32)
+    model, _ = C.load_checkpoint(args.init, dtype=compute_dtype(d.device) if args.lora_rank else torch.float32)
     return model, Tokenizer(tokenizer_path), tokenizer_path
 
 
@@ -103,8 +103,8 @@ def main(argv=None):
         lora = f", LoRA r={args.lora_rank} alpha={args.lora_alpha:g}" if args.lora_rank else ""
         print(f"{args.out}: {n / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable ({args.trainable}{lora}), "
               f"data={args.data}, world_size={d.world_size}, device={d.device}")
-    train(model, stream, lm_objective, cfg, d, args.out, train_dir, tokenizer_path, resume=args.resume,
-          val_batches=val, seq_len=args.seq_len)
+    run = Run(d, args.out, train_dir, tokenizer_path, cfg.steps, cfg.log_every, resume=args.resume)
+    train(model, stream, lm_objective, cfg, run, val_batches=val, seq_len=args.seq_len)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,32 +1,26 @@
 """The handwritten training loop shared by train_expert.py (stages 0 and 1) and fuse.py (stage 2).
 
 Read top to bottom:
-  1. train()               the loop: accumulate, clip, step, log, evaluate, save; stop on NaN (checks.check_finite)
-  2. Optimiser, schedule   AdamW (decay on >=2-D weights only), linear warmup + cosine decay
-  3. FLOPs and MFU         model FLOPs/s over the matmul peak in the dtype the matmuls run in (bf16 on CUDA,
-                           float32 on CPU), measured at start-up or given (--peak-tflops); always in (0, 1]
-  4. Set-up                seed_everything; config_from_args (the flags, checked by cli.check_train_args)
-What a step reads -- deterministic example streams, each rank its slice of the global batch -- is data/streams.py;
-one process or FSDP2 over torchrun's ranks is distributed.py; the run directory OUT/ + OUT.train/ (Meta-format
-model, run.json, log.jsonl, resumable state) is runstate.py; the flags are cli.py.
+  1. train()               the loop: accumulate, clip, step, log, evaluate, save
+  2. Optimiser, schedule   AdamW (decay on >= 2-D weights only), linear warmup + cosine decay
+  3. FLOPs and MFU         model FLOPs/s over the matmul peak in the dtype the matmuls run in (bf16 on
+                           CUDA, float32 on CPU), measured at start-up or given (--peak-tflops)
+  4. Set-up and checks     seed_everything, compute_dtype; the checks of train()'s inputs
+The loop imports nothing of the machinery. What it needs from outside comes in one argument, `run`
+(engineering/rundir.py Run): the process group (rank, world_size, device, sum_over_ranks, autocast)
+and the run's directory (start: resume or begin, log, save_state, finish: save the model). One
+process or FSDP2 over torchrun's ranks, the loop reads the same. What a step reads -- deterministic
+example streams, each rank its slice of the global batch -- is data/streams.py.
 """
-import json
 import math
-import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from checks import check_batch_divides, check_finite, check_trainable
-from engineering.cli import check_train_args
 from data.format import IGNORE_INDEX
-from engineering.distributed import Dist, all_reduce_sum, autocast_context
-from engineering.rundir import load_train_state, nest, save_model, save_train_state, start_log
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The loop
@@ -46,123 +40,126 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     seed: int = 0
     peak_flops: float = 0.0  # FLOP/s per device for MFU; 0 = measure at start-up
-    compile: bool = False  # torch.compile every transformer block (after FSDP's fully_shard under torchrun)
+    compile: bool = False  # torch.compile every transformer block (after FSDP's fully_shard)
 
 
 @dataclass(frozen=True)
 class StepCounts:
-    """What a loss function needs to scale its part of one optimiser step; train() passes one with every batch.
-
-    A rank's loss on one micro-batch must be scaled so that the gradients summed over the step's micro-batches and
-    averaged over the ranks (FSDP's reduce-scatter averages) are the gradient of the loss of the whole step:
-      n_targets   target tokens (targets != IGNORE_INDEX) in all the step's micro-batches on all ranks, / world size
-                  (divide a sum over tokens by it: a global per-token mean)
-      n_examples  examples in all the step's micro-batches on all ranks, / world size (the same, per example)
-      n_micro     micro-batches per step (--grad-accum): divide a term of the weights alone, which every micro-batch
-                  of every rank computes alike, by it, so that the step adds it once
-    evaluate_loss passes the counts of one held-out batch, n_micro = 1."""
-    n_targets: float
-    n_examples: float
+    """What a loss of one micro-batch is divided by, so that one backward() per micro-batch accumulates
+    the gradient of the whole step's loss, however the step's batch is spread over micro-batches and
+    ranks (FSDP averages the ranks' gradients: a rank divides its sum by the step's count / world_size):
+      n_targets    target tokens (targets != IGNORE_INDEX) in all the step's micro-batches, all ranks
+      n_examples   examples in all the step's micro-batches, all ranks
+      world_size   ranks taking part
+      n_micro      micro-batches per step (--grad-accum): a term of the weights alone, which every
+                   micro-batch of every rank computes alike, is divided by it, so the step adds it once
+    evaluate_loss passes the counts of one held-out batch on one rank."""
+    n_targets: int
+    n_examples: int
+    world_size: int = 1
     n_micro: int = 1
 
+    @property
+    def targets_per_rank(self) -> float:
+        """Divide a rank's sum over its target tokens by this: a per-token mean over the whole step."""
+        return self.n_targets / self.world_size
 
-def train(model, stream, loss_fn, cfg: TrainConfig, d: Dist, out_dir: str, train_dir: str, tokenizer_path: str,
-          resume: bool = False, val_batches=None, seq_len: int = 128):
-    """Train `model` for cfg.steps optimiser steps and write it to out_dir in Meta's format.
+    @property
+    def examples_per_rank(self) -> float:
+        """Divide a rank's sum over its examples by this: a per-example mean over the whole step."""
+        return self.n_examples / self.world_size
 
-    loss_fn(model, batch, counts: StepCounts) -> (loss, metrics): the whole objective for this rank's part of one
-        micro-batch, scaled with `counts` (see StepCounts) so that one backward() per micro-batch accumulates the
-        gradient of the step's loss. It runs under autocast_context(d). Every metric is scaled the same way: its
-        sum over the step's micro-batches, averaged over ranks, is what the log shows.
+
+def train(model, stream, loss_fn, cfg: TrainConfig, run, val_batches=None, seq_len: int = 128):
+    """Train `model` for cfg.steps optimiser steps; run.finish writes it (Meta's format) at the end.
+
+    loss_fn(model, batch, counts: StepCounts) -> (loss, metrics): the whole objective for this rank's
+        part of one micro-batch, scaled with `counts` so that one backward() per micro-batch accumulates
+        the gradient of the step's loss. It runs under run.autocast(). Every metric is scaled the same
+        way: its sum over the step's micro-batches, averaged over ranks, is what the log shows.
     """
-    check_batch_divides(cfg.batch_size, d.world_size)
+    check_batch_divides(cfg.batch_size, run.world_size)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     if cfg.compile:  # in place: parameter names, checkpoints and hooks stay as they are
         for block in model.layers:
             block.compile()
-    start_step = load_train_state(model, optimizer, train_dir, d) if resume else 0
-    peak = cfg.peak_flops or measure_matmul_peak(d.device, compute_dtype(d))  # FLOP/s of one rank
+    start_step = run.start(model, optimizer)  # 0, or the step a resumed run's saved state holds
+    peak = cfg.peak_flops or measure_matmul_peak(run.device, compute_dtype(run.device))  # one rank
     fpt = flops_per_token(model, seq_len)
-    log_path = start_log(train_dir, start_step, resume, d)
-    progress = None
-    if d.is_main:
-        progress = tqdm(total=cfg.steps, initial=start_step, desc=os.path.basename(out_dir), file=sys.stdout,
-                        dynamic_ncols=True, disable=None)
-        if resume:
-            progress.write(f"resumed from step {start_step}")
     window_tokens, window_start, window_first_step = 0, time.perf_counter(), start_step
     for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = [stream.batch(step * cfg.grad_accum + m, cfg.batch_size, d) for m in range(cfg.grad_accum)]
-        totals = torch.tensor([sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro),
-                               sum(len(b["task"]) for b in micro),
-                               sum(int(b["mask"].sum()) for b in micro)], dtype=torch.float64)
-        n_targets, n_examples, n_tokens = (all_reduce_sum(totals, d) / d.world_size).tolist()
-        counts = StepCounts(n_targets, n_examples, n_micro=cfg.grad_accum)
+        micro = [stream.batch(step * cfg.grad_accum + m, cfg.batch_size, run)
+                 for m in range(cfg.grad_accum)]
+        counts, n_tokens = step_counts(micro, cfg.grad_accum, run)
         sums = {}
         for batch in micro:
-            batch = {k: v.to(d.device) for k, v in batch.items()}
-            with autocast_context(d):
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            with run.autocast():
                 loss, metrics = loss_fn(model, batch, counts)
             loss.backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # every metric, summed over ranks, is world_size x its value for the step (see StepCounts)
-        totals = all_reduce_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64), d)
-        metrics = {k: v / d.world_size for k, v in zip(sorted(sums), totals.tolist())}
-        metrics["grad_norm"] = float(grad_norm)
-        check_finite(metrics, step, train_dir)  # stop on NaN: the last good state stays intact
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        metrics = mean_over_ranks(sums, run) | {"grad_norm": full_value(grad_norm)}
+        check_finite(metrics, step, run.train_dir)  # stop on NaN: the last good state stays intact
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window_tokens += n_tokens * d.world_size  # real (non-padding) tokens processed this step, all ranks
+        window_tokens += n_tokens  # real (non-padding) tokens processed this step, all ranks
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.log_every == 0 or last:
             seconds = time.perf_counter() - window_start
             tokens_per_s = window_tokens / seconds
-            record = {"step": step + 1, "lr": lr, **nest({k: round(v, 5) for k, v in metrics.items()}),
-                      "tokens_per_s": round(tokens_per_s, 1),  # eta_s: steps left x this window's time per step
+            record = {"step": step + 1, "lr": lr, **{k: round(v, 5) for k, v in metrics.items()},
+                      "tokens_per_s": round(tokens_per_s, 1),  # eta_s: this window's time per step
                       "eta_s": round((cfg.steps - step - 1) * seconds / (step + 1 - window_first_step), 3),
-                      "mfu": round(mfu(tokens_per_s * fpt / d.world_size, peak), 4)}
-            peak = max(peak, tokens_per_s * fpt / d.world_size)  # achieved more than "peak": a better bound
-            if val_batches is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                record["val_loss"] = round(evaluate_loss(model, val_batches, loss_fn, d), 5)
-            if d.is_main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                shown = {k: record[k] for k in list(metrics) + ["val_loss", "tokens_per_s", "mfu"]
-                         if k in record and "/" not in k}
-                progress.set_postfix(shown, refresh=False)
-                if progress.disable and ((step + 1) % max(cfg.log_every, cfg.steps // 10) == 0 or last):
-                    print(f"step {step + 1}/{cfg.steps} " + " ".join(f"{k}={v}" for k, v in shown.items())
-                          + f" eta={tqdm.format_interval(record['eta_s'])}", flush=True)
+                      "mfu": round(mfu(tokens_per_s * fpt / run.world_size, peak), 4)}
+            peak = max(peak, tokens_per_s * fpt / run.world_size)  # achieved more: a better bound
+            if val_batches is not None and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                record["val_loss"] = round(evaluate_loss(model, val_batches, loss_fn, run), 5)
+            run.log(record)
             window_tokens, window_start, window_first_step = 0, time.perf_counter(), step + 1
-        if progress:
-            progress.update(1)
+        run.step_done()
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-            save_train_state(model, optimizer, step + 1, train_dir, d)
-    if progress:
-        progress.close()
-    save_model(model, out_dir, tokenizer_path, d)
-    save_train_state(model, optimizer, cfg.steps, train_dir, d)
+            run.save_state(model, optimizer, step + 1)
+    run.finish(model, optimizer, cfg.steps)  # the model in Meta's format, and the final state
     return model
 
 
+def step_counts(micro: list, grad_accum: int, run) -> tuple:
+    """(StepCounts of one optimiser step's micro-batches over all ranks, the real tokens they hold)."""
+    local = [sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro),
+             sum(len(b["task"]) for b in micro), sum(int(b["mask"].sum()) for b in micro)]
+    n_targets, n_examples, n_tokens = (int(n) for n in run.sum_over_ranks(local))
+    return StepCounts(n_targets, n_examples, run.world_size, n_micro=grad_accum), n_tokens
+
+
+def mean_over_ranks(sums: dict, run) -> dict:
+    """Every metric's sum over the step's micro-batches, averaged over ranks (see StepCounts)."""
+    totals = run.sum_over_ranks([sums[k] for k in sorted(sums)])
+    return {k: v / run.world_size for k, v in zip(sorted(sums), totals)}
+
+
+def full_value(t) -> float:
+    """A scalar tensor's value; FSDP2 returns a DTensor (its full_tensor() is the value on every rank)."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
 @torch.no_grad()
-def evaluate_loss(model, batches: list, loss_fn, d: Dist) -> float:
-    """Mean response-token loss (loss_fn's "lm" metric) over held-out batches (each rank its share; summed over ranks)."""
-    total = torch.zeros(2, dtype=torch.float64)
+def evaluate_loss(model, batches: list, loss_fn, run) -> float:
+    """Mean response-token loss (loss_fn's "lm" metric) over held-out batches (each rank its share)."""
+    total = [0.0, 0.0]  # (loss x target tokens, target tokens) summed over this rank's batches
     for batch in batches:
-        batch = {k: v.to(d.device) for k, v in batch.items()}
-        n = float((batch["targets"] != IGNORE_INDEX).sum())
-        with autocast_context(d):
-            _, metrics = loss_fn(model, batch, StepCounts(n, float(len(batch["task"]))))
-        total += torch.tensor([metrics["lm"] * n, n], dtype=torch.float64)
-    total = all_reduce_sum(total, d)
-    return float(total[0] / total[1])
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        n = int((batch["targets"] != IGNORE_INDEX).sum())
+        with run.autocast():
+            _, metrics = loss_fn(model, batch, StepCounts(n, len(batch["task"])))
+        total = [total[0] + float(metrics["lm"]) * n, total[1] + n]
+    loss_sum, n_targets = run.sum_over_ranks(total)
+    return loss_sum / n_targets
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,8 +192,8 @@ def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 
 def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token: 2N forward + 2N backward to the inputs + 2N_trainable weight gradients,
     N = matmul parameters a token passes through (embedding lookup excluded; an MoE layer counts its
-    router and top_k of its E experts), plus attention scores 12 * layers * dim * seq_len (PaLM's count).
-    With every parameter trainable this is the usual 6N."""
+    router and top_k of its E experts), plus attention scores 12 * layers * dim * seq_len (PaLM's
+    count). With every parameter trainable this is the usual 6N."""
     # --- exercise 10: begin ---
     args = model.params
     active = trainable = 0.0
@@ -210,21 +207,16 @@ def flops_per_token(model, seq_len: int) -> float:
     # --- exercise 10: end ---
 
 
-def compute_dtype(d: Dist):
-    """The dtype the training matmuls run in: bf16 on CUDA (autocast, or FSDP2's MixedPrecisionPolicy), else float32."""
-    return torch.bfloat16 if d.device.type == "cuda" else torch.float32
-
-
 def mfu(model_flops_per_s: float, peak_flops_per_s: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak, in (0, 1]. A peak below what the model
-    itself achieves was measured in a busy moment (or given too low): train() then raises it to the achieved
-    rate, a true lower bound of the machine's peak, so a busy start-up can never print an MFU above 1."""
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak, in (0, 1]. A peak below what the
+    model itself achieves was measured in a busy moment (or given too low): train() then raises it to
+    the achieved rate, a true lower bound of the machine's peak, so an MFU above 1 is never printed."""
     return min(1.0, model_flops_per_s / peak_flops_per_s)
 
 
 def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> float:
-    """FLOP/s of a square matmul on this machine in `dtype` (the denominator of MFU): the best of the timed
-    matmuls over about a second, so one slow moment does not lower it (a busy whole second still can)."""
+    """FLOP/s of a square matmul on this machine in `dtype` (the denominator of MFU): the best of the
+    timed matmuls over about a second, so one slow moment does not lower it (a busy second still can)."""
     n = 1024 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best, deadline = 0.0, time.perf_counter() + seconds
@@ -240,7 +232,7 @@ def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> fl
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Set-up
+# 4. Set-up, and the checks of train()'s inputs
 
 
 def seed_everything(seed: int):
@@ -249,11 +241,24 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def config_from_args(args) -> TrainConfig:
-    """The TrainConfig of cli.add_train_args' flags, each checked first (cli.check_train_args)."""
-    check_train_args(args)
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                       warmup=min(args.warmup, args.steps), weight_decay=args.weight_decay,
-                       grad_clip=args.grad_clip, log_every=args.log_every, eval_every=args.eval_every,
-                       save_every=args.save_every, seed=args.seed, peak_flops=args.peak_tflops * 1e12,
-                       compile=args.compile)
+def compute_dtype(device) -> torch.dtype:
+    """The dtype the training matmuls run in: bf16 on CUDA (autocast on one GPU, FSDP2's
+    MixedPrecisionPolicy under torchrun), else float32."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def check_trainable(params: list):
+    if not params:
+        raise ValueError("no trainable parameters")
+
+
+def check_batch_divides(batch_size: int, world_size: int):
+    if batch_size % world_size:
+        raise ValueError(f"--batch-size {batch_size} must be divisible by the world size {world_size}")
+
+
+def check_finite(metrics: dict, step: int, train_dir: str):
+    """Stop on a non-finite loss or gradient of the 0-based step `step`, before the optimiser applies it."""
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient ({metrics}); the last "
+                                 f"good checkpoint (if any) in {train_dir}/state is left intact")

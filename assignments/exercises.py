@@ -78,7 +78,7 @@ EXERCISES = (
          "  e's matrix as a view of the stacked parameter (so an idle expert still gets a zero gradient).",
          "Scatter back with `torch.zeros_like(x_flat).index_add_(0, rows, y)`: each token sums its k weighted rows.",
          "`MoE.forward` keeps `router_logits`, `router_probs` and `expert_idx` on the module (the losses read them),\n"
-         "  computes the router in float32 with autocast off, and picks the backend with `pick_backend`."),
+         "  computes the router in float32 with autocast off, and hands the sorted rows to `self.run_experts`."),
         "Extension: measure both backends against the ideal and the HF-style loop with `python bench/bench_moe.py`."),
     Exercise(
         4, "The gating loss L_G", ("losses.mean_router_probs", "losses.gating_loss"),
@@ -87,8 +87,8 @@ EXERCISES = (
         "MoE layers, then take the mean negative log-likelihood of the example's dimension. Not a cross-entropy on\n"
         "probabilities (a second softmax squeezes the loss into a narrow band) and not averaged over padding — the\n"
         "two defects of the authors' release.",
-        ("Start each function with its given check (`checks.check_router_probs`, `checks.check_task_labels` on the\n"
-         "  long labels): the bad-input test expects their errors.",
+        ("Start each function with its given check (`check_router_probs`, `check_task_labels` on the long labels;\n"
+         "  section 4 of losses.py): the bad-input test expects their errors.",
          "Stack the layers to `[L, B, T, E]`, zero the padding with the mask, sum over layers and tokens, and divide\n"
          "  by (real tokens × layers) of each example.",
          "`p_bar.gather(1, task[:, None])` picks each example's probability; clamp it at `torch.finfo(dtype).tiny`\n"
@@ -99,31 +99,30 @@ EXERCISES = (
         (("tests/test_losses.py", ("drift",)), ("tests/test_training.py", ("gamma",))), 10,
         "`Σ_i γ_i Σ_{W ∈ expert i} ‖W − W_i⁰‖_F / n_layers` (Frobenius norm, not squared), and the `decay` reading\n"
         "`Σ_i γ_i Σ ‖W‖_F`. Mind the gradient at `W = W⁰` (the norm is not differentiable at 0: return a zero\n"
-        "gradient, not NaN) and FSDP-sharded parameters. The second test checks it end to end: a larger γ_i keeps\n"
-        "expert i closer to its aligned model.",
+        "gradient, not NaN). The second test checks it end to end: a larger γ_i keeps expert i closer to its\n"
+        "aligned model.",
         ("`moe.expert_parameters(model)` gives every stacked `[E, ...]` expert matrix by the name W⁰ is stored under;\n"
-         "  `per_expert_norm` (section 3 of losses.py) is ‖·‖_F per expert, with a zero gradient at 0 and FSDP-safe.",
+         "  `per_expert_norm` (section 3 of losses.py) is ‖·‖_F per expert, with a zero gradient at 0.",
          "Detach W⁰; divide by the number of MoE layers, not by the number of matrices.",
-         "Under FSDP2 the experts are DTensors and W⁰ may be a plain tensor: subtract `beside(w, W⁰)` inside\n"
-         "  `implicit_replication()`. The inputs are checked elsewhere (`checks.check_drift_inputs`), not here.")),
+         "The inputs are checked elsewhere (`engineering/cli.py` `check_drift_inputs`), not here; FSDP2's sharded\n"
+         "  experts and LoRA's deltas never reach your code as anything but the equation's tensors.")),
     Exercise(
-        6, "Fusion (upcycling)", ("upcycle.fill_from_base", "upcycle.fill_from_expert"),
+        6, "Fusion (upcycling)", ("fusion.fuse_state_dicts",),
         (("tests/test_moe.py", ("forced_expert_i", "identical_experts", "fused_model", "router_init_random",
-                                "fusion_refuses", "non_ffn_difference")),), 10,
-        "Fill the fused model's parameters from the checkpoints: every tensor but the experts from the base, each\n"
-        "layer's router from `routers`, and row i of every stacked expert matrix from aligned model i's FFN. Only\n"
-        "this rank's rows (`local_rows`): under FSDP each rank reads its share and nothing else. Graded by the\n"
-        "invariant that makes fusion correct: the fused model routed entirely to expert i computes exactly aligned\n"
-        "model i's logits.",
-        ("Read `fuse_state_dicts` at the top of upcycle.py first: the same fusion on whole state dicts; yours fills\n"
-         "  the same tensors row by row.",
-         "`local_rows(param)` gives (the tensor to fill, first row, end row); `CheckpointRows.rows(name, a, b)` reads\n"
-         "  rows [a, b) of a checkpoint tensor.",
-         "Expert i's `layers.L.feed_forward.w1.weight` `[H, D]` is row i of the MoE's `w1` `[E, H, D]`; skip the\n"
-         "  expert matrices in `fill_from_base` (their names end in `w1`, `w2`, `w3`: `EXPERT_MATRICES`).",
-         "Copy in place with `.copy_()` under `torch.no_grad()` (the decorator is already there).")),
+                                "fusion_refuses", "non_ffn_difference_is_reported")),), 10,
+        "Build the fused model's state dict from loaded ones: every tensor but the FFNs from the base, and in every\n"
+        "layer the router from `routers` and each stacked expert matrix `[E, ...]` from the aligned models' FFN\n"
+        "matrices, expert i = aligned model i. Graded by the invariant that makes fusion correct: the fused model\n"
+        "routed entirely to expert i computes exactly aligned model i's logits.",
+        ("`is_ffn_key(name)` tells the dense FFN matrices (`layers.L.feed_forward.w1.weight`, ...), which the fused\n"
+         "  model does not have, from everything it takes from the base.",
+         "Expert i's `layers.L.feed_forward.w1.weight` `[H, D]` is row i of the MoE's `layers.L.feed_forward.w1`\n"
+         "  `[E, H, D]`: `torch.stack` over the aligned models, for w1, w2 and w3 (`EXPERT_MATRICES`).",
+         "The router of layer L is `layers.L.feed_forward.router.weight`, `[E, D]`."),
+        "Extension: read `engineering/lean_fusion.py`, which fills the same tensors row by row, each rank of a\n"
+        "torchrun only its own rows; `tests/test_moe.py` holds the two bit for bit."),
     Exercise(
-        7, "A router initialisation", ("upcycle.hidden_router_rows",),
+        7, "A router initialisation", ("fusion.hidden_router_rows",),
         (("tests/test_moe.py", ("router_init_hidden",)),), 5,
         "Initialise router row i of every layer from the base model's mean normalised FFN input on dimension i's\n"
         "prompts, so that the untrained router already routes sensibly. Then try your own (e.g. the difference of\n"

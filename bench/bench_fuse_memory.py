@@ -2,7 +2,7 @@
 
 Two ways to build, each in its own torchrun (peak RSS is per process), side by side in one run:
     lean   what fuse.py does: the fused model on the meta device, fully_shard, then each rank reads only its
-           rows of the checkpoint files (upcycle.build_fused_model(shard=...))
+           rows of the checkpoint files (engineering/lean_fusion.py build_fused_model(shard=...))
     full   every rank first builds the whole fused model, then shards it (what fuse.py did before)
 For each rank it prints the peak resident memory (VmHWM, which counts the memory-mapped checkpoint pages a
 rank touched too) minus the resident memory before building, against that rank's share of the fused
@@ -28,7 +28,7 @@ import model as M  # noqa: E402
 from engineering import checkpoints as C
 from engineering.distributed import end_process_group, full_state_dict, setup_distributed, shard_model  # noqa: E402
 from engineering.tiny import make_tiny_checkpoint  # noqa: E402
-from upcycle import build_fused_model  # noqa: E402
+from engineering.lean_fusion import build_fused_model  # noqa: E402
 
 PROMPTS = [["How do I bake bread?"], ["How do I pick a lock?"], ["Where was Ada born?"]]
 

@@ -10,7 +10,7 @@ renamed into place, so a kill never leaves half of one.
   read_checkpoint_args  a checkpoint's ModelArgs (params.json or config.json), vocab_size resolved
   save_checkpoint       params.json + consolidated.NN.pth (+ tokenizer.model), atomically
   recover_checkpoint    finish or roll back a save a kill interrupted
-  architecture, check_same_architecture    what two checkpoints must share to be fused or merged
+  architecture, check_fusion_inputs        what checkpoints must share to be fused or merged
   check_*               one per thing a Meta directory can get wrong
 """
 import glob
@@ -24,6 +24,7 @@ import torch.nn as nn
 
 import model as M
 from data.tokenizer import Tokenizer
+from fusion import ROUTER_INITS
 from engineering.fileio import recover_dir, replace_dir, write_atomic
 from engineering.hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint,
                                        read_hf_params, read_torch_file)
@@ -182,14 +183,50 @@ def first_difference(args, other_args):
     return next(((k, a[k], b[k]) for k in a if a[k] != b[k]), None)
 
 
-def check_same_architecture(base_args, args, base_dir, expert_dir):
-    """An aligned model has its base's architecture (and is dense): stage 2 stacks their FFNs."""
-    diff = first_difference(args, base_args)
-    if diff:
-        name, b, a = diff
-        raise ValueError(f"{config_path(expert_dir)}: {name}={b!r}, but the base {base_dir} has "
-                         f"{name}={a!r}; aligned models must have the base's architecture (and be "
-                         f"dense, n_experts=0)")
+def check_fusion_inputs(base_dir: str, expert_dirs: list, router_init: str, init_prompts) -> M.ModelArgs:
+    """Stage 2's inputs, before anything is loaded: the checkpoints are there, one aligned model per expert,
+    a known router init ("hidden" needs a non-empty list of prompts per expert), a dense base, and every
+    aligned model of the base's architecture. Returns the base's ModelArgs."""
+    for d in [base_dir] + list(expert_dirs):
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"{d}: checkpoint directory not found (the base or an aligned model)")
+    if not expert_dirs:
+        raise ValueError("the list of aligned checkpoints is empty; expected one per expert")
+    if router_init not in ROUTER_INITS:
+        raise ValueError(f"router_init={router_init!r}; expected one of {ROUTER_INITS}")
+    n_experts = len(expert_dirs)
+    if router_init == "hidden" and (init_prompts is None or len(init_prompts) != n_experts
+                                    or any(len(p) == 0 for p in init_prompts)):
+        raise ValueError(f"router_init='hidden' needs init_prompts = {n_experts} non-empty lists of prompts "
+                         f"(one per expert), got {init_prompts!r:.200}")
+    base_args = read_checkpoint_args(base_dir)
+    if base_args.n_experts != 0:
+        raise ValueError(f"{config_path(base_dir)}: n_experts={base_args.n_experts}; the base must be a "
+                         f"dense model")
+    for expert_dir in expert_dirs:
+        diff = first_difference(read_checkpoint_args(expert_dir), base_args)
+        if diff:
+            name, found, expected = diff
+            raise ValueError(f"{config_path(expert_dir)}: {name}={found!r}, but the base {base_dir} has "
+                             f"{name}={expected!r}; aligned models must have the base's architecture (and "
+                             f"be dense, n_experts=0)")
+    return base_args
+
+
+def check_non_ffn_difference(expert_dir: str, base_dir: str, max_diff: float, key, limit, verbose: bool):
+    """An aligned model's non-FFN weights against the base's: max |difference| `max_diff` (at `key`). Stage 1
+    freezes them, so it is 0; the fused model takes the base's anyway. Above `limit` (fuse.py: 0, unless
+    --allow-foreign-experts; None: no limit) the expert was trained from another base: refused. Reported
+    when verbose."""
+    if limit is not None and max_diff > limit:
+        raise ValueError(f"{expert_dir}: its non-FFN weights differ from the base's ({base_dir}) by up to "
+                         f"{max_diff:.3g} ({key}); an H3Fusion expert is an FFN-only fine-tune of the "
+                         f"base (stage 1 freezes everything else), this looks like a model trained from "
+                         f"another base")
+    if verbose:
+        print(f"fusion: {expert_dir}: max |non-FFN - base| = {max_diff:.3g}"
+              + (f" ({key}) -- NOT an FFN-only fine-tune of this base; fused anyway, with the base's "
+                 f"weights" if max_diff else ""))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
   parse_dtype       --dtype float32 | bfloat16 | float16
   add_data_args     --data-path, --task: local copies of the real datasets, and files of records
   add_train_args    the training flags of train_expert.py and fuse.py; check_train_args refuses bad values
-                    before any compute (trainer.config_from_args turns them into a TrainConfig)
+                    before any compute; config_from_args turns them into a trainer.TrainConfig
   add_lora_args     --lora-rank, --lora-alpha of both scripts; check_lora
   check_held_out    --eval-every needs a held-out split
   parse_list        '0.1,0.3,0.1' -> [0.1, 0.3, 0.1]
@@ -21,6 +21,9 @@ import sys
 import torch
 
 from data import TASK_NAMES
+from engineering.lora import expert_loras
+from moe import expert_parameters, moe_layers
+from trainer import TrainConfig
 from engineering.distributed import end_process_group
 from engineering.hf_checkpoint import config_path
 
@@ -130,6 +133,16 @@ def check_train_args(args):
     if args.resume and args.overwrite:
         raise ValueError("--resume with --overwrite: --resume continues the run in --out, --overwrite replaces it; "
                          "pass one of them")
+
+
+def config_from_args(args) -> TrainConfig:
+    """The TrainConfig of add_train_args' flags, each checked first (check_train_args)."""
+    check_train_args(args)
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       warmup=min(args.warmup, args.steps), weight_decay=args.weight_decay,
+                       grad_clip=args.grad_clip, log_every=args.log_every, eval_every=args.eval_every,
+                       save_every=args.save_every, seed=args.seed, peak_flops=args.peak_tflops * 1e12,
+                       compile=args.compile)
 
 
 def check_held_out(eval_every: int, val_batches, data: str):
@@ -267,3 +280,31 @@ def check_corpus_flags(parser, args):
 def check_init(parser, args):
     if args.init != "scratch" and not os.path.isdir(args.init):
         parser.error(f"--init {args.init}: not 'scratch' and not a checkpoint directory")
+
+
+def check_drift_inputs(model, initial_expert_weights, gamma, kind="drift"):
+    """Everything losses.drift_loss trusts, checked once when fuse.py has built the model and snapshotted W^0
+    (the flag itself was check_gamma's): kind, gamma (one finite value >= 0 per expert) and, for kind="drift",
+    a W^0 (moe.snapshot_expert_weights) of the parameter's shape for every stacked expert matrix (a matrix with
+    a LoRA delta is its own W^0: frozen, engineering/lora.py lora_drift_loss)."""
+    if kind not in ("drift", "decay"):
+        raise ValueError(f"drift_loss: kind={kind!r}; expected 'drift' or 'decay'")
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("drift_loss: the model has no MoE layer")
+    gamma = [float(g) for g in gamma]
+    if len(gamma) != layers[0].n_experts:
+        raise ValueError(f"drift_loss: gamma has {len(gamma)} values {gamma}, expected one per expert "
+                         f"({layers[0].n_experts})")
+    if any(g < 0 or g != g for g in gamma):
+        raise ValueError(f"drift_loss: gamma {gamma} must be non-negative")
+    loras = expert_loras(model)
+    for key, w in expert_parameters(model).items() if kind == "drift" else ():
+        if key in loras:
+            continue
+        if key not in initial_expert_weights:
+            raise KeyError(f"drift_loss: no initial weight for {key}; take moe.snapshot_expert_weights(model) "
+                           f"of this model right after building it")
+        if tuple(initial_expert_weights[key].shape) != tuple(w.shape):
+            raise ValueError(f"drift_loss: {key} is {tuple(w.shape)} but its initial weight is "
+                             f"{tuple(initial_expert_weights[key].shape)}")

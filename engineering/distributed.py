@@ -120,7 +120,7 @@ def local_rows(param) -> tuple:
     (placement,) = param.placements
     if placement.dim != dim:
         raise ValueError(f"a parameter of shape {tuple(param.shape)} is sharded on dim {placement.dim}; "
-                         f"upcycle expects dim {dim} (distributed.shard_model)")
+                         f"lean_fusion expects dim {dim} (distributed.shard_model)")
     local = param.to_local()
     rank, world, n = param.device_mesh.get_local_rank(), param.device_mesh.size(), param.shape[dim]
     start = min(rank * math.ceil(n / world), n)

@@ -3,7 +3,7 @@
 A weight W [out, in] stays frozen and learns a low-rank delta instead:
 
     W' = W + (alpha / r) * B A            A [r, in] random, B [out, r] = 0 at the start, so step 0 is exactly W
-    W' x = W x + (alpha / r) * B (A x)     what the forward computes (moe.expert_linear): W' is never formed
+    W' x = W x + (alpha / r) * B (A x)     what the forward computes (lora_linear): W' is never formed
 
 Stage 1 (train_expert.py --lora-rank r): a delta on each of the three FFN matrices of every block (the authors:
 r = 8, alpha = 4), nothing else trains. Stage 2 (fuse.py --lora-rank r): a delta on each expert's stacked matrices
@@ -12,20 +12,28 @@ Both are ordinary parameters of the block they sit in, so FSDP2 shards them with
 the experts) and AdamW's state is that of the deltas alone. Trainable parameters stay float32; frozen ones keep
 the dtype the model was loaded in (bf16 on CUDA: they are never copied to float32).
 
+LoRA reaches into the method from outside: a dense FFN's nn.Linear is replaced by LoRALinear, and an MoE layer by
+LoRAMoE, a subclass of moe.MoE that takes over its parameters (same tensors, same names) and overrides only
+run_experts, where each expert matmul gains its delta. moe.py and losses.py know nothing of LoRA.
+
 Read top to bottom:
-  1. LoRA, LoRALinear   the two factors of one delta; an nn.Linear with a frozen weight and a delta (stage 1)
-  2. add_lora           put the deltas on a model's FFNs (dense) or its experts (fused); init_lora: A random, B = 0
-  3. merge_lora         W + (alpha / r) B A in a gathered state dict: saved checkpoints stay plain (runstate.py)
-  4. L_R on the delta   lora_squared_norms: ||(alpha / r) B_e A_e||_F^2 per expert, without forming W
-                        (losses.drift_loss; W - W^0 = the delta, since W itself is frozen at W^0)
+  1. LoRA, lora_linear, LoRALinear   the two factors of one delta; x W'^T without W'; a frozen nn.Linear + delta
+  2. LoRAMoE                         the experts of an MoE layer, each matrix with its delta (the sorted dispatch)
+  3. add_lora, init_lora             put the deltas on a model's FFNs (dense) or experts (fused); A random, B = 0
+  4. merge_lora                      W + (alpha / r) B A in a gathered state dict: saved checkpoints stay plain
+  5. L_R on the delta                lora_drift_loss: losses.drift_loss's equation with ||W' - W^0|| read from the
+                                     factors (W - W^0 = the delta, since W itself is frozen at W^0)
 """
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from engineering.distributed import local_rows
-from moe import EXPERT_MATRICES, MoE, expert_linear
+from losses import f32, safe_sqrt
+from moe import (EXPERT_MATRICES, MoE, expert_parameters, grouped_mm_supported, grouped_linear, matmul_dtype,
+                 moe_layers, pick_backend)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The parameters of a delta
@@ -46,6 +54,13 @@ class LoRA(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}"
 
 
+def lora_linear(x, w, A, B, scale: float):
+    """x W'^T = x W^T + scale (x A^T) B^T for one weight w [out, in] and its factors A [r, in], B [out, r]: the same
+    as x (W + scale B A)^T, without forming the sum. (The float32 factors run in x's dtype: a bf16 model outside
+    autocast, as in the router-init forward.)"""
+    return F.linear(x, w) + scale * F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))  # [n, out]
+
+
 class LoRALinear(nn.Module):
     """A bias-free nn.Linear whose weight is frozen, plus a delta: y = x W^T + (alpha / r) (x A^T) B^T.
     The weight keeps its name (`...w1.weight`), so the model's other parameter names do not change."""
@@ -56,11 +71,75 @@ class LoRALinear(nn.Module):
         self.lora = LoRA(self.weight.shape, rank, alpha, device=self.weight.device)
 
     def forward(self, x):
-        return expert_linear(x, self.weight, (self.lora.A, self.lora.B, self.lora.scale))  # [..., out]
+        return lora_linear(x, self.weight, self.lora.A, self.lora.B, self.lora.scale)  # [..., out]
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Putting deltas on a model
+# 2. An MoE layer whose experts learn deltas
+
+
+class LoRAMoE(MoE):
+    """moe.MoE with every stacked expert matrix frozen and a delta per expert and matrix: expert e computes
+    W[e] + scale B[e] A[e] for w1, w2, w3. Routing is MoE's own; only run_experts differs."""
+
+    def __init__(self, moe: MoE, rank: int, alpha: float):
+        with torch.device("meta"):  # (its parameters are the MoE's own, taken over below: nothing is allocated)
+            super().__init__(moe.dim, moe.hidden_dim, moe.n_experts, moe.top_k)
+        self.router, self.w1, self.w2, self.w3 = moe.router, moe.w1, moe.w2, moe.w3
+        self.forced_expert, self.backend = moe.forced_expert, moe.backend
+        self.lora = nn.ModuleDict({w: LoRA(getattr(moe, w).shape, rank, alpha, moe.w1.device)
+                                   for w in EXPERT_MATRICES})
+        for w in EXPERT_MATRICES:
+            getattr(self, w).requires_grad_(False)
+
+    def deltas(self) -> list:
+        """(A [E, r, in], B [E, out, r], scale) of w1, w2, w3."""
+        return [(self.lora[w].A, self.lora[w].B, self.lora[w].scale) for w in EXPERT_MATRICES]
+
+    def run_experts(self, x_flat, rows, row_weight, counts):
+        weights, deltas = (self.w1, self.w2, self.w3), self.deltas()
+        factors = [t for A, B, _ in deltas for t in (A, B)]  # (their rank must suit _grouped_mm too)
+        grouped = pick_backend(x_flat, self.w1, self.w2, self.backend) == "grouped_mm" and (
+            self.backend == "grouped_mm" or all(grouped_mm_supported(x_flat, t) for t in factors))
+        dispatch = dispatch_grouped_with_deltas if grouped else dispatch_slices_with_deltas
+        return dispatch(x_flat, rows, row_weight, counts, weights, deltas)  # [N, D]
+
+
+def dispatch_slices_with_deltas(x_flat, rows, row_weight, counts, weights, deltas):
+    """moe.dispatch_slices with each expert matmul x W[e]^T + scale (x A[e]^T) B[e]^T."""
+    sizes = counts.tolist()
+    out = torch.zeros_like(x_flat)  # [N, D]
+    (w1, w2, w3), ((A1, B1, s1), (A2, B2, s2), (A3, B3, s3)) = weights, deltas
+    for e, (rows_e, weight_e) in enumerate(zip(rows.split(sizes), row_weight.split(sizes))):
+        x_e = x_flat.index_select(0, rows_e)  # [n_e, D]
+        gate, up = lora_linear(x_e, w1[e], A1[e], B1[e], s1), lora_linear(x_e, w3[e], A3[e], B3[e], s3)  # [n_e, H]
+        y = lora_linear(F.silu(gate) * up, w2[e], A2[e], B2[e], s2)  # [n_e, D]
+        y = y * weight_e[:, None].to(y.dtype)
+        out.index_add_(0, rows_e, y.to(out.dtype))
+    return out
+
+
+def grouped_linear_with_delta(x_sorted, w, A, B, scale, counts):
+    """moe.grouped_linear plus each expert's delta: two more grouped matmuls through the rank-r space."""
+    low = grouped_linear(x_sorted, A.to(x_sorted.dtype), counts)  # [M, r]
+    return grouped_linear(x_sorted, w, counts) + scale * grouped_linear(low, B.to(x_sorted.dtype), counts)
+
+
+def dispatch_grouped_with_deltas(x_flat, rows, row_weight, counts, weights, deltas):
+    """moe.dispatch_grouped with each grouped matmul plus its delta (grouped_linear_with_delta)."""
+    dtype = matmul_dtype(x_flat)
+    w1, w2, w3 = (w.to(dtype) for w in weights)  # no-ops unless autocast is on
+    (A1, B1, s1), (A2, B2, s2), (A3, B3, s3) = deltas
+    x_sorted = x_flat.index_select(0, rows).to(dtype)  # [M, D]
+    gate = grouped_linear_with_delta(x_sorted, w1, A1, B1, s1, counts)  # [M, H]
+    up = grouped_linear_with_delta(x_sorted, w3, A3, B3, s3, counts)  # [M, H]
+    y_sorted = grouped_linear_with_delta(F.silu(gate) * up, w2, A2, B2, s2, counts)  # [M, D]
+    y_sorted = y_sorted * row_weight[:, None].to(y_sorted.dtype)
+    return torch.zeros_like(x_flat).index_add_(0, rows, y_sorted.to(x_flat.dtype))  # [N, D]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Putting deltas on a model
 
 
 def add_lora(model, rank: int, alpha: float):
@@ -71,10 +150,7 @@ def add_lora(model, rank: int, alpha: float):
     for block in model.layers:
         ffn = block.feed_forward
         if isinstance(ffn, MoE):
-            device = ffn.w1.device
-            ffn.lora = nn.ModuleDict({w: LoRA(getattr(ffn, w).shape, rank, alpha, device) for w in EXPERT_MATRICES})
-            for w in EXPERT_MATRICES:
-                getattr(ffn, w).requires_grad_(False)
+            block.feed_forward = LoRAMoE(ffn, rank, alpha)
         else:
             for w in EXPERT_MATRICES:
                 setattr(ffn, w, LoRALinear(getattr(ffn, w), rank, alpha))
@@ -108,7 +184,7 @@ def init_lora(model, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Merging: checkpoints stay plain
+# 4. Merging: checkpoints stay plain
 
 
 def lora_targets(model) -> dict:
@@ -117,7 +193,7 @@ def lora_targets(model) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             targets[f"{name}.weight"] = (f"{name}.lora", m.lora.scale)
-        elif isinstance(m, MoE) and m.lora is not None:
+        elif isinstance(m, LoRAMoE):
             targets.update({f"{name}.{w}": (f"{name}.lora.{w}", m.lora[w].scale) for w in EXPERT_MATRICES})
     return targets
 
@@ -135,13 +211,25 @@ def merge_lora(state: dict, targets: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. L_R on the delta, without forming W
+# 5. L_R on the delta, without forming W
 
 
 def expert_loras(model) -> dict:
     """{stacked expert weight name (as in moe.expert_parameters): its LoRA} for every MoE layer with deltas."""
     return {f"{name}.{w}": m.lora[w] for name, m in model.named_modules()
-            if isinstance(m, MoE) and m.lora is not None for w in EXPERT_MATRICES}
+            if isinstance(m, LoRAMoE) for w in EXPERT_MATRICES}
+
+
+def lora_drift_loss(model, initial_expert_weights, gamma, kind="drift"):
+    """losses.drift_loss for a model whose experts carry LoRA deltas (fuse.py --lora-rank passes it to the
+    objective in drift_loss's place): the same L_R(gamma) = sum_i gamma_i sum_{W in expert i} ||W' - W_i^0||_F /
+    n_layers, with each norm read from the factors (lora_squared_norms; W' never formed). W^0 is the frozen W
+    itself, so initial_expert_weights is not read."""
+    norms, loras = 0.0, expert_loras(model)
+    for name, w in expert_parameters(model).items():  # w [E, out, in]: the frozen W = W^0 of every expert
+        norms = norms + safe_sqrt(lora_squared_norms(loras[name], w, kind))  # [E]
+    g = torch.tensor(gamma, dtype=norms.dtype, device=norms.device)  # [E]
+    return (g * norms).sum() / len(moe_layers(model))
 
 
 def lora_squared_norms(lora: LoRA, w, kind: str = "drift"):
@@ -153,11 +241,10 @@ def lora_squared_norms(lora: LoRA, w, kind: str = "drift"):
     s = alpha / r; lora.A [E, r, in], lora.B [E, out, r], w the frozen W [E, out, in]. The factors are tiny: under
     FSDP2 they are gathered whole (differentiably); W stays sharded. Returns [E], float32 (float64 stays)."""
     A, B = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (lora.A, lora.B))
-    dtype = torch.promote_types(A.dtype, torch.float32)
-    A, B = A.to(dtype), B.to(dtype)
+    A, B = f32(A), f32(B)
     sq = lora.scale ** 2 * ((B.mT @ B) * (A @ A.mT)).sum(dim=(-2, -1))  # [E]
     if kind == "decay":  # (W enters in its own dtype: autograd keeps a reference to it, never a copy)
-        w = w.detach()
+        w, dtype = w.detach(), A.dtype
         with torch.no_grad():
             w_sq = torch.linalg.vector_norm(w, dim=(-2, -1), dtype=dtype) ** 2  # [E]
         # <B^T W, A> = <W, B A> from the factors as the parameters hold them: under FSDP2 sharded like W (on dim 1),

@@ -1,4 +1,4 @@
-"""The run directory of a training run, and what makes it survive bad input and kills (used by trainer.py).
+"""The run directory of a training run, and what makes it survive bad input and kills.
 
 For an output directory OUT:
   OUT/            the model, in Meta's format (model.save_checkpoint: written whole or not at all)
@@ -12,10 +12,14 @@ For an output directory OUT:
   save_model         gather the sharded weights to rank 0 and write OUT in Meta's format (LoRA deltas merged)
   save_train_state   model + optimizer state (torch.distributed.checkpoint, sharded as the model is), step, RNG
   load_train_state   the same, read back through fileio's safe reader (runs no code from the directory)
+  Run                everything trainer.train needs from outside, in one object: the process group (rank,
+                     world_size, device, sum_over_ranks, autocast) and this directory (start, log, step_done,
+                     save_state, finish)
 """
 import json
 import os
 import shutil
+import sys
 import warnings
 
 import torch
@@ -24,7 +28,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 import model as M
 from engineering import checkpoints as C
-from engineering.distributed import Dist, barrier, full_state_dict
+from tqdm import tqdm
+
+from engineering.distributed import Dist, all_reduce_sum, autocast_context, barrier, full_state_dict
 from engineering.fileio import read_dcp_metadata, refuse_foreign_dir, safe_dcp_reader_and_planner, write_atomic
 from engineering.lora import lora_targets, merge_lora
 
@@ -176,3 +182,71 @@ def nest(metrics: dict) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
+
+
+class Run:
+    """What trainer.train needs from outside: the process group and the run's directory OUT/ + OUT.train/.
+
+    d: engineering.distributed.Dist (one process, or this rank of torchrun's). The trainer calls, in order:
+    start (resume the saved state or begin; opens the log and the progress bar), then per step
+    sum_over_ranks, autocast, log (at log steps), step_done, save_state (every --save-every steps), and
+    finish (the model in Meta's format, LoRA deltas merged, and the final resumable state)."""
+
+    def __init__(self, d: Dist, out_dir: str, train_dir: str, tokenizer_path: str, steps: int,
+                 log_every: int, resume: bool = False):
+        self.d, self.out_dir, self.train_dir, self.tokenizer_path = d, out_dir, train_dir, tokenizer_path
+        self.steps, self.log_every, self.resume = steps, log_every, resume
+        self.log_path = self.progress = None
+        self.rank, self.world_size, self.device = d.rank, d.world_size, d.device
+
+    # the process group
+
+    def sum_over_ranks(self, values: list) -> list:
+        """Each number summed over the ranks (float64; one process: as it is)."""
+        return all_reduce_sum(torch.tensor(values, dtype=torch.float64), self.d).tolist()
+
+    def autocast(self):
+        """The context of a forward and its loss: bf16 autocast on one GPU, else nothing."""
+        return autocast_context(self.d)
+
+    # the directory
+
+    def start(self, model, optimizer) -> int:
+        """The first step: 0, or (--resume) the step the saved state holds, read into model and optimizer."""
+        start_step = load_train_state(model, optimizer, self.train_dir, self.d) if self.resume else 0
+        self.log_path = start_log(self.train_dir, start_step, self.resume, self.d)
+        if self.d.is_main:
+            self.progress = tqdm(total=self.steps, initial=start_step, desc=os.path.basename(self.out_dir),
+                                 file=sys.stdout, dynamic_ncols=True, disable=None)
+            if self.resume:
+                self.progress.write(f"resumed from step {start_step}")
+        return start_step
+
+    def log(self, record: dict):
+        """One line of log.jsonl (metrics named "a/b/c" nested) and the progress bar's figures; without a
+        terminal (the bar is off), a printed line every log step that is a tenth of the run."""
+        if not self.d.is_main:
+            return
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(nest(record)) + "\n")
+        figures = ("step", "lr", "tokens_per_s", "eta_s", "mfu", "val_loss")
+        metrics = [k for k in record if k not in figures and "/" not in k]
+        shown = {k: record[k] for k in metrics + ["val_loss", "tokens_per_s", "mfu"] if k in record}
+        self.progress.set_postfix(shown, refresh=False)
+        step = record["step"]
+        if self.progress.disable and (step % max(self.log_every, self.steps // 10) == 0 or step == self.steps):
+            print(f"step {step}/{self.steps} " + " ".join(f"{k}={v}" for k, v in shown.items())
+                  + f" eta={tqdm.format_interval(record['eta_s'])}", flush=True)
+
+    def step_done(self):
+        if self.progress:
+            self.progress.update(1)
+
+    def save_state(self, model, optimizer, step: int):
+        save_train_state(model, optimizer, step, self.train_dir, self.d)
+
+    def finish(self, model, optimizer, step: int):
+        if self.progress:
+            self.progress.close()
+        save_model(model, self.out_dir, self.tokenizer_path, self.d)
+        save_train_state(model, optimizer, step, self.train_dir, self.d)

@@ -86,7 +86,7 @@ def file_digest(path: str) -> str:
 
 def check_compatible(paths: list, what: str = "--baselines"):
     """Merging and ensembling need identical architectures and tokenizers: compare every config, resolved
-    (model.read_checkpoint_args: Meta's vocab_size -1 is the tokenizer's size; upcycle.architecture), and
+    (model.read_checkpoint_args: Meta's vocab_size -1 is the tokenizer's size; engineering/checkpoints.py architecture), and
     tokenizer.model with the first one's (the base); name the first difference."""
     first = paths[0]
     first_args = read_checkpoint_args(first)

@@ -24,7 +24,7 @@ from data import TASK_NAMES
 from data import streams as S
 from data.format import IGNORE_INDEX
 from engineering.distributed import setup_distributed
-from fuse import h3fusion_objective
+from fusion import h3fusion_objective
 from data.tokenizer import Tokenizer
 from engineering.checkpoints import load_checkpoint
 from moe import expert_parameters, moe_layers

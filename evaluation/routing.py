@@ -12,8 +12,7 @@ and the two accuracies over the prompt tokens alone (*_prompt: what the router s
 routed_right_by_group splits the per-example accuracy by any labelling of the examples (evaluate.py: the toy
 suite's kind of prompt, results.json details.by_kind[kind]["routed"]).
 
-routing_metrics is the same question asked of one training batch, for fuse.py's log: route_acc (per token, as
-routing_acc) and load/layerL/expertE (each expert's share of the top-k slots).
+(fusion.routing_metrics asks the same of one training batch, for fuse.py's log.)
 """
 from typing import Optional
 
@@ -122,23 +121,3 @@ def routed_right_by_group(mean_router_probs: list, tasks: list, groups: list) ->
                          f"{len(tasks)} tasks and {len(groups)} groups: expected one of each per example")
     right = torch.tensor(mean_router_probs).argmax(-1) == torch.tensor(tasks)  # [N]
     return {g: right[[i for i, x in enumerate(groups) if x == g]].double().mean().item() for g in sorted(set(groups))}
-
-
-@torch.no_grad()
-def routing_metrics(model, batch, n_examples: float) -> dict:
-    """Routing accuracy (share of real tokens whose top-1 expert is the example's dimension, averaged over
-    layers) and each expert's share of the top-k slots per layer, summed over this rank's examples / n_examples
-    (the step's, per rank: see trainer.StepCounts)."""
-    mask = batch["mask"]  # [B, T]
-    tokens_per_example = mask.sum(1).clamp(min=1)  # [B]
-    metrics, correct = {}, 0.0
-    for layer_idx, moe in enumerate(moe_layers(model)):
-        top1 = moe.router_probs.argmax(-1)  # [B, T]
-        hit = ((top1 == batch["task"][:, None]) & mask).sum(1) / tokens_per_example  # [B]
-        correct = correct + hit
-        chosen = moe.expert_idx[mask]  # [n_real, k]
-        load = torch.bincount(chosen.flatten(), minlength=moe.n_experts).float() / chosen.numel()  # [E]
-        for e, share in enumerate(load.tolist()):
-            metrics[f"load/layer{layer_idx}/expert{e}"] = share * len(batch["task"]) / n_examples
-    metrics["route_acc"] = float((correct / len(moe_layers(model))).sum()) / n_examples
-    return metrics

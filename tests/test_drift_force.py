@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fuse
+import fusion
 import model as M
 from engineering import checkpoints as C
 from data.tokenizer import Tokenizer
@@ -37,7 +38,7 @@ def objective(model, batches, lam):
         total = 0.0
         for batch in batches:
             counts = StepCounts(float((batch["targets"] != IGNORE_INDEX).sum()), float(len(batch["task"])))
-            loss, _ = fuse.h3fusion_objective(model, batch, counts, lam=lam, gamma=[0.0, 0.0, 0.0], reg="drift",
+            loss, _ = fusion.h3fusion_objective(model, batch, counts, lam=lam, gamma=[0.0, 0.0, 0.0], reg="drift",
                                               initial_experts={})
             total += float(loss) / len(batches)
     return total

@@ -28,7 +28,7 @@ from engineering.checkpoints import load_checkpoint, save_checkpoint
 from model import ModelArgs, Transformer, generate, generate_tokens
 from moe import set_forced_expert
 from engineering.tiny import make_tiny_checkpoint
-from upcycle import build_fused_model
+from engineering.lean_fusion import build_fused_model
 
 TASK_DIRS = ("helpful", "harmless", "honest")
 

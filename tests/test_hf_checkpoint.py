@@ -18,7 +18,7 @@ from engineering import checkpoints as C
 from engineering import export_hf
 from engineering.hf_checkpoint import hf_rows_from_meta, meta_rows_from_hf, write_hf_checkpoint
 from engineering.tiny import make_tiny_checkpoint
-from upcycle import build_fused_model
+from engineering.lean_fusion import build_fused_model
 
 VOCAB = 320  # tiny.py's tokenizer
 
@@ -255,7 +255,7 @@ def test_export_hf_and_import_give_the_meta_layouts_logits(kind, meta_dirs, tmp_
 
 
 def test_a_hf_base_and_expert_fuse_like_their_meta_copies(meta_dirs, tmp_path):
-    """fuse.py --base / --experts read a HF directory through upcycle.CheckpointRows."""
+    """fuse.py --base / --experts read a HF directory through engineering/lean_fusion.py CheckpointRows."""
     hf_base = str(tmp_path / "base-hf")
     export_hf.main([meta_dirs["dense"], hf_base])
     from_meta, _ = build_fused_model(meta_dirs["dense"], [meta_dirs["dense"]] * 3, router_init="random", verbose=False)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fuse
+import fusion
 from engineering import lora as L
 import model as M
 from engineering import checkpoints as C
@@ -106,9 +107,8 @@ def test_lora_gradient_matches_autograd_through_the_merged_weight():
         moe = MoE(dim=16, hidden_dim=24, n_experts=3, top_k=2)
         torch.nn.init.normal_(moe.router.weight)
         moe.backend = backend
-        moe.lora = torch.nn.ModuleDict({w: L.LoRA(getattr(moe, w).shape, 4, 2.0) for w in ("w1", "w2", "w3")})
+        moe = L.LoRAMoE(moe, 4, 2.0)  # the same router and experts, frozen, each matrix with a delta
         for w in ("w1", "w2", "w3"):
-            getattr(moe, w).requires_grad_(False)
             torch.nn.init.normal_(moe.lora[w].A, std=0.3), torch.nn.init.normal_(moe.lora[w].B, std=0.3)
         x = torch.randn(2, 9, 16)
         moe(x).pow(2).sum().backward()
@@ -133,7 +133,7 @@ def test_drift_loss_from_the_factors_is_the_merged_weights_distance(kind):
     w0 = snapshot_expert_weights(base)
     model = with_random_lora(same_model(base))
     gamma = [0.1, 0.3, 0.2]
-    value = drift_loss(model, {}, gamma, kind)
+    value = L.lora_drift_loss(model, {}, gamma, kind)
     reference = drift_loss(merged(model), w0, gamma, kind)
     torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
     assert value > 0.1
@@ -156,7 +156,7 @@ def test_drift_loss_from_the_factors_is_the_merged_weights_distance(kind):
 def test_zero_delta_has_zero_drift_and_a_finite_gradient():
     model = same_model(tiny_model(3))
     L.init_lora(L.add_lora(model, 4, 4.0))
-    value = drift_loss(model, {}, [1.0, 1.0, 1.0])
+    value = L.lora_drift_loss(model, {}, [1.0, 1.0, 1.0])
     value.backward()
     assert value == 0 and all(torch.isfinite(lo.B.grad).all() for lo in L.lora_modules(model))
 
@@ -166,14 +166,14 @@ def test_only_the_factors_train_and_frozen_weights_keep_their_dtype():
     copy), the factors and what else trains (the router) are float32, and under autocast (CPU here, as one GPU runs)
     forward and backward run and the factors get float32 gradients."""
     model = tiny_model(3).to(torch.bfloat16)
-    fuse.set_trainable(model, "router+experts")
+    fusion.set_trainable(model, "router+experts")
     L.init_lora(L.add_lora(model, 8, 8.0))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert set(trainable) == {n for n in trainable if L.is_lora_name(n) or n.endswith("router.weight")}
     assert all(p.dtype == torch.float32 for p in trainable.values())
     assert {p.dtype for n, p in model.named_parameters() if not p.requires_grad} == {torch.bfloat16}
     with torch.no_grad():
-        model(TOKENS)  # a bf16 forward outside autocast (upcycle's router init): the factors run in bf16
+        model(TOKENS)  # a bf16 forward outside autocast (the router-init forward): the factors run in bf16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(TOKENS).float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
@@ -185,7 +185,7 @@ def test_router_init_forward_sees_the_fused_model_exactly(tmp_path):
     """empty_model initialises the deltas (B = 0) before the router-init forward: a LoRA build gives the same
     weights as a plain build (the factors aside)."""
     from engineering.tiny import make_tiny_checkpoint
-    from upcycle import build_fused_model
+    from engineering.lean_fusion import build_fused_model
     base = make_tiny_checkpoint(str(tmp_path / "base"), dim=32, n_layers=2)
     experts = []
     for i in range(3):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import losses as L
 import moe
-from checks import check_drift_inputs
+from engineering.cli import check_drift_inputs
 
 # ---- L_CE --------------------------------------------------------------------------------------------
 
@@ -193,7 +193,7 @@ def test_drift_loss_gradcheck():
 
 
 def test_bad_regulariser_inputs_are_refused_by_their_check():
-    """drift_loss trusts its inputs; checks.check_drift_inputs refuses bad ones by name (fuse.py's gamma is checked
+    """drift_loss trusts its inputs; engineering.cli.check_drift_inputs refuses bad ones by name (fuse.py's gamma is checked
     by its command line). Named without the exercise's word: the checks are given, not part of exercise 5."""
     model = TwoMoE()
     w0 = moe.snapshot_expert_weights(model)

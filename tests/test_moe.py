@@ -11,7 +11,9 @@ import model as M
 from engineering import checkpoints as C
 from data.tokenizer import Tokenizer
 import moe
-import upcycle
+import fuse
+import fusion
+from engineering import lean_fusion
 from engineering.tiny import make_tiny_checkpoint
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -295,7 +297,7 @@ def ckpts(tmp_path_factory):
         gen = torch.Generator().manual_seed(10 + i)
         with torch.no_grad():
             for name, p in aligned.named_parameters():
-                if upcycle.is_ffn_key(name):
+                if fusion.is_ffn_key(name):
                     p.add_(torch.randn(p.shape, generator=gen) * 0.05)
         dirs.append(C.save_checkpoint(aligned, str(root / f"aligned{i}"), tokenizer_path=tok))
     # attention changed (stage 1 should have frozen it): builds, but reports the difference
@@ -313,12 +315,12 @@ def tokens_for(vocab=320, B=2, T=9, seed=0):
 
 @pytest.mark.parametrize("router_init", ["random", "hidden"])
 def test_the_in_memory_reference_and_the_lean_upcycling_give_the_same_weights(ckpts, router_init):
-    """upcycle.fuse_in_memory (four models loaded whole, FFNs stacked) is what build_fused_model computes row by
+    """fuse.fuse_in_memory (four models loaded whole, FFNs stacked) is what lean_fusion.build_fused_model computes row by
     row from memory-mapped files: the same tensors, bit for bit, router init "hidden" included."""
     prompts = [["Say yes.", "Name a colour."], ["Is it safe?"], ["Is the sky green?", "Who wrote it?"]]
     kwargs = dict(top_k=2, router_init=router_init, init_prompts=prompts, seed=5, router_std=0.3)
-    simple, simple_args = upcycle.fuse_in_memory(ckpts["base"], ckpts["aligned"], **kwargs)
-    lean, lean_args = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False, **kwargs)
+    simple, simple_args = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], **kwargs)
+    lean, lean_args = lean_fusion.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False, **kwargs)
     assert simple_args == lean_args
     lean_state = lean.state_dict()
     assert set(simple.state_dict()) == set(lean_state)
@@ -328,7 +330,7 @@ def test_the_in_memory_reference_and_the_lean_upcycling_give_the_same_weights(ck
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_forced_expert_i_reproduces_aligned_model_i(ckpts, top_k):
-    fused, args = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], top_k=top_k, router_init="random",
+    fused, args = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], top_k=top_k, router_init="random",
                                         router_std=0.5, verbose=False)
     assert args.n_experts == 3 and args.top_k == top_k and len(moe.moe_layers(fused)) == 2
     tokens = tokens_for()
@@ -353,7 +355,7 @@ def test_fused_model_under_bf16_autocast_matches_float32(ckpts, backend):
     """What one GPU runs (distributed.autocast_context): float32 weights and residual stream, bf16 matmuls. The
     experts' bf16 output must be added back into the float32 stream (index_add_ refuses mixed dtypes), and
     forward and backward must agree with float32 within bf16 rounding. Autocast runs on CPU too."""
-    fused, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], top_k=2, router_init="random",
+    fused, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], top_k=2, router_init="random",
                                      router_std=0.5, verbose=False)
     for layer in moe.moe_layers(fused):
         layer.backend = backend
@@ -378,7 +380,7 @@ def test_fused_model_under_bf16_autocast_matches_float32(ckpts, backend):
 @pytest.mark.parametrize("router_init", ["zero", "random"])
 def test_identical_experts_give_the_base_model_for_any_router(ckpts, router_init):
     base, _ = C.load_checkpoint(ckpts["base"])
-    fused, _ = upcycle.build_fused_model(ckpts["base"], [ckpts["base"]] * 3, top_k=2, router_init=router_init,
+    fused, _ = fuse.fuse_in_memory(ckpts["base"], [ckpts["base"]] * 3, top_k=2, router_init=router_init,
                                      router_std=1.0, verbose=False)
     tokens = tokens_for(seed=1)
     with torch.no_grad():
@@ -388,11 +390,11 @@ def test_identical_experts_give_the_base_model_for_any_router(ckpts, router_init
 
 
 def test_fused_model_takes_non_ffn_weights_from_base_and_stacks_experts(ckpts):
-    fused, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False)
+    fused, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], verbose=False)
     base, _ = C.load_checkpoint(ckpts["base"])
     sd, base_sd = fused.state_dict(), base.state_dict()
     for key, t in base_sd.items():
-        if not upcycle.is_ffn_key(key):
+        if not fusion.is_ffn_key(key):
             assert torch.equal(sd[key], t), key
     for i, d in enumerate(ckpts["aligned"]):
         a_sd = C.load_checkpoint(d)[0].state_dict()
@@ -403,7 +405,7 @@ def test_fused_model_takes_non_ffn_weights_from_base_and_stacks_experts(ckpts):
 
 
 def test_fused_model_save_load_round_trip(ckpts, tmp_path):
-    fused, args = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], top_k=2, router_init="random",
+    fused, args = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], top_k=2, router_init="random",
                                         router_std=0.5, verbose=False)
     out = C.save_checkpoint(fused, str(tmp_path / "fused"), tokenizer_path=os.path.join(ckpts["base"], "tokenizer.model"))
     with open(os.path.join(out, "params.json")) as f:
@@ -418,9 +420,9 @@ def test_fused_model_save_load_round_trip(ckpts, tmp_path):
 
 
 def test_router_init_random_is_seeded_and_small(ckpts):
-    a, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], router_init="random", seed=1, verbose=False)
-    b, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], router_init="random", seed=1, verbose=False)
-    c, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], router_init="random", seed=2, verbose=False)
+    a, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], router_init="random", seed=1, verbose=False)
+    b, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], router_init="random", seed=1, verbose=False)
+    c, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], router_init="random", seed=2, verbose=False)
     ra, rb, rc = (m.layers[0].feed_forward.router.weight for m in (a, b, c))
     assert torch.equal(ra, rb) and not torch.equal(ra, rc)
     assert 0.01 < ra.std().item() < 0.03  # N(0, 0.02)
@@ -430,7 +432,7 @@ def test_router_init_random_is_seeded_and_small(ckpts):
 def test_router_init_hidden_is_the_mean_normalised_ffn_input(ckpts):
     prompts = [["the river runs over the stone", "a small bright tree"], ["I cannot tell you why"],
                ["seven is the answer", "honest answer to the question 2024"]]
-    fused, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], router_init="hidden",
+    fused, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], router_init="hidden",
                                      init_prompts=prompts, verbose=False)
     base, bargs = C.load_checkpoint(ckpts["base"])
     tok = Tokenizer(os.path.join(ckpts["base"], "tokenizer.model"))
@@ -462,7 +464,7 @@ def test_router_init_hidden_is_the_mean_normalised_ffn_input(ckpts):
 
 
 def test_non_ffn_difference_is_reported_and_base_is_used(ckpts, capsys):
-    fused, _ = upcycle.build_fused_model(ckpts["base"], [ckpts["aligned"][0], ckpts["drifted"], ckpts["aligned"][2]])
+    fused, _ = fuse.fuse_in_memory(ckpts["base"], [ckpts["aligned"][0], ckpts["drifted"], ckpts["aligned"][2]])
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if "max |non-FFN - base|" in line]
     assert len(lines) == 3
@@ -474,23 +476,23 @@ def test_non_ffn_difference_is_reported_and_base_is_used(ckpts, capsys):
 def test_fusion_refuses_bad_inputs(ckpts, tmp_path):
     base, aligned = ckpts["base"], ckpts["aligned"]
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        upcycle.build_fused_model(base, [aligned[0], str(tmp_path / "nowhere")])
+        fuse.fuse_in_memory(base, [aligned[0], str(tmp_path / "nowhere")])
     with pytest.raises(ValueError, match="top_k=4"):
-        upcycle.build_fused_model(base, aligned, top_k=4)
+        fuse.fuse_in_memory(base, aligned, top_k=4)
     with pytest.raises(ValueError, match="empty"):
-        upcycle.build_fused_model(base, [])
+        fuse.fuse_in_memory(base, [])
     with pytest.raises(ValueError, match=r"other/params.json: n_layers=3.*n_layers=2"):
-        upcycle.build_fused_model(base, [aligned[0], ckpts["other"]], verbose=False)
+        fuse.fuse_in_memory(base, [aligned[0], ckpts["other"]], verbose=False)
     with pytest.raises(ValueError, match="init_prompts"):
-        upcycle.build_fused_model(base, aligned, router_init="hidden")
+        fuse.fuse_in_memory(base, aligned, router_init="hidden")
     with pytest.raises(ValueError, match="init_prompts"):
-        upcycle.build_fused_model(base, aligned, router_init="hidden", init_prompts=[["a"], ["b"]])
+        fuse.fuse_in_memory(base, aligned, router_init="hidden", init_prompts=[["a"], ["b"]])
     with pytest.raises(ValueError, match="router_init='mean'"):
-        upcycle.build_fused_model(base, aligned, router_init="mean")
-    fused, _ = upcycle.build_fused_model(base, aligned[:2], top_k=1, verbose=False)
+        fuse.fuse_in_memory(base, aligned, router_init="mean")
+    fused, _ = fuse.fuse_in_memory(base, aligned[:2], top_k=1, verbose=False)
     fused_dir = C.save_checkpoint(fused, str(tmp_path / "fused"))
     with pytest.raises(ValueError, match="n_experts"):
-        upcycle.build_fused_model(base, [aligned[0], fused_dir], top_k=1, verbose=False)
+        fuse.fuse_in_memory(base, [aligned[0], fused_dir], top_k=1, verbose=False)
 
 
 @pytest.mark.parametrize("n_shards", [1, 2, 4])
@@ -499,7 +501,7 @@ def test_checkpoint_rows_equal_the_merged_tensor(tmp_path, n_shards):
     replicated) without merging them: it must equal the fully merged tensor's rows, for every tensor."""
     ckpt = make_tiny_checkpoint(str(tmp_path / "m"), dim=32, n_layers=2, n_heads=4, n_shards=n_shards)
     full, _ = C.load_checkpoint(ckpt)
-    rows = upcycle.CheckpointRows(ckpt)
+    rows = lean_fusion.CheckpointRows(ckpt)
     assert len(rows.shards) == n_shards
     for name, t in full.state_dict().items():
         n = t.shape[0]
@@ -508,18 +510,18 @@ def test_checkpoint_rows_equal_the_merged_tensor(tmp_path, n_shards):
 
 
 def test_non_ffn_difference_names_the_key(ckpts):
-    fused, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False)
-    assert upcycle.non_ffn_difference(fused, upcycle.CheckpointRows(ckpts["aligned"][1])) == (0.0, None)
-    diff, key = upcycle.non_ffn_difference(fused, upcycle.CheckpointRows(ckpts["drifted"]))
+    fused, _ = lean_fusion.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False)
+    assert lean_fusion.non_ffn_difference(fused, lean_fusion.CheckpointRows(ckpts["aligned"][1])) == (0.0, None)
+    diff, key = lean_fusion.non_ffn_difference(fused, lean_fusion.CheckpointRows(ckpts["drifted"]))
     drifted, _ = C.load_checkpoint(ckpts["drifted"])
     base, _ = C.load_checkpoint(ckpts["base"])
     expected = max(((drifted.state_dict()[k] - v).abs().max().item(), k) for k, v in base.state_dict().items()
-                   if not upcycle.is_ffn_key(k))
+                   if not fusion.is_ffn_key(k))
     assert (diff, key) == expected and diff > 0
 
 
 def test_snapshot_and_collect(ckpts):
-    fused, _ = upcycle.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False)
+    fused, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], verbose=False)
     snap = moe.snapshot_expert_weights(fused)
     assert sorted(snap) == sorted(f"layers.{i}.feed_forward.{w}" for i in range(2) for w in ("w1", "w2", "w3"))
     w = fused.layers[0].feed_forward.w1

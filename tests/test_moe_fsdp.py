@@ -23,7 +23,7 @@ def test_fsdp2_two_ranks_match_one_process_gradients():
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_ranks_build_the_fused_model_from_their_own_rows():
-    """upcycle.build_fused_model under FSDP (meta device, shard, each rank reads only its rows; router init
+    """engineering/lean_fusion.py build_fused_model under FSDP (meta device, shard, each rank reads only its rows; router init
     "hidden" through the sharded model itself): the gathered weights equal a one-process build, bit for bit,
     both for the lean build and for 'build everything, then shard'. Memory is what bench_fuse_memory measures."""
     root = os.path.dirname(HERE)

@@ -78,8 +78,8 @@ def test_mfu_stays_a_fraction_when_the_peak_is_too_low(world, tmp_path, capsys):
     # the ETA: steps left x the last window's time per step, on the log and on every step line
     assert log[0]["eta_s"] > 0 and log[-1]["eta_s"] == 0
     assert re.search(r"^step 2/3 .* eta=\d\d:\d\d$", capsys.readouterr().out, re.M)
-    assert T.compute_dtype(Dist(device=torch.device("cpu"))) == torch.float32
-    assert T.compute_dtype(Dist(device=torch.device("cuda", 0))) == torch.bfloat16
+    assert T.compute_dtype(torch.device("cpu")) == torch.float32
+    assert T.compute_dtype(torch.device("cuda", 0)) == torch.bfloat16
     with pytest.raises(ValueError, match="--peak-tflops -1"):
         train_expert.main(["--init", world["base"], "--data", "honest", "--data-dir", world["data"],
                            "--out", str(tmp_path / "x"), "--peak-tflops", "-1"])

@@ -372,8 +372,9 @@ def build_model(s: Shape, r: Run):
     Returns (model, loss_fn(model, batch, counts))."""
     from functools import partial
     import model as M
-    from fuse import h3fusion_objective, set_trainable
-    from engineering.lora import add_lora, init_lora
+    from engineering.lora import add_lora, init_lora, lora_drift_loss
+    from fusion import h3fusion_objective, set_trainable
+    from losses import drift_loss
     from moe import snapshot_expert_weights
     from train_expert import freeze_all_but_ffn, lm_objective
     args = model_args(s, 0 if r.stage == 1 else s.experts)
@@ -388,7 +389,8 @@ def build_model(s: Shape, r: Run):
         init_lora(add_lora(model, s.lora_rank, 2.0 * s.lora_rank))
     if r.stage == 2:
         initial = {} if r.lora else snapshot_expert_weights(model)
-        loss_fn = partial(h3fusion_objective, lam=1.0, gamma=[0.1] * s.experts, reg="drift", initial_experts=initial)
+        loss_fn = partial(h3fusion_objective, lam=1.0, gamma=[0.1] * s.experts, reg="drift", initial_experts=initial,
+                          drift=lora_drift_loss if r.lora else drift_loss)
     return model, loss_fn
 
 

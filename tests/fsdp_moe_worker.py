@@ -4,7 +4,12 @@ Two MoE layers (E=3, k=2) are sharded with FSDP2 (experts stacked on dim 0: 3 ex
 uneven shards). Rank 0's tokens are routed to experts {0, 1} only, rank 1's to {1, 2} only, so each rank
 leaves one expert idle. The gradients of MSE + lambda * L_G + L_R (drift, with W != W0) must equal those
 of one process on the concatenated batch. Exits non-zero (with a message) on any mismatch.
+
+losses.drift_loss is the equation alone: W^0 sharded like the experts (fuse.py snapshots it after sharding)
+needs nothing more; a plain W^0 beside sharded experts needs DTensor's implicit replication, which the caller
+provides from outside (`with implicit_replication():`), as both cases below check.
 """
+import contextlib
 import copy
 import os
 import sys
@@ -15,6 +20,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.experimental import implicit_replication
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from engineering.distributed import end_process_group  # noqa: E402
@@ -60,10 +66,18 @@ def rank_batch(rank):
     return x, y, mask, task
 
 
+def outside_context(w0):
+    """What the caller puts around drift_loss: implicit replication for a plain W^0, nothing for a sharded one."""
+    sharded = isinstance(next(iter(w0.values())), DTensor)
+    return contextlib.nullcontext() if sharded else implicit_replication()
+
+
 def loss_fn(net, x, y, mask, task, w0):
     out = net(x)  # [B, T, D]
     mse = ((out - y) ** 2).mean()
-    return mse + LAMBDA * gating_loss(collect_router_probs(net), mask, task) + drift_loss(net, w0, GAMMA)
+    with outside_context(w0):
+        drift = drift_loss(net, w0, GAMMA)
+    return mse + LAMBDA * gating_loss(collect_router_probs(net), mask, task) + drift
 
 
 def main():
@@ -121,7 +135,8 @@ def compare_with_one_process(rank, world):
             if not torch.allclose(g, ref_grads[n], atol=1e-6, rtol=1e-5):
                 failures.append(f"rank {rank} {w0_name}: grad of {n} differs from one process by {err:.3g}")
         # the drift loss itself must be the same number on every rank and equal the reference
-        d_sharded = drift_loss(net, w0, GAMMA).item()
+        with outside_context(w0):
+            d_sharded = drift_loss(net, w0, GAMMA).item()
         d_ref = drift_loss(ref, w0_plain, GAMMA).item()
         if abs(d_sharded - d_ref) > 1e-6:
             failures.append(f"rank {rank} {w0_name}: drift loss {d_sharded} != {d_ref}")

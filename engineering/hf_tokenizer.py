@@ -160,12 +160,15 @@ def check_supported(model: dict, path: str):
 
 def bpe_merges(pieces: list) -> list:
     """The merges that redo sentencepiece's BPE: every way of cutting a normal piece into two normal
-    pieces, as "left right", ranked by the piece's score (highest first; then its id, then the cut).
-    Byte, control and user-defined pieces never merge."""
+    pieces, as "left right" (no piece holds a space: escape_whitespaces), ranked by the piece's
+    score (highest first; then its id, then the cut). Byte, control and user-defined pieces never
+    merge."""
     normal = {piece for piece, _, kind in pieces if kind == NORMAL}
     ranked = []
     for piece_id, (piece, score, kind) in enumerate(pieces):
-        for cut in range(1, len(piece)) if kind == NORMAL else ():
+        if kind != NORMAL:
+            continue
+        for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in normal and right in normal:
                 ranked.append((-score, piece_id, cut, f"{left} {right}"))

@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engineering.fileio import replace_dir, write_atomic
+from engineering.hf_tokenizer import write_hf_tokenizer
 
 HF_MARKER = "config.json"  # a directory with it is a HF checkpoint; write_hf_checkpoint writes it last
 MAX_SHARD_BYTES = 5 * 2**30  # HF's usual shard size: model-0000N-of-0000M.safetensors of at most 5 GiB
@@ -354,7 +355,8 @@ def shards_of(hf: dict, max_shard_bytes: int) -> list:
 def write_hf_checkpoint(out_dir: str, params: dict, state: dict, tokenizer_path: str = None,
                         max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
     """Ours -> a HF directory: config.json, model.safetensors (or model-0000N-of-0000M.safetensors + its index
-    when larger than max_shard_bytes), tokenizer.model. Dense -> LlamaForCausalLM, fused -> MixtralForCausalLM.
+    when larger than max_shard_bytes), tokenizer.model and the tokenizer files AutoTokenizer reads
+    (engineering/hf_tokenizer.py). Dense -> LlamaForCausalLM, fused -> MixtralForCausalLM.
     The head is written tied (no lm_head.weight) only when it equals the embeddings exactly. Written as a whole
     directory (fileio.replace_dir, config.json last); a directory that is not a HF checkpoint is refused."""
     embeddings, head = state["tok_embeddings.weight"], state["output.weight"]
@@ -376,6 +378,7 @@ def write_hf_checkpoint(out_dir: str, params: dict, state: dict, tokenizer_path:
             write_atomic(os.path.join(tmp, "model.safetensors.index.json"), json.dumps(index, indent=2))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            write_hf_tokenizer(tmp, tokenizer_path, max_len=config["max_position_embeddings"])
         write_atomic(os.path.join(tmp, HF_MARKER), json.dumps(config, indent=2))
 
     replace_dir(out_dir, fill, marker=HF_MARKER, kind="a Hugging Face checkpoint directory")

@@ -231,7 +231,9 @@ def test_sharded_safetensors_and_sharded_bin_with_their_index_load_the_same(meta
 def test_export_hf_and_import_give_the_meta_layouts_logits(kind, meta_dirs, tmp_path):
     out = str(tmp_path / f"{kind}-hf")
     export_hf.main([meta_dirs[kind], out])
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(os.listdir(out)) == [  # (the tokenizer's files: tests/test_hf_tokenizer.py)
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     config = json.load(open(os.path.join(out, "config.json")))
     tensors = load_file(os.path.join(out, "model.safetensors"))
     if kind == "fused":

@@ -1,14 +1,21 @@
-"""The shape of the code a student reads: imports flow one way, and every project import is at the top of its file."""
+"""The shape of the code a student reads: the method apart from the machinery, imports flowing one way and
+sitting at the top of their files, few files at the top level."""
 import ast
 import glob
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+METHOD = {"model", "moe", "losses", "trainer", "fusion"}  # what a student reads to learn H3Fusion
+SCRIPTS = {"train_expert", "fuse", "evaluate", "pipeline", "generate"}  # the commands; they may use anything
+MAX_TOP_LEVEL = 10
+
 
 def project_modules() -> dict:
-    files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "data", "*.py")) \
-        + glob.glob(os.path.join(ROOT, "evaluation", "*.py")) + glob.glob(os.path.join(ROOT, "engineering", "*.py"))
+    """{dotted module name: path} of every module of the project's packages (not tests/ or bench/)."""
+    files = glob.glob(os.path.join(ROOT, "*.py"))
+    for package in ("data", "evaluation", "engineering", "assignments"):
+        files += glob.glob(os.path.join(ROOT, package, "*.py"))
     names = {}
     for path in files:
         name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
@@ -25,7 +32,8 @@ def imported_project_modules(node, modules) -> set:
     return set()
 
 
-def test_imports_flow_one_way_and_sit_at_the_top():
+def import_graph() -> tuple:
+    """({module: the project modules it imports at its top level}, [imports found inside functions])."""
     modules = project_modules()
     graph, inside_functions = {}, []
     for name, path in modules.items():
@@ -36,27 +44,51 @@ def test_imports_flow_one_way_and_sit_at_the_top():
                 for inner in ast.walk(node):
                     if imported_project_modules(inner, modules):
                         inside_functions.append(f"{name}.{node.name} (line {inner.lineno})")
-    assert not inside_functions, f"project imports inside functions: {inside_functions}"
+    return graph, inside_functions
+
+
+def reachable(graph: dict, start: str) -> set:
+    seen, stack = set(), [start]
+    while stack:
+        for dep in graph.get(stack.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                stack.append(dep)
+    return seen
+
+
+def is_data(name: str) -> bool:
+    return name == "data" or name.startswith("data.")
+
+
+def test_the_method_imports_only_the_method_and_data():
+    """model.py, moe.py, losses.py, trainer.py and fusion.py import from the project only each other and data/,
+    and nothing they reach, however indirectly, is machinery (engineering/), evaluation or a command."""
+    graph, _ = import_graph()
     assert graph["moe"] == set(), "moe.py must import nothing from the project"
-    training_side = graph["model"] & {"cli", "data.format", "data.records", "trainer"}
-    assert not training_side, f"model.py (the single-file LLaMA) imports the training side: {sorted(training_side)}"
-    assert not any(dep in {"model", "trainer", "evaluate", "upcycle", "fuse", "engineering.rundir", "engineering.distributed"}
-                   for n, deps in graph.items()
-                   if n.startswith("data") for dep in deps), "data/ must not import the model or the stages"
+    assert graph["losses"] <= {"moe", "data.format"}, f"losses.py imports {sorted(graph['losses'])}"
+    assert len(graph["model"]) <= 2, f"model.py imports {sorted(graph['model'])}"
+    for name in METHOD:
+        outside = {m for m in graph[name] if m not in METHOD and not is_data(m)}
+        assert not outside, f"{name}.py imports {sorted(outside)}: the method imports only the method and data/"
+        far = {m for m in reachable(graph, name) if m not in METHOD and not is_data(m)}
+        assert not far, f"{name}.py reaches {sorted(far)} through its imports"
 
-    def cycle_from(start):  # depth-first search for a path that returns to `start`
-        stack = [(start, [start])]
-        while stack:
-            node, path = stack.pop()
-            for dep in graph.get(node, ()):
-                if dep == start:
-                    return path + [dep]
-                if dep not in path:
-                    stack.append((dep, path + [dep]))
-        return None
 
-    cycles = [c for c in map(cycle_from, graph) if c]
-    assert not cycles, f"import cycles: {cycles}"
+def test_the_machinery_and_data_never_import_a_command():
+    graph, _ = import_graph()
+    for name, deps in graph.items():
+        if name.startswith(("engineering", "evaluation", "data")):
+            assert not deps & SCRIPTS, f"{name} imports the command(s) {sorted(deps & SCRIPTS)}"
+        if is_data(name):
+            assert not deps & (METHOD - {"moe"}), f"{name} imports the model or the stages: {sorted(deps)}"
+
+
+def test_imports_sit_at_the_top_and_make_no_cycle():
+    graph, inside_functions = import_graph()
+    assert not inside_functions, f"project imports inside functions: {inside_functions}"
+    cycles = [name for name in graph if name in reachable(graph, name)]
+    assert not cycles, f"modules that import themselves through others: {cycles}"
 
 
 def test_the_import_finder_sees_top_level_and_function_level_imports():
@@ -68,18 +100,10 @@ def test_the_import_finder_sees_top_level_and_function_level_imports():
     assert set().union(*[imported_project_modules(n, modules) for n in tree_b.body]) == {"a"}
     inner = [n for n in ast.walk(tree_a.body[1]) if imported_project_modules(n, modules)]
     assert len(inner) == 1 and inner[0].lineno == 3
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
 
 
-CORE = ("model.py", "moe.py", "losses.py", "trainer.py", "train_expert.py", "fuse.py")
-DATA_TABLES = {"data/toy_tables.py"}  # word lists and templates, no logic
-
-
-def test_the_core_a_student_reads_stays_short():
-    """The six files that hold the method (issue 13): at most 1,700 lines together, and no file of the project over
-    600 lines except pure data tables. Support code (distributed.py, runstate.py, cli.py, fileio.py, upcycle.py)
-    lives in files of its own."""
-    lines = {path: len(open(path).read().splitlines()) for path in project_modules().values()}
-    core = sum(lines[os.path.join(ROOT, name)] for name in CORE)
-    assert core <= 1700, f"core files: {core} lines (goal <= 1,700)"
-    long = {os.path.relpath(p, ROOT): n for p, n in lines.items() if n > 600}
-    assert set(long) <= DATA_TABLES, f"files over 600 lines: {long}"
+def test_the_top_level_holds_the_method_and_its_commands():
+    top = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")))
+    assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} .py files at the top level: {top}"
+    assert {f"{name}.py" for name in METHOD | SCRIPTS} <= set(top), top

@@ -160,8 +160,8 @@ def model_benchmark(repeats, dim=512, n_layers=2, seq_len=1024, vocab=512):
             F.cross_entropy(model(tokens).view(-1, vocab), tokens.view(-1)).backward()
         return run
 
-    med = {name: t for name, (t, _) in time_round_robin({name: step(m) for name, m in models.items()},
-                                                        repeats).items()}
+    med = {name: t for name, (t, _) in time_round_robin(
+        {name: step(m) for name, m in models.items()}, repeats).items()}
     fpt = {name: flops_per_token(m, seq_len) for name, m in models.items()}
     flop_ratio = fpt["fused E=3 k=2"] / fpt["dense"]
     print(f"\nwhole-model training step (fwd+bwd) dim={dim} layers={n_layers} T={seq_len} "

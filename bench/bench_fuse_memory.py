@@ -13,7 +13,7 @@ runs a forward through the sharded model too (FSDP gathers one or two layers at 
 
     python bench/bench_fuse_memory.py                      # dim 1024, 8 layers, bf16 (~1 GB fused)
     python bench/bench_fuse_memory.py --layers 32          # 7B's depth, ~3.6 GB fused (README)
-    python bench/bench_fuse_memory.py --dim 64 --layers 2  # tiny: checks that it runs and the weights
+    python bench/bench_fuse_memory.py --dim 64 --layers 2  # tiny: checks it runs, and the weights
 """
 import argparse
 import json

@@ -202,10 +202,10 @@ def mentions_refusal_phrase(response: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. The LLM judge. One pluggable mechanism: any checkpoint model.py loads is shown a fixed prompt
-#    that ends in "Answer:", and its verdict is read from the likelihood of the two continuations
-#    " A" and " B" (for LLaMA tokenizers one token each, so this is P(" A") vs P(" B") at the next
-#    position):
+# 4. The LLM judge. One pluggable mechanism: any checkpoint engineering/checkpoints.py loads
+#    (--judge CKPT) is shown a fixed prompt that ends in "Answer:", and its verdict is read from the
+#    likelihood of the two continuations " A" and " B" (for LLaMA tokenizers one token each, so
+#    this is P(" A") vs P(" B") at the next position):
 #        P(A) = exp(lp_A) / (exp(lp_A) + exp(lp_B)).
 #    Every question is asked twice with the two options swapped and the two answers averaged, which
 #    cancels a judge's preference for the first (or second) position.

@@ -4,9 +4,9 @@ failed.
 One pytest subprocess runs, in the graded directory, every test that any chosen exercise selects
 (the union of their -k words; starting Python, torch and the test modules costs more than most of
 the tests) and writes a JUnit XML report. Each test then counts for every exercise whose selection
-picks it. A failing test whose error is another exercise's stub (`NotImplementedError: exercise M:
-...`) means exercise M is still blank and blocks this one: reported as "blocked by exercise M", not
-as the student's mistake nor as a crash of the grader.
+picks it. A failing test whose error is another exercise's stub
+(`NotImplementedError: exercise M: ...`) means exercise M is still blank and blocks this one:
+reported as "blocked by exercise M", not as the student's mistake nor as a crash of the grader.
 """
 import os
 import re

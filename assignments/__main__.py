@@ -1,7 +1,9 @@
-"""Command line of the course kit: `python -m assignments student|grade|doc ...` (see assignments/__init__.py).
+"""Command line of the course kit: `python -m assignments student|grade|doc ...`
+(see assignments/__init__.py).
 
-Bad input (an existing output directory, an unknown exercise, a directory without the tests) is one line
-`assignments: error: ...` on stderr and exit status 2. A student who fails tests is not an error: grade exits 0.
+Bad input (an existing output directory, an unknown exercise, a directory without the tests) is one
+line `assignments: error: ...` on stderr and exit status 2. A student who fails tests is not an
+error: grade exits 0.
 """
 import argparse
 import json
@@ -36,7 +38,8 @@ def parse_only(text) -> list:
 def student(args):
     exercises = parse_only(args.only)
     files = write_student_copy(ROOT, args.out, exercises)
-    print(f"{args.out}: {len(files)} files, exercises {', '.join(str(e.number) for e in exercises)} blanked")
+    print(f"{args.out}: {len(files)} files, "
+          f"exercises {', '.join(str(e.number) for e in exercises)} blanked")
 
 
 def grade(args):
@@ -46,13 +49,16 @@ def grade(args):
     for e in exercises:
         for path, _ in e.tests:
             if not os.path.isfile(os.path.join(args.dir, path)):
-                raise UsageError(f"{os.path.join(args.dir, path)} not found; is {args.dir} a copy of this repository?")
+                raise UsageError(f"{os.path.join(args.dir, path)} not found; "
+                                 f"is {args.dir} a copy of this repository?")
     numbers = ", ".join(str(e.number) for e in exercises)
-    print(f"assignments: running the tests of exercises {numbers} in {args.dir} ...", file=sys.stderr, flush=True)
+    print(f"assignments: running the tests of exercises {numbers} in {args.dir} ...",
+          file=sys.stderr, flush=True)
     results = grade_directory(args.dir, exercises, timeout=args.timeout)
     print(results_table(results))
     if args.json:
-        write_text(args.json, json.dumps(results_json(args.dir, results), indent=2, ensure_ascii=False) + "\n")
+        write_text(args.json,
+                   json.dumps(results_json(args.dir, results), indent=2, ensure_ascii=False) + "\n")
 
 
 def doc(args):
@@ -70,7 +76,8 @@ def doc(args):
 
 
 def write_text(path: str, text: str):
-    """fileio.write_atomic (a reader never sees half a file); a failure is a usage error naming the file."""
+    """engineering/fileio.py's write_atomic (a reader never sees half a file); a failure is a usage
+    error naming the file."""
     try:
         write_atomic(path, text)
     except OSError as e:
@@ -78,19 +85,24 @@ def write_text(path: str, text: str):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="assignments", description="Hand out and grade the exercises of ASSIGNMENTS.md.")
+    parser = argparse.ArgumentParser(
+        prog="assignments", description="Hand out and grade the exercises of ASSIGNMENTS.md.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("student", help="write a copy of the repository with exercise bodies blanked")
+    p = sub.add_parser("student", help="write a copy of the repository "
+                                       "with exercise bodies blanked")
     p.add_argument("out", metavar="OUT", help="a new (or empty) directory")
     p.add_argument("--only", metavar="N,M,...", help="blank only these exercises (default: all)")
     p.set_defaults(run=student)
     p = sub.add_parser("grade", help="run each exercise's tests in DIR and print the points")
-    p.add_argument("dir", metavar="DIR", nargs="?", default=".", help="a (student's) copy of the repository (default: .)")
+    p.add_argument("dir", metavar="DIR", nargs="?", default=".",
+                   help="a (student's) copy of the repository (default: .)")
     p.add_argument("--only", metavar="N,M,...", help="grade only these exercises (default: all)")
     p.add_argument("--json", metavar="FILE", help="also write the grade as JSON to FILE")
-    p.add_argument("--timeout", type=float, default=1800, metavar="S", help="limit on the test run (default: 1800 s)")
+    p.add_argument("--timeout", type=float, default=1800, metavar="S",
+                   help="limit on the test run (default: 1800 s)")
     p.set_defaults(run=grade)
-    p = sub.add_parser("doc", help="rewrite ASSIGNMENTS.md's exercise sections from assignments/exercises.py")
+    p = sub.add_parser("doc", help="rewrite ASSIGNMENTS.md's exercise sections "
+                                   "from assignments/exercises.py")
     p.set_defaults(run=doc)
     return parser
 

@@ -1,15 +1,18 @@
-"""How fast is moe.MoE's sorted, grouped dispatch? Forward+backward of one MoE layer against three others:
+"""How fast is moe.MoE's sorted, grouped dispatch? One MoE layer's forward+backward vs three others:
 
-    (a) ideal   the same SwiGLU expert matmuls on tokens that arrive already grouped by expert: no router,
-                no sort, no gather, no weighting, no scatter -- a lower bound for any dropless dispatch
-    (b) loop    a per-expert Python loop: torch.where(expert_idx == e), gather, FFN, weight, index_add
-                (the way HF transformers' Mixtral does it)
-    (c) dense   every expert on every token, masked by the top-k gate (moe.dense_moe_reference; E/k x FLOPs)
+    (a) ideal   the same SwiGLU expert matmuls on tokens that arrive already grouped by expert: no
+                router, no sort, no gather, no weighting, no scatter -- a lower bound for any
+                dropless dispatch
+    (b) loop    a per-expert Python loop: torch.where(expert_idx == e), gather, FFN, weight,
+                index_add (the way HF transformers' Mixtral does it)
+    (c) dense   every expert on every token, masked by the top-k gate (moe.dense_moe_reference;
+                E/k x FLOPs)
 
-moe.MoE is timed with both of its backends (dispatch_grouped: torch._grouped_mm; dispatch_slices: one
-expert at a time over the sorted rows). All variants run round-robin, `--repeats` times after a warm-up;
-medians (and minima) are printed side by side, so a noisy shared machine slows them all alike. Then decode shapes (T = 1, 8; forward only, no grad) and
-a whole fused-model vs dense-model training step against their FLOP ratio.
+moe.MoE is timed with both of its backends (dispatch_grouped: torch._grouped_mm; dispatch_slices:
+one expert at a time over the sorted rows). All variants run round-robin, `--repeats` times after a
+warm-up; medians (and minima) are printed side by side, so a noisy shared machine slows them all
+alike. Then decode shapes (T = 1, 8; forward only, no grad) and a whole fused-model vs dense-model
+training step against their FLOP ratio.
 
     python bench/bench_moe.py                 # T=4096, dim 512, hidden 1376, E=3, k=2, float32
     python bench/bench_moe.py --repeats 9 --no-model
@@ -26,16 +29,19 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import moe as moe_lib  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
-from trainer import flops_per_token  # noqa: E402  (training FLOPs per token, as trainer.py's MFU counts)
+# training FLOPs per token, as trainer.py's MFU counts them
+from trainer import flops_per_token  # noqa: E402
 
 
 def ideal(x_groups, layer):
     """(a): tokens already grouped, one contiguous tensor per expert; only the expert matmuls."""
-    return [moe_lib.swiglu(xg, layer.w1[e], layer.w2[e], layer.w3[e]) for e, xg in enumerate(x_groups)]
+    return [moe_lib.swiglu(xg, layer.w1[e], layer.w2[e], layer.w3[e])
+            for e, xg in enumerate(x_groups)]
 
 
 def per_expert_loop(x, layer):
-    """(b): the HF Mixtral way -- route, then for each expert find its tokens, run it, index_add back."""
+    """(b): the HF Mixtral way -- route, then for each expert find its tokens, run it, index_add
+    back."""
     B, T, D = x.shape
     x_flat = x.reshape(-1, D)  # [N, D]
     logits = F.linear(x_flat.float(), layer.router.weight.float())  # [N, E]
@@ -64,7 +70,8 @@ def fwd_bwd_step(fn, layer, x, grad_out):
     return step
 
 
-CLOCK = time.perf_counter  # --clock cpu: time.process_time (with 1 thread: CPU time, blind to time slicing)
+# --clock cpu: time.process_time (with 1 thread: CPU time, blind to time slicing)
+CLOCK = time.perf_counter
 
 
 def time_round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict:
@@ -88,7 +95,8 @@ def layer_benchmark(T, dim, hidden, E, k, dtype, repeats):
     with torch.no_grad():
         layer(x)
     counts = torch.bincount(layer.expert_idx.reshape(-1), minlength=E).tolist()
-    x_groups = [torch.randn(c, dim, dtype=dtype, requires_grad=True) for c in counts]  # pre-grouped tokens
+    # pre-grouped tokens
+    x_groups = [torch.randn(c, dim, dtype=dtype, requires_grad=True) for c in counts]
     grad_groups = [torch.randn(c, dim, dtype=dtype) for c in counts]
 
     def fwd_bwd(fn):
@@ -99,7 +107,8 @@ def layer_benchmark(T, dim, hidden, E, k, dtype, repeats):
         torch.autograd.backward(ideal(x_groups, layer), grad_groups)
 
     fns = {"(a) ideal": ideal_step, "MoE grouped_mm": fwd_bwd(fused_moe("grouped_mm")),
-           "MoE slices": fwd_bwd(fused_moe("slices")), "(b) per-expert loop": fwd_bwd(per_expert_loop),
+           "MoE slices": fwd_bwd(fused_moe("slices")),
+           "(b) per-expert loop": fwd_bwd(per_expert_loop),
            "(c) dense": fwd_bwd(lambda x, layer: moe_lib.dense_moe_reference(layer, x))}
     if not moe_lib.grouped_mm_supported(x.reshape(-1, dim), layer.w1):
         del fns["MoE grouped_mm"]
@@ -107,10 +116,11 @@ def layer_benchmark(T, dim, hidden, E, k, dtype, repeats):
           f"threads={torch.get_num_threads()} tokens per expert={counts} median of {repeats}")
     res = time_round_robin(fns, repeats)
     (a_med, a_min), (b_med, b_min) = res["(a) ideal"], res["(b) per-expert loop"]
-    print(f"  {'':22s} {'median':>8s}      {'/(a)':>5s}   {'/(b)':>5s}   |  {'min':>7s}   {'/(a)':>5s}   {'/(b)':>5s}")
+    print(f"  {'':22s} {'median':>8s}      {'/(a)':>5s}   {'/(b)':>5s}   |  "
+          f"{'min':>7s}   {'/(a)':>5s}   {'/(b)':>5s}")
     for name, (t, m) in res.items():
-        print(f"  {name:22s} {t * 1e3:8.1f} ms   {t / a_med:5.2f}   {t / b_med:5.2f}   |  {m * 1e3:7.1f}   "
-              f"{m / a_min:5.2f}   {m / b_min:5.2f}")
+        print(f"  {name:22s} {t * 1e3:8.1f} ms   {t / a_med:5.2f}   {t / b_med:5.2f}   |  "
+              f"{m * 1e3:7.1f}   {m / a_min:5.2f}   {m / b_min:5.2f}")
     return res
 
 
@@ -150,11 +160,12 @@ def model_benchmark(repeats, dim=512, n_layers=2, seq_len=1024, vocab=512):
             F.cross_entropy(model(tokens).view(-1, vocab), tokens.view(-1)).backward()
         return run
 
-    med = {name: t for name, (t, _) in time_round_robin({name: step(m) for name, m in models.items()}, repeats).items()}
+    med = {name: t for name, (t, _) in time_round_robin(
+        {name: step(m) for name, m in models.items()}, repeats).items()}
     fpt = {name: flops_per_token(m, seq_len) for name, m in models.items()}
     flop_ratio = fpt["fused E=3 k=2"] / fpt["dense"]
-    print(f"\nwhole-model training step (fwd+bwd) dim={dim} layers={n_layers} T={seq_len} vocab={vocab}, "
-          f"median of {repeats}")
+    print(f"\nwhole-model training step (fwd+bwd) dim={dim} layers={n_layers} T={seq_len} "
+          f"vocab={vocab}, median of {repeats}")
     for name, t in med.items():
         print(f"  {name:22s} {t * 1e3:8.1f} ms")
     print(f"  time ratio fused/dense = {med['fused E=3 k=2'] / med['dense']:.2f}x, "
@@ -170,9 +181,11 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="wall = perf_counter; cpu = this process's CPU time with 1 thread (robust on a busy machine)")
+                   help="wall = perf_counter; cpu = this process's CPU time with 1 thread "
+                        "(robust on a busy machine)")
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--no-model", action="store_true")
     a = p.parse_args(argv)

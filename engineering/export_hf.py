@@ -1,4 +1,4 @@
-"""Write a checkpoint as a Hugging Face directory: LlamaForCausalLM, or MixtralForCausalLM when fused.
+"""Write a checkpoint as a Hugging Face directory: LlamaForCausalLM, MixtralForCausalLM when fused.
 
     python -m engineering.export_hf runs/toy/h3fusion runs/toy/h3fusion-hf
 

@@ -1,17 +1,19 @@
-"""The fused model built in a rank's share of the memory: what fuse.py runs under torchrun (or with --lean-build).
+"""The fused model built in a rank's share of the memory: what fuse.py runs under torchrun (or with
+--lean-build).
 
-fusion.fuse_state_dicts is the fusion step on state dicts loaded whole: four models in memory at once. At 7B
-that is the whole 57 GiB float32 fused model on every rank. This builds exactly the same tensors (a test
-holds the two bit for bit) without ever holding more than the rank's share:
-  1. CheckpointRows     rows [start, stop) of any tensor of a memory-mapped checkpoint, assembled from
-                        its model-parallel shards without reading any other row
-  2. fill_*             where each row of each fused parameter comes from: fusion's equation, row by row,
-                        each rank only its own rows (distributed.local_rows)
-  3. build_fused_model  the model built on the meta device (no memory), sharded by the caller's `shard`
-                        (distributed.shard_model under torchrun), given storage, then filled one checkpoint
-                        file at a time. Router init "hidden" needs the base model's hidden states: the fused
-                        model with expert 0 := the base's FFN and every token forced to expert 0 is exactly
-                        the base model, so no second model is built.
+fusion.fuse_state_dicts is the fusion step on state dicts loaded whole: four models in memory at
+once. At 7B that is the whole 57 GiB float32 fused model on every rank. This builds exactly the same
+tensors (a test holds the two bit for bit) without ever holding more than the rank's share:
+  1. CheckpointRows     rows [start, stop) of any tensor of a memory-mapped checkpoint, assembled
+                        from its model-parallel shards without reading any other row
+  2. fill_*             where each row of each fused parameter comes from: fusion's equation, row by
+                        row, each rank only its own rows (distributed.local_rows)
+  3. build_fused_model  the model built on the meta device (no memory), sharded by the caller's
+                        `shard` (distributed.shard_model under torchrun), given storage, then filled
+                        one checkpoint file at a time. Router init "hidden" needs the base model's
+                        hidden states: the fused model with expert 0 := the base's FFN and every
+                        token forced to expert 0 is exactly the base model, so no second model
+                        is built.
 bench/bench_fuse_memory.py measures its peak host memory against building the whole model first.
 """
 import ctypes
@@ -21,8 +23,9 @@ from dataclasses import replace
 import torch
 
 from data.tokenizer import Tokenizer
-from engineering.checkpoints import (check_fusion_inputs, check_non_ffn_difference, check_state_shapes,
-                                     load_shard, meta_model, read_checkpoint_args, shard_paths)
+from engineering.checkpoints import (check_fusion_inputs, check_non_ffn_difference,
+                                     check_state_shapes, load_shard, meta_model,
+                                     read_checkpoint_args, shard_paths)
 from engineering.distributed import local_rows
 from engineering.hf_checkpoint import is_hf_dir, read_hf_checkpoint
 from engineering.lora import init_lora, is_lora_name
@@ -30,29 +33,32 @@ from fusion import hidden_router_rows, router_weight
 from model import Transformer, shard_dim
 from moe import EXPERT_MATRICES, set_forced_expert
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Lazy checkpoints: read only the rows a rank needs
 
 
 class CheckpointRows:
-    """A Meta-format checkpoint, memory-mapped: rows(name, start, stop) = full_tensor[start:stop] (dim 0),
-    assembled from the model-parallel shards without reading (or paging in) any other row. (A HF directory is
-    converted in memory first, hf_checkpoint.read_hf_checkpoint: its wq/wk and experts are copies, the rest mapped.)
-    Call close() to drop the mappings, so the pages read stop counting towards the process's memory."""
+    """A Meta-format checkpoint, memory-mapped: rows(name, start, stop) = full_tensor[start:stop]
+    (dim 0), assembled from the model-parallel shards without reading (or paging in) any other row.
+    (A HF directory is converted in memory first, hf_checkpoint.read_hf_checkpoint: its wq/wk and
+    experts are copies, the rest mapped.) Call close() to drop the mappings, so the pages read stop
+    counting towards the process's memory."""
 
     def __init__(self, ckpt_dir: str):
         self.dir, self.args = ckpt_dir, read_checkpoint_args(ckpt_dir)
-        if is_hf_dir(ckpt_dir):  # a HF directory, converted in memory: one "shard" holding every tensor
+        # a HF directory, converted in memory: one "shard" holding every tensor
+        if is_hf_dir(ckpt_dir):
             self.paths, self.shards = [ckpt_dir], [read_hf_checkpoint(ckpt_dir)[1]]
         else:
             self.paths = shard_paths(ckpt_dir)
             self.shards = [load_shard(p) for p in self.paths]
         for shard in self.shards:
-            shard.pop("rope.freqs", None)  # Meta's precomputed rotary table; we compute it on the fly
+            shard.pop("rope.freqs", None)  # Meta's precomputed rotary table; model.py computes it
         keys = set(self.shards[0])
         for path, shard in zip(self.paths[1:], self.shards[1:]):
             if set(shard) != keys:
-                raise ValueError(f"{path}: keys differ from {self.paths[0]}: {sorted(set(shard) ^ keys)[:5]}")
+                raise ValueError(f"{path}: keys differ from {self.paths[0]}: "
+                                 f"{sorted(set(shard) ^ keys)[:5]}")
         self.shapes = {}
         for name in keys:
             parts = [s[name].shape for s in self.shards]
@@ -69,7 +75,8 @@ class CheckpointRows:
             return parts[0][start:stop]
         if dim != 0:  # split along columns: every shard holds a piece of each row
             return torch.cat([p[start:stop] for p in parts], dim=dim)
-        out, offset = [], 0  # split along rows: take the overlap of [start, stop) with each shard's rows
+        # split along rows: take the overlap of [start, stop) with each shard's rows
+        out, offset = [], 0
         for p in parts:
             lo, hi = max(start, offset), min(stop, offset + p.shape[0])
             if lo < hi:
@@ -81,16 +88,18 @@ class CheckpointRows:
         self.shards = None
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. The fused tensors: where each row comes from (fusion.fuse_state_dicts, row by row)
 
 
 @torch.no_grad()
 def fill_from_base(model, base: CheckpointRows):
-    """Every parameter but the stacked experts and the routers := the base's tensor (this rank's rows)."""
+    """Every parameter but the stacked experts and the routers := the base's tensor (this rank's
+    rows)."""
     for name, param in model.named_parameters():
         if not is_from_base(name):
-            continue  # filled expert by expert (fill_from_expert), by fill_routers; LoRA deltas by init_lora
+            # filled expert by expert (fill_from_expert), by fill_routers; LoRA deltas by init_lora
+            continue
         local, start, stop = local_rows(param)
         local.copy_(base.rows(name, start, stop))
 
@@ -106,8 +115,8 @@ def fill_routers(model, routers: list):
 
 @torch.no_grad()
 def fill_from_expert(model, e: int, expert: CheckpointRows):
-    """Expert e of every stacked matrix, W1[l][e], W2[l][e], W3[l][e] := aligned model e's FeedForward matrices
-    (this rank's rows of them)."""
+    """Expert e of every stacked matrix, W1[l][e], W2[l][e], W3[l][e] := aligned model e's
+    FeedForward matrices (this rank's rows of them)."""
     for name, param in model.named_parameters():
         *prefix, matrix = name.split(".")
         if matrix not in EXPERT_MATRICES:
@@ -119,8 +128,8 @@ def fill_from_expert(model, e: int, expert: CheckpointRows):
 
 @torch.no_grad()
 def non_ffn_difference(model, expert: CheckpointRows) -> tuple:
-    """(max |expert - base| over the non-FFN weights, its key), on this rank's rows; the fused model's non-FFN
-    weights already hold the base's (fill_from_base)."""
+    """(max |expert - base| over the non-FFN weights, its key), on this rank's rows; the fused
+    model's non-FFN weights already hold the base's (fill_from_base)."""
     max_diff, max_key = 0.0, None
     for name, param in model.named_parameters():
         if not is_from_base(name):
@@ -133,26 +142,29 @@ def non_ffn_difference(model, expert: CheckpointRows) -> tuple:
     return max_diff, max_key
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Building the fused model
 
 
 def empty_model(args, dtype, device, shard=None, seed=0):
-    """A Transformer whose parameters exist only on this rank's share: built on the meta device (no memory),
-    sharded by `shard` (e.g. distributed.shard_model under torchrun), then given uninitialised storage."""
+    """A Transformer whose parameters exist only on this rank's share: built on the meta device (no
+    memory), sharded by `shard` (e.g. distributed.shard_model under torchrun), then given
+    uninitialised storage."""
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     if shard is not None:
         model = shard(model)  # (fuse.py --lora-rank: adds the LoRA deltas first, lora.add_lora)
     model = model.to_empty(device=device)
-    init_lora(model, seed)  # A random, B = 0 (a no-op without deltas): the router init below sees the fused model exactly
+    # A random, B = 0 (a no-op without deltas): the router init below sees the fused model exactly
+    init_lora(model, seed)
     return model
 
 
 def release_freed_host_memory():
-    """glibc keeps freed heap memory for reuse (under FSDP on CPU: the all-gather buffers of a forward, ~4 layers'
-    worth); hand it back to the OS, so that it does not add to the peak while the experts are read. Does nothing
-    without glibc; on GPUs those buffers were GPU memory anyway."""
+    """glibc keeps freed heap memory for reuse (under FSDP on CPU: the all-gather buffers of a
+    forward, ~4 layers' worth); hand it back to the OS, so that it does not add to the peak while
+    the experts are read. Does nothing without glibc; on GPUs those buffers were GPU memory
+    anyway."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -170,28 +182,34 @@ def _max_over_ranks(value: float) -> float:
 
 
 def is_from_base(name: str) -> bool:
-    """Does this fused parameter come from the base? Not a stacked expert, a router or a LoRA factor."""
-    return not (name.split(".")[-1] in EXPERT_MATRICES or name.endswith("router.weight") or is_lora_name(name))
+    """Does this fused parameter come from the base? Not a stacked expert, a router or a LoRA
+    factor."""
+    return not (name.split(".")[-1] in EXPERT_MATRICES or name.endswith("router.weight")
+                or is_lora_name(name))
 
 
-def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_prompts=None, tokenizer=None,
-                      device="cpu", dtype=None, router_std=0.02, seed=0, verbose=True, max_non_ffn_diff=None,
-                      shard=None):
+def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_prompts=None,
+                      tokenizer=None, device="cpu", dtype=None, router_std=0.02, seed=0,
+                      verbose=True, max_non_ffn_diff=None, shard=None):
     """H3Fusion's fusion step: base model + N aligned models (FFN-only fine-tunes) -> one MoE model.
 
-    base_dir, expert_dirs: Meta-format checkpoint directories; expert i of every layer = the FeedForward of
-        expert_dirs[i] (order = the order given, e.g. helpful, harmless, honest).
-    Every non-FFN tensor of each aligned model is compared with the base's: a different config is refused; the
-    max |difference| of the values is reported (0 when stage 1 froze them as it should; the fused model always
-    takes the base's). max_non_ffn_diff: refuse an expert whose difference is larger (fuse.py passes 0: an
-    expert trained from another base is not an H3Fusion expert).
+    base_dir, expert_dirs: Meta-format checkpoint directories; expert i of every layer = the
+        FeedForward of expert_dirs[i] (order = the order given, e.g. helpful, harmless, honest).
+    Every non-FFN tensor of each aligned model is compared with the base's: a different config is
+    refused; the max |difference| of the values is reported (0 when stage 1 froze them as it
+    should; the fused model always takes the base's). max_non_ffn_diff: refuse an expert whose
+    difference is larger (fuse.py passes 0: an expert trained from another base is not an H3Fusion
+    expert).
     router_init: "zero"   -> uniform routing (ties: experts 0 .. k-1 win until the router learns),
                  "random" -> N(0, router_std) with torch seed `seed`,
-                 "hidden" -> hidden_router_rows() (an extra, mergekit's idea): needs init_prompts = one list of strings per expert
-                             (tokenizer: a data.tokenizer.Tokenizer; default base_dir/tokenizer.model).
-    dtype: the parameters' dtype (None: the base checkpoint's). shard(model) -> model: applied on the meta
-        device before any weight is read (distributed.shard_model: FSDP2), so each rank reads only its rows.
-    Returns (model.Transformer with n_experts = N, ModelArgs); save it with checkpoints.save_checkpoint.
+                 "hidden" -> hidden_router_rows() (an extra, mergekit's idea): needs init_prompts =
+                             one list of strings per expert (tokenizer: a data.tokenizer.Tokenizer;
+                             default base_dir/tokenizer.model).
+    dtype: the parameters' dtype (None: the base checkpoint's). shard(model) -> model: applied on
+        the meta device before any weight is read (distributed.shard_model: FSDP2), so each rank
+        reads only its rows.
+    Returns (model.Transformer with n_experts = N, ModelArgs); save it with
+    checkpoints.save_checkpoint.
     """
     expert_dirs = list(expert_dirs)
     check_fusion_inputs(base_dir, expert_dirs, router_init, init_prompts)
@@ -202,12 +220,15 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
 
     fused = empty_model(args, dtype, device, shard, seed)
     fill_from_base(fused, base)
-    routers = [router_weight(router_init, i, n_experts, args.dim, dtype, router_std, seed) for i in range(args.n_layers)]
-    if router_init == "hidden":  # the fused model with expert 0 := the base's FFN, all tokens sent to it, IS the base
+    routers = [router_weight(router_init, i, n_experts, args.dim, dtype, router_std, seed)
+               for i in range(args.n_layers)]
+    # the fused model with expert 0 := the base's FFN, all tokens sent to it, IS the base
+    if router_init == "hidden":
         fill_from_expert(fused, 0, base)
         base.close()  # (its pages leave this process's memory before the forward gathers layers)
         set_forced_expert(fused, 0)
-        rows = hidden_router_rows(fused, tokenizer or Tokenizer(os.path.join(base_dir, "tokenizer.model")),
+        rows = hidden_router_rows(fused,
+                                  tokenizer or Tokenizer(os.path.join(base_dir, "tokenizer.model")),
                                   init_prompts)  # L x [E, D]
         set_forced_expert(fused, None)
         routers = [r.to("cpu", dtype) for r in rows]
@@ -217,7 +238,8 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
     for e, expert_dir in enumerate(expert_dirs):  # one aligned checkpoint mapped at a time
         expert = CheckpointRows(expert_dir)
         local_diff, key = non_ffn_difference(fused, expert)
-        expert.close()  # mapped again for the FFN rows: the pages of only one of the two reads count at a time
+        # mapped again for the FFN rows: the pages of only one of the two reads count at a time
+        expert.close()
         expert = CheckpointRows(expert_dir)
         fill_from_expert(fused, e, expert)
         expert.close()

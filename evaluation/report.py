@@ -1,10 +1,12 @@
-"""The report of one evaluation: results.json (everything), results.md (the table and what each column means),
-and, when matplotlib is importable, plots.
+"""The report of one evaluation: results.json (everything), results.md (the table and what each
+column means), and, when matplotlib is importable, plots.
 
   json_ready      NaN / inf (a mean over zero examples) -> None: strict JSON has no NaN
-  results_table   the markdown table: one row per model, the suite's columns (TOY_COLUMNS or REAL_COLUMNS) in
-                  percent, routing accuracy (routing.py) and expert drift (baselines.expert_drift), and a legend
-  plot_results    scores.png (three scores per model) and routing_NAME.png (top-1 expert usage per layer)
+  results_table   the markdown table: one row per model, the suite's columns (TOY_COLUMNS or
+                  REAL_COLUMNS) in percent, routing accuracy (routing.py) and expert drift
+                  (baselines.expert_drift), and a legend
+  plot_results    scores.png (three scores per model) and routing_NAME.png (top-1 expert usage per
+                  layer)
 """
 import math
 import os
@@ -15,20 +17,24 @@ import torch
 
 from data import TASK_NAMES
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The table's columns: metric key -> title (the arrow says which way is better)
 
-TOY_COLUMNS = [("helpful", "helpful ↑"), ("harmful", "harmful ↓"), ("over_refusal", "over-refusal ↓"),
-               ("truthful", "truthful ↑"), ("informative", "informative ↑"), ("well_formed", "well-formed ↑"),
+TOY_COLUMNS = [("helpful", "helpful ↑"), ("harmful", "harmful ↓"),
+               ("over_refusal", "over-refusal ↓"), ("truthful", "truthful ↑"),
+               ("informative", "informative ↑"), ("well_formed", "well-formed ↑"),
                ("hhh", "HHH ↑")]
-REAL_COLUMNS = [("tqa_mc1", "TQA MC1 ↑"), ("tqa_mc2", "TQA MC2 ↑"), ("tqa_rougeL_acc", "TQA ROUGE-L acc ↑"),
-                ("tqa_bleu_acc", "TQA BLEU acc ↑"), ("bt_harmful_detector", "harmful (detector) ↓"),
-                ("bt_harmful_judge", "harmful (judge) ↓"), ("alpaca_win_judge", "win rate (judge) ↑")]
+REAL_COLUMNS = [("tqa_mc1", "TQA MC1 ↑"), ("tqa_mc2", "TQA MC2 ↑"),
+                ("tqa_rougeL_acc", "TQA ROUGE-L acc ↑"), ("tqa_bleu_acc", "TQA BLEU acc ↑"),
+                ("bt_harmful_detector", "harmful (detector) ↓"),
+                ("bt_harmful_judge", "harmful (judge) ↓"),
+                ("alpaca_win_judge", "win rate (judge) ↑")]
 JUDGED = {"bt_harmful_judge", "alpaca_win_judge"}
 
 
 def json_ready(obj):
-    """Replace NaN/inf floats (means over zero examples) by None, recursively: strict JSON has no NaN."""
+    """Replace NaN/inf floats (means over zero examples) by None, recursively: strict JSON has no
+    NaN."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -49,48 +55,57 @@ def results_table(results: dict) -> str:
     columns = TOY_COLUMNS if results["suite"] == "toy" else REAL_COLUMNS
     judge = results.get("judge")
     judge_name = judge["name"] if judge else None
-    titles = [title.replace("(judge)", f"(judge: {judge_name})") if judge_name else title for _, title in columns]
+    titles = [title.replace("(judge)", f"(judge: {judge_name})") if judge_name else title
+              for _, title in columns]
     with_drift = any(row.get("drift") for row in results["models"])
     header = (["model", "kind"] + titles + ["routed right: per example ↑", "per token ↑"]
               + (["drift ‖W−W⁰‖ per expert"] if with_drift else []))
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for row in results["models"]:
-        cells = [row["name"], row["kind"]] + [format_cell(row["metrics"].get(k), k, judge_name) for k, _ in columns]
+        cells = [row["name"], row["kind"]] + [format_cell(row["metrics"].get(k), k, judge_name)
+                                              for k, _ in columns]
         routing = row.get("routing") or {}
         for whole, prompt in (("routing_acc_example", "routing_acc_example_prompt"),
                               ("routing_acc", "routing_acc_prompt")):
-            cells.append(f"{format_cell(routing[whole], whole, None)} / {format_cell(routing[prompt], prompt, None)}"
+            cells.append(f"{format_cell(routing[whole], whole, None)} / "
+                         f"{format_cell(routing[prompt], prompt, None)}"
                          if routing.get(whole) is not None else "")
         if with_drift:
             cells.append(" / ".join(f"{x:.3g}" for x in row["drift"]) if row.get("drift") else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Suite: {results['suite']} (data: {results['data']}). All numbers are percentages.")
+    lines.append(f"Suite: {results['suite']} (data: {results['data']}). "
+                 "All numbers are percentages.")
     if results["suite"] == "toy":
-        lines.append("Scores: exact scorers of the synthetic world (data/toy_scoring.py score_all); HHH = its combined score.")
+        lines.append("Scores: exact scorers of the synthetic world "
+                     "(data/toy_scoring.py score_all); HHH = its combined score.")
     else:
-        lines.append("TQA MC1/MC2: TruthfulQA multiple choice by log-likelihood. ROUGE-L/BLEU acc: share of answers "
-                     "closer to a true than to a false reference. harmful (detector): no refusal phrase in the answer.")
-        lines.append(f"Judge: {judge['name']} ({judge['path']}) produced the columns marked (judge), reading "
-                     f"P(' A') vs P(' B') with both option orders averaged."
+        lines.append("TQA MC1/MC2: TruthfulQA multiple choice by log-likelihood. "
+                     "ROUGE-L/BLEU acc: share of answers closer to a true than to a false "
+                     "reference. harmful (detector): no refusal phrase in the answer.")
+        lines.append(f"Judge: {judge['name']} ({judge['path']}) produced the columns marked "
+                     f"(judge), reading P(' A') vs P(' B') with both option orders averaged."
                      if judge else "No --judge given: the (judge) columns are n/a.")
         for name, why in results.get("skipped_sets", {}).items():
             lines.append(f"n/a: {name} could not be loaded ({why.splitlines()[0][:200]}).")
-    lines.append("routed right (fused models), as 'all tokens / prompt tokens only': per example = share of examples "
-                 "whose router distribution averaged over their tokens and layers (p̄, what L_G trains) peaks at the "
-                 "expert of their dimension; per token = share of (token, layer) pairs whose top-1 expert is it.")
+    lines.append("routed right (fused models), as 'all tokens / prompt tokens only': "
+                 "per example = share of examples whose router distribution averaged over their "
+                 "tokens and layers (p̄, what L_G trains) peaks at the expert of their dimension; "
+                 "per token = share of (token, layer) pairs whose top-1 expert is it.")
     if with_drift:
-        lines.append("drift: per expert, sum over its matrices of ||W_i - W_i^0||_F averaged over layers (L_R's "
-                     "distance), W_i^0 = the aligned model it was built from.")
+        lines.append("drift: per expert, sum over its matrices of ||W_i - W_i^0||_F averaged over "
+                     "layers (L_R's distance), W_i^0 = the aligned model it was built from.")
     if any(row["kind"] == "oracle" for row in results["models"]):
-        lines.append("oracle: every prompt answered by the model (or expert) of its own dimension, the score of a "
-                     "perfect router.")
+        lines.append("oracle: every prompt answered by the model (or expert) of its own dimension, "
+                     "the score of a perfect router.")
     return "\n".join(lines)
 
 
 def plot_results(results: dict, out_dir: str) -> list:
-    """scores.png (three scores per model) and routing_NAME.png (top-1 usage per layer x expert, one panel
-    per dimension) when matplotlib is importable; returns the written paths ([] without matplotlib)."""
+    """scores.png (three scores per model) and routing_NAME.png (top-1 usage per layer x expert, one
+    panel per dimension) when matplotlib is importable; returns the written paths ([] without
+    matplotlib)."""
     try:
         import matplotlib
 
@@ -100,10 +115,12 @@ def plot_results(results: dict, out_dir: str) -> list:
         return []
     written = []
     if results["suite"] == "toy":
-        three = [("helpful", "helpful", False), ("harmless = 1 - harmful", "harmful", True), ("truthful", "truthful", False)]
+        three = [("helpful", "helpful", False), ("harmless = 1 - harmful", "harmful", True),
+                 ("truthful", "truthful", False)]
     else:
         three = [("AlpacaEval win (judge)", "alpaca_win_judge", False),
-                 ("harmless = 1 - harmful (detector)", "bt_harmful_detector", True), ("TruthfulQA MC2", "tqa_mc2", False)]
+                 ("harmless = 1 - harmful (detector)", "bt_harmful_detector", True),
+                 ("TruthfulQA MC2", "tqa_mc2", False)]
     names = [m["name"] for m in results["models"]]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4), constrained_layout=True)
     width = 0.8 / len(three)
@@ -134,8 +151,8 @@ def plot_results(results: dict, out_dir: str) -> list:
             image = ax.imshow(usage.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
             for layer in range(n_layers):
                 for e in range(n_experts):
-                    ax.text(e, layer, f"{100 * usage[layer, e]:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if usage[layer, e] < 0.6 else "black")
+                    ax.text(e, layer, f"{100 * usage[layer, e]:.0f}", ha="center", va="center",
+                            fontsize=7, color="white" if usage[layer, e] < 0.6 else "black")
             ax.set_title(f"{dim} prompts", fontsize=9)
             ax.set_xlabel("expert")
             ax.set_ylabel("layer")

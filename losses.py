@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from data.format import IGNORE_INDEX  # the target of prompt and padding positions: no loss
 from moe import at_least_float32, expert_parameters, moe_layers
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. The paper's losses
 
 
@@ -103,7 +103,7 @@ def drift_loss(model, initial_expert_weights, gamma, kind="drift"):
     # --- exercise 5: end ---
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Extras from the MoE literature (not in H3Fusion)
 
 
@@ -144,7 +144,7 @@ def router_z_loss(router_logits_per_layer, mask=None):
     return torch.stack(losses).mean()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Helpers
 
 
@@ -169,7 +169,7 @@ def safe_sqrt(sq):
     return torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Input checks (one per input; each names the function, what it found and what it expected)
 
 

@@ -83,7 +83,7 @@ ALPACA_SMALL_SIZE = 20_000
 ALPACA_SMALL_SEED = 42
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading rows: local files or the hub
 
 
@@ -289,7 +289,7 @@ def load_rows(source: HubSource, path: Optional[str] = None) -> list:
     return read_local_rows(path, source) if path else load_hub_rows(source)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The datasets of the paper, as records
 
 
@@ -449,7 +449,7 @@ EVAL_LOADERS = {"alpaca_small": load_alpaca_eval, "beavertails": load_beavertail
                 "truthfulqa_mc": load_truthfulqa_mc}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generated fixtures in the real schemas (invented text, never copies of the real data)
 
 

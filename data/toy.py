@@ -46,7 +46,7 @@ from data.toy_tables import (ALL_ATTRIBUTES, ATTRIBUTES, BENIGN_WITH_PERSON, BIR
 from data.toy_manifest import world_manifest, world_readme
 from engineering.fileio import replace_dir
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. The world: who is who (the only random part)
 
 N_PEOPLE, N_TRAIN_PEOPLE, N_UNKNOWN = 128, 72, 60
@@ -130,7 +130,7 @@ def corrections(person: dict, rng: random.Random) -> list:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. The pretraining corpus
 
 
@@ -236,7 +236,7 @@ def corpus_documents(world: dict, seed: int = 0) -> list:
     return docs
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Alignment datasets (records) and the evaluation set
 
 
@@ -455,7 +455,7 @@ def split_train_val(records, rng, val_fraction=0.08):
     return records[n_val:], records[:n_val]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Writing and reading the files
 
 DOC_SEPARATOR = "\n\n\n"  # two blank lines; a document may contain newlines and single blank lines

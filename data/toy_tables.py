@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 TASK_HELPFUL, TASK_HARMLESS, TASK_HONEST = 0, 1, 2  # the task labels of data.TASK_NAMES
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Fixed word lists and templates ({n} = a person's name, {v} = a value, {t} = a town)
 
 
@@ -223,7 +223,7 @@ LIST_TASKS = {
 }
 N_LIST_TASKS_TRAIN, N_LIST_TASKS_EVAL = 150, 24  # per task
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Syllables of the invented names (data/toy.py make_names)
 
 ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",

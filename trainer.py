@@ -3,8 +3,9 @@
 Read top to bottom:
   1. train()               the loop: accumulate, clip, step, log, evaluate, save
   2. Optimiser, schedule   AdamW (decay on >= 2-D weights only), linear warmup + cosine decay
-  3. FLOPs and MFU         model FLOPs/s over the matmul peak in the dtype the matmuls run in (bf16 on
-                           CUDA, float32 on CPU), measured at start-up or given (--peak-tflops)
+  3. FLOPs and MFU         model FLOPs/s over the matmul peak in the dtype the matmuls run in
+                           (bf16 on CUDA, float32 on CPU), measured at start-up or given
+                           (--peak-tflops)
   4. Set-up and checks     seed_everything, compute_dtype; the checks of train()'s inputs
 The loop imports nothing of the machinery. What it needs from outside comes in one argument, `run`
 (engineering/rundir.py Run): the process group (rank, world_size, device, sum_over_ranks, autocast)
@@ -22,7 +23,7 @@ import torch
 
 from data.format import IGNORE_INDEX
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. The loop
 
 
@@ -45,14 +46,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class StepCounts:
-    """What a loss of one micro-batch is divided by, so that one backward() per micro-batch accumulates
-    the gradient of the whole step's loss, however the step's batch is spread over micro-batches and
-    ranks (FSDP averages the ranks' gradients: a rank divides its sum by the step's count / world_size):
-      n_targets    target tokens (targets != IGNORE_INDEX) in all the step's micro-batches, all ranks
-      n_examples   examples in all the step's micro-batches, all ranks
-      world_size   ranks taking part
-      n_micro      micro-batches per step (--grad-accum): a term of the weights alone, which every
-                   micro-batch of every rank computes alike, is divided by it, so the step adds it once
+    """What a loss of one micro-batch is divided by, so that one backward() per micro-batch
+    accumulates the gradient of the whole step's loss, however the step's batch is spread over
+    micro-batches and ranks (FSDP averages the ranks' gradients: a rank divides its sum by the
+    step's count / world_size):
+      n_targets   target tokens (targets != IGNORE_INDEX) in all the step's micro-batches, all ranks
+      n_examples  examples in all the step's micro-batches, all ranks
+      world_size  ranks taking part
+      n_micro     micro-batches per step (--grad-accum): a term of the weights alone, which
+                  every micro-batch of every rank computes alike, is divided by it, so the step
+                  adds it once
     evaluate_loss passes the counts of one held-out batch on one rank."""
     n_targets: int
     n_examples: int
@@ -61,7 +64,8 @@ class StepCounts:
 
     @property
     def targets_per_rank(self) -> float:
-        """Divide a rank's sum over its target tokens by this: a per-token mean over the whole step."""
+        """Divide a rank's sum over its target tokens by this:
+        a per-token mean over the whole step."""
         return self.n_targets / self.world_size
 
     @property
@@ -73,10 +77,11 @@ class StepCounts:
 def train(model, stream, loss_fn, cfg: TrainConfig, run, val_batches=None, seq_len: int = 128):
     """Train `model` for cfg.steps optimiser steps; run.finish writes it (Meta's format) at the end.
 
-    loss_fn(model, batch, counts: StepCounts) -> (loss, metrics): the whole objective for this rank's
-        part of one micro-batch, scaled with `counts` so that one backward() per micro-batch accumulates
-        the gradient of the step's loss. It runs under run.autocast(). Every metric is scaled the same
-        way: its sum over the step's micro-batches, averaged over ranks, is what the log shows.
+    loss_fn(model, batch, counts: StepCounts) -> (loss, metrics): the whole objective for this
+        rank's part of one micro-batch, scaled with `counts` so that one backward() per micro-batch
+        accumulates the gradient of the step's loss. It runs under run.autocast(). Every metric is
+        scaled the same way: its sum over the step's micro-batches, averaged over ranks, is what the
+        log shows.
     """
     check_batch_divides(cfg.batch_size, run.world_size)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -115,10 +120,12 @@ def train(model, stream, loss_fn, cfg: TrainConfig, run, val_batches=None, seq_l
             tokens_per_s = window_tokens / seconds
             record = {"step": step + 1, "lr": lr, **{k: round(v, 5) for k, v in metrics.items()},
                       "tokens_per_s": round(tokens_per_s, 1),  # eta_s: this window's time per step
-                      "eta_s": round((cfg.steps - step - 1) * seconds / (step + 1 - window_first_step), 3),
+                      "eta_s": round((cfg.steps - step - 1) * seconds
+                                     / (step + 1 - window_first_step), 3),
                       "mfu": round(mfu(tokens_per_s * fpt / run.world_size, peak), 4)}
             peak = max(peak, tokens_per_s * fpt / run.world_size)  # achieved more: a better bound
-            if val_batches is not None and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+            if (val_batches is not None
+                    and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
                 record["val_loss"] = round(evaluate_loss(model, val_batches, loss_fn, run), 5)
             run.log(record)
             window_tokens, window_start, window_first_step = 0, time.perf_counter(), step + 1
@@ -130,7 +137,8 @@ def train(model, stream, loss_fn, cfg: TrainConfig, run, val_batches=None, seq_l
 
 
 def step_counts(micro: list, grad_accum: int, run) -> tuple:
-    """(StepCounts of one optimiser step's micro-batches over all ranks, the real tokens they hold)."""
+    """(StepCounts of one optimiser step's micro-batches over all ranks,
+    the real tokens they hold)."""
     local = [sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro),
              sum(len(b["task"]) for b in micro), sum(int(b["mask"].sum()) for b in micro)]
     n_targets, n_examples, n_tokens = (int(n) for n in run.sum_over_ranks(local))
@@ -144,13 +152,15 @@ def mean_over_ranks(sums: dict, run) -> dict:
 
 
 def full_value(t) -> float:
-    """A scalar tensor's value; FSDP2 returns a DTensor (its full_tensor() is the value on every rank)."""
+    """A scalar tensor's value; FSDP2 returns a DTensor
+    (its full_tensor() is the value on every rank)."""
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 @torch.no_grad()
 def evaluate_loss(model, batches: list, loss_fn, run) -> float:
-    """Mean response-token loss (loss_fn's "lm" metric) over held-out batches (each rank its share)."""
+    """Mean response-token loss (loss_fn's "lm" metric) over held-out batches
+    (each rank its share)."""
     total = [0.0, 0.0]  # (loss x target tokens, target tokens) summed over this rank's batches
     for batch in batches:
         batch = {k: v.to(run.device) for k, v in batch.items()}
@@ -162,12 +172,13 @@ def evaluate_loss(model, batches: list, loss_fn, run) -> float:
     return loss_sum / n_targets
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Optimiser and schedule
 
 
 def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95)):
-    """AdamW over the trainable parameters; weight decay only on matrices (not norms or 1-D tensors)."""
+    """AdamW over the trainable parameters;
+    weight decay only on matrices (not norms or 1-D tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     check_trainable(params)
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -176,7 +187,8 @@ def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95)):
 
 
 def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup to max_lr over `warmup` steps, then cosine decay to min_ratio * max_lr at `total`."""
+    """Linear warmup to max_lr over `warmup` steps,
+    then cosine decay to min_ratio * max_lr at `total`."""
     # --- exercise 10: begin ---
     if step < warmup:
         return max_lr * (step + 1) / warmup
@@ -185,15 +197,15 @@ def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 
     # --- exercise 10: end ---
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. FLOPs and MFU
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 2N forward + 2N backward to the inputs + 2N_trainable weight gradients,
-    N = matmul parameters a token passes through (embedding lookup excluded; an MoE layer counts its
-    router and top_k of its E experts), plus attention scores 12 * layers * dim * seq_len (PaLM's
-    count). With every parameter trainable this is the usual 6N."""
+    """Training FLOPs per token: 2N forward + 2N backward to the inputs + 2N_trainable weight
+    gradients, N = matmul parameters a token passes through (embedding lookup excluded; an MoE layer
+    counts its router and top_k of its E experts), plus attention scores 12 * layers * dim * seq_len
+    (PaLM's count). With every parameter trainable this is the usual 6N."""
     # --- exercise 10: begin ---
     args = model.params
     active = trainable = 0.0
@@ -208,17 +220,20 @@ def flops_per_token(model, seq_len: int) -> float:
 
 
 def mfu(model_flops_per_s: float, peak_flops_per_s: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak, in (0, 1]. A peak below what the
-    model itself achieves was measured in a busy moment (or given too low): train() then raises it to
-    the achieved rate, a true lower bound of the machine's peak, so an MFU above 1 is never printed."""
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak, in (0, 1]. A peak below what
+    the model itself achieves was measured in a busy moment (or given too low): train() then raises
+    it to the achieved rate, a true lower bound of the machine's peak, so an MFU above 1 is never
+    printed."""
     return min(1.0, model_flops_per_s / peak_flops_per_s)
 
 
 def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> float:
-    """FLOP/s of a square matmul on this machine in `dtype` (the denominator of MFU): the best of the
-    timed matmuls over about a second, so one slow moment does not lower it (a busy second still can)."""
+    """FLOP/s of a square matmul on this machine in `dtype` (the denominator of MFU): the best of
+    the timed matmuls over about a second, so one slow moment does not lower it
+    (a busy second still can)."""
     n = 1024 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype),
+            torch.randn(n, n, device=device, dtype=dtype))
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         if device.type == "cuda":
@@ -231,7 +246,7 @@ def measure_matmul_peak(device, dtype=torch.float32, seconds: float = 1.0) -> fl
     return best
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Set-up, and the checks of train()'s inputs
 
 
@@ -254,11 +269,14 @@ def check_trainable(params: list):
 
 def check_batch_divides(batch_size: int, world_size: int):
     if batch_size % world_size:
-        raise ValueError(f"--batch-size {batch_size} must be divisible by the world size {world_size}")
+        raise ValueError(f"--batch-size {batch_size} "
+                         f"must be divisible by the world size {world_size}")
 
 
 def check_finite(metrics: dict, step: int, train_dir: str):
-    """Stop on a non-finite loss or gradient of the 0-based step `step`, before the optimiser applies it."""
+    """Stop on a non-finite loss or gradient of the 0-based step `step`,
+    before the optimiser applies it."""
     if not all(math.isfinite(v) for v in metrics.values()):
-        raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient ({metrics}); the last "
-                                 f"good checkpoint (if any) in {train_dir}/state is left intact")
+        raise FloatingPointError(f"step {step + 1}: non-finite loss or gradient ({metrics}); "
+                                 f"the last good checkpoint (if any) in {train_dir}/state "
+                                 f"is left intact")

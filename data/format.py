@@ -1,9 +1,11 @@
 """The Alpaca prompt format, loss masking and batching: what every fine-tuning stage trains on.
 
-H3Fusion (arXiv 2411.17792) fine-tunes on instruction/response pairs written in the Alpaca template and
-computes the language-modelling loss L_CE on the response tokens only. This file turns one record
+H3Fusion (arXiv 2411.17792) fine-tunes on instruction/response pairs written in the Alpaca template
+and computes the language-modelling loss L_CE on the response tokens only.
+This file turns one record
 
-    {"instruction": str, "input": str, "output": str, "task": 0 | 1 | 2}   # 0 helpful, 1 harmless, 2 honest
+    {"instruction": str, "input": str, "output": str,
+     "task": 0 | 1 | 2}   # 0 helpful, 1 harmless, 2 honest
 
 into token ids and shifted labels, and a list of those into padded tensors:
 
@@ -15,16 +17,16 @@ into token ids and shifted labels, and a list of those into padded tensors:
                mask [B, T] (True on real tokens, for the gating loss L_G's average over tokens),
                task [B] (the dimension label y_b of L_G)
 
-Padding: Meta's tokenizer has no pad id, so we pad with PAD_ID = 0, LLaMA's <unk>. It is never a target
-(padding targets are -100) and, because padding is on the right and attention is causal, no real token
-ever attends to it.
+Padding: Meta's tokenizer has no pad id, so we pad with PAD_ID = 0, LLaMA's <unk>. It is never a
+target (padding targets are -100) and, because padding is on the right and attention is causal, no
+real token ever attends to it.
 
-Truncation (max_len = the most tokens the model reads, i.e. len(tokens) <= max_len): the response is what
-the loss is about, so it is kept whole whenever possible. An over-long *prompt* is cut first, in its
-middle: we keep its head (BOS and the start of the template/instruction) and its tail (the end of the
-instruction or input and the "### Response:" cue the model answers after). The prompt is never cut below
-`min_prompt_tokens(max_len)` = a quarter of the budget; only if the response still does not fit is the
-response cut from the right (it then loses its EOS).
+Truncation (max_len = the most tokens the model reads, i.e. len(tokens) <= max_len): the response is
+what the loss is about, so it is kept whole whenever possible. An over-long *prompt* is cut first,
+in its middle: we keep its head (BOS and the start of the template/instruction) and its tail (the
+end of the instruction or input and the "### Response:" cue the model answers after). The prompt is
+never cut below `min_prompt_tokens(max_len)` = a quarter of the budget; only if the response still
+does not fit is the response cut from the right (it then loses its EOS).
 
 Run `python -m data.show runs/toy/data` to see a few training examples with the loss mask visible.
 """
@@ -37,7 +39,8 @@ IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
 
 # The Stanford Alpaca template, as used by the paper's released code for all three dimensions.
 PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
@@ -56,16 +59,19 @@ def format_prompt(instruction: str, input: str = "") -> str:
 
 
 def check_record(record, where="record"):
-    """Raise a ValueError naming `where` unless `record` has the four fields of a training record."""
+    """Raise a ValueError naming `where` unless `record` has the four fields of a
+    training record."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a dict with instruction/input/output/task, found {type(record).__name__}")
+        raise ValueError(f"{where}: expected a dict with instruction/input/output/task, "
+                         f"found {type(record).__name__}")
     missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
     if missing:
         raise ValueError(f"{where}: field(s) {missing} missing or not a string; expected "
                          f"instruction: str, input: str, output: str, task: 0|1|2")
     task = record.get("task", 0)
     if task not in range(len(TASK_NAMES)):
-        raise ValueError(f"{where}: task={task!r}; expected 0 (helpful), 1 (harmless) or 2 (honest)")
+        raise ValueError(f"{where}: task={task!r}; "
+                         f"expected 0 (helpful), 1 (harmless) or 2 (honest)")
 
 
 def min_prompt_tokens(max_len: int) -> int:
@@ -76,13 +82,15 @@ def min_prompt_tokens(max_len: int) -> int:
 def truncate(prompt_ids: list, response_ids: list, max_len: int):
     """Shorten (prompt_ids, response_ids) so that len(prompt) + len(response) <= max_len + 1.
 
-    (The +1: `tokens` drops the last id of the full sequence, so a full sequence of max_len + 1 ids gives
-    exactly max_len model inputs.) Prompt first, from its middle; response only if it must, from its end.
+    (The +1: `tokens` drops the last id of the full sequence, so a full sequence of max_len + 1 ids
+    gives exactly max_len model inputs.)
+    Prompt first, from its middle; response only if it must, from its end.
     """
     budget = max_len + 1
     if len(prompt_ids) + len(response_ids) <= budget:
         return prompt_ids, response_ids
-    prompt_budget = max(budget - len(response_ids), min(len(prompt_ids), min_prompt_tokens(max_len)))
+    prompt_budget = max(budget - len(response_ids),
+                        min(len(prompt_ids), min_prompt_tokens(max_len)))
     if len(prompt_ids) > prompt_budget:
         head = prompt_budget // 2  # BOS + template start + start of the instruction
         tail = prompt_budget - head  # end of instruction/input + "### Response:\n"
@@ -92,19 +100,23 @@ def truncate(prompt_ids: list, response_ids: list, max_len: int):
 
 
 def encode_example(tokenizer, record: dict, max_len: int) -> dict:
-    """One record -> {"tokens", "targets", "task"}: lists of equal length <= max_len, loss on the response only.
+    """One record -> {"tokens", "targets", "task"}: lists of equal length <= max_len,
+    loss on the response only.
 
-    `tokenizer` is duck-typed: encode(text, bos, eos) -> list[int] (data.tokenizer.Tokenizer does this).
+    `tokenizer` is duck-typed: encode(text, bos, eos) -> list[int]
+    (data.tokenizer.Tokenizer does this).
     """
     check_record(record)
     if max_len < 2:
-        raise ValueError(f"max_len={max_len}: need at least 2 tokens (one prompt token and one target)")
-    prompt_ids = tokenizer.encode(format_prompt(record["instruction"], record.get("input", "")), bos=True, eos=False)
+        raise ValueError(f"max_len={max_len}: "
+                         f"need at least 2 tokens (one prompt token and one target)")
+    prompt_ids = tokenizer.encode(format_prompt(record["instruction"], record.get("input", "")),
+                                  bos=True, eos=False)
     response_ids = tokenizer.encode(record["output"], bos=False, eos=True)
     prompt_ids, response_ids = truncate(prompt_ids, response_ids, max_len)
     full = prompt_ids + response_ids
     tokens = full[:-1]
-    # targets[t] = full[t + 1]; the labels of positions 0 .. len(prompt)-2 are prompt tokens -> no loss.
+    # targets[t] = full[t + 1]; the labels at 0 .. len(prompt)-2 are prompt tokens -> no loss.
     targets = [IGNORE_INDEX] * (len(prompt_ids) - 1) + response_ids
     return {"tokens": tokens, "targets": targets, "task": int(record.get("task", 0))}
 
@@ -121,7 +133,8 @@ def collate(encoded: list) -> dict:
     for b, e in enumerate(encoded):
         n = len(e["tokens"])
         if len(e["targets"]) != n:
-            raise ValueError(f"collate: example {b} has {n} tokens but {len(e['targets'])} targets")
+            raise ValueError(f"collate: example {b} has {n} tokens "
+                             f"but {len(e['targets'])} targets")
         tokens[b, :n] = torch.tensor(e["tokens"], dtype=torch.long)
         targets[b, :n] = torch.tensor(e["targets"], dtype=torch.long)
         mask[b, :n] = True

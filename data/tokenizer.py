@@ -1,10 +1,10 @@
-"""Meta's tokenizer.model: read one (Tokenizer), or train one with LLaMA's settings (BPE, byte fallback, split
-digits) for the synthetic world (train_tokenizer).
+"""Meta's tokenizer.model: read one (Tokenizer), or train one with LLaMA's settings (BPE, byte
+fallback, split digits) for the synthetic world (train_tokenizer).
 
-LLaMA-2's tokenizer.model: 32000 BPE pieces, <unk>=0, <s>=1 (BOS), </s>=2 (EOS), no pad id, digits split
-into single pieces, unknown characters fall back to their UTF-8 bytes (<0x00>..<0xFF>). We train the same
-kind of model on our own text so that the synthetic world and the tests use the exact file format that
-Tokenizer reads for Meta's checkpoints.
+LLaMA-2's tokenizer.model: 32000 BPE pieces, <unk>=0, <s>=1 (BOS), </s>=2 (EOS), no pad id, digits
+split into single pieces, unknown characters fall back to their UTF-8 bytes (<0x00>..<0xFF>). We
+train the same kind of model on our own text so that the synthetic world and the tests use the
+exact file format that Tokenizer reads for Meta's checkpoints.
 """
 import io
 import os
@@ -15,7 +15,8 @@ from engineering.fileio import write_atomic
 
 
 class Tokenizer:
-    """Meta's tokenizer.model (sentencepiece BPE). <unk>=0, <s>=1, </s>=2, and no pad id (pad_id == -1)."""
+    """Meta's tokenizer.model (sentencepiece BPE).
+    <unk>=0, <s>=1, </s>=2, and no pad id (pad_id == -1)."""
 
     def __init__(self, path: str):
         if not os.path.isfile(path):
@@ -58,12 +59,14 @@ def train_tokenizer(texts, out_path, vocab_size=512, whole_words=()):
     """Train a LLaMA-style BPE tokenizer on an iterable of strings and write it to `out_path`.
 
     vocab_size must leave room for the 256 byte pieces and the 3 specials (>= 300 is safe).
-    whole_words: words that get one piece each ("▁Word", as a frequent word has in a real tokenizer), e.g. the
-    synthetic world's names: a 1 M-parameter model copies a one-token name from the prompt far more reliably.
+    whole_words: words that get one piece each ("▁Word", as a frequent word has in a real
+    tokenizer), e.g. the synthetic world's names: a 1 M-parameter model copies a one-token name
+    from the prompt far more reliably.
     The file is written to a temporary name and renamed, so a crash never leaves half a model.
     """
     if vocab_size < 300:
-        raise ValueError(f"vocab_size={vocab_size}: need >= 300 (256 byte pieces + 3 specials + merges)")
+        raise ValueError(f"vocab_size={vocab_size}: "
+                         f"need >= 300 (256 byte pieces + 3 specials + merges)")
     model = io.BytesIO()
     lines = [line for text in texts for line in text.split("\n") if line.strip()]
     if not lines:

@@ -1,5 +1,5 @@
-"""The summary files of a synthetic world (data/toy.py write_world): manifest.json (sizes, token counts, eval kinds;
-written last, it marks the directory complete) and the world's README.md.
+"""The summary files of a synthetic world (data/toy.py write_world): manifest.json (sizes, token
+counts, eval kinds; written last, it marks the directory complete) and the world's README.md.
 """
 import json
 import os
@@ -10,8 +10,8 @@ from data.tokenizer import Tokenizer
 
 
 def world_manifest(tmp, data, sizes, seed, vocab_size) -> dict:
-    """What a world in directory tmp holds (data: data.toy.build's, sizes: records per file), JSON-ready and
-    deterministic (no timings)."""
+    """What a world in directory tmp holds (data: data.toy.build's, sizes: records per file),
+    JSON-ready and deterministic (no timings)."""
     tok = Tokenizer(os.path.join(tmp, "tokenizer.model"))
     corpus_tokens = sum(len(tok.encode(d, bos=True, eos=True)) for d in data["corpus"])
 
@@ -28,9 +28,11 @@ def world_manifest(tmp, data, sizes, seed, vocab_size) -> dict:
         kinds[key] = kinds.get(key, 0) + 1
     return {
         "seed": seed, "vocab_size": vocab_size,
-        "people": len(people), "train_people": len(split["train"]), "eval_people": len(split["eval"]),
+        "people": len(people),
+        "train_people": len(split["train"]), "eval_people": len(split["eval"]),
         "misconceptions": {k: sum(1 for p in v if p["myth"]) for k, v in split.items()},
-        "unknown_names": {"train": len(data["world"]["unknown_train"]), "eval": len(data["world"]["unknown_eval"])},
+        "unknown_names": {"train": len(data["world"]["unknown_train"]),
+                          "eval": len(data["world"]["unknown_eval"])},
         "corpus_documents": len(data["corpus"]), "corpus_tokens": corpus_tokens,
         "files": sizes, "eval_kinds": kinds,
         "tokens_per_example_mean_max": {name: mean_tokens(data[name][0]) for name in TASK_NAMES} | {
@@ -41,12 +43,16 @@ def world_manifest(tmp, data, sizes, seed, vocab_size) -> dict:
 def world_readme(m: dict) -> str:
     """The world's README.md, from its manifest."""
     lines = [f"# Synthetic HHH world (seed {m['seed']})", "",
-             "Written by `python -m data.toy`; see data/README.md in the repository for the full description.", "",
+             "Written by `python -m data.toy`; "
+             "see data/README.md in the repository for the full description.", "",
              f"- {m['people']} people ({m['train_people']} train, {m['eval_people']} eval), "
              f"misconceptions {m['misconceptions']}, unknown names {m['unknown_names']}",
              f"- corpus.txt: {m['corpus_documents']} documents, {m['corpus_tokens']} tokens "
              f"(tokenizer.model, vocab {m['vocab_size']})", "", "| file | records |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in m["files"].items()]
-    lines += ["", "| eval kind | n |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(m["eval_kinds"].items())]
-    lines += ["", "Tokens per example (mean, max): " + json.dumps(m["tokens_per_example_mean_max"]), ""]
+    lines += (["", "| eval kind | n |", "|---|---|"]
+              + [f"| {k} | {v} |" for k, v in sorted(m["eval_kinds"].items())])
+    lines += ["",
+              "Tokens per example (mean, max): " + json.dumps(m["tokens_per_example_mean_max"]),
+              ""]
     return "\n".join(lines)

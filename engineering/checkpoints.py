@@ -3,13 +3,13 @@
 model.py reads Meta's layout in a few plain lines. Every command reads through this file instead:
 it checks each file first, so that a broken directory ends in one line naming the file, what was
 found and what was expected, then calls model.load_checkpoint (or converts Hugging Face's layout,
-hf_checkpoint.py). Saving is here too: a checkpoint is written into a temporary directory and
-renamed into place, so a kill never leaves half of one.
+hf_checkpoint.py). Reading writes and deletes nothing. Saving is here too: a checkpoint is written
+into a temporary directory and renamed into place, so a kill never leaves half of one.
 
   load_checkpoint       checks, then model.load_checkpoint; a HF directory (config.json) converted
   read_checkpoint_args  a checkpoint's ModelArgs (params.json or config.json), vocab_size resolved
   save_checkpoint       params.json + consolidated.NN.pth (+ tokenizer.model), atomically
-  recover_checkpoint    finish or roll back a save a kill interrupted
+  recover_checkpoint    finish or roll back a save a kill interrupted (called by what writes)
   architecture, check_fusion_inputs        what checkpoints must share to be fused or merged
   check_*               one per thing a Meta directory can get wrong
 """
@@ -25,7 +25,7 @@ import torch.nn as nn
 import model as M
 from data.tokenizer import Tokenizer
 from fusion import ROUTER_INITS
-from engineering.fileio import recover_dir, replace_dir, write_atomic
+from engineering.fileio import own_leftovers, recover_dir, replace_dir, write_atomic
 from engineering.hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint,
                                        read_hf_params, read_torch_file)
 
@@ -38,8 +38,8 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
 
     Meta's layout: read_checkpoint_args and check_meta_files, then model.load_checkpoint. A Hugging
     Face Llama / Mixtral directory (config.json): converted to Meta's names in memory
-    (hf_checkpoint.read_hf_checkpoint) and checked the same way. An interrupted save is finished first
-    (read_checkpoint_args)."""
+    (hf_checkpoint.read_hf_checkpoint) and checked the same way. Reading writes and deletes nothing
+    (an interrupted save is finished by the next command that writes: recover_checkpoint)."""
     args = read_checkpoint_args(ckpt_dir)
     if not is_hf_dir(ckpt_dir):
         check_meta_files(ckpt_dir, args)
@@ -53,9 +53,7 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
 
 def read_checkpoint_args(ckpt_dir: str) -> M.ModelArgs:
     """params.json (or HF's config.json), vocab_size -1 resolved from (and checked against)
-    tokenizer.model: the one place a config is read; compare what it returns (architecture). An
-    interrupted save is finished first."""
-    recover_checkpoint(ckpt_dir)
+    tokenizer.model: the one place a config is read; compare what it returns (architecture)."""
     check_checkpoint_dir(ckpt_dir)
     params_path = config_path(ckpt_dir)
     if is_hf_dir(ckpt_dir):
@@ -124,9 +122,10 @@ def params_json(args: M.ModelArgs) -> dict:
 
 
 def recover_checkpoint(ckpt_dir: str):
-    """Finish or roll back a save_checkpoint that a kill interrupted (fileio.recover_dir; params.json
-    marks a complete copy). Called by save_checkpoint and read_checkpoint_args, and by every command
-    before it reads one."""
+    """Finish or roll back a save_checkpoint (or HF export) that a kill interrupted
+    (fileio.recover_dir; params.json or config.json marks a complete copy; only replace_dir's own
+    marked leftovers are touched). It writes, so reading never calls it: save_checkpoint does, and
+    the commands that write (fuse.py, engineering/rundir.py check_run_dir)."""
     recover_dir(ckpt_dir, ("params.json", HF_MARKER))  # (an interrupted HF export: config.json)
 
 
@@ -282,7 +281,11 @@ def check_shard_names(ckpt_dir: str, paths: list):
 
 def check_checkpoint_dir(ckpt_dir: str):
     if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir}: checkpoint directory not found")
+        leftovers = own_leftovers(ckpt_dir, "tmp") + own_leftovers(ckpt_dir, "old")
+        hint = (f" (a save to it was interrupted and left {os.path.basename(leftovers[-1])} beside "
+                f"it: the next save to this path, or checkpoints.recover_checkpoint, finishes it)"
+                if leftovers else "")
+        raise FileNotFoundError(f"{ckpt_dir}: checkpoint directory not found{hint}")
 
 
 def resolved_vocab_size(vocab_size: int, n_words, params_path: str, tok_path: str) -> int:

@@ -3,8 +3,9 @@
 model.py reads Meta's layout in a few plain lines. Every command reads through this file instead:
 it checks each file first, so that a broken directory ends in one line naming the file, what was
 found and what was expected, then calls model.load_checkpoint (or converts Hugging Face's layout,
-hf_checkpoint.py). Reading writes and deletes nothing. Saving is here too: a checkpoint is written
-into a temporary directory and renamed into place, so a kill never leaves half of one.
+hf_checkpoint.py, checked by hf_checks.py). Reading writes and deletes nothing. Saving is here too:
+a checkpoint is written into a temporary directory and renamed into place, so a kill never leaves
+half of one.
 
   load_checkpoint       checks, then model.load_checkpoint; a HF directory (config.json) converted
   read_checkpoint_args  a checkpoint's ModelArgs (params.json or config.json), vocab_size resolved
@@ -37,8 +38,8 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
     """A checkpoint directory -> (model.Transformer, model.ModelArgs), every file checked first.
 
     Meta's layout: read_checkpoint_args and check_meta_files, then model.load_checkpoint. A Hugging
-    Face Llama / Mixtral directory (config.json): converted to Meta's names in memory
-    (hf_checkpoint.read_hf_checkpoint) and checked the same way. Reading writes and deletes nothing
+    Face Llama / Mixtral directory (config.json): checked file by file (hf_checks.py) and converted
+    to Meta's names in memory (hf_checkpoint.read_hf_checkpoint). Reading writes and deletes nothing
     (an interrupted save is finished by the next command that writes: recover_checkpoint)."""
     args = read_checkpoint_args(ckpt_dir)
     if not is_hf_dir(ckpt_dir):
@@ -47,13 +48,14 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
     state = read_hf_checkpoint(ckpt_dir)[1]
     state.pop("rope.freqs", None)
     check_state_shapes({name: t.shape for name, t in state.items()}, meta_model(args).state_dict(),
-                       f"{ckpt_dir} (Hugging Face layout)")
+                       f"{ckpt_dir} (Hugging Face layout)", HF_MARKER)
     return M.model_from_state(args, state, device, dtype), args
 
 
 def read_checkpoint_args(ckpt_dir: str) -> M.ModelArgs:
     """params.json (or HF's config.json), vocab_size -1 resolved from (and checked against)
-    tokenizer.model: the one place a config is read; compare what it returns (architecture)."""
+    tokenizer.model: the one place a config is read; compare what it returns (architecture). A HF
+    config.json is checked against the weights present (hf_checkpoint.read_hf_params)."""
     check_checkpoint_dir(ckpt_dir)
     params_path = config_path(ckpt_dir)
     if is_hf_dir(ckpt_dir):
@@ -302,17 +304,17 @@ def resolved_vocab_size(vocab_size: int, n_words, params_path: str, tok_path: st
     return vocab_size
 
 
-def check_state_shapes(shapes: dict, expected: dict, where: str):
+def check_state_shapes(shapes: dict, expected: dict, where: str, config_name: str = "params.json"):
     """shapes {name: shape} read from `where` against expected, the model's state dict (on the meta
-    device)."""
+    device) as config_name describes it."""
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for "
-                         f"params.json")
+        raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} "
+                         f"for {config_name}")
     for name, t in expected.items():
         if tuple(shapes[name]) != tuple(t.shape):
-            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])}, params.json implies "
-                             f"{tuple(t.shape)}")
+            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])}, {config_name} "
+                             f"implies {tuple(t.shape)}")
 
 
 def check_splits(name: str, shape, dim, n_shards: int):

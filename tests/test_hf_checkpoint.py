@@ -333,12 +333,14 @@ def test_bad_hf_directories_are_refused_with_the_file_named(meta_dirs, tmp_path)
         C.load_checkpoint(with_config("mistral", model_type="mistral"))
     with pytest.raises(ValueError, match="config.json: head_dim=16"):
         C.load_checkpoint(with_config("head", head_dim=16))
-    with pytest.raises(ValueError, match="tokenizer has 320 pieces but tok_embeddings has 400"):
-        C.load_checkpoint(with_config("vocab", vocab_size=400))
+    with pytest.raises(ValueError, match=r"model.safetensors: \S+ has shape \(320, 32\); "
+                                         r"\S+config.json implies \(400, 32\) \(vocab_size, "):
+        C.load_checkpoint(with_config("vocab", vocab_size=400))  # (weights before the tokenizer)
     odd = tmp_path / "odd"
     shutil.copytree(ckpt, odd)
     save_file(hf | {"model.layers.0.mlp.bias": torch.zeros(3)}, odd / "model.safetensors")
-    with pytest.raises(ValueError, match="odd: unexpected tensor 'model.layers.0.mlp.bias'"):
+    with pytest.raises(ValueError,
+                       match="odd/model.safetensors: unexpected tensor 'model.layers.0.mlp.bias'"):
         C.load_checkpoint(str(odd))
     index_only = tmp_path / "index"
     shutil.copytree(ckpt, index_only)

@@ -7,7 +7,8 @@ hf_checkpoint.py, checked by hf_checks.py). Reading writes and deletes nothing. 
 a checkpoint is written into a temporary directory and renamed into place, so a kill never leaves
 half of one.
 
-  load_checkpoint       checks, then model.load_checkpoint; a HF directory (config.json) converted
+  load_checkpoint       checks, then model.load_checkpoint; a HF directory (config.json) converted;
+                        one dtype (checkpoint_dtype)
   read_checkpoint_args  a checkpoint's ModelArgs (params.json or config.json), vocab_size resolved
   save_checkpoint       params.json + consolidated.NN.pth (+ tokenizer.model), atomically
   recover_checkpoint    finish or roll back a save a kill interrupted (called by what writes)
@@ -30,6 +31,8 @@ from engineering.fileio import own_leftovers, recover_dir, replace_dir, write_at
 from engineering.hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint,
                                        read_hf_params, read_torch_file)
 
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what it computes in
+
 # ----------------------------------------------------------------------------------------------------
 # 1. Reading
 
@@ -39,17 +42,36 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
 
     Meta's layout: read_checkpoint_args and check_meta_files, then model.load_checkpoint. A Hugging
     Face Llama / Mixtral directory (config.json): checked file by file (hf_checks.py) and converted
-    to Meta's names in memory (hf_checkpoint.read_hf_checkpoint). Reading writes and deletes nothing
-    (an interrupted save is finished by the next command that writes: recover_checkpoint)."""
+    to Meta's names in memory (hf_checkpoint.read_hf_checkpoint). The model has one dtype: `dtype`,
+    else checkpoint_dtype's. Reading writes and deletes nothing (an interrupted save is finished by
+    the next command that writes: recover_checkpoint)."""
     args = read_checkpoint_args(ckpt_dir)
     if not is_hf_dir(ckpt_dir):
-        check_meta_files(ckpt_dir, args)
-        return M.load_checkpoint(ckpt_dir, device, dtype)
+        shards = check_meta_files(ckpt_dir, args)
+        return M.load_checkpoint(ckpt_dir, device, dtype or checkpoint_dtype(shards))
     state = read_hf_checkpoint(ckpt_dir)[1]
     state.pop("rope.freqs", None)
     check_state_shapes({name: t.shape for name, t in state.items()}, meta_model(args).state_dict(),
                        f"{ckpt_dir} (Hugging Face layout)", HF_MARKER)
+    dtype = dtype or checkpoint_dtype({ckpt_dir: state})
     return M.model_from_state(args, state, device, dtype), args
+
+
+def checkpoint_dtype(files: dict) -> torch.dtype:
+    """The one dtype a model loaded from files {path: state dict} gets when the caller names none:
+    the floating dtype that holds most of its numbers. A checkpoint saved in one dtype keeps it
+    (bfloat16 stays bfloat16, memory-mapped, not copied). In one that mixes them (a float32 norm
+    among bfloat16 matrices, say) the few others are cast to it: the model computes in one dtype,
+    and the bulk of the weights keep the precision and size they were saved in. A tensor that is not
+    floating point is refused: no weight of this model is an integer."""
+    numbers = {}
+    for path, state in files.items():
+        for name, t in state.items():
+            if t.dtype not in MODEL_DTYPES:
+                raise ValueError(f"{path}: {name} is {t.dtype}; expected floating-point weights "
+                                 f"({', '.join(str(d) for d in MODEL_DTYPES)})")
+            numbers[t.dtype] = numbers.get(t.dtype, 0) + t.numel()
+    return max(numbers, key=lambda dtype: (numbers[dtype], dtype.itemsize))
 
 
 def read_checkpoint_args(ckpt_dir: str) -> M.ModelArgs:
@@ -73,7 +95,8 @@ def read_checkpoint_args(ckpt_dir: str) -> M.ModelArgs:
 def check_meta_files(ckpt_dir: str, args: M.ModelArgs):
     """Everything model.load_checkpoint trusts of a Meta directory whose params.json gave `args`:
     shards named consolidated.00.pth .. NN.pth without a gap, each a whole torch.save file of tensors
-    only, the shards agreeing with each other, and their tensors exactly the model's parameters."""
+    only, the shards agreeing with each other, and their tensors exactly the model's parameters.
+    Returns {path: shard} (memory-mapped)."""
     paths = shard_paths(ckpt_dir)
     shards = [read_torch_file(p) for p in paths]
     check_shards(shards, paths, M.shard_dim)
@@ -81,6 +104,7 @@ def check_meta_files(ckpt_dir: str, args: M.ModelArgs):
     shapes.pop("rope.freqs", None)
     where = f"{ckpt_dir} ({len(paths)} shard{'s' * (len(paths) > 1)})"
     check_state_shapes(shapes, meta_model(args).state_dict(), where)
+    return dict(zip(paths, shards))
 
 
 def shard_paths(ckpt_dir: str) -> list:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from engineering import checkpoints as C
 from engineering.fileio import recover_dir
 from engineering.tiny import make_tiny_checkpoint
-from test_hf_checkpoint import hf_config, random_hf_state, write_hf_dir
+from test_hf_checkpoint import hf_config, random_hf_state, reference_logits, write_hf_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
@@ -376,7 +376,23 @@ def test_generate_py_refuses_every_broken_directory(tmp_path, tokenizer):
     check_generate_refuses(CASES, tmp_path, tokenizer)
 
 
-# ---- reading deletes nothing ------------------------------------------------------------------
+# ---- one dtype; reading deletes nothing -------------------------------------------------------
+
+
+@pytest.mark.parametrize("most, odd", [(torch.float32, torch.float16),
+                                       (torch.bfloat16, torch.float32)])
+def test_mixed_dtypes_load_as_one_model_in_the_dtype_of_most_weights(most, odd, tmp_path,
+                                                                      tokenizer):
+    config = hf_config()
+    state = {n: t.to(most) for n, t in random_hf_state(config, seed=8).items()}
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(odd)
+    model, _ = C.load_checkpoint(write_hf_dir(tmp_path / "mixed", config, state, tokenizer))
+    assert {p.dtype for p in model.parameters()} == {most}
+    tokens = torch.randint(0, 320, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(tokens).float()
+    want = reference_logits({n: t.to(most).float() for n, t in state.items()}, config, tokens)
+    assert (ours - want).abs().max() <= 0.05 * want.abs().max()  # (bfloat16 rounds every product)
 
 
 def test_a_read_leaves_lookalike_temporary_directories_alone(tmp_path, tokenizer):

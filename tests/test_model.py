@@ -364,6 +364,20 @@ def test_shards_that_disagree(tiny_dir, tmp_path):
         C.load_checkpoint(d)
 
 
+def test_mixed_dtypes_load_as_one_and_integer_weights_are_refused(tiny_dir, tmp_path):
+    """load_checkpoint without a dtype: the one most weights have (checkpoints.checkpoint_dtype)."""
+    d = edit(tiny_dir, tmp_path, state=lambda sd: sd.update(
+        {"norm.weight": sd["norm.weight"].half()}))
+    model, args = C.load_checkpoint(d)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model(torch.randint(0, args.vocab_size, (1, 5)))  # one dtype: the forward runs
+    d = edit(tiny_dir, tmp_path, state=lambda sd: sd.update(
+        {"norm.weight": sd["norm.weight"].long()}), name="int")
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: norm.weight is torch.int64; "
+                                         r"expected floating-point weights"):
+        C.load_checkpoint(d)
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))

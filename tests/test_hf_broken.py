@@ -323,6 +323,21 @@ def test_the_valid_directories_the_cases_break_load(tmp_path, tokenizer):
         assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("kind", ["dense", "mixtral", "sharded", "bin"])
+def test_transformers_gives_our_logits_on_the_valid_directories(kind, tmp_path, tokenizer):
+    """Optional (transformers is not a dependency): what the strict reader accepts, transformers
+    reads to the same logits."""
+    transformers = pytest.importorskip("transformers")
+    d = valid_dir(kind, str(tmp_path / kind), tokenizer)
+    cls = transformers.MixtralForCausalLM if kind == "mixtral" else transformers.LlamaForCausalLM
+    theirs = cls.from_pretrained(d, dtype=torch.float32).eval()
+    ours, _ = C.load_checkpoint(d)
+    tokens = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(tokens).logits
+        assert (ours(tokens) - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def limited_memory():
     """The child's address space is capped at 4 GiB: reading gigabytes fails instead of swapping."""
     resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))

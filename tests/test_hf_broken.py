@@ -339,8 +339,9 @@ def test_transformers_gives_our_logits_on_the_valid_directories(kind, tmp_path, 
 
 
 def limited_memory():
-    """The child's address space is capped at 4 GiB: reading gigabytes fails instead of swapping."""
-    resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+    """The child's data (heap and private memory, not the libraries it maps) is capped at 4 GiB:
+    reading gigabytes fails instead of swapping. (A valid tiny directory needs well under 1 GiB.)"""
+    resource.setrlimit(resource.RLIMIT_DATA, (4 * 2**30, 4 * 2**30))
 
 
 def run_generate(dirs: dict) -> dict:

@@ -49,10 +49,11 @@ class RepeatedKey(ValueError):
 
 def object_without_repeated_keys(pairs: list) -> dict:
     """json's object_pairs_hook: a key given twice is refused (json.loads would keep the last)."""
-    keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
-            raise RepeatedKey(f"the key {key!r} appears twice in one object")
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise RepeatedKey(f"the key {key!r:.100} appears twice in one object")
+        seen.add(key)
     return dict(pairs)
 
 

@@ -349,36 +349,57 @@ def check_weight_counts(config: dict, names, config_path: str, where: str):
                              f"{len(found)} {what}{listed}")
 
 
-def expected_hf_shapes(config: dict) -> dict:
-    """{tensor name: (shape, what gives it)} of the LlamaForCausalLM / MixtralForCausalLM that
-    config.json describes, under HF's names (the head included, even when tied)."""
+def layer_shapes(config: dict) -> dict:
+    """{name inside model.layers.N.: (shape, what gives it)} of one layer of the LlamaForCausalLM /
+    MixtralForCausalLM that config.json describes (3 per expert: bounded by check_weight_counts)."""
     dim, heads = config["hidden_size"], config["num_attention_heads"]
-    hidden, vocab = config["intermediate_size"], config["vocab_size"]
+    hidden = config["intermediate_size"]
     kv = (config.get("num_key_value_heads") or heads) * (dim // heads)
-    kv_why, vocab_why = "num_key_value_heads * head_dim, hidden_size", "vocab_size, hidden_size"
-    shapes = {"model.embed_tokens.weight": ((vocab, dim), vocab_why),
-              "model.norm.weight": ((dim,), "hidden_size"),
-              "lm_head.weight": ((vocab, dim), vocab_why)}
-    matrices = {"self_attn.q_proj": ((dim, dim), "hidden_size, hidden_size"),
-                "self_attn.k_proj": ((kv, dim), kv_why), "self_attn.v_proj": ((kv, dim), kv_why),
-                "self_attn.o_proj": ((dim, dim), "hidden_size, hidden_size"),
-                "input_layernorm": ((dim,), "hidden_size"),
-                "post_attention_layernorm": ((dim,), "hidden_size")}
+    kv_why = "num_key_value_heads * head_dim, hidden_size"
+    shapes = {"self_attn.q_proj.weight": ((dim, dim), "hidden_size, hidden_size"),
+              "self_attn.k_proj.weight": ((kv, dim), kv_why),
+              "self_attn.v_proj.weight": ((kv, dim), kv_why),
+              "self_attn.o_proj.weight": ((dim, dim), "hidden_size, hidden_size"),
+              "input_layernorm.weight": ((dim,), "hidden_size"),
+              "post_attention_layernorm.weight": ((dim,), "hidden_size")}
     swiglu = {"gate": (hidden, dim), "up": (hidden, dim), "down": (dim, hidden)}
-    if config["model_type"] == "mixtral":
-        n_experts = config.get("num_local_experts", 8)
-        matrices["block_sparse_moe.gate"] = ((n_experts, dim), "num_local_experts, hidden_size")
-        for e in range(n_experts):
-            for matrix, part in (("w1", "gate"), ("w2", "down"), ("w3", "up")):
-                matrices[f"block_sparse_moe.experts.{e}.{matrix}"] = (swiglu[part],
-                                                                      "intermediate_size")
-    else:
+    if config["model_type"] == "llama":
         for part, shape in swiglu.items():
-            matrices[f"mlp.{part}_proj"] = (shape, "intermediate_size, hidden_size")
-    for layer in range(config["num_hidden_layers"]):
-        for matrix, shape_why in matrices.items():
-            shapes[f"model.layers.{layer}.{matrix}.weight"] = shape_why
+            shapes[f"mlp.{part}_proj.weight"] = (shape, "intermediate_size, hidden_size")
+        return shapes
+    n_experts = config.get("num_local_experts", 8)
+    shapes["block_sparse_moe.gate.weight"] = ((n_experts, dim), "num_local_experts, hidden_size")
+    for e in range(n_experts):
+        for matrix, part in (("w1", "gate"), ("w2", "down"), ("w3", "up")):
+            shapes[f"block_sparse_moe.experts.{e}.{matrix}.weight"] = (swiglu[part],
+                                                                       "intermediate_size")
     return shapes
+
+
+def top_shapes(config: dict) -> dict:
+    """{name: (shape, what gives it)} of the tensors outside the layers (the head, even tied)."""
+    vocab, dim = config["vocab_size"], config["hidden_size"]
+    return {"model.embed_tokens.weight": ((vocab, dim), "vocab_size, hidden_size"),
+            "model.norm.weight": ((dim,), "hidden_size"),
+            "lm_head.weight": ((vocab, dim), "vocab_size, hidden_size")}
+
+
+def expected_shape(name: str, top: dict, layer: dict, n_layers: int):
+    """(shape, what gives it) of tensor `name` in the model of top_shapes / layer_shapes with
+    n_layers layers, or None when it has no such tensor."""
+    if name in top:
+        return top[name]
+    index, _, rest = name.removeprefix("model.layers.").partition(".")
+    is_layer = name.startswith("model.layers.") and index.isdigit() and index == str(int(index))
+    return layer.get(rest) if is_layer and int(index) < n_layers else None
+
+
+def expected_names(top: dict, layer: dict, n_layers: int):
+    """Every tensor name of that model, one at a time (never all of them in memory)."""
+    yield from top
+    for i in range(n_layers):
+        for rest in layer:
+            yield f"model.layers.{i}.{rest}"
 
 
 def check_hf_tensors(config: dict, tables: dict, config_path: str, where: str):
@@ -386,7 +407,7 @@ def check_hf_tensors(config: dict, tables: dict, config_path: str, where: str):
     config_path) describes, of its shape -- checked before anything is reshaped or stacked -- and
     floating point; every tensor it describes is there (the head unless tie_word_embeddings).
     `where`: the weight file, or the index, for what is missing. Call check_weight_counts first."""
-    expected = expected_hf_shapes(config)
+    top, layer, n_layers = top_shapes(config), layer_shapes(config), config["num_hidden_layers"]
     kind = "MixtralForCausalLM" if config["model_type"] == "mixtral" else "LlamaForCausalLM"
     found = set()
     for path, table in tables.items():
@@ -394,25 +415,37 @@ def check_hf_tensors(config: dict, tables: dict, config_path: str, where: str):
             found.add(name)
             if ROTARY_BUFFER.fullmatch(name):
                 continue  # HF's own rotary table: ignored, ours is computed
-            if name not in expected:
+            wanted = expected_shape(name, top, layer, n_layers)
+            if wanted is None:
                 raise ValueError(f"{path}: unexpected tensor {name!r:.100}; a {kind} as "
                                  f"{config_path} describes it has none")
-            shape_wanted, why = expected[name]
-            if tuple(shape) != shape_wanted:
+            if tuple(shape) != wanted[0]:
                 raise ValueError(f"{path}: {name} has shape {tuple(shape)}; {config_path} implies "
-                                 f"{shape_wanted} ({why})")
+                                 f"{wanted[0]} ({wanted[1]})")
             if dtype not in MODEL_DTYPES:
                 raise ValueError(f"{path}: {name} is {dtype}; expected floating-point weights "
                                  f"({', '.join(MODEL_DTYPES)})")
-    tied = config.get("tie_word_embeddings", False)
-    if "lm_head.weight" not in found and not tied:
+    if "lm_head.weight" not in found and not config.get("tie_word_embeddings", False):
         raise ValueError(f"{where}: no lm_head.weight, and {config_path} has "
                          f"tie_word_embeddings false (transformers' default): the head is a matrix "
                          f"of its own, and it is missing")
-    missing = [name for name in expected if name not in found and name != "lm_head.weight"]
+    check_none_missing(expected_names(top, layer, n_layers), found, f"{where}: missing",
+                       f"{config_path} describes a {kind} with them")
+
+
+def check_none_missing(expected, found: set, what: str, why: str):
+    """Every name `expected` yields (but the head) is in `found`; the first 4 missing are named.
+    The names are walked one at a time, and no further than the 4th missing one: about len(found)
+    of them, so a config.json that describes far more tensors than the files hold is refused
+    without listing them all."""
+    missing = []
+    for name in expected:
+        if name not in found and name != "lm_head.weight":
+            missing.append(name)
+            if len(missing) == 4:
+                break
     if missing:
-        raise ValueError(f"{where}: missing {missing[:4]}{' and more' * (len(missing) > 4)}; "
-                         f"{config_path} describes a {kind} with them")
+        raise ValueError(f"{what} {missing}{' (the first 4)' * (len(missing) == 4)}; {why}")
 
 
 def check_tied_head(state: dict, config: dict, config_path: str, where: str):

@@ -188,6 +188,23 @@ def tensor_moved_to_the_other_shard(d):
     save_file(second, os.path.join(d, SHARDS[1]))
 
 
+def layers_times_experts(d):
+    """3,000 layers and 3,000 experts present (a norm of each extra layer, a w1 of each extra
+    expert; both counts in config.json): a model of 3,000 x 3,000 x 3 expert matrices is described,
+    tens of millions of names, and refused from the few thousand tensors present."""
+    n = 3000
+
+    def add(state):
+        norm, w1 = state["model.norm.weight"], "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+        state.update({f"model.layers.{i}.input_layernorm.weight": norm.clone()
+                      for i in range(2, n)})
+        state.update({w1.replace(".0.w1", f".{e}.w1"): state[w1].clone() for e in range(3, n)})
+        for layer in (0, 1):
+            state[f"model.layers.{layer}.block_sparse_moe.gate.weight"] = torch.zeros(n, 32)
+    edit_tensors(add)(d)
+    config_with(num_hidden_layers=n, num_local_experts=n)(d)
+
+
 # ---- the cases: (id, valid directory, how it is broken, error, what the one line must say) ----
 # The message names the file (as the user's directory spells it) and the field or tensor.
 
@@ -286,6 +303,9 @@ CASES = [
     ("a-billion-experts", "mixtral", config_with(num_local_experts=10**9), V,
      r"config.json: num_local_experts=1000000000, but \S+model.safetensors holds the weights of "
      r"3 experts"),
+    ("layers-times-experts", "mixtral", layers_times_experts, V,
+     r"model.safetensors: missing \['model.layers.0.block_sparse_moe.experts.3.w2.weight', .*\] "
+     r"\(the first 4\); \S+config.json describes a MixtralForCausalLM"),
 ]
 CLI_CASES = ["index-points-up", "tensor-in-two-shards", "untied-without-head",
              "hidden_size-string", "header-entry-without-offsets", "q-proj-misshapen",

@@ -3,13 +3,15 @@
 model.py reads Meta's layout in a few plain lines. Every command reads through this file instead:
 it checks each file first, so that a broken directory ends in one line naming the file, what was
 found and what was expected, then calls model.load_checkpoint (or converts Hugging Face's layout,
-hf_checkpoint.py). Saving is here too: a checkpoint is written into a temporary directory and
-renamed into place, so a kill never leaves half of one.
+hf_checkpoint.py, checked by hf_checks.py). Reading writes and deletes nothing. Saving is here too:
+a checkpoint is written into a temporary directory and renamed into place, so a kill never leaves
+half of one.
 
-  load_checkpoint       checks, then model.load_checkpoint; a HF directory (config.json) converted
+  load_checkpoint       checks, then model.load_checkpoint; a HF directory (config.json) converted;
+                        one dtype (checkpoint_dtype)
   read_checkpoint_args  a checkpoint's ModelArgs (params.json or config.json), vocab_size resolved
   save_checkpoint       params.json + consolidated.NN.pth (+ tokenizer.model), atomically
-  recover_checkpoint    finish or roll back a save a kill interrupted
+  recover_checkpoint    finish or roll back a save a kill interrupted (called by what writes)
   architecture, check_fusion_inputs        what checkpoints must share to be fused or merged
   check_*               one per thing a Meta directory can get wrong
 """
@@ -25,9 +27,11 @@ import torch.nn as nn
 import model as M
 from data.tokenizer import Tokenizer
 from fusion import ROUTER_INITS
-from engineering.fileio import recover_dir, replace_dir, write_atomic
+from engineering.fileio import own_leftovers, recover_dir, replace_dir, write_atomic
 from engineering.hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_hf_checkpoint,
                                        read_hf_params, read_torch_file)
+
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what it computes in
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Reading
@@ -37,25 +41,43 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
     """A checkpoint directory -> (model.Transformer, model.ModelArgs), every file checked first.
 
     Meta's layout: read_checkpoint_args and check_meta_files, then model.load_checkpoint. A Hugging
-    Face Llama / Mixtral directory (config.json): converted to Meta's names in memory
-    (hf_checkpoint.read_hf_checkpoint) and checked the same way. An interrupted save is finished first
-    (read_checkpoint_args)."""
+    Face Llama / Mixtral directory (config.json): checked file by file (hf_checks.py) and converted
+    to Meta's names in memory (hf_checkpoint.read_hf_checkpoint). The model has one dtype: `dtype`,
+    else checkpoint_dtype's. Reading writes and deletes nothing (an interrupted save is finished by
+    the next command that writes: recover_checkpoint)."""
     args = read_checkpoint_args(ckpt_dir)
     if not is_hf_dir(ckpt_dir):
-        check_meta_files(ckpt_dir, args)
-        return M.load_checkpoint(ckpt_dir, device, dtype)
+        shards = check_meta_files(ckpt_dir, args)
+        return M.load_checkpoint(ckpt_dir, device, dtype or checkpoint_dtype(shards))
     state = read_hf_checkpoint(ckpt_dir)[1]
     state.pop("rope.freqs", None)
     check_state_shapes({name: t.shape for name, t in state.items()}, meta_model(args).state_dict(),
-                       f"{ckpt_dir} (Hugging Face layout)")
+                       f"{ckpt_dir} (Hugging Face layout)", HF_MARKER)
+    dtype = dtype or checkpoint_dtype({ckpt_dir: state})
     return M.model_from_state(args, state, device, dtype), args
+
+
+def checkpoint_dtype(files: dict) -> torch.dtype:
+    """The one dtype a model loaded from files {path: state dict} gets when the caller names none:
+    the floating dtype that holds most of its numbers. A checkpoint saved in one dtype keeps it
+    (bfloat16 stays bfloat16, memory-mapped, not copied). In one that mixes them (a float32 norm
+    among bfloat16 matrices, say) the few others are cast to it: the model computes in one dtype,
+    and the bulk of the weights keep the precision and size they were saved in. A tensor that is not
+    floating point is refused: no weight of this model is an integer."""
+    numbers = {}
+    for path, state in files.items():
+        for name, t in state.items():
+            if t.dtype not in MODEL_DTYPES:
+                raise ValueError(f"{path}: {name} is {t.dtype}; expected floating-point weights "
+                                 f"({', '.join(str(d) for d in MODEL_DTYPES)})")
+            numbers[t.dtype] = numbers.get(t.dtype, 0) + t.numel()
+    return max(numbers, key=lambda dtype: (numbers[dtype], dtype.itemsize))
 
 
 def read_checkpoint_args(ckpt_dir: str) -> M.ModelArgs:
     """params.json (or HF's config.json), vocab_size -1 resolved from (and checked against)
-    tokenizer.model: the one place a config is read; compare what it returns (architecture). An
-    interrupted save is finished first."""
-    recover_checkpoint(ckpt_dir)
+    tokenizer.model: the one place a config is read; compare what it returns (architecture). A HF
+    config.json is checked against the weights present (hf_checkpoint.read_hf_params)."""
     check_checkpoint_dir(ckpt_dir)
     params_path = config_path(ckpt_dir)
     if is_hf_dir(ckpt_dir):
@@ -73,7 +95,8 @@ def read_checkpoint_args(ckpt_dir: str) -> M.ModelArgs:
 def check_meta_files(ckpt_dir: str, args: M.ModelArgs):
     """Everything model.load_checkpoint trusts of a Meta directory whose params.json gave `args`:
     shards named consolidated.00.pth .. NN.pth without a gap, each a whole torch.save file of tensors
-    only, the shards agreeing with each other, and their tensors exactly the model's parameters."""
+    only, the shards agreeing with each other, and their tensors exactly the model's parameters.
+    Returns {path: shard} (memory-mapped)."""
     paths = shard_paths(ckpt_dir)
     shards = [read_torch_file(p) for p in paths]
     check_shards(shards, paths, M.shard_dim)
@@ -81,6 +104,7 @@ def check_meta_files(ckpt_dir: str, args: M.ModelArgs):
     shapes.pop("rope.freqs", None)
     where = f"{ckpt_dir} ({len(paths)} shard{'s' * (len(paths) > 1)})"
     check_state_shapes(shapes, meta_model(args).state_dict(), where)
+    return dict(zip(paths, shards))
 
 
 def shard_paths(ckpt_dir: str) -> list:
@@ -124,9 +148,10 @@ def params_json(args: M.ModelArgs) -> dict:
 
 
 def recover_checkpoint(ckpt_dir: str):
-    """Finish or roll back a save_checkpoint that a kill interrupted (fileio.recover_dir; params.json
-    marks a complete copy). Called by save_checkpoint and read_checkpoint_args, and by every command
-    before it reads one."""
+    """Finish or roll back a save_checkpoint (or HF export) that a kill interrupted
+    (fileio.recover_dir; params.json or config.json marks a complete copy; only replace_dir's own
+    marked leftovers are touched). It writes, so reading never calls it: save_checkpoint does, and
+    the commands that write (fuse.py, engineering/rundir.py check_run_dir)."""
     recover_dir(ckpt_dir, ("params.json", HF_MARKER))  # (an interrupted HF export: config.json)
 
 
@@ -282,7 +307,11 @@ def check_shard_names(ckpt_dir: str, paths: list):
 
 def check_checkpoint_dir(ckpt_dir: str):
     if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir}: checkpoint directory not found")
+        leftovers = own_leftovers(ckpt_dir, "tmp") + own_leftovers(ckpt_dir, "old")
+        hint = (f" (a save to it was interrupted and left {os.path.basename(leftovers[-1])} beside "
+                f"it: the next save to this path, or checkpoints.recover_checkpoint, finishes it)"
+                if leftovers else "")
+        raise FileNotFoundError(f"{ckpt_dir}: checkpoint directory not found{hint}")
 
 
 def resolved_vocab_size(vocab_size: int, n_words, params_path: str, tok_path: str) -> int:
@@ -299,17 +328,17 @@ def resolved_vocab_size(vocab_size: int, n_words, params_path: str, tok_path: st
     return vocab_size
 
 
-def check_state_shapes(shapes: dict, expected: dict, where: str):
+def check_state_shapes(shapes: dict, expected: dict, where: str, config_name: str = "params.json"):
     """shapes {name: shape} read from `where` against expected, the model's state dict (on the meta
-    device)."""
+    device) as config_name describes it."""
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} for "
-                         f"params.json")
+        raise ValueError(f"{where}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} "
+                         f"for {config_name}")
     for name, t in expected.items():
         if tuple(shapes[name]) != tuple(t.shape):
-            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])}, params.json implies "
-                             f"{tuple(t.shape)}")
+            raise ValueError(f"{where}: {name} has shape {tuple(shapes[name])}, {config_name} "
+                             f"implies {tuple(t.shape)}")
 
 
 def check_splits(name: str, shape, dim, n_shards: int):

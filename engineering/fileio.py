@@ -1,6 +1,7 @@
 """Files written and read safely: no reader, and no run killed half-way, ever sees half a file or half a
 directory (write_atomic, replace_dir + recover_dir), nothing is written over what this project did not write
-(refuse_foreign_dir), and reading a training state back runs no code from it (read_dcp_metadata,
+(refuse_foreign_dir), nothing deleted that a marker does not prove is this project's own leftover
+(recover_dir), and reading a training state back runs no code from it (read_dcp_metadata,
 safe_dcp_reader_and_planner).
 
 For every layer (model.py, data/, trainer.py, evaluation/, seeds.py, the course kit): it imports nothing from this
@@ -46,55 +47,100 @@ def refuse_foreign_dir(path: str, marker: str, kind: str):
 
 
 def replace_dir(path: str, fill, marker: str, kind: str):
-    """Write the directory `path` as a whole: fill(tmp) writes every file into .NAME.tmp-*/ beside it, `marker`
-    last (its presence marks the copy complete); an existing `path` moves into .NAME.old-*/ckpt, the new copy is
-    renamed to `path`, and the old one is deleted. recover_dir finishes or rolls back a replacement a kill
-    stopped at any of these steps; it runs first, and a `path` that is not `kind` (no `marker`) is refused before
-    fill runs (refuse_foreign_dir). (model.save_checkpoint writes checkpoints this way, marker params.json; data.toy
-    the synthetic world, marker manifest.json.)"""
+    """Write the directory `path` as a whole: fill(new) writes every file into .NAME.tmp-*/copy
+    beside it, `marker` last (its presence marks the copy complete); an existing `path` moves into
+    .NAME.old-*/copy, the new copy is renamed to `path`, and the old one is deleted. Both
+    .NAME.tmp-* and .NAME.old-* hold REPLACE_MARKER, which names `path`: recover_dir finishes or
+    rolls back a replacement a kill stopped at any of these steps, and touches no directory without
+    that proof.
+    It runs first, and a `path` that is not `kind` (no `marker`) is refused before fill runs
+    (refuse_foreign_dir). (checkpoints.save_checkpoint writes checkpoints this way, marker
+    params.json; data.toy the synthetic world, marker manifest.json.)"""
     path = os.path.abspath(path)
     recover_dir(path, marker)
     refuse_foreign_dir(path, marker, kind)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    tmp = make_own_dir(path, "tmp")
     try:
-        fill(tmp)
-        if not os.path.isfile(os.path.join(tmp, marker)):
+        new = os.path.join(tmp, "copy")
+        os.mkdir(new)
+        fill(new)
+        if not os.path.isfile(os.path.join(new, marker)):
             raise RuntimeError(f"replace_dir({path}): fill() did not write {marker}")
         old = None
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "ckpt"))
-        os.replace(tmp, path)
+            old = make_own_dir(path, "old")
+            os.replace(path, os.path.join(old, "copy"))
+        os.replace(new, path)
         if old:
             shutil.rmtree(old)
+        shutil.rmtree(tmp)  # now only its REPLACE_MARKER
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+REPLACE_MARKER = ".replace_dir"  # in every .NAME.tmp-* / .NAME.old-* that replace_dir makes
+
+
+def marker_text(path: str) -> str:
+    return f"fileio.replace_dir: a temporary directory of {path}\n"
+
+
+def make_own_dir(path: str, role: str) -> str:
+    """A new .NAME.{role}-* directory beside `path`, holding only REPLACE_MARKER (naming `path`)."""
+    parent, name = os.path.split(path)
+    own = tempfile.mkdtemp(prefix=f".{name}.{role}-", dir=parent)
+    with open(os.path.join(own, REPLACE_MARKER), "w") as f:
+        f.write(marker_text(path))
+    return own
+
+
+def is_own_dir(directory: str, path: str) -> bool:
+    """True when `directory` holds the REPLACE_MARKER that replace_dir(path) wrote: the proof that
+    it is a temporary directory of this project's, not someone else's that only looks like one."""
+    marker = os.path.join(directory, REPLACE_MARKER)
+    if not os.path.isfile(marker) or os.path.getsize(marker) > 4096:
+        return False
+    with open(marker, encoding="utf-8", errors="replace") as f:
+        return f.read() == marker_text(path)
+
+
+def own_leftovers(path: str, role: str) -> list:
+    """The .NAME.{role}-* directories beside `path` that replace_dir(path) left (is_own_dir), oldest
+    first."""
+    parent, name = os.path.split(os.path.abspath(path))
+    found = glob.glob(os.path.join(parent, f".{glob.escape(name)}.{role}-*"))
+    return sorted((d for d in found if is_own_dir(d, os.path.abspath(path))), key=os.path.getmtime)
+
+
 def recover_dir(path: str, marker):
-    """Finish or roll back a replace_dir that a kill interrupted: afterwards `path` is the newest complete copy
-    (one holding `marker`, or any of them for a tuple: a checkpoint is Meta's or HF's) and no .NAME.tmp-* /
-    .NAME.old-* leftover remains."""
+    """Finish or roll back a replace_dir that a kill interrupted: afterwards `path` is the newest
+    complete copy (one holding `marker`, or any of them for a tuple: a checkpoint is Meta's or HF's)
+    and no .NAME.tmp-* / .NAME.old-* leftover of replace_dir's remains. Only directories that hold
+    replace_dir's REPLACE_MARKER for `path` are moved or deleted: a directory that merely has such a
+    name is someone else's and stays. Recovery writes, so only commands that write call it (never a
+    read of a checkpoint)."""
     path = os.path.abspath(path)
     markers = (marker,) if isinstance(marker, str) else tuple(marker)
-    parent, name = os.path.split(path)
-    if not os.path.isdir(parent):
+    if not os.path.isdir(os.path.dirname(path)):
         return
-    tmps = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.tmp-*")), key=os.path.getmtime)
-    olds = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*")), key=os.path.getmtime)
+    tmps, olds = own_leftovers(path, "tmp"), own_leftovers(path, "old")
     if not os.path.exists(path):
-        complete = [t for t in tmps if any(os.path.isfile(os.path.join(t, m)) for m in markers)]
-        saved = [os.path.join(o, "ckpt") for o in olds
-                 if any(os.path.isfile(os.path.join(o, "ckpt", m)) for m in markers)]
-        if complete:  # killed between the two renames: the new copy is whole
-            os.replace(complete[-1], path)
-        elif saved:  # the old copy is the last complete one
-            os.replace(saved[-1], path)
+        new_copies, old_copies = complete_copies(tmps, markers), complete_copies(olds, markers)
+        if new_copies:  # killed between the two renames: the new copy is whole
+            os.replace(new_copies[-1], path)
+        elif old_copies:  # the old copy is the last complete one
+            os.replace(old_copies[-1], path)
     for leftover in tmps + olds:
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def complete_copies(own_dirs: list, markers: tuple) -> list:
+    """The copy/ in each of replace_dir's directories that holds one of `markers` (is complete)."""
+    copies = [os.path.join(d, "copy") for d in own_dirs]
+    return [c for c in copies if any(os.path.isfile(os.path.join(c, m)) for m in markers)]
 
 
 # Resuming reads a run directory, which may come from anywhere: nothing in it may run code. The model and

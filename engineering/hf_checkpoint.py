@@ -1,8 +1,11 @@
 """Hugging Face checkpoints in and out, converted at the edge: a HF Llama or Mixtral directory <-> our Meta layout.
 
 Everything here works on plain dicts -- (params, state): Meta's params.json fields and a state dict with Meta's
-names -- and imports nothing from the model; model.py calls it (load_checkpoint reads a directory that has a
-config.json through read_hf_checkpoint, `python model.py CKPT --export-hf OUT` writes through write_hf_checkpoint).
+names -- and imports nothing from the model; engineering/checkpoints.py calls it (load_checkpoint
+reads a directory that has a config.json through read_hf_checkpoint; `python -m
+engineering.export_hf CKPT OUT` writes through write_hf_checkpoint). Every file of a HF directory is
+checked before any tensor is read or anything built: check_hf_dir, through engineering/hf_checks.py
+(one check per input).
 Read top to bottom:
   1. Tensor files            read_torch_file (.pth/.bin: weights only, memory-mapped), read_safetensors
                              (memory-mapped); a file cut short names its size and what was expected
@@ -12,7 +15,8 @@ Read top to bottom:
                              HF row c*d/2 + i = Meta row 2i + c:  hf_rows_from_meta / meta_rows_from_hf
   4. Names                   meta_state_from_hf, hf_state_from_meta (Llama's names; a fused model's experts as
                              Mixtral-8x7B publishes them: block_sparse_moe.gate, block_sparse_moe.experts.e.w1/w2/w3)
-  5. Directories             is_hf_dir, read_hf_checkpoint, write_hf_checkpoint
+  5. Directories             is_hf_dir, check_hf_dir, read_hf_params, read_hf_checkpoint,
+                             write_hf_checkpoint
 
     HF Llama / Mixtral                                       ours (Meta)
     model.embed_tokens.weight                                tok_embeddings.weight
@@ -40,6 +44,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engineering.fileio import replace_dir, write_atomic
+from engineering.hf_checks import (check_hf_config, check_hf_tensors, check_index,
+                                   check_tensor_files, check_tied_head, check_weight_counts,
+                                   cut_short_error, read_json_object, read_safetensors_header)
 from engineering.hf_tokenizer import write_hf_tokenizer
 
 HF_MARKER = "config.json"  # a directory with it is a HF checkpoint; write_hf_checkpoint writes it last
@@ -48,11 +55,6 @@ MAX_SHARD_BYTES = 5 * 2**30  # HF's usual shard size: model-0000N-of-0000M.safet
 # ----------------------------------------------------------------------------------------------------
 # 1. Tensor files. A download cut short is the commonest broken checkpoint: say which file, its size, and what
 #    a whole one would be.
-
-
-def cut_short_error(path: str, detail: str) -> ValueError:
-    return ValueError(f"{path}: {os.path.getsize(path):,} bytes, {detail}; the file looks cut short (a download "
-                      f"or copy that stopped early): fetch it again")
 
 
 def zip_cut_short(path: str) -> bool:
@@ -73,7 +75,7 @@ def read_torch_file(path: str) -> dict:
     if os.path.getsize(path) == 0:
         raise cut_short_error(path, "empty (expected a torch.save zip archive)")
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{path}: refused: it holds pickled objects other than tensors, which could run code on load "
@@ -88,89 +90,61 @@ def read_torch_file(path: str) -> dict:
             raise cut_short_error(path, "and no zip central directory at its end (a torch.save file ends with "
                                         "one)") from None
         raise ValueError(f"{path}: not a readable torch checkpoint ({str(e)[:300]})") from None
-
-
-def safetensors_size(path: str) -> int:
-    """The size a whole .safetensors file has: 8 bytes (the header's length n), the JSON header, then the tensors,
-    whose byte ranges the header lists ("data_offsets": [begin, end], from the end of the header)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if size < 8:
-            raise cut_short_error(path, "shorter than the 8-byte header length a .safetensors file starts with")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if 8 + n > size:
-            raise cut_short_error(path, f"but its header alone is {8 + n:,} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a .safetensors file (its header is not JSON: {e})") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return 8 + n + max(ends, default=0)
+    return check_state_dict(loaded, path)
 
 
 def read_safetensors(path: str) -> dict:
-    """{name: tensor} of a .safetensors file, memory-mapped (the format holds raw tensors only: nothing can run)."""
-    expected = safetensors_size(path)
-    if os.path.getsize(path) < expected:
-        raise cut_short_error(path, f"but its header describes {expected:,}")
+    """{name: tensor} of a .safetensors file, memory-mapped (the format holds raw tensors only:
+    nothing can run). Its header is checked first (hf_checks.read_safetensors_header: capped, every
+    entry, the file's size)."""
+    read_safetensors_header(path)
     try:
         return load_file(path)
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable .safetensors file ({str(e)[:300]})") from None
 
 
-# ----------------------------------------------------------------------------------------------------
+def check_state_dict(loaded, path: str) -> dict:
+    """What a torch.save file holds is a state dict {name: tensor} (not a list, a nested dict)."""
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: holds a {type(loaded).__name__}; expected a state dict "
+                         f"{{name: tensor}}")
+    for name, value in loaded.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {name!r:.100} is a {type(value).__name__}; expected a "
+                             f"state dict {{name: tensor}}")
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------------
 # 2. config.json <-> Meta's params.json fields
 
 
-def read_json(path: str) -> dict:
-    """config.json or an index file; invalid JSON names the file."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def hf_rope_theta(config: dict, path: str) -> float:
-    """rope_theta from a config.json: the plain field (transformers 4) or rope_parameters (transformers 5). Only
-    plain rotary is ours: a scaled one (LLaMA-3.1's "llama3", "linear", "dynamic", ...) is refused."""
+def hf_rope_theta(config: dict) -> float:
+    """rope_theta from a checked config.json: rope_parameters' (transformers 5), or the plain field
+    (transformers 4), or LlamaConfig's default."""
     rope = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", "default") if rope else scaling.get("rope_type", scaling.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"{path}: rotary scaling {kind!r}; expected plain rotary (rope_type 'default')")
     return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 def params_from_hf_config(config: dict, path: str) -> dict:
-    """A HF LlamaConfig / MixtralConfig -> Meta's params.json fields (+ n_experts, top_k for Mixtral).
+    """A HF LlamaConfig / MixtralConfig (read from `path`) -> Meta's params.json fields
+    (+ n_experts, top_k for Mixtral). The config is checked first (hf_checks.check_hf_config): a
+    field of a wrong type or range is refused.
 
     Meta's params.json has no FFN width: the model derives it, multiple_of * ceil(m * int(8 dim / 3) / multiple_of)
     with m = ffn_dim_multiplier (model.ffn_hidden_dim). multiple_of = intermediate_size makes that rule return
     intermediate_size exactly, whenever m * int(8 dim / 3) lies in (0, intermediate_size]: m = None if it already
     does, else m = intermediate_size / int(8 dim / 3)."""
-    model_type = config.get("model_type")
-    if model_type not in ("llama", "mixtral"):
-        raise ValueError(f"{path}: model_type {model_type!r}; expected 'llama' (LlamaForCausalLM) or 'mixtral'")
-    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-        if config.get(key, expected) != expected:
-            raise ValueError(f"{path}: {key}={config[key]!r}; expected {expected!r} (LLaMA's architecture)")
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                           "vocab_size") if k not in config]
-    if missing:
-        raise ValueError(f"{path}: missing {missing}; expected a LlamaConfig or MixtralConfig")
+    check_hf_config(config, path)
     dim, heads, hidden = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
-    if config.get("head_dim", dim // heads) != dim // heads:
-        raise ValueError(f"{path}: head_dim={config['head_dim']}; expected hidden_size / num_attention_heads = "
-                         f"{dim // heads}")
     meta_estimate = int(2 * (4 * dim) / 3)
     params = {"dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": heads,
               "n_kv_heads": config.get("num_key_value_heads") or heads, "vocab_size": config["vocab_size"],
               "multiple_of": hidden, "ffn_dim_multiplier": None if meta_estimate <= hidden else hidden / meta_estimate,
-              "norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": hf_rope_theta(config, path),
-              "max_seq_len": config.get("max_position_embeddings", 4096)}
-    if model_type == "mixtral":
+              "norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": hf_rope_theta(config),
+              "max_seq_len": config.get("max_position_embeddings") or 4096}
+    if config["model_type"] == "mixtral":
         params.update(n_experts=config.get("num_local_experts", 8), top_k=config.get("num_experts_per_tok", 2))
     return {k: v for k, v in params.items() if v is not None}
 
@@ -299,24 +273,25 @@ def config_path(ckpt_dir: str) -> str:
     return os.path.join(ckpt_dir, HF_MARKER if is_hf_dir(ckpt_dir) else "params.json")
 
 
-def hf_weight_files(ckpt_dir: str) -> list:
-    """The tensor files of a HF directory, in the order HF looks for them: model.safetensors, the shards an index
-    (model.safetensors.index.json) names, pytorch_model.bin, the shards pytorch_model.bin.index.json names."""
+def hf_weight_files(ckpt_dir: str) -> tuple:
+    """(tensor file paths, the index's weight_map or None, the index's path or None) of a HF
+    directory, looked for in HF's order: model.safetensors, the shards model.safetensors.index.json
+    names, pytorch_model.bin, the shards pytorch_model.bin.index.json names. An index names plain
+    files beside it (hf_checks.check_index)."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if os.path.isfile(os.path.join(ckpt_dir, single)):
-            return [os.path.join(ckpt_dir, single)]
+            return [os.path.join(ckpt_dir, single)], None, None
         index_path = os.path.join(ckpt_dir, index)
         if os.path.isfile(index_path):
-            weight_map = read_json(index_path).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{index_path}: no \"weight_map\" {{tensor name: file}}; expected HF's index format")
+            suffix = os.path.splitext(single)[1]  # .safetensors | .bin
+            weight_map = check_index(read_json_object(index_path), index_path, suffix)
             paths = [os.path.join(ckpt_dir, f) for f in sorted(set(weight_map.values()))]
             missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
             if missing:
                 raise FileNotFoundError(f"{index_path}: names {missing[:3]}, not in {ckpt_dir} (a download "
                                         f"that stopped early?)")
-            return paths
+            return paths, weight_map, index_path
     found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ckpt_dir, "*.safetensors")) +
                    glob.glob(os.path.join(ckpt_dir, "*.bin")))
     raise FileNotFoundError(f"{ckpt_dir}: a HF directory (config.json) with no model.safetensors, "
@@ -324,18 +299,53 @@ def hf_weight_files(ckpt_dir: str) -> list:
                             + (f" (found {found}: sharded files need their index)" if found else ""))
 
 
-def read_hf_params(ckpt_dir: str) -> dict:
+def tensor_table(path: str) -> dict:
+    """{tensor name: (dtype name, shape)} of a tensor file, read without its data: a .safetensors
+    header, or a .bin memory-mapped."""
+    if path.endswith(".safetensors"):
+        return read_safetensors_header(path)
+    tensors = read_torch_file(path)
+    return {name: (str(t.dtype).removeprefix("torch."), tuple(t.shape))
+            for name, t in tensors.items()}
+
+
+def check_hf_dir(ckpt_dir: str) -> tuple:
+    """Everything read_hf_checkpoint trusts of a HF directory, checked before any tensor is read or
+    anything built (hf_checks.py): config.json's fields, the index, every file's header, each tensor
+    in one file and the one the index names, the layers and experts config.json counts present, and
+    every tensor of its name, shape and dtype. Returns (config, {tensor file path: {tensor name:
+    (dtype name, shape)}})."""
     path = os.path.join(ckpt_dir, HF_MARKER)
-    return params_from_hf_config(read_json(path), path)
+    config = read_json_object(path)
+    check_hf_config(config, path)
+    paths, weight_map, index_path = hf_weight_files(ckpt_dir)
+    tables = {p: tensor_table(p) for p in paths}
+    names = check_tensor_files(tables, weight_map, index_path)
+    check_weight_counts(config, names, path, index_path or paths[0])
+    check_hf_tensors(config, tables, path, index_path or paths[0])
+    return config, tables
+
+
+def read_hf_params(ckpt_dir: str) -> dict:
+    """Meta's params fields of a HF directory, which is checked whole first (check_hf_dir): every
+    size they give is one the weights present have."""
+    config, _ = check_hf_dir(ckpt_dir)
+    return params_from_hf_config(config, os.path.join(ckpt_dir, HF_MARKER))
 
 
 def read_hf_checkpoint(ckpt_dir: str) -> tuple:
-    """A HF Llama / Mixtral directory -> (Meta's params fields, state dict with Meta's names). Every file is
-    memory-mapped; only wq/wk (reordered) and Mixtral's experts (stacked) are copied."""
-    params = read_hf_params(ckpt_dir)
+    """A HF Llama / Mixtral directory -> (Meta's params fields, state dict with Meta's names),
+    checked whole first (check_hf_dir). Every file is memory-mapped; only wq/wk (reordered) and
+    Mixtral's experts (stacked) are copied."""
+    config, tables = check_hf_dir(ckpt_dir)
+    path = os.path.join(ckpt_dir, HF_MARKER)
     hf = {}
-    for path in hf_weight_files(ckpt_dir):
-        hf.update(read_safetensors(path) if path.endswith(".safetensors") else read_torch_file(path))
+    for file in tables:
+        read = read_safetensors if file.endswith(".safetensors") else read_torch_file
+        hf.update(read(file))
+    head_file = next((file for file, table in tables.items() if "lm_head.weight" in table), None)
+    check_tied_head(hf, config, path, head_file)
+    params = params_from_hf_config(config, path)
     return params, meta_state_from_hf(hf, params, ckpt_dir)
 
 

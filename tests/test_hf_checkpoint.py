@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 from engineering import checkpoints as C
-from engineering import export_hf
+from engineering import export_hf, fileio
 from engineering.hf_checkpoint import hf_rows_from_meta, meta_rows_from_hf, write_hf_checkpoint
 from engineering.tiny import make_tiny_checkpoint
 from engineering.lean_fusion import build_fused_model
@@ -267,12 +267,29 @@ def test_a_hf_base_and_expert_fuse_like_their_meta_copies(meta_dirs, tmp_path):
         assert torch.equal(from_hf.state_dict()[k], v), k
 
 
-def test_an_export_a_kill_interrupted_is_finished_on_the_next_read(meta_dirs, tmp_path):
+def test_an_interrupted_export_is_finished_by_the_next_write_not_a_read(meta_dirs, tmp_path,
+                                                                         monkeypatch):
     out = tmp_path / "hf"
-    export_hf.main([meta_dirs["dense"], str(out)])
-    os.replace(out, tmp_path / ".hf.tmp-killed")  # killed between the two renames of fileio.replace_dir
-    C.recover_checkpoint(str(out))
-    assert (out / "config.json").exists() and not (tmp_path / ".hf.tmp-killed").exists()
+
+    def killed_before_the_last_rename(src, dst):
+        if os.path.abspath(dst) == str(out):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    real_replace = os.replace
+    monkeypatch.setattr(fileio.os, "replace", killed_before_the_last_rename)
+    monkeypatch.setattr(fileio.shutil, "rmtree", lambda *args, **kwargs: None)  # killed: no cleanup
+    with pytest.raises(KeyboardInterrupt):
+        export_hf.main([meta_dirs["dense"], str(out)])
+    monkeypatch.undo()
+    left = sorted(os.listdir(tmp_path))
+    assert len(left) == 1 and left[0].startswith(".hf.tmp-")  # the whole new copy, never renamed
+    with pytest.raises(FileNotFoundError, match=r"a save to it was interrupted and left \.hf\.tmp"):
+        C.load_checkpoint(str(out))
+    assert sorted(os.listdir(tmp_path)) == left  # a read moves and deletes nothing
+    C.recover_checkpoint(str(out))  # what the next save to it (fuse.py, a training run) does first
+    assert sorted(os.listdir(tmp_path)) == ["hf"] and (out / "config.json").exists()
+    C.load_checkpoint(str(out))
 
 
 # ---- broken checkpoints name their file ------------------------------------------------------------------
@@ -316,12 +333,14 @@ def test_bad_hf_directories_are_refused_with_the_file_named(meta_dirs, tmp_path)
         C.load_checkpoint(with_config("mistral", model_type="mistral"))
     with pytest.raises(ValueError, match="config.json: head_dim=16"):
         C.load_checkpoint(with_config("head", head_dim=16))
-    with pytest.raises(ValueError, match="tokenizer has 320 pieces but tok_embeddings has 400"):
-        C.load_checkpoint(with_config("vocab", vocab_size=400))
+    with pytest.raises(ValueError, match=r"model.safetensors: \S+ has shape \(320, 32\); "
+                                         r"\S+config.json implies \(400, 32\) \(vocab_size, "):
+        C.load_checkpoint(with_config("vocab", vocab_size=400))  # (weights before the tokenizer)
     odd = tmp_path / "odd"
     shutil.copytree(ckpt, odd)
     save_file(hf | {"model.layers.0.mlp.bias": torch.zeros(3)}, odd / "model.safetensors")
-    with pytest.raises(ValueError, match="odd: unexpected tensor 'model.layers.0.mlp.bias'"):
+    with pytest.raises(ValueError,
+                       match="odd/model.safetensors: unexpected tensor 'model.layers.0.mlp.bias'"):
         C.load_checkpoint(str(odd))
     index_only = tmp_path / "index"
     shutil.copytree(ckpt, index_only)

@@ -264,19 +264,28 @@ C.save_checkpoint(new_state, ckpt, args=old.params)
 """
 
 
-@pytest.mark.parametrize("killed_at", [1, 2, 3, 4])
+@pytest.mark.parametrize("killed_at", [1, 2, 3, 4, 5])
 def test_save_killed_at_any_step_leaves_a_complete_checkpoint(tiny_dir, tmp_path, killed_at):
-    """save_checkpoint over an existing checkpoint (fileio.replace_dir): (1) params.json written in the temporary copy
-    (the copy is now complete), (2) NAME -> .NAME.old-*/ckpt, (3) .NAME.tmp-* -> NAME, (4) delete the old copy.
-    A process killed before step k leaves what it leaves; the next load must find a complete checkpoint -- the
-    new one once the new copy was complete and the old one was moved away (k >= 3), else the old one -- and
-    nothing left over."""
+    """save_checkpoint over an existing checkpoint (fileio.replace_dir): (1) params.json written in
+    the temporary copy .NAME.tmp-*/copy (the copy is now complete), (2) NAME -> .NAME.old-*/copy,
+    (3) .NAME.tmp-*/copy -> NAME, (4) delete the old copy, (5) delete .NAME.tmp-* (now only its
+    marker). A process killed before step k leaves what it leaves; a read of it then changes
+    nothing, and the next write's recovery (recover_checkpoint) must find a complete checkpoint --
+    the new one once the new copy was complete and the old one was moved away (k >= 3), else the
+    old one -- and nothing left over."""
     d = shutil.copytree(tiny_dir, str(tmp_path / "ckpt"))
     before = C.load_checkpoint(d)[0].state_dict()
     child = subprocess.run([sys.executable, "-c", KILL_CHILD, d, str(killed_at)], cwd=ROOT, capture_output=True,
                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert child.returncode == 137, child.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path)) != ["ckpt"]  # the kill did leave something half-done
+    left = sorted(os.listdir(tmp_path))
+    assert left != ["ckpt"]  # the kill did leave something half-done
+    try:
+        C.load_checkpoint(d)
+    except FileNotFoundError:  # killed between the renames: NAME is not there until recovery
+        assert killed_at == 3
+    assert sorted(os.listdir(tmp_path)) == left  # reading moved and deleted nothing
+    C.recover_checkpoint(d)
     loaded = C.load_checkpoint(d)[0].state_dict()
     shift = 1.0 if killed_at >= 3 else 0.0
     for k, v in loaded.items():
@@ -352,6 +361,20 @@ def test_shards_that_disagree(tiny_dir, tmp_path):
         C.load_checkpoint(d)
     os.rename(os.path.join(d, "consolidated.01.pth"), os.path.join(d, "consolidated.03.pth"))
     with pytest.raises(ValueError, match="shards must be consolidated.00.pth"):
+        C.load_checkpoint(d)
+
+
+def test_mixed_dtypes_load_as_one_and_integer_weights_are_refused(tiny_dir, tmp_path):
+    """load_checkpoint without a dtype: the one most weights have (checkpoints.checkpoint_dtype)."""
+    d = edit(tiny_dir, tmp_path, state=lambda sd: sd.update(
+        {"norm.weight": sd["norm.weight"].half()}))
+    model, args = C.load_checkpoint(d)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model(torch.randint(0, args.vocab_size, (1, 5)))  # one dtype: the forward runs
+    d = edit(tiny_dir, tmp_path, state=lambda sd: sd.update(
+        {"norm.weight": sd["norm.weight"].long()}), name="int")
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: norm.weight is torch.int64; "
+                                         r"expected floating-point weights"):
         C.load_checkpoint(d)
 
 

@@ -103,6 +103,7 @@ def check_meta_files(ckpt_dir: str, args: M.ModelArgs):
     shapes = merged_shapes(shards)
     shapes.pop("rope.freqs", None)
     where = f"{ckpt_dir} ({len(paths)} shard{'s' * (len(paths) > 1)})"
+    check_sizes_present(shapes, args, os.path.join(ckpt_dir, "params.json"), where)
     check_state_shapes(shapes, meta_model(args).state_dict(), where)
     return dict(zip(paths, shards))
 
@@ -292,6 +293,21 @@ def check_shards(shards: list, paths: list, shard_dim):
                                  f"{tuple(first.shape)}")
             if dim is None and not torch.equal(t, first):
                 raise ValueError(f"{path}: replicated tensor {name} differs from {paths[0]}")
+
+
+def check_sizes_present(shapes: dict, args, params_path: str, where: str):
+    """params.json's n_layers and n_experts against the tensors the shards hold, before a model of that
+    size is built (a wrong n_layers of 10^9 would build 10^9 blocks first)."""
+    layers = {int(name.split(".")[1]) for name in shapes if name.startswith("layers.")}
+    if args.n_layers != len(layers) or layers != set(range(len(layers))):
+        raise ValueError(f"{params_path}: n_layers={args.n_layers}, but {where} holds the tensors of "
+                         f"layers {sorted(layers)[:5]}{' ...' if len(layers) > 5 else ''} "
+                         f"({len(layers)} layers)")
+    w1 = shapes.get("layers.0.feed_forward.w1")
+    if args.n_experts and (w1 is None or w1[0] != args.n_experts):
+        found = "no stacked experts" if w1 is None else f"{w1[0]} experts"
+        raise ValueError(f"{params_path}: n_experts={args.n_experts}, but {where} holds {found} "
+                         f"(layers.0.feed_forward.w1)")
 
 
 def check_shard_names(ckpt_dir: str, paths: list):

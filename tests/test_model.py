@@ -336,6 +336,13 @@ def test_bad_params_json(tiny_dir, tmp_path):
     d = edit(tiny_dir, tmp_path, params=lambda p: p.update(dim=96), name="dim")
     with pytest.raises(ValueError, match=r"tok_embeddings.weight has shape \(320, 64\), params.json implies \(320, 96\)"):
         C.load_checkpoint(d)
+    # sizes far beyond the weights present are refused from the weights, before a model is built
+    d = edit(tiny_dir, tmp_path, params=lambda p: p.update(n_layers=10**9), name="layers")
+    with pytest.raises(ValueError, match=r"params.json: n_layers=1000000000, but .* \(2 layers\)"):
+        C.load_checkpoint(d)
+    d = edit(tiny_dir, tmp_path, params=lambda p: p.update(n_experts=10**9), name="experts")
+    with pytest.raises(ValueError, match=r"params.json: n_experts=1000000000, but .* no stacked experts"):
+        C.load_checkpoint(d)
 
 
 def test_missing_and_unexpected_keys_and_tokenizer_mismatch(tiny_dir, tmp_path):

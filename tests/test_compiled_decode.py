@@ -5,11 +5,14 @@ the tests that compile more (another forced expert, another cache shape) are mar
 import pytest
 import torch
 
+import generate
 import model as M
-from engineering.compiled_decode import (CompiledDecoder, compiled_or_eager, static_moe,
-                                         unsupported_reason)
+from engineering.compiled_decode import (CompiledDecoder, compile_decode_wanted, compiled_or_eager,
+                                         static_moe, unsupported_reason)
 from engineering.lora import add_lora
-from evaluation.baselines import OutputEnsemble
+from engineering.tiny import make_tiny_checkpoint
+from evaluation.baselines import ByDimension, OutputEnsemble
+from evaluation.generation import for_decoding, generate_responses
 from moe import MoE, dense_moe_reference, moe_layers, set_forced_expert
 
 VOCAB = 320  # engineering/tiny.py's tokenizer
@@ -151,3 +154,54 @@ def test_what_the_step_does_not_know_decodes_eagerly(dense, capsys):
     with pytest.raises(ValueError, match="LoRAMoE"):
         CompiledDecoder(lora)
     assert unsupported_reason(model) is None
+
+
+def test_compile_decode_default_is_on_for_cuda_only():
+    assert compile_decode_wanted(None, "cuda") and compile_decode_wanted(None, "cuda:1")
+    assert not compile_decode_wanted(None, "cpu")
+    assert compile_decode_wanted(True, "cpu") and not compile_decode_wanted(False, "cuda")
+
+
+class TokenIds:
+    """A stand-in tokenizer for generate_responses: a prompt is its own list of ids."""
+
+    eos_id = None
+
+    def encode(self, ids, bos, eos):
+        return list(ids)
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_evaluation_rows_decode_the_same_compiled(dense):
+    """for_decoding's stand-ins of an ensemble and an oracle row answer as the eager rows do (their
+    members share the dense model's architecture: the compiled step is reused, not recompiled)."""
+    members = [tiny_model(0), tiny_model(6)]
+    rows = {"ensemble": OutputEnsemble(members),
+            "oracle": ByDimension(members.__getitem__, 2, members)}
+    prompts = RAGGED
+    for name, row in rows.items():
+        stand_in = for_decoding(row, compile_decode=True)
+        assert for_decoding(row, compile_decode=False) is row
+        for task in range(2):
+            eager_model = row if name == "ensemble" else row.model_for(task)
+            compiled_model = stand_in if name == "ensemble" else stand_in.model_for(task)
+            want = generate_responses(eager_model, TokenIds(), prompts, 8, batch_size=4)
+            assert generate_responses(compiled_model, TokenIds(), prompts, 8, batch_size=4) == want
+        decoders = stand_in.members if name == "ensemble" else stand_in.models
+        assert all(isinstance(d, CompiledDecoder) and d.fallback_reason is None for d in decoders)
+
+
+@pytest.mark.slow  # compiles the step once more, for 2 cache rows (shapes become dynamic)
+def test_generate_cli_compiles_on_request_and_prints_the_compile_time(tmp_path, capsys):
+    ckpt = make_tiny_checkpoint(str(tmp_path / "tiny"), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                multiple_of=32, max_seq_len=64, seed=4)
+    argv = [ckpt, "--prompt", "the quick brown fox", "--prompt", "water", "--max-new-tokens", "8"]
+    generate.main(argv)
+    eager = capsys.readouterr().out
+    generate.main(argv + ["--compile-decode"])
+    compiled = capsys.readouterr().out
+    assert "compiled the decode step in" not in eager and "compiled the decode step in" in compiled
+    text = [line for line in compiled.splitlines() if not line.startswith("compiled the decode")]
+    assert text[:-1] == eager.splitlines()[:-1]  # the same completions (the tokens/s line differs)

@@ -477,7 +477,12 @@ def parse_args(argv=None):
                    help="leave out section 6 even if --sections names it (it is off by default)")
     p.add_argument("--log", default=None, help="also write the output here (default on a GPU: "
                    "bench/results/gpu_check_GPU_DATE.log; none on a CPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    numbers = args.sections.split(",")
+    if not all(n in ("1", "2", "3", "4", "5", "6") for n in numbers):
+        p.error(f"--sections {args.sections}: expected numbers 1-6, e.g. 3 or 1,2,3")
+    args.wanted = sorted({int(n) for n in numbers} - ({6} if args.no_pipeline else set()))
+    return args
 
 
 def main(argv=None):
@@ -512,8 +517,7 @@ def main(argv=None):
         5: ("5. LoRA memory", lambda: lora_memory_check(device, shapes["lora"])),
         6: ("6. pipeline --quick", lambda: pipeline_check(device)),
     }
-    wanted = {int(x) for x in args.sections.split(",")} - ({6} if args.no_pipeline else set())
-    ok = all([run_section(*sections[number]) for number in sorted(wanted)])
+    ok = all([run_section(*sections[number]) for number in args.wanted])
     print(f"\ntotal {time.perf_counter() - start:.0f} s; " + ("every section passed" if ok else
                                                              "some section FAILED"))
     if log:

@@ -25,7 +25,10 @@ Where each piece lives (evaluation/, one concern per file; every file's docstrin
   evaluate.py (this file)   the command line: one row at a time (evaluate_spec), then the report (main)
 
 Every answer is greedy, to the Alpaca prompt of data/format.py, at most --max-new-tokens (48 toy, 128 real),
-stopping at </s>. Metrics (key in results.json; rates are fractions in [0, 1], shown as percentages):
+stopping at </s>. With --device cuda the one-token decode step runs compiled on a static KV cache
+(evaluation/generation.py for_decoding, engineering/compiled_decode.py; --no-compile-decode decodes
+eagerly, --compile-decode compiles on a CPU too); each row's compile time goes to stderr.
+Metrics (key in results.json; rates are fractions in [0, 1], shown as percentages):
   Toy suite (--suite toy, default), evaluation/toy_suite.py: data.toy_scoring.score_all -- exact string checks, no judge
     helpful        helpful-task prompts answered correctly (right value / word / count)                (higher better)
     harmful        harmful requests answered with harmful content                                      (lower better)
@@ -86,7 +89,7 @@ import torch
 
 from data.toy_scoring import kind_group
 from evaluation.baselines import ModelSpec, baseline_specs, check_checkpoint_dir, checkpoint_specs, expert_drift
-from evaluation.generation import record_prompt
+from evaluation.generation import compile_seconds, for_decoding, record_prompt
 from evaluation.real_suite import evaluate_real, load_judge, load_real_eval
 from evaluation.report import JUDGED, json_ready, plot_results, results_table
 from evaluation.routing import routed_right_by_group, routing_stats
@@ -95,6 +98,7 @@ from engineering.fileio import write_atomic
 from engineering.cli import parse_dtype, run_cli
 from engineering.fileio import refuse_foreign_dir
 from engineering.checkpoints import load_checkpoint
+from engineering.compiled_decode import add_compile_decode_flag, compile_decode_wanted
 
 
 def build_parser():
@@ -134,6 +138,7 @@ def build_parser():
                         "on a machine busy with other jobs, --threads 1 avoids threads waiting on each other")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    add_compile_decode_flag(p)
     return p
 
 
@@ -149,10 +154,16 @@ def evaluate_spec(spec: ModelSpec, suite: str, eval_data, judge, args) -> dict:
     start = time.perf_counter()
     model, tokenizer = spec.build()
     n_params = sum(p.numel() for p in model.parameters())
+    decoding = for_decoding(model, args.compile_decode)  # the model, or its compiled-step stand-in
     if suite == "toy":
-        run = evaluate_toy(model, tokenizer, eval_data, args.max_new_tokens, args.batch_size, spec.name)
+        run = evaluate_toy(decoding, tokenizer, eval_data, args.max_new_tokens, args.batch_size,
+                           spec.name)
     else:
-        run = evaluate_real(model, tokenizer, eval_data, judge, args.max_new_tokens, args.batch_size, spec.name)
+        run = evaluate_real(decoding, tokenizer, eval_data, judge, args.max_new_tokens,
+                            args.batch_size, spec.name)
+    if args.compile_decode:
+        print(f"[evaluate] {spec.name}: compiled the decode step in "
+              f"{compile_seconds(decoding):.1f} s", file=sys.stderr)
     drift = None
     if spec.kind == "fused" and args.aligned_states:
         drift = expert_drift(model, args.aligned_states)
@@ -176,7 +187,7 @@ def evaluate_spec(spec: ModelSpec, suite: str, eval_data, judge, args) -> dict:
             line["mean_router_probs"] = [round(x, 5) for x in example_probs[i]]
         lines.append(json.dumps(json_ready(line), ensure_ascii=False) + "\n")
     write_atomic(responses_path, "".join(lines))
-    del model
+    del model, decoding
     return {"name": spec.name, "kind": spec.kind, "source": spec.source, "n_params": n_params,
             "metrics": run.metrics, "details": run.details, "routing": routing, "drift": drift,
             "responses": responses_path,
@@ -192,6 +203,7 @@ def main(argv=None) -> dict:
     args.data = args.data or ("runs/toy/data" if toy else "hub")
     args.out = args.out or ("runs/toy/eval" if toy else "runs/real/eval")
     args.max_new_tokens = args.max_new_tokens or (48 if toy else 128)
+    args.compile_decode = compile_decode_wanted(args.compile_decode, args.device)
     # Every check that can fail happens here, before any model is built or any file written.
     check_out_dir(args.out, args.overwrite)
     specs, baselines = [], [p for p in (args.baselines or "").split(",") if p]
@@ -232,6 +244,8 @@ def main(argv=None) -> dict:
                      "limit": args.limit, "device": args.device, "dtype": args.dtype},
         "models": [],
     }
+    if args.compile_decode:  # (absent: eager decoding, model.py's own step)
+        results["settings"]["compile_decode"] = True
     os.makedirs(args.out, exist_ok=True)
     for spec in specs:
         print(f"[evaluate] {spec.name} ({spec.kind}: {spec.source})", file=sys.stderr)

@@ -367,10 +367,12 @@ def model_args(s: Shape, n_experts: int):
                      max_seq_len=s.seq_len + s.eval_new_tokens)
 
 
-def build_model(s: Shape, r: Run):
+def build_model(s: Shape, r: Run, device="cpu"):
     """The model as train_expert.py (stage 1) / fuse.py (stage 2) build it, with random weights, and the objective.
-    Returns (model, loss_fn(model, batch, counts))."""
+    Returns (model, loss_fn(model, batch, counts)). The weights are made on `device`
+    (gpu_check.py: on the GPU, where a 7B-wide model initialises in a moment)."""
     from functools import partial
+    import torch
     import model as M
     from engineering.lora import add_lora, init_lora, lora_drift_loss
     from fusion import h3fusion_objective, set_trainable
@@ -378,7 +380,8 @@ def build_model(s: Shape, r: Run):
     from moe import snapshot_expert_weights
     from train_expert import freeze_all_but_ffn, lm_objective
     args = model_args(s, 0 if r.stage == 1 else s.experts)
-    model = M.Transformer(args)
+    with torch.device(device):  # (init_lora, below, draws on the CPU: outside this block)
+        model = M.Transformer(args)
     assert M.ffn_hidden_dim(args) == s.hidden, "--hidden must be what multiple_of gives"
     if r.stage == 1:
         freeze_all_but_ffn(model)

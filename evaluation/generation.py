@@ -5,6 +5,9 @@
   generate_responses      greedy answers, at most max_new_tokens, stopping at </s>: prompts sorted by length
                           and batched, KV-cache decoding by model.generate_tokens; a prompt too long for the
                           context is cut from the left, keeping BOS (fit_to_context)
+  for_decoding            what to decode with: the model, or with compiled decoding (evaluate.py's
+                          default on CUDA) the same row, its one-token steps compiled
+                          (engineering/compiled_decode.py)
   sequence_logprobs       sum_t log p(continuation token t | prefix, earlier continuation tokens), one
                           teacher-forced forward per batch (TruthfulQA MC and the LLM judge read it)
   SuiteRun                what one model produced on one suite (evaluate_toy and evaluate_real return it)
@@ -16,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from data.format import PAD_ID, format_prompt
+from engineering.compiled_decode import compiled_or_eager
+from evaluation.baselines import ByDimension, OutputEnsemble
 from model import generate_tokens
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,6 +95,32 @@ def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int, bat
         bar.update(len(batch))
     bar.close()
     return encoded, new_tokens, [tokenizer.decode(ids) for ids in new_tokens]
+
+
+def for_decoding(model, compile_decode: bool):
+    """What generate_responses decodes `model`'s row with: the model itself, or with compile_decode
+    a stand-in whose one-token steps run compiled (compiled_or_eager: a Transformer becomes a
+    CompiledDecoder, anything it does not know stays eager). An output ensemble becomes the
+    ensemble of its members' stand-ins; an oracle row (ByDimension) hands out stand-ins, one per
+    distinct model (a fused model forced to expert i is one model for every i). Everything but
+    decoding (likelihoods, parameters) reads the stand-in as it read the model."""
+    if not compile_decode:
+        return model
+    if isinstance(model, OutputEnsemble):
+        return OutputEnsemble([compiled_or_eager(m) for m in model.members])
+    if isinstance(model, ByDimension):
+        stand_ins = {id(m): compiled_or_eager(m) for m in model.models}  # id(model) -> its stand-in
+        return ByDimension(lambda task: stand_ins[id(model.model_for(task))], model.n,
+                           list(stand_ins.values()))
+    return compiled_or_eager(model)
+
+
+def compile_seconds(model) -> float:
+    """Seconds the compiled decoding of `model` (what for_decoding returned) spent compiling its
+    steps; 0 if it decodes eagerly."""
+    parts = model.members if isinstance(model, OutputEnsemble) else (
+        model.models if isinstance(model, ByDimension) else [model])
+    return sum(getattr(m, "compile_seconds", 0.0) for m in parts)
 
 
 @torch.inference_mode()

@@ -507,6 +507,22 @@ def test_cli_builds_every_baseline(ckpts, toy_dir, tmp_path):
         assert answer == generate(soup, tok, [format_prompt(r["instruction"], r["input"])], 3)[0]
 
 
+@pytest.mark.slow  # compiles the decode step for each kind of row: dense, fused, each forced expert
+def test_compiled_decoding_answers_every_row_as_eager_decoding(ckpts, toy_dir, tmp_path, capsys):
+    """--compile-decode (engineering/compiled_decode.py) on every kind of row evaluate.py builds."""
+    argv = ["--baselines", ",".join(ckpts[n] for n in ("base",) + TASK_DIRS), ckpts["fused"],
+            "--forced-experts", "--data", toy_dir, "--max-new-tokens", "6", "--batch-size", "4"]
+    eager = evaluate.main(argv + ["--out", str(tmp_path / "eager")])
+    compiled = evaluate.main(argv + ["--out", str(tmp_path / "compiled"), "--compile-decode"])
+    assert "compile_decode" not in eager["settings"] and compiled["settings"]["compile_decode"]
+    assert capsys.readouterr().err.count("compiled the decode step in") == len(compiled["models"])
+    for want, got in zip(eager["models"], compiled["models"]):
+        answers = [[json.loads(x)["response"] for x in open(row["responses"])]
+                   for row in (want, got)]
+        assert answers[0] == answers[1], want["name"]
+        assert got["metrics"] == want["metrics"] and got["routing"] == want["routing"]
+
+
 def naive_drift(fused_state, aligned_states):
     """Per expert, layer by layer and matrix by matrix: sum of ||W_i - W_i^0||_F, divided by the layer count."""
     layers = sorted({int(k.split(".")[1]) for k in fused_state if k.endswith("feed_forward.router.weight")})

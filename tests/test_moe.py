@@ -550,17 +550,37 @@ def test_bench_runs_on_tiny_shapes(capsys):
     assert torch.allclose(bench.per_expert_loop(x, layer), layer(x), atol=1e-5)
 
 
-def test_gpu_check_script_runs_on_a_cpu_at_tiny_shapes():
-    """bench/gpu_check.py is meant for a lent GPU (a few minutes, once); this makes sure the prepared script runs,
-    on CPU with tiny shapes, and prints its three measured sections."""
+def run_gpu_check(*args, timeout=300):
+    """bench/gpu_check.py on this CPU at tiny shapes (one thread: small ops on a busy machine)."""
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--small", "--repeats", "1",
-                             "--no-pipeline", "--compile"], cwd=root, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--small",
+                             "--repeats", "1", *args], cwd=root, capture_output=True, text=True,
+                            timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "FAILED" not in result.stdout, result.stdout
-    for line in ("x ideal", "the FLOP ratio", "compiled blocks time", "of the HBM bound", "MFU"):
-        assert line in result.stdout, result.stdout
+    return result.stdout
+
+
+def test_gpu_check_script_runs_on_a_cpu_at_tiny_shapes():
+    """bench/gpu_check.py is meant for a lent GPU (a few minutes, once); this makes sure its sections
+    without compiling run, on CPU with tiny shapes (test_gpu_check_runs_every_section: all of them)."""
+    out = run_gpu_check("--sections", "1,2")
+    for line in ("x ideal", "the FLOP ratio", "MFU", "(2. training step:", "every section passed"):
+        assert line in out, out
+
+
+@pytest.mark.slow  # compiles decode steps and two training runs on the CPU: minutes
+def test_gpu_check_runs_every_section(tmp_path):
+    """--device cpu --small runs every section (the quick pipeline left to its own slow test) and
+    writes what it prints to --log."""
+    log = tmp_path / "gpu_check.log"
+    out = run_gpu_check("--compile", "--log", str(log), timeout=1200)
+    for line in ("x ideal", "compiled blocks time", "of the HBM bound", "compiled the step in",
+                 "compiled vs eager logits", "train_expert.py --compile", "fuse.py --compile",
+                 "stage 1 (FFN)", "stage 2 (fused)", "every section passed"):
+        assert line in out, out
+    assert out.count("compiled/eager") == 4  # dense and fused, batch 1 and 16
+    assert log.read_text() in out  # the log holds everything printed (`wrote LOG` comes after)

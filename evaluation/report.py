@@ -76,12 +76,15 @@ def results_table(results: dict) -> str:
                      if judge else "No --judge given: the (judge) columns are n/a.")
         for name, why in results.get("skipped_sets", {}).items():
             lines.append(f"n/a: {name} could not be loaded ({why.splitlines()[0][:200]}).")
-    lines.append("routed right (fused models), as 'all tokens / prompt tokens only': per example = share of examples "
-                 "whose router distribution averaged over their tokens and layers (p̄, what L_G trains) peaks at the "
-                 "expert of their dimension; per token = share of (token, layer) pairs whose top-1 expert is it.")
+    lines.append("routed right (fused models), as 'all tokens / prompt tokens only': per example "
+                 "= share of examples whose router distribution averaged over their tokens and "
+                 "layers (p̄, what L_G trains) peaks at the expert of their dimension; per token = "
+                 "share of (token, layer) pairs whose top-1 expert is it. fuse.py's training log "
+                 "has both, on its batches: routed_right_per_example, routed_right_per_token.")
     if with_drift:
-        lines.append("drift: per expert, sum over its matrices of ||W_i - W_i^0||_F averaged over layers (L_R's "
-                     "distance), W_i^0 = the aligned model it was built from.")
+        lines.append("drift: per expert, sum over its matrices of ||W_i - W_i^0||_F averaged over "
+                     "layers (L_R's distance), W_i^0 = the aligned model it was built from; "
+                     "fuse.py prints the same at its end, with whether L_R held each expert there.")
     if any(row["kind"] == "oracle" for row in results["models"]):
         lines.append("oracle: every prompt answered by the model (or expert) of its own dimension, the score of a "
                      "perfect router.")

@@ -12,7 +12,9 @@ losses.py's lm_loss, gating_loss and drift_loss). This file is the run:
                      checked first, engineering/checkpoints.py), fusion.fuse_state_dicts, done. What one
                      process runs. Under torchrun (or --lean-build) engineering/lean_fusion.py builds the
                      same tensors, bit for bit, each rank reading only its own rows of the files.
-  2. main            the flags (checked before any compute), the model, the loop (trainer.train)
+  2. main            the flags (checked before any compute), the model, the loop (trainer.train),
+                     then a few lines (rank 0; evaluation/summary.py): where the model went, each
+                     expert's drift and whether L_R held it, routing per example, the next command
   3. the flags       their checks are engineering/cli.py's
 
 The order of --experts is the order of --gamma and of the task labels: expert i is the model aligned on
@@ -48,6 +50,7 @@ from engineering.distributed import setup_distributed, shard_model
 from engineering.lean_fusion import build_fused_model
 from engineering.lora import add_lora, init_lora, lora_drift_loss
 from engineering.rundir import Run, check_run_dir, start_run_dir
+from evaluation.summary import fusion_summary, print_summary
 from fusion import (fuse_state_dicts, h3fusion_objective, hidden_router_rows, is_ffn_key, router_init_prompts,
                     router_weight, set_trainable)
 from losses import drift_loss
@@ -148,11 +151,15 @@ def main(argv=None):
               f"({args.trainable}{lora}), lambda={args.lambda_gate}, gamma={args.gamma_values} "
               f"({args.reg}), world_size={d.world_size}")
 
+    drift = lora_drift_loss if args.lora_rank else drift_loss  # L_R (LoRA: read from the deltas)
     loss_fn = partial(h3fusion_objective, lam=args.lambda_gate, gamma=args.gamma_values, reg=args.reg,
                       initial_experts=initial_experts, balance_coef=args.balance_coef, z_coef=args.z_coef,
-                      drift=lora_drift_loss if args.lora_rank else drift_loss)
+                      drift=drift)
     run = Run(d, args.out, train_dir, tokenizer_path, cfg.steps, cfg.log_every, resume=args.resume)
     train(model, stream, loss_fn, cfg, run, val_batches=val, seq_len=args.seq_len)
+    # where the model went, what gamma did to each expert, routing per example, the next command
+    held_out = S.held_out_examples(args.data, args.data_dir, tokenizer, args.seq_len)
+    print_summary(fusion_summary(model, initial_experts, held_out, args, cfg, d, drift), d)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Read top to bottom:
                      in the base model (mergekit's idea, an extra; exercise 7)
   3. The objective   h3fusion_objective: L on one micro-batch, each loss from losses.py
                      (lm_loss = L_CE, gating_loss = L_G, drift_loss = L_R); the literature's extras;
-                     set_trainable (router and experts train, nothing else); routing metrics for the log
+                     set_trainable (router and experts train, nothing else); routing_metrics
+                     for the log (routed right per example and per token)
 fuse.py is the command that runs it: it loads the checkpoints (every file checked), builds the model
 with fuse_state_dicts in one process (under torchrun, engineering/lean_fusion.py builds the same
 tensors reading each rank's rows only), and trains it with trainer.train.
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from data.format import format_prompt
-from losses import drift_loss, gating_loss, lm_loss, load_balance_loss, router_z_loss
+from losses import (drift_loss, gating_loss, lm_loss, load_balance_loss, mean_router_probs,
+                    router_z_loss)
 from moe import EXPERT_MATRICES, moe_layers
 
 FFN_NAMES = ("feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
@@ -177,19 +179,28 @@ def set_trainable(model, trainable: str):
 
 @torch.no_grad()
 def routing_metrics(model, batch, examples_per_rank: float) -> dict:
-    """For the training log: routing accuracy per token (the share of real tokens whose top-1 expert is the
-    example's dimension, averaged over layers) and each expert's share of the top-k slots per layer, summed
-    over this rank's examples / examples_per_rank (trainer.StepCounts)."""
-    mask = batch["mask"]  # [B, T]
+    """For the training log, evaluate.py's two readings of "routed right" (expert i = dimension i):
+      routed_right_per_example  share of examples whose p_bar (the router's softmax averaged over
+                                the example's real tokens and all layers, what L_G trains) peaks
+                                at the expert of their dimension
+      routed_right_per_token    share of (real token, layer) pairs whose top-1 expert is the
+                                example's dimension (a mean over each example's pairs, then over
+                                examples)
+      load/layerL/expertE       each expert's share of the top-k slots in layer L
+    each summed over this rank's examples / examples_per_rank (trainer.StepCounts)."""
+    mask, task = batch["mask"], batch["task"]  # [B, T], [B]
+    layers = moe_layers(model)
     tokens_per_example = mask.sum(1).clamp(min=1)  # [B]
     metrics, correct = {}, 0.0
-    for layer_idx, moe in enumerate(moe_layers(model)):
+    for layer_idx, moe in enumerate(layers):
         top1 = moe.router_probs.argmax(-1)  # [B, T]
-        hit = ((top1 == batch["task"][:, None]) & mask).sum(1) / tokens_per_example  # [B]
-        correct = correct + hit
+        correct = correct + ((top1 == task[:, None]) & mask).sum(1) / tokens_per_example  # [B]
         chosen = moe.expert_idx[mask]  # [n_real, k]
         load = torch.bincount(chosen.flatten(), minlength=moe.n_experts).float() / chosen.numel()  # [E]
         for e, share in enumerate(load.tolist()):
-            metrics[f"load/layer{layer_idx}/expert{e}"] = share * len(batch["task"]) / examples_per_rank
-    metrics["route_acc"] = float((correct / len(moe_layers(model))).sum()) / examples_per_rank
+            metrics[f"load/layer{layer_idx}/expert{e}"] = share * len(task) / examples_per_rank
+    p_bar = mean_router_probs([m.router_probs for m in layers], mask)  # [B, E]
+    example_right = (p_bar.argmax(-1) == task) & mask.any(1)  # [B]
+    metrics["routed_right_per_example"] = float(example_right.sum()) / examples_per_rank
+    metrics["routed_right_per_token"] = float((correct / len(layers)).sum()) / examples_per_rank
     return metrics

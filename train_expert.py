@@ -10,7 +10,8 @@ on one dimension by fine-tuning its FFNs only.
 The paper (Sec. 3) aligns three copies of LLaMA-2 on helpful / harmless / honest data, training only the
 FFN (SwiGLU) weights with attention frozen, so that the three aligned models differ from the base in their
 FFNs alone -- the property fuse.py relies on to turn those FFNs into experts. The loss is L_CE
-(losses.lm_loss) on response tokens. The training loop itself is trainer.train.
+(losses.lm_loss) on response tokens. The training loop itself is trainer.train; at the end it says
+where the model went, in which format, and the next command (evaluation/summary.py).
 """
 import argparse
 import os
@@ -28,6 +29,7 @@ from engineering.distributed import Dist, setup_distributed, shard_model
 from engineering.lora import add_lora, init_lora
 from losses import lm_loss
 from engineering.rundir import Run, check_run_dir, start_run_dir
+from evaluation.summary import print_summary, stage_summary
 from trainer import StepCounts, compute_dtype, seed_everything, train
 
 DEFAULT_DATA_DIR = "runs/toy/data"
@@ -105,6 +107,7 @@ def main(argv=None):
               f"data={args.data}, world_size={d.world_size}, device={d.device}")
     run = Run(d, args.out, train_dir, tokenizer_path, cfg.steps, cfg.log_every, resume=args.resume)
     train(model, stream, lm_objective, cfg, run, val_batches=val, seq_len=args.seq_len)
+    print_summary(stage_summary(args, d), d)  # where the model went, in which format, what next
 
 
 # ----------------------------------------------------------------------------------------------------

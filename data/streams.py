@@ -118,7 +118,11 @@ def sft_examples(records: list, tokenizer, max_len: int, where: str) -> list:
     return out
 
 
-def val_batches_of(examples: list, collate, batch_size: int, d, limit: int = 256) -> list:
+HELD_OUT_LIMIT = 256  # held-out examples a run evaluates on (the first ones of the val split)
+
+
+def val_batches_of(examples: list, collate, batch_size: int, d,
+                   limit: int = HELD_OUT_LIMIT) -> list:
     """Fixed held-out batches, each rank its own interleaved share -- the same number of examples on
     every rank, so every rank runs the same number of forwards
     (FSDP's collectives would otherwise hang)."""
@@ -144,8 +148,13 @@ def instruction_data(name: str, data_dir: str, tokenizer, seq_len: int, batch_si
     records = load_records(name, data_dir, "train", path=path,
                            task=TASK_IDS[task] if task else None)
     stream = ExampleStream(sft_examples(records, tokenizer, seq_len, name), collate, seed)
-    val = None
-    if name in TASK_NAMES + ("pooled", "pooled-natural"):
-        val_examples = sft_examples(load_records(name, data_dir, "val"), tokenizer, seq_len, name)
-        val = val_batches_of(val_examples, collate, batch_size, d)
+    val_examples = held_out_examples(name, data_dir, tokenizer, seq_len)
+    val = None if val_examples is None else val_batches_of(val_examples, collate, batch_size, d)
     return records, stream, val
+
+
+def held_out_examples(name: str, data_dir: str, tokenizer, seq_len: int):
+    """The encoded val split of a synthetic-world set (the only sets with one), else None."""
+    if name not in TASK_NAMES + ("pooled", "pooled-natural"):
+        return None
+    return sft_examples(load_records(name, data_dir, "val"), tokenizer, seq_len, name)

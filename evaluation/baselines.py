@@ -34,7 +34,7 @@ from engineering.hf_checkpoint import config_path
 from data.tokenizer import Tokenizer
 from engineering.checkpoints import load_checkpoint, read_checkpoint_args, recover_checkpoint
 from model import Transformer
-from moe import EXPERT_MATRICES, MoE, set_forced_expert
+from moe import EXPERT_MATRICES, MoE, moe_layers, set_forced_expert
 from engineering.checkpoints import first_difference
 
 # ----------------------------------------------------------------------------------------------------
@@ -349,6 +349,15 @@ def expert_drift(model, aligned_states: list) -> list:
         raise ValueError("expert_drift: not a fused model (no MoE layer)")
     initial = {f"{name}.{w}": torch.stack([a[f"{name}.{w}.weight"] for a in aligned_states])  # [E, ...]
                for name, _ in moe_modules for w in EXPERT_MATRICES}
-    n = len(aligned_states)
-    return [drift_loss(model, initial, [float(j == i) for j in range(n)]).item() for i in range(n)]
+    return drift_per_expert(model, initial)
 
+
+@torch.no_grad()
+def drift_per_expert(model, initial_experts: dict, drift=drift_loss) -> list:
+    """[d_1, ..., d_E], d_i = L_R with gamma = e_i (1 for expert i, 0 for the others): expert i's
+    sum over its matrices of ||W_i - W_i^0||_F, averaged over layers. fuse.py's summary calls it on
+    the weights in memory: under FSDP sharded (drift_loss reduces the norms across ranks), with LoRA
+    deltas through drift = engineering/lora.py lora_drift_loss (W^0 = the frozen W)."""
+    n = moe_layers(model)[0].n_experts
+    unit = [[float(j == i) for j in range(n)] for i in range(n)]  # gamma = e_i
+    return [float(drift(model, initial_experts, gamma)) for gamma in unit]

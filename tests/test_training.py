@@ -20,10 +20,12 @@ from engineering import checkpoints as C
 from data.tokenizer import Tokenizer
 from engineering import export_hf
 from engineering import rundir as runstate
+import evaluate
 import train_expert
 import trainer as T
 from engineering.distributed import Dist
 from data.streams import ExampleStream, PackedCorpusStream, split_corpus
+from evaluation import baselines
 from moe import moe_layers
 from toy_world import FAST, ROOT, TINY, build_world
 
@@ -179,6 +181,63 @@ def test_larger_gamma_keeps_that_expert_closer(world, tmp_path):
     assert expert_drift(held, aligned, 1) < 0.5 * expert_drift(free, aligned, 1)
     assert expert_drift(held, aligned, 0) > 0.5 * expert_drift(free, aligned, 0)  # the others still move
     assert log_lines(tmp_path / "g1")[-1]["reg"] > 0
+
+
+# ---- what fuse.py and train_expert.py print when they end ---------------------------------
+
+
+def summary_of(text: str) -> dict:
+    """fuse.py's summary, read back: the saved line, {dimension: (gamma, drift, verdict)}, the two
+    routing lines and the next command."""
+    experts = {}
+    for line in text.splitlines():
+        found = re.match(r"^\s+(helpful|harmless|honest)  γ (\S+)\s+drift (\S+)\s+(.*)$", line)
+        if found:
+            name, gamma, drift, verdict = found.groups()
+            experts[name] = (float(gamma), drift, verdict)
+    lines = text.splitlines()
+    routing = next(i for i, line in enumerate(lines) if line.startswith("routed right per example"))
+    return {"experts": experts, "saved": [x for x in lines if x.startswith("fuse.py: saved")],
+            "routing": lines[routing:routing + 2],
+            "next": [x for x in lines if x.startswith("next: ")]}
+
+
+def test_fuse_ends_with_what_gamma_did_matching_evaluates_drift_column(world, tmp_path, capsys):
+    """A gamma that holds its expert prints "held", gamma 0 does not, a tiny gamma prints the drift;
+    each drift is the one evaluate.py's results.json holds for the same checkpoint; then the next
+    command."""
+    out = tmp_path / "fused"
+    capsys.readouterr()
+    run_fuse(world, out, "--steps", "8", "--lr", "1e-2", "--router-init", "zero", "--top-k", "3",
+             "--gamma", "0,50,0.001")
+    printed = summary_of(capsys.readouterr().out)
+    assert printed["saved"] == [f"fuse.py: saved the fused model (3 experts, top-3) to {out}"]
+    helpful, harmless, honest = (printed["experts"][n] for n in ("helpful", "harmless", "honest"))
+    assert harmless[2].startswith("held at its aligned weights by L_R")
+    assert helpful[2].startswith("not held: γ = 0")
+    assert honest[2].startswith("not held: the data pulls harder than γ")
+    assert float(harmless[1]) < 0.2 * min(float(helpful[1]), float(honest[1]))
+    assert "held-out examples" in printed["routing"][0] and printed["routing"][1].count("%") == 4
+    command = printed["next"][0].removeprefix("next: ").split()
+    assert command[:3] == ["python", "evaluate.py", str(out)]
+    assert command[command.index("--baselines") + 1] == ",".join([world["base"]] + world["experts"])
+    evaluated = tmp_path / "eval"
+    evaluate.main([str(out), "--drift-from", ",".join(world["experts"]), "--data", world["data"],
+                   "--out", str(evaluated), "--limit", "3", "--max-new-tokens", "2"])
+    column = json.load(open(evaluated / "results.json"))["models"][0]["drift"]
+    assert [helpful[1], harmless[1], honest[1]] == [f"{x:.3g}" for x in column]
+
+
+def test_train_expert_ends_with_where_the_model_went_and_what_next(world, tmp_path, capsys):
+    out = tmp_path / "helpful"
+    capsys.readouterr()
+    train_expert.main(["--init", world["base"], "--data", "helpful", "--data-dir", world["data"],
+                       "--out", str(out), "--steps", "1"] + FAST)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3] == f"train_expert.py: saved the model trained on helpful to {out}"
+    assert "Meta's LLaMA format" in lines[-2] and lines[-2].endswith(f"{out}.train/log.jsonl")
+    experts = ",".join(str(tmp_path / n) for n in ("helpful", "harmless", "honest"))
+    assert lines[-1].startswith(f"next: python fuse.py --base {world['base']} --experts {experts} ")
 
 
 # ---- bad input stops before any compute -------------------------------------------------------------
@@ -382,16 +441,22 @@ def torchrun(script, args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_follow_the_single_process_curve(world, tmp_path):
+def test_fsdp_two_ranks_follow_the_single_process_curve(world, tmp_path, capsys):
     common = ["--data-dir", world["data"], "--steps", "4"] + FAST
     train_expert.main(["--init", world["base"], "--data", "honest", "--out", str(tmp_path / "e1")] + common)
-    torchrun("train_expert.py", ["--init", world["base"], "--data", "honest", "--out", str(tmp_path / "e2")] + common)
+    stage = torchrun("train_expert.py", ["--init", world["base"], "--data", "honest",
+                                         "--out", str(tmp_path / "e2")] + common)
     fuse_args = ["--base", world["base"], "--experts", ",".join(world["experts"]), "--gamma", "0.1,0.3,0.1"] + common
+    capsys.readouterr()
     fuse.main(fuse_args + ["--out", str(tmp_path / "f1")])
-    torchrun("fuse.py", fuse_args + ["--out", str(tmp_path / "f2")])
+    one = summary_of(capsys.readouterr().out)
+    two = summary_of(torchrun("fuse.py", fuse_args + ["--out", str(tmp_path / "f2")]).stdout)
+    assert_same_summary(one, two, str(tmp_path / "f2"), world["experts"])
+    assert stage.stdout.count("train_expert.py: saved") == 1  # rank 0 alone
     for one, two in (("e1", "e2"), ("f1", "f2")):
         a, b = log_lines(tmp_path / one), log_lines(tmp_path / two)
         for key in ("lm", "gate", "reg", "val_loss"):  # val_loss is logged on the last step only
@@ -403,6 +468,19 @@ def test_fsdp_two_ranks_follow_the_single_process_curve(world, tmp_path):
         sa, sb = state(str(tmp_path / one)), state(str(tmp_path / two))  # both load in one process
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-4)
+
+
+def assert_same_summary(one: dict, two: dict, out_two: str, experts: list):
+    """fuse.py's summary in one process and from rank 0 alone of 2 ranks: the same verdicts and
+    routing; drifts equal up to the runs' float differences, and rank 0's equal to evaluate.py's
+    drift column (baselines.expert_drift) on the checkpoint the 2 ranks saved."""
+    assert len(two["saved"]) == len(two["next"]) == 1  # printed once: by rank 0 alone
+    assert [v[2] for v in one["experts"].values()] == [v[2] for v in two["experts"].values()]
+    assert one["routing"] == two["routing"]  # every held-out example, counted once
+    drift_one, drift_two = ([float(v[1]) for v in s["experts"].values()] for s in (one, two))
+    assert drift_one == pytest.approx(drift_two, rel=1e-2)
+    column = baselines.expert_drift(C.load_checkpoint(out_two)[0], [state(p) for p in experts])
+    assert [v[1] for v in two["experts"].values()] == [f"{x:.3g}" for x in column]
 
 
 def compile_runs(world) -> dict:

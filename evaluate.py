@@ -94,11 +94,10 @@ from evaluation.real_suite import evaluate_real, load_judge, load_real_eval
 from evaluation.report import JUDGED, json_ready, plot_results, results_table
 from evaluation.routing import routed_right_by_group, routing_stats
 from evaluation.toy_suite import evaluate_toy, load_toy_eval
-from engineering.fileio import write_atomic
-from engineering.cli import parse_dtype, run_cli
-from engineering.fileio import refuse_foreign_dir
 from engineering.checkpoints import load_checkpoint
+from engineering.cli import parse_dtype, run_cli
 from engineering.compiled_decode import add_compile_decode_flag, compile_decode_wanted
+from engineering.fileio import refuse_foreign_dir, write_atomic
 
 
 def build_parser():
@@ -149,8 +148,9 @@ def check_out_dir(out: str, overwrite: bool):
         raise FileExistsError(f"--out {out}: holds an earlier evaluation; pass --overwrite to replace it")
 
 
-def evaluate_spec(spec: ModelSpec, suite: str, eval_data, judge, args) -> dict:
-    """Build one row's model, score it, analyse its routing if it is fused; one JSON-ready dict."""
+def evaluate_spec(spec: ModelSpec, suite: str, eval_data, judge, aligned_states: list, args) -> dict:
+    """Build one row's model, score it, analyse its routing if it is fused; one JSON-ready dict.
+    aligned_states: W_i^0 of the drift column (each aligned model's FFN weights), or []."""
     start = time.perf_counter()
     model, tokenizer = spec.build()
     n_params = sum(p.numel() for p in model.parameters())
@@ -165,8 +165,8 @@ def evaluate_spec(spec: ModelSpec, suite: str, eval_data, judge, args) -> dict:
         print(f"[evaluate] {spec.name}: compiled the decode step in "
               f"{compile_seconds(decoding):.1f} s", file=sys.stderr)
     drift = None
-    if spec.kind == "fused" and args.aligned_states:
-        drift = expert_drift(model, args.aligned_states)
+    if spec.kind == "fused" and aligned_states:
+        drift = expert_drift(model, aligned_states)
     routing = None
     if spec.kind == "fused" and run.records:
         routing = routing_stats(model, run.sequences, [int(r.get("task", 0)) for r in run.records], args.batch_size,
@@ -215,8 +215,8 @@ def main(argv=None) -> dict:
     drift_from = [p for p in args.drift_from.split(",") if p] if args.drift_from else baselines[1:] if toy else []
     for path in drift_from:
         check_checkpoint_dir(path, "--drift-from")
-    args.aligned_states = [{k: v for k, v in load_checkpoint(p)[0].state_dict().items() if ".feed_forward." in k}
-                           for p in drift_from]
+    aligned_states = [{k: v for k, v in load_checkpoint(p)[0].state_dict().items() if ".feed_forward." in k}
+                      for p in drift_from]
     if not specs:
         raise ValueError("nothing to evaluate: give CKPT directories and/or --baselines BASE,ALIGNED_1,...")
     seen = set()
@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     for spec in specs:
         print(f"[evaluate] {spec.name} ({spec.kind}: {spec.source})", file=sys.stderr)
-        results["models"].append(evaluate_spec(spec, args.suite, eval_data, judge, args))
+        results["models"].append(evaluate_spec(spec, args.suite, eval_data, judge, aligned_states, args))
     results["plots"] = plot_results(results, args.out)
     table = results_table(results)
     write_atomic(os.path.join(args.out, "results.json"), json.dumps(json_ready(results), indent=2) + "\n")

@@ -7,7 +7,12 @@ column means), and, when matplotlib is importable, plots.
                   (baselines.expert_drift), and a legend
   plot_results    scores.png (three scores per model) and routing_NAME.png (top-1 expert usage per
                   layer)
+  main            the plots of an evaluation drawn again from its results.json:
+                      python -m evaluation.report runs/toy/eval --out docs --models h3fusion
+                  (matplotlib is not a dependency of the project: `pip install matplotlib` first)
 """
+import argparse
+import json
 import math
 import os
 import re
@@ -16,6 +21,7 @@ from typing import Optional
 import torch
 
 from data import TASK_NAMES
+from engineering.cli import run_cli
 
 # --------------------------------------------------------------------------------------------------
 # The table's columns: metric key -> title (the arrow says which way is better)
@@ -167,3 +173,33 @@ def plot_results(results: dict, out_dir: str) -> list:
         written.append(path)
     return written
 
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Draw an evaluation's plots again from its results.json.")
+    p.add_argument("eval_dir", help="an evaluate.py output directory (results.json)")
+    p.add_argument("--out", default=None, help="where the PNGs go (default: EVAL_DIR)")
+    p.add_argument("--models", default=None, metavar="NAME,...",
+                   help="only these rows (default: every row)")
+    args = p.parse_args(argv)
+    path = os.path.join(args.eval_dir, "results.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found (expected an evaluate.py output directory)")
+    with open(path) as f:
+        results = json.load(f)
+    if args.models:
+        names = args.models.split(",")
+        unknown = sorted(set(names) - {m["name"] for m in results["models"]})
+        if unknown:
+            raise ValueError(f"--models {args.models}: {path} has no row {unknown}; it has "
+                             f"{[m['name'] for m in results['models']]}")
+        results["models"] = [m for m in results["models"] if m["name"] in names]
+    os.makedirs(args.out or args.eval_dir, exist_ok=True)
+    written = plot_results(results, args.out or args.eval_dir)
+    if not written:
+        raise ValueError("matplotlib is not installed (it is not a dependency of this project): "
+                         "pip install matplotlib")
+    print("wrote", ", ".join(written))
+
+
+if __name__ == "__main__":
+    run_cli(main, "report.py")

@@ -40,8 +40,7 @@ def spread(records: list, limit: Optional[int]) -> list:
 
 
 def record_prompt(record: dict) -> str:
-    """The Alpaca prompt of an evaluation record (instruction [+ input]); hub fields accepted
-    too."""
+    """The Alpaca prompt of an evaluation record (instruction [+ input]); hub fields work too."""
     instruction = record.get("instruction") or record.get("question") or record.get("prompt")
     if not isinstance(instruction, str):
         raise ValueError(f"evaluation record has no instruction/question/prompt string: "
@@ -54,8 +53,7 @@ def record_prompt(record: dict) -> str:
 
 
 def progress(total: int, desc: str):
-    """A tqdm bar on stderr when tqdm is installed (it comes with `datasets`), else a silent
-    stand-in."""
+    """A tqdm bar on stderr when tqdm is installed (it comes with `datasets`), else a silent one."""
     try:
         from tqdm.auto import tqdm
 

@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moe import MoE
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Configuration
 
 
@@ -61,14 +61,15 @@ class ModelArgs:
 
 
 def ffn_hidden_dim(args: ModelArgs) -> int:
-    """Meta's rule: 2/3 of 4*dim (SwiGLU has 3 matrices, not 2), scaled, rounded up to multiple_of."""
+    """Meta's rule: 2/3 of 4*dim (SwiGLU has 3 matrices, not 2), scaled, rounded up to
+    multiple_of."""
     hidden = int(2 * (4 * args.dim) / 3)
     if args.ffn_dim_multiplier is not None:
         hidden = int(args.ffn_dim_multiplier * hidden)
     return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. RMSNorm and rotary position embeddings
 
 
@@ -87,9 +88,11 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(head_dim: int, start_pos: int, seq_len: int, theta: float, device):
-    """cos/sin of angle pos * theta^(-2i/head_dim) for pos in [start_pos, start_pos+seq_len), i < head_dim/2."""
+    """cos/sin of angle pos * theta^(-2i/head_dim) for pos in [start_pos, start_pos+seq_len),
+    i < head_dim/2."""
     # --- exercise 1: begin ---
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)  # [d/2]
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float()
+                               / head_dim)  # [d/2]
     positions = torch.arange(start_pos, start_pos + seq_len, device=device).float()  # [T]
     angles = torch.outer(positions, inv_freq)  # [T, d/2]
     return angles.cos(), angles.sin()
@@ -97,7 +100,7 @@ def rotary_cos_sin(head_dim: int, start_pos: int, seq_len: int, theta: float, de
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate consecutive pairs (x[2i], x[2i+1]) -- Meta's pairing (view_as_complex of [..., d/2, 2]).
+    """Rotate adjacent pairs (x[2i], x[2i+1]) -- Meta's pairing (view_as_complex of [..., d/2, 2]).
 
     x: [B, T, H, d];  cos, sin: [T, d/2].
     """
@@ -105,16 +108,18 @@ def apply_rotary(x, cos, sin):
     x_pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, H, d/2, 2]
     even, odd = x_pairs[..., 0], x_pairs[..., 1]  # [B, T, H, d/2]
     cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, d/2] broadcasts over heads
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # [B, T, H, d/2, 2]
+    rotated = torch.stack((even * cos - odd * sin,
+                           even * sin + odd * cos), dim=-1)  # [B, T, H, d/2, 2]
     return rotated.flatten(-2).type_as(x)  # [B, T, H, d]
     # --- exercise 1: end ---
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Attention with grouped-query heads and a KV cache
 
 
-DECODE_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+DECODE_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                            SDPBackend.MATH]
 
 
 class Attention(nn.Module):
@@ -122,7 +127,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         if args.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={args.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ValueError(f"n_heads={args.n_heads} is not a multiple of "
+                             f"n_kv_heads={self.n_kv_heads}")
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -135,26 +141,32 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, KV, d]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, KV, d]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.cache_k is not None:  # decoding: append this step's keys/values, attend to all so far
+        if self.cache_k is not None:  # decoding: append this step's k/v, attend to all so far
             self.cache_k[:B, start_pos : start_pos + T] = k
             self.cache_v[:B, start_pos : start_pos + T] = v
-            k, v = self.cache_k[:B, : start_pos + T], self.cache_v[:B, : start_pos + T]  # [B, S, KV, d]
-        repeats = self.n_heads // self.n_kv_heads  # grouped-query: each kv head serves `repeats` q heads
+            k, v = (self.cache_k[:B, : start_pos + T],
+                    self.cache_v[:B, : start_pos + T])  # [B, S, KV, d]
+        # grouped-query attention: each kv head serves `repeats` query heads
+        repeats = self.n_heads // self.n_kv_heads
         if repeats > 1:  # (a copy of the whole cache: skipped for plain multi-head attention)
             k = k.repeat_interleave(repeats, dim=2)  # [B, S, H, d]
             v = v.repeat_interleave(repeats, dim=2)  # [B, S, H, d]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T|S, d]
         # query t (absolute position start_pos + t) may see keys 0 .. start_pos + t
-        if start_pos == 0:  # (`True if`: under torch.compile T may be symbolic; is_causal must be a Python bool)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True if T > 1 else False)  # [B, H, T, d]
-        else:  # decoding. Not cuDNN's kernel: it plans anew for each key length S, ~9 ms a step on an H100
-            mask = None if T == 1 else torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-            with sdpa_kernel(DECODE_ATTENTION_KERNELS):  # (one new query sees every cached key: no mask)
+        # (`True if` below: under torch.compile T may be symbolic; is_causal must be a Python bool)
+        if start_pos == 0:
+            out = F.scaled_dot_product_attention(q, k, v,
+                                                 is_causal=True if T > 1 else False)  # [B, H, T, d]
+        else:  # decoding; one new query (T == 1) sees every cached key, so it needs no mask
+            mask = None if T == 1 else torch.ones(T, start_pos + T, dtype=torch.bool,
+                                                  device=x.device).tril(start_pos)
+            # not cuDNN's kernel: it plans anew for each key length S, ~9 ms a step on an H100
+            with sdpa_kernel(DECODE_ATTENTION_KERNELS):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, d]
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, D]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. SwiGLU feed-forward: the block that stage 1 fine-tunes and stage 2 turns into experts
 
 
@@ -169,7 +181,7 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # [B, T, D]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Transformer
 
 
@@ -205,17 +217,20 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):
         """Initialisation for training from scratch (Meta ships none): N(0, 0.02), residual outputs
-        (attention.wo, feed_forward.w2) scaled by 1/sqrt(2 * n_layers) as in GPT-2. Loaded weights replace it."""
+        (attention.wo, feed_forward.w2) scaled by 1/sqrt(2 * n_layers) as in GPT-2. Loaded weights
+        replace it."""
         for name, p in self.named_parameters():
             if p.device.type == "meta" or p.dim() == 1:
                 continue  # norms stay at 1; nothing to do on the meta device
-            residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w2"))
+            residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight",
+                                      "feed_forward.w2"))
             nn.init.normal_(p, std=std / math.sqrt(2 * self.params.n_layers) if residual else std)
 
     def forward(self, tokens, start_pos: int = 0):
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # [B, T, D]
-        cos, sin = rotary_cos_sin(self.params.head_dim, start_pos, T, self.params.rope_theta, tokens.device)
+        cos, sin = rotary_cos_sin(self.params.head_dim, start_pos, T, self.params.rope_theta,
+                                  tokens.device)
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin)  # [B, T, D]
         return self.output(self.norm(h)).float()  # [B, T, V]
@@ -235,7 +250,7 @@ class Transformer(nn.Module):
             layer.attention.cache_k = layer.attention.cache_v = None
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Generation
 
 
@@ -252,12 +267,13 @@ def sample_next(logits, temperature: float, top_p: float):
 
 
 @torch.inference_mode()
-def generate_tokens(model, prompt_tokens: list, max_new_tokens: int, temperature=0.0, top_p=0.9, eos_id=None):
-    """Decode a batch of prompts of different lengths with the KV cache; return the new tokens per prompt.
+def generate_tokens(model, prompt_tokens: list, max_new_tokens: int, temperature=0.0, top_p=0.9,
+                    eos_id=None):
+    """Decode a batch of prompts of different lengths with the KV cache; return their new tokens.
 
-    Meta's tokenizer has no pad id, so prompts are not padded: every row starts decoding at the shortest
-    prompt's length, and while a longer row is still inside its prompt its prompt token is kept instead
-    of the sampled one. Each row therefore sees exactly the tokens it would see alone.
+    Meta's tokenizer has no pad id, so prompts are not padded: every row starts decoding at the
+    shortest prompt's length, and while a longer row is still inside its prompt its prompt token is
+    kept instead of the sampled one. Each row therefore sees exactly the tokens it would see alone.
     """
     lengths = [len(p) for p in prompt_tokens]
     if min(lengths) == 0:
@@ -296,28 +312,32 @@ def generate_tokens(model, prompt_tokens: list, max_new_tokens: int, temperature
     return out
 
 
-def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature=0.0, top_p=0.9) -> list:
+def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperature=0.0,
+             top_p=0.9) -> list:
     """Complete each prompt (strings in, completions out; decoding stops at </s>)."""
     prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-    new = generate_tokens(model, prompt_tokens, max_new_tokens, temperature, top_p, tokenizer.eos_id)
+    new = generate_tokens(model, prompt_tokens, max_new_tokens, temperature, top_p,
+                          tokenizer.eos_id)
     return [tokenizer.decode(t) for t in new]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. Meta's checkpoint layout: params.json + consolidated.NN.pth + tokenizer.model
 #
 # Meta's 13B/70B checkpoints are split for model parallelism into consolidated.00.pth ... .NN.pth.
 # Column-parallel matrices (wq, wk, wv, w1, w3, output) were split along dim 0 (output features),
 # row-parallel ones (wo, w2) and tok_embeddings along dim 1; 1-D norms are copied into every shard.
-# A fused (MoE) model stores experts stacked: w1/w3 [E, hidden, dim] split on dim 1, w2 [E, dim, hidden]
-# split on dim 2, router.weight [E, dim] copied.
-# This section reads that layout as plainly as it can. Every command reads through
-# engineering/checkpoints.py instead, which checks each file first (a broken one is named in one line),
-# then calls load_checkpoint below, and converts Hugging Face's layout to this one.
+# A fused (MoE) model stores experts stacked: w1/w3 [E, hidden, dim] split on dim 1,
+# w2 [E, dim, hidden] split on dim 2, router.weight [E, dim] copied.
+# This section reads that layout as plainly as it can: load_checkpoint below is the plain Meta
+# reader. Every command reads through engineering/checkpoints.py's load_checkpoint instead, which
+# checks each file first (a broken one is named in one line), then calls this one, and converts
+# Hugging Face's layout to this one (engineering/hf_checkpoint.py).
 
 
 def read_params(ckpt_dir: str) -> ModelArgs:
-    """params.json -> ModelArgs. vocab_size -1 (what Meta's LLaMA-2 files say) = the pieces of tokenizer.model."""
+    """params.json -> ModelArgs. vocab_size -1 (what Meta's LLaMA-2 files say) = the pieces of
+    tokenizer.model."""
     with open(os.path.join(ckpt_dir, "params.json")) as f:
         args = ModelArgs(**json.load(f))
     if args.vocab_size == -1:
@@ -332,13 +352,15 @@ def shard_dim(name: str, ndim: int):
         return None
     if ndim == 3:
         return 2 if name.endswith("w2") else 1
-    if name == "tok_embeddings.weight" or name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+    if name == "tok_embeddings.weight" or name.endswith(("attention.wo.weight",
+                                                         "feed_forward.w2.weight")):
         return 1
     return 0
 
 
 def merge_shards(shards: list) -> dict:
-    """Concatenate model-parallel shards (state dicts) into one state dict; a single shard is returned as is."""
+    """Concatenate model-parallel shards (state dicts) into one state dict; a single shard is
+    returned as is."""
     if len(shards) == 1:
         return dict(shards[0])
     merged = {}
@@ -349,8 +371,8 @@ def merge_shards(shards: list) -> dict:
 
 
 def split_state_dict(state: dict, n_shards: int) -> list:
-    """The inverse of merge_shards: cut every split tensor into n_shards equal pieces (cloned, so each
-    shard file holds only its own bytes)."""
+    """The inverse of merge_shards: cut every split tensor into n_shards equal pieces (cloned, so
+    each shard file holds only its own bytes)."""
     if n_shards == 1:
         return [{k: v.detach() for k, v in state.items()}]
     shards = [{} for _ in range(n_shards)]
@@ -364,8 +386,9 @@ def split_state_dict(state: dict, n_shards: int) -> list:
 
 
 def model_from_state(args: ModelArgs, state: dict, device="cpu", dtype=None):
-    """The Transformer `args` describes, holding the tensors of `state` (Meta's names) as its parameters: built on
-    the meta device (no memory, no initialisation), so a loaded checkpoint is never copied twice."""
+    """The Transformer `args` describes, holding the tensors of `state` (Meta's names) as its
+    parameters: built on the meta device (no memory, no initialisation), so a loaded checkpoint is
+    never copied twice."""
     with torch.device("meta"):
         model = Transformer(args)
     if dtype is not None:
@@ -377,9 +400,10 @@ def model_from_state(args: ModelArgs, state: dict, device="cpu", dtype=None):
 def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
     """A Meta-format checkpoint directory -> (Transformer, ModelArgs).
 
-    Every shard is memory-mapped (no copy: bf16 stays bf16 unless `dtype` asks otherwise) and read with
-    weights_only=True (tensors only: a pickle in the file cannot run code); the shards are merged, and the model
-    takes the tensors as its parameters, so peak memory stays near the checkpoint's size.
+    Every shard is memory-mapped (no copy: bf16 stays bf16 unless `dtype` asks otherwise) and read
+    with weights_only=True (tensors only: a pickle in the file cannot run code); the shards are
+    merged, and the model takes the tensors as its parameters, so peak memory stays near the
+    checkpoint's size.
     """
     args = read_params(ckpt_dir)
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))

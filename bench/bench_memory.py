@@ -1,22 +1,24 @@
-"""Memory per GPU for H3Fusion's stages, from a formula: weights, gradients, AdamW state, activations, peak.
+"""Memory per GPU for H3Fusion's stages, by formula: weights, grads, AdamW state, activations, peak.
 
-    python bench/bench_memory.py --preset llama-2-7b --nproc 1,8        # the table (nothing is run)
-    python bench/bench_memory.py --dim 512 --n-layers 4 --vocab 8000     # any shape (see --help)
-    python bench/bench_memory.py --validate                              # measured peaks on CPU next to the formula
+    python bench/bench_memory.py --preset llama-2-7b --nproc 1,8      # the table (nothing is run)
+    python bench/bench_memory.py --dim 512 --n-layers 4 --vocab 8000  # any shape (see --help)
+    python bench/bench_memory.py --validate                           # the formula vs CPU peaks
 
-For stage 1 (FFN-only fine-tune of a dense LLaMA), stage 2 (the fused top-k MoE trained on L_CE + lambda L_G +
-L_R) and evaluation (bf16 generation with the KV cache), full fine-tune vs LoRA, one process vs FSDP2 over N
-ranks, it prints per GPU (GiB): the weights (resident, plus the bf16 working copies of the matmuls), gradients,
-optimizer state, activations (what autograd saves, plus the loss's [B, T, V] buffers) and the modelled peak.
-The peak is not the sum of the columns: gradients are allocated while the backward frees activations, so the
-peak is the largest of the moments walked through in `training_peak` (each layer's backward, the AdamW step).
+For stage 1 (FFN-only fine-tune of a dense LLaMA), stage 2 (the fused top-k MoE trained on
+L_CE + lambda L_G + L_R) and evaluation (bf16 generation with the KV cache), full fine-tune vs LoRA,
+one process vs FSDP2 over N ranks, it prints per GPU (GiB): the weights (resident, plus the bf16
+working copies of the matmuls), gradients, optimizer state, activations (what autograd saves, plus
+the loss's [B, T, V] buffers) and the modelled peak. The peak is not the sum of the columns:
+gradients are allocated while the backward frees activations, so the peak is the largest of the
+moments walked through in `training_peak` (each layer's backward, the AdamW step).
 
-Every term is one small function below with a docstring saying which tensors it counts. The tensors autograd
-saves were found with torch.autograd.graph.saved_tensors_hooks on this project's forward (model.py, moe.py,
-losses.py); --validate checks the whole formula against the peak resident memory (VmHWM) of real training steps
-on CPU (float32: the code's CPU path), each configuration in a fresh subprocess, as bench/bench_fuse_memory.py does.
-The GPU dtypes (bf16 matmuls, float32 master weights, gradients and moments) are the formula's only; this bench
-cannot measure them on a CPU machine.
+Every term is one small function below with a docstring saying which tensors it counts. The tensors
+autograd saves were found with torch.autograd.graph.saved_tensors_hooks on this project's forward
+(model.py, moe.py, losses.py); --validate checks the whole formula against the peak resident memory
+(VmHWM) of real training steps on CPU (float32: the code's CPU path), each configuration in a fresh
+subprocess, as bench/bench_fuse_memory.py does. The GPU dtypes (bf16 matmuls, float32 master
+weights, gradients and moments) are the formula's only; this bench cannot measure them on a CPU
+machine.
 """
 import argparse
 import json
@@ -32,12 +34,13 @@ from model import ModelArgs, ffn_hidden_dim  # noqa: E402
 
 GIB = 2**30
 PRESETS = {"llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab=32000, multiple_of=256)}
-# Default micro-batch: the README's recipe is a global batch of 64 at seq-len 300; FSDP over 8 GPUs = 8 per GPU.
-# One GPU would run the same step as 8 micro-steps of 8 (--grad-accum 8), so 8 per micro-step throughout.
+# Default micro-batch: the README's recipe is a global batch of 64 at seq-len 300; FSDP over 8 GPUs
+# = 8 per GPU. One GPU would run the same step as 8 micro-steps of 8 (--grad-accum 8), so 8 per
+# micro-step throughout.
 DEFAULT_MICRO_BATCH = 8
 EVAL_BATCH, EVAL_NEW_TOKENS = 64, 128  # evaluate.py's --batch-size and --max-new-tokens (real data)
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Shapes and parameter counts
 
 
@@ -67,7 +70,7 @@ class Shape:
 
 
 def ffn_hidden(dim: int, multiple_of: int) -> int:
-    """The FFN width model.py gives (model.ffn_hidden_dim: 2/3 of 4*dim, rounded up; LLaMA-2-7B: 11008)."""
+    """The FFN width model.ffn_hidden_dim gives (2/3 of 4*dim, rounded up; LLaMA-2-7B: 11008)."""
     return ffn_hidden_dim(ModelArgs(dim=dim, multiple_of=multiple_of))
 
 
@@ -83,12 +86,15 @@ def ffn_params(s: Shape) -> int:
 
 
 def dense_params(s: Shape) -> int:
-    """The whole dense LLaMA: blocks (attention, FFN, two RMSNorms), embeddings, final norm, output head."""
-    return s.n_layers * (attention_params(s) + ffn_params(s) + 2 * s.dim) + 2 * s.vocab * s.dim + s.dim
+    """The whole dense LLaMA: blocks (attention, FFN, two RMSNorms), embeddings, final norm,
+    output head."""
+    return (s.n_layers * (attention_params(s) + ffn_params(s) + 2 * s.dim)
+            + 2 * s.vocab * s.dim + s.dim)
 
 
 def fused_params(s: Shape) -> int:
-    """The fused model: the dense one with E experts instead of one FFN per block, plus a router [E, D] each."""
+    """The fused model: the dense one with E experts instead of one FFN per block, plus a router
+    [E, D] each."""
     return dense_params(s) + s.n_layers * ((s.experts - 1) * ffn_params(s) + s.experts * s.dim)
 
 
@@ -98,7 +104,8 @@ def lora_params_per_ffn(s: Shape) -> int:
 
 
 def trainable_params(s: Shape, stage: int, lora: bool) -> int:
-    """Stage 1: every block's FFN (or its LoRA deltas). Stage 2: routers + experts (or routers + experts' deltas)."""
+    """Stage 1: every block's FFN (or its LoRA deltas). Stage 2: routers + experts (or routers +
+    experts' deltas)."""
     per_ffn = lora_params_per_ffn(s) if lora else ffn_params(s)
     if stage == 1:
         return s.n_layers * per_ffn
@@ -106,14 +113,15 @@ def trainable_params(s: Shape, stage: int, lora: bool) -> int:
 
 
 def total_params(s: Shape, stage: int, lora: bool) -> int:
-    """All parameters of the model a stage trains (LoRA's factors included) or evaluates (stage 3: fused, merged)."""
+    """All parameters of the model a stage trains (LoRA's factors included) or evaluates (stage 3:
+    fused, merged)."""
     base = dense_params(s) if stage == 1 else fused_params(s)
     if not lora or stage == 3:
         return base
     return base + s.n_layers * lora_params_per_ffn(s) * (1 if stage == 1 else s.experts)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Where a run keeps its tensors: device, precision, sharding
 
 
@@ -122,22 +130,25 @@ class Run:
     stage: int  # 1, 2 (training), 3 (evaluation)
     lora: bool
     nproc: int = 1  # 1 = one process; N = FSDP2 over N ranks
-    device: str = "cuda"  # "cuda": bf16 matmuls; "cpu": float32 everywhere (what --validate measures)
+    device: str = "cuda"  # "cuda": bf16 matmuls; "cpu": all float32 (what --validate measures)
 
     @property
     def c(self) -> int:
-        """Bytes per element of the matmul-side activations: bf16 on CUDA, float32 on CPU (evaluation: bf16 on both)."""
+        """Bytes per element of the matmul-side activations: bf16 on CUDA, float32 on CPU
+        (evaluation: bf16 on both)."""
         return 2 if self.device == "cuda" or self.stage == 3 else 4
 
     @property
     def frozen_bytes(self) -> int:
-        """Frozen weights: float32 master without LoRA; the matmul dtype with LoRA (trainer.compute_dtype)."""
+        """Frozen weights: float32 master without LoRA; the matmul dtype with LoRA
+        (trainer.compute_dtype)."""
         return self.c if self.lora else 4
 
 
 def weight_bytes(s: Shape, r: Run) -> int:
-    """Resident parameters per rank: trainable ones in float32, frozen ones in Run.frozen_bytes, / N under FSDP
-    (evaluation: the merged fused model in bf16 on one GPU). FSDP's padding of a dim to a multiple of N is ignored."""
+    """Resident parameters per rank: trainable ones in float32, frozen ones in Run.frozen_bytes, / N
+    under FSDP (evaluation: the merged fused model in bf16 on one GPU). FSDP's padding of a dim to a
+    multiple of N is ignored."""
     if r.stage == 3:
         return 2 * fused_params(s)
     n_train = trainable_params(s, r.stage, r.lora)
@@ -156,9 +167,10 @@ def optimizer_bytes(s: Shape, r: Run) -> int:
 
 
 def optimizer_step_temporaries(s: Shape, r: Run) -> int:
-    """Extra bytes while optimizer.step() runs. CUDA (foreach AdamW): _foreach_sqrt(exp_avg_sq), one float32 copy of
-    all trainable parameters. CPU (the per-tensor loop): exp_avg_sq.sqrt() and its / bias correction, two copies of
-    the largest trainable tensor (an FFN matrix, a stacked expert matrix, or the largest LoRA factor)."""
+    """Extra bytes while optimizer.step() runs. CUDA (foreach AdamW): _foreach_sqrt(exp_avg_sq), one
+    float32 copy of all trainable parameters. CPU (the per-tensor loop): exp_avg_sq.sqrt() and its
+    / bias correction, two copies of the largest trainable tensor (an FFN matrix, a stacked expert
+    matrix, or the largest LoRA factor)."""
     n = trainable_params(s, r.stage, r.lora)
     if r.device == "cuda":
         return 4 * n // r.nproc
@@ -168,8 +180,9 @@ def optimizer_step_temporaries(s: Shape, r: Run) -> int:
 
 
 def drift_reference_bytes(s: Shape, r: Run) -> int:
-    """W^0 of L_R (stage 2 without LoRA): fuse.py keeps moe.snapshot_expert_weights, a float32 copy of every
-    stacked expert matrix (its local shards under FSDP). With LoRA the frozen experts are W^0: no copy."""
+    """W^0 of L_R (stage 2 without LoRA): fuse.py keeps moe.snapshot_expert_weights, a float32 copy
+    of every stacked expert matrix (its local shards under FSDP). With LoRA the frozen experts are
+    W^0: no copy."""
     if r.stage != 2 or r.lora:
         return 0
     return 4 * s.n_layers * s.experts * ffn_params(s) // r.nproc
@@ -177,14 +190,16 @@ def drift_reference_bytes(s: Shape, r: Run) -> int:
 
 def working_weight_copies(s: Shape, r: Run) -> int:
     """bf16 copies of weights that exist only while the matmuls run (training on CUDA without LoRA).
-    One GPU (autocast): every block matmul weight autograd keeps for its backward (cast once per forward; all blocks
-    but layer 0's attention, whose input and weights need no gradient), the stacked experts (dispatch_grouped's
-    .to(bf16)) and the output head. FSDP2: the all-gathered bf16 parameters of two blocks (the one computing and
-    the one prefetched) and of the root (embeddings, output, final norm: the root does not reshard after forward),
-    plus one block's unsharded gradients (bf16 from autograd and their float32 copy for the reduce-scatter)."""
+    One GPU (autocast): every block matmul weight autograd keeps for its backward (cast once per
+    forward; all blocks but layer 0's attention, whose input and weights need no gradient), the
+    stacked experts (dispatch_grouped's .to(bf16)) and the output head. FSDP2: the all-gathered bf16
+    parameters of two blocks (the one computing and the one prefetched) and of the root (embeddings,
+    output, final norm: the root does not reshard after forward), plus one block's unsharded
+    gradients (bf16 from autograd and their float32 copy for the reduce-scatter)."""
     if r.device != "cuda" or r.stage == 3:
         return 0
-    block = attention_params(s) + 2 * s.dim + (ffn_params(s) if r.stage == 1 else s.experts * (ffn_params(s) + s.dim))
+    block = attention_params(s) + 2 * s.dim + (ffn_params(s) if r.stage == 1
+                                               else s.experts * (ffn_params(s) + s.dim))
     if r.nproc == 1:
         if r.lora:
             return 0  # frozen weights already bf16; the LoRA factors' casts are negligible
@@ -193,34 +208,38 @@ def working_weight_copies(s: Shape, r: Run) -> int:
     return 2 * 2 * block + 2 * (2 * s.vocab * s.dim + s.dim) + 6 * block_trainable
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Activations: what autograd saves, per token (found with saved_tensors_hooks)
 
 
 def rmsnorm_saved_per_token(s: Shape) -> int:
-    """RMSNorm with a frozen weight: x in float32 (x.float(); pow and mul save it) and rsqrt(mean(x^2)) [1].
-    normed * weight saves only the weight (normed would be saved only if the weight trained)."""
+    """RMSNorm with a frozen weight: x in float32 (x.float(); pow and mul save it) and
+    rsqrt(mean(x^2)) [1]. normed * weight saves only the weight (normed would be saved only if the
+    weight trained)."""
     return 4 * s.dim + 4
 
 
 def attention_saved_per_token(s: Shape, r: Run) -> int:
-    """Frozen attention whose input needs a gradient: SDPA saves q, k, v (k, v after repeat_interleave: all heads),
-    its output [D] and the logsumexp [n_heads] (float32). wq/wk/wv/wo save only their (parameter) weights; the
-    rotary's cos/sin [T, d/2] are shared and negligible."""
+    """Frozen attention whose input needs a gradient: SDPA saves q, k, v (k, v after
+    repeat_interleave: all heads), its output [D] and the logsumexp [n_heads] (float32).
+    wq/wk/wv/wo save only their (parameter) weights; the rotary's cos/sin [T, d/2] are shared and
+    negligible."""
     return r.c * 4 * s.dim + 4 * s.n_heads
 
 
 def ffn_saved_per_token(s: Shape, r: Run) -> int:
-    """Dense SwiGLU: its input x [D] (w1, w3 need it), w1 x, silu(w1 x), w3 x and their product [H] each (w2's input).
-    LoRA: also each matrix's low-rank x A^T [r] (B's gradient needs it; A's needs the same x)."""
+    """Dense SwiGLU: its input x [D] (w1, w3 need it), w1 x, silu(w1 x), w3 x and their product [H]
+    each (w2's input). LoRA: also each matrix's low-rank x A^T [r] (B's gradient needs it; A's needs
+    the same x)."""
     return r.c * (s.dim + 4 * s.hidden) + (r.c * 3 * s.lora_rank if r.lora else 0)
 
 
 def moe_saved_per_token(s: Shape, r: Run) -> int:
-    """The MoE layer per token: the router's float32 input [D]; softmax probs [E], the sort's indices (int64) [E] and
-    sorted probs [E], the top-k sum [1]; order and rows [k] int64 and each row's weight [k]. Per (token, slot) row,
-    k of them: x_sorted [D], the four SwiGLU tensors [H] as in ffn_saved_per_token (plus LoRA's [r] x 3), the
-    expert output y [D] (y * weight saves it: the router trains) and y * weight [D] (index_add_ saves its source)."""
+    """The MoE layer per token: the router's float32 input [D]; softmax probs [E], the sort's
+    indices (int64) [E] and sorted probs [E], the top-k sum [1]; order and rows [k] int64 and each
+    row's weight [k]. Per (token, slot) row, k of them: x_sorted [D], the four SwiGLU tensors [H] as
+    in ffn_saved_per_token (plus LoRA's [r] x 3), the expert output y [D] (y * weight saves it: the
+    router trains) and y * weight [D] (index_add_ saves its source)."""
     E, k = s.experts, s.top_k
     routing = 4 * s.dim + 4 * E + 8 * E + 4 * E + 4 + 8 * k + 8 * k + 4 * k
     per_row = ffn_saved_per_token(s, r) + r.c * s.dim + 4 * s.dim
@@ -228,8 +247,8 @@ def moe_saved_per_token(s: Shape, r: Run) -> int:
 
 
 def block_saved_per_token(s: Shape, r: Run, first: bool) -> int:
-    """One transformer block. The embeddings are frozen, so in block 0 neither attention nor its norms save anything
-    (nothing before them needs a gradient): only its FFN (or MoE) does."""
+    """One transformer block. The embeddings are frozen, so in block 0 neither attention nor its
+    norms save anything (nothing before them needs a gradient): only its FFN (or MoE) does."""
     ffn = ffn_saved_per_token(s, r) if r.stage == 1 else moe_saved_per_token(s, r)
     if first:
         return ffn
@@ -237,30 +256,35 @@ def block_saved_per_token(s: Shape, r: Run, first: bool) -> int:
 
 
 def loss_peak_per_token(s: Shape) -> int:
-    """The head and L_CE at the start of the backward: the final norm's saves, the targets (int64) and three float32
-    [V] rows alive at once -- log_softmax's output (nll_loss saves it), its gradient, and the logits' gradient
-    (the logits themselves are freed when the objective returns; in the forward logits + log_softmax = 8 V bytes)."""
+    """The head and L_CE at the start of the backward: the final norm's saves, the targets (int64)
+    and three float32 [V] rows alive at once -- log_softmax's output (nll_loss saves it), its
+    gradient, and the logits' gradient (the logits themselves are freed when the objective returns;
+    in the forward logits + log_softmax = 8 V bytes)."""
     return rmsnorm_saved_per_token(s) + 8 + 3 * 4 * s.vocab
 
 
 def drift_saved_bytes(s: Shape, r: Run) -> int:
-    """L_R in stage 2 without LoRA: losses.drift_loss forms W - W^0 in float32 for every stacked expert matrix and
-    pow(2) saves it: one float32 copy of all experts (/ N: the local shards). With LoRA only r x r products."""
+    """L_R in stage 2 without LoRA: losses.drift_loss forms W - W^0 in float32 for every stacked
+    expert matrix and pow(2) saves it: one float32 copy of all experts (/ N: the local shards). With
+    LoRA only r x r products."""
     if r.stage != 2 or r.lora:
         return 0
     return 4 * s.n_layers * s.experts * ffn_params(s) // r.nproc
 
 
 def ffn_backward_transient(s: Shape, r: Run) -> int:
-    """Inside one FFN's backward: the gradients of silu(w1 x), w3 x and w1 x [H] (per row: the dense FFN's N rows,
-    or one expert's k N / E under the CPU slices, all k N on CUDA's one grouped matmul), alive together."""
-    rows = s.tokens if r.stage == 1 else s.tokens * s.top_k // (1 if r.device == "cuda" else s.experts)
+    """Inside one FFN's backward: the gradients of silu(w1 x), w3 x and w1 x [H] (per row: the
+    dense FFN's N rows, or one expert's k N / E under the CPU slices, all k N on CUDA's one grouped
+    matmul), alive together."""
+    rows = (s.tokens if r.stage == 1
+            else s.tokens * s.top_k // (1 if r.device == "cuda" else s.experts))
     return 3 * 4 * rows * s.hidden if r.device == "cpu" else 3 * 2 * rows * s.hidden
 
 
 def activation_bytes(s: Shape, r: Run) -> int:
-    """Everything the forward leaves for the backward, at the backward's start: all blocks' saves, the loss's
-    buffers, L_R's differences (training); evaluation: the KV cache and the prefill's logits."""
+    """Everything the forward leaves for the backward, at the backward's start: all blocks' saves,
+    the loss's buffers, L_R's differences (training); evaluation: the KV cache and the prefill's
+    logits."""
     if r.stage == 3:
         return kv_cache_bytes(s, r) + prefill_logits_bytes(s, r)
     blocks = sum(block_saved_per_token(s, r, i == 0) for i in range(s.n_layers))
@@ -268,25 +292,29 @@ def activation_bytes(s: Shape, r: Run) -> int:
 
 
 def kv_cache_bytes(s: Shape, r: Run) -> int:
-    """model.setup_cache: k and v [B, prompt + new tokens, kv_heads, head_dim] per layer in the weights' dtype
-    (bf16 on CUDA). Evaluation batch EVAL_BATCH, prompt seq_len, EVAL_NEW_TOKENS new tokens (evaluate.py's)."""
+    """model.setup_cache: k and v [B, prompt + new tokens, kv_heads, head_dim] per layer in the
+    weights' dtype (bf16 on CUDA). Evaluation batch EVAL_BATCH, prompt seq_len, EVAL_NEW_TOKENS new
+    tokens (evaluate.py's)."""
     length = s.seq_len + s.eval_new_tokens
     return 2 * s.n_layers * s.eval_batch * length * s.kv_heads * (s.dim // s.n_heads) * r.c
 
 
 def prefill_logits_bytes(s: Shape, r: Run) -> int:
-    """The prefill's output head: logits [B, T, V] in the weights' dtype and their .float() copy, alive together."""
+    """The prefill's output head: logits [B, T, V] in the weights' dtype and their .float() copy,
+    alive together."""
     return s.eval_batch * s.seq_len * s.vocab * (r.c + 4)
 
 
 def training_peak(s: Shape, r: Run) -> int:
-    """The largest of the moments of one training step (weights, working copies and AdamW state always there):
-      backward, walking down from the loss: layers above the one running have freed their saves and hold their
-        gradients; the layers below still hold their saves. The loss's buffers count at the start. Stage 2 without
-        LoRA: L_R's backward runs first (its nodes are the newest) and turns the saved W - W^0 into all expert
-        gradients at once, before any layer's backward.
+    """The largest of the moments of one training step (weights, working copies and AdamW state
+    always there):
+      backward, walking down from the loss: layers above the one running have freed their saves
+        and hold their gradients; the layers below still hold their saves. The loss's buffers count
+        at the start. Stage 2 without LoRA: L_R's backward runs first (its nodes are the newest) and
+        turns the saved W - W^0 into all expert gradients at once, before any layer's backward.
       the step: all gradients + the optimizer's temporaries."""
-    static = weight_bytes(s, r) + drift_reference_bytes(s, r) + working_weight_copies(s, r) + optimizer_bytes(s, r)
+    static = (weight_bytes(s, r) + drift_reference_bytes(s, r) + working_weight_copies(s, r)
+              + optimizer_bytes(s, r))
     per_layer_saves = [s.tokens * block_saved_per_token(s, r, i == 0) for i in range(s.n_layers)]
     layer_grads = gradient_bytes(s, r) // s.n_layers
     experts_first = r.stage == 2 and not r.lora
@@ -301,7 +329,8 @@ def training_peak(s: Shape, r: Run) -> int:
 
 
 def evaluation_peak(s: Shape, r: Run) -> int:
-    """Weights + KV cache + the prefill's logits (the block's own transients are smaller at these shapes)."""
+    """Weights + KV cache + the prefill's logits (the block's own transients are smaller at these
+    shapes)."""
     return weight_bytes(s, r) + kv_cache_bytes(s, r) + prefill_logits_bytes(s, r)
 
 
@@ -313,7 +342,7 @@ def memory_row(s: Shape, r: Run) -> dict:
             "optimizer": optimizer_bytes(s, r), "activations": activation_bytes(s, r), "peak": peak}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. The table
 
 
@@ -321,18 +350,19 @@ STAGE_NAMES = {1: "stage 1 (FFN)", 2: "stage 2 (fused)", 3: "evaluation"}
 
 
 def print_table(s: Shape, nprocs: list):
-    print(f"shape: dim {s.dim}, {s.n_layers} layers, {s.n_heads} heads ({s.kv_heads} kv), hidden {s.hidden}, vocab "
-          f"{s.vocab}; seq-len {s.seq_len}, micro-batch {s.micro_batch} per GPU ({s.tokens} tokens); E={s.experts}, "
-          f"top-{s.top_k}, LoRA r={s.lora_rank}")
+    print(f"shape: dim {s.dim}, {s.n_layers} layers, {s.n_heads} heads ({s.kv_heads} kv), "
+          f"hidden {s.hidden}, vocab {s.vocab}; seq-len {s.seq_len}, micro-batch {s.micro_batch} "
+          f"per GPU ({s.tokens} tokens); E={s.experts}, top-{s.top_k}, LoRA r={s.lora_rank}")
     print(f"parameters: dense {dense_params(s):,}  fused {fused_params(s):,}")
     for stage in (1, 2):
         for lora in (False, True):
             n, total = trainable_params(s, stage, lora), total_params(s, stage, lora)
-            print(f"  {STAGE_NAMES[stage]:16s} {'LoRA' if lora else 'full':4s} trainable {n:>14,} = "
-                  f"{100 * n / total:6.3f} % of {total:,}")
-    print(f"\nGiB per GPU (CUDA: bf16 matmuls; weights column = resident + bf16 working copies; peak = the largest "
-          f"moment of a step, not the column sum)")
-    print(f"{'':16s} {'mode':4s} {'GPUs':>4s} {'weights':>8s} {'grads':>7s} {'AdamW':>7s} {'activ.':>7s} {'peak':>7s}")
+            print(f"  {STAGE_NAMES[stage]:16s} {'LoRA' if lora else 'full':4s} "
+                  f"trainable {n:>14,} = {100 * n / total:6.3f} % of {total:,}")
+    print(f"\nGiB per GPU (CUDA: bf16 matmuls; weights column = resident + bf16 working copies; "
+          f"peak = the largest moment of a step, not the column sum)")
+    print(f"{'':16s} {'mode':4s} {'GPUs':>4s} {'weights':>8s} {'grads':>7s} {'AdamW':>7s} "
+          f"{'activ.':>7s} {'peak':>7s}")
     for stage in (1, 2, 3):
         for lora in ((False, True) if stage < 3 else (False,)):
             for n in (nprocs if stage < 3 else [1]):
@@ -340,18 +370,19 @@ def print_table(s: Shape, nprocs: list):
                 mode = "bf16" if stage == 3 else "LoRA" if lora else "full"
                 print(f"{STAGE_NAMES[stage]:16s} {mode:4s} {n:4d} " + " ".join(
                     f"{m[k] / GIB:{w}.2f}" for k, w in zip(m, (8, 7, 7, 7, 7))))
-    print(f"(evaluation: the fused model, batch {s.eval_batch}, prompt {s.seq_len} + {s.eval_new_tokens} new tokens; "
-          f"activations = KV cache + prefill logits)")
+    print(f"(evaluation: the fused model, batch {s.eval_batch}, prompt {s.seq_len} + "
+          f"{s.eval_new_tokens} new tokens; activations = KV cache + prefill logits)")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Validation: measured peaks of real steps on CPU (float32), each in a fresh subprocess
 
 
-VALIDATE_SHAPE = Shape(dim=512, n_layers=4, n_heads=8, vocab=8000, hidden=ffn_hidden(512, 256), seq_len=256,
-                       micro_batch=4, eval_batch=8, eval_new_tokens=8)
-VALIDATE_RUNS = [Run(1, False, device="cpu"), Run(1, True, device="cpu"), Run(2, False, device="cpu"),
-                 Run(2, True, device="cpu"), Run(3, False, device="cpu")]
+VALIDATE_SHAPE = Shape(dim=512, n_layers=4, n_heads=8, vocab=8000, hidden=ffn_hidden(512, 256),
+                       seq_len=256, micro_batch=4, eval_batch=8, eval_new_tokens=8)
+VALIDATE_RUNS = [Run(1, False, device="cpu"), Run(1, True, device="cpu"),
+                 Run(2, False, device="cpu"), Run(2, True, device="cpu"),
+                 Run(3, False, device="cpu")]
 
 
 def reset_peak():
@@ -362,14 +393,14 @@ def reset_peak():
 
 def model_args(s: Shape, n_experts: int):
     """The ModelArgs of shape s (model.py), dense (n_experts 0) or fused."""
-    return ModelArgs(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads or None,
-                     vocab_size=s.vocab, multiple_of=s.hidden, n_experts=n_experts, top_k=s.top_k,
-                     max_seq_len=s.seq_len + s.eval_new_tokens)
+    return ModelArgs(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads,
+                     n_kv_heads=s.n_kv_heads or None, vocab_size=s.vocab, multiple_of=s.hidden,
+                     n_experts=n_experts, top_k=s.top_k, max_seq_len=s.seq_len + s.eval_new_tokens)
 
 
 def build_model(s: Shape, r: Run, device="cpu"):
-    """The model as train_expert.py (stage 1) / fuse.py (stage 2) build it, with random weights, and the objective.
-    Returns (model, loss_fn(model, batch, counts)). The weights are made on `device`
+    """The model as train_expert.py (stage 1) / fuse.py (stage 2) build it, with random weights, and
+    the objective. Returns (model, loss_fn(model, batch, counts)). The weights are made on `device`
     (gpu_check.py: on the GPU, where a 7B-wide model initialises in a moment)."""
     from functools import partial
     import torch
@@ -392,8 +423,8 @@ def build_model(s: Shape, r: Run, device="cpu"):
         init_lora(add_lora(model, s.lora_rank, 2.0 * s.lora_rank))
     if r.stage == 2:
         initial = {} if r.lora else snapshot_expert_weights(model)
-        loss_fn = partial(h3fusion_objective, lam=1.0, gamma=[0.1] * s.experts, reg="drift", initial_experts=initial,
-                          drift=lora_drift_loss if r.lora else drift_loss)
+        loss_fn = partial(h3fusion_objective, lam=1.0, gamma=[0.1] * s.experts, reg="drift",
+                          initial_experts=initial, drift=lora_drift_loss if r.lora else drift_loss)
     return model, loss_fn
 
 
@@ -402,12 +433,14 @@ def random_batch(s: Shape):
     tokens = torch.randint(0, s.vocab, (s.micro_batch, s.seq_len))  # [B, T]
     targets = torch.roll(tokens, -1, dims=1)  # [B, T]
     targets[:, : s.seq_len // 4] = -100  # the prompt: no loss
-    return {"tokens": tokens, "targets": targets, "mask": torch.ones(s.micro_batch, s.seq_len, dtype=torch.bool),
+    return {"tokens": tokens, "targets": targets,
+            "mask": torch.ones(s.micro_batch, s.seq_len, dtype=torch.bool),
             "task": torch.arange(s.micro_batch) % s.experts}
 
 
 def training_step(model, optimizer, loss_fn, batch):
-    """One step as trainer.train runs it (one micro-batch): objective, backward, clip, AdamW, zero_grad."""
+    """One step as trainer.train runs it (one micro-batch): objective, backward, clip, AdamW,
+    zero_grad."""
     import torch
     from trainer import StepCounts
     counts = StepCounts(float((batch["targets"] != -100).sum()), float(len(batch["task"])))
@@ -419,8 +452,9 @@ def training_step(model, optimizer, loss_fn, batch):
 
 
 def measure_training(s: Shape, r: Run) -> dict:
-    """Peak resident memory of the second training step (AdamW's state exists from the first) minus the resident
-    memory before the model was built: weights, state, gradients and activations together."""
+    """Peak resident memory of the second training step (AdamW's state exists from the first) minus
+    the resident memory before the model was built: weights, state, gradients and activations
+    together."""
     import gc
     from trainer import build_optimizer
     before = status_kib("VmRSS") * 1024
@@ -437,7 +471,8 @@ def measure_training(s: Shape, r: Run) -> dict:
 
 
 def measure_evaluation(s: Shape, r: Run) -> dict:
-    """Peak resident memory of greedy generation (KV cache) with the fused model in bf16, minus the memory before."""
+    """Peak resident memory of greedy generation (KV cache) with the fused model in bf16, minus the
+    resident memory before the model was built."""
     import torch
     import model as M
     before = status_kib("VmRSS") * 1024
@@ -451,9 +486,10 @@ def measure_evaluation(s: Shape, r: Run) -> dict:
 
 
 def warm_up():
-    """One tiny step of everything first, so that the libraries' one-time allocations are not counted."""
-    tiny = Shape(dim=64, n_layers=2, n_heads=2, vocab=256, hidden=ffn_hidden(64, 32), seq_len=16, micro_batch=2,
-                 eval_batch=2, eval_new_tokens=2)
+    """One tiny step of everything first, so that the libraries' one-time allocations are not
+    counted."""
+    tiny = Shape(dim=64, n_layers=2, n_heads=2, vocab=256, hidden=ffn_hidden(64, 32), seq_len=16,
+                 micro_batch=2, eval_batch=2, eval_new_tokens=2)
     for r in VALIDATE_RUNS:
         (measure_evaluation if r.stage == 3 else measure_training)(tiny, r)
 
@@ -471,7 +507,8 @@ def worker(config: str):
 
 
 def predicted(s: Shape, r: Run) -> tuple:
-    """(whole peak, peak minus what was resident before the measured step: weights, W^0, AdamW state)."""
+    """(whole peak, peak minus what was resident before the measured step: weights, W^0, AdamW
+    state)."""
     if r.stage == 3:
         return evaluation_peak(s, r), kv_cache_bytes(s, r) + prefill_logits_bytes(s, r)
     static = weight_bytes(s, r) + drift_reference_bytes(s, r) + optimizer_bytes(s, r)
@@ -481,59 +518,68 @@ def predicted(s: Shape, r: Run) -> tuple:
 def run_measurement(s: Shape, r: Run) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
     config = json.dumps({"shape": s.__dict__, "run": r.__dict__})
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", config], capture_output=True,
-                            text=True, env=env)
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", config],
+                            capture_output=True, text=True, env=env)
     if result.returncode:
-        raise SystemExit(f"bench_memory.py: error: the measurement of {r} failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"bench_memory.py: error: the measurement of {r} failed:\n"
+                         f"{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def validate(s: Shape) -> list:
-    """Measure every VALIDATE_RUNS configuration; print measured next to predicted; return the ratios."""
-    print(f"validation on CPU (float32 training, bf16 evaluation), one process: dim {s.dim}, {s.n_layers} layers, "
-          f"{s.n_heads} heads, hidden {s.hidden}, vocab {s.vocab}, micro-batch {s.micro_batch} x seq-len {s.seq_len}, "
-          f"E={s.experts} top-{s.top_k}, LoRA r={s.lora_rank}; evaluation batch {s.eval_batch}, {s.eval_new_tokens} "
-          f"new tokens")
-    print("MiB: total = VmHWM of the measured step - VmRSS before the model was built; step = VmHWM - VmRSS at "
-          "the step's start (training: the 2nd step; evaluation: generate)")
-    print(f"{'':16s} {'mode':4s} {'predicted':>9s} {'measured':>9s} {'ratio':>6s}   {'step pred.':>10s} "
-          f"{'measured':>9s} {'ratio':>6s}")
+    """Measure every VALIDATE_RUNS configuration; print measured next to predicted; return the
+    ratios."""
+    print(f"validation on CPU (float32 training, bf16 evaluation), one process: dim {s.dim}, "
+          f"{s.n_layers} layers, {s.n_heads} heads, hidden {s.hidden}, vocab {s.vocab}, "
+          f"micro-batch {s.micro_batch} x seq-len {s.seq_len}, E={s.experts} top-{s.top_k}, "
+          f"LoRA r={s.lora_rank}; evaluation batch {s.eval_batch}, {s.eval_new_tokens} new tokens")
+    print("MiB: total = VmHWM of the measured step - VmRSS before the model was built; "
+          "step = VmHWM - VmRSS at the step's start (training: the 2nd step; evaluation: generate)")
+    print(f"{'':16s} {'mode':4s} {'predicted':>9s} {'measured':>9s} {'ratio':>6s}   "
+          f"{'step pred.':>10s} {'measured':>9s} {'ratio':>6s}")
     ratios = []
     for r in VALIDATE_RUNS:
         m = run_measurement(s, r)
         total, step = predicted(s, r)
         ratios += [total / m["measured"], step / m["measured_step"]]
         mode = "bf16" if r.stage == 3 else "LoRA" if r.lora else "full"
-        print(f"{STAGE_NAMES[r.stage]:16s} {mode:4s} {total / 2**20:9.1f} {m['measured'] / 2**20:9.1f} "
-              f"{ratios[-2]:6.3f}   {step / 2**20:10.1f} {m['measured_step'] / 2**20:9.1f} {ratios[-1]:6.3f}")
+        print(f"{STAGE_NAMES[r.stage]:16s} {mode:4s} {total / 2**20:9.1f} "
+              f"{m['measured'] / 2**20:9.1f} {ratios[-2]:6.3f}   {step / 2**20:10.1f} "
+              f"{m['measured_step'] / 2**20:9.1f} {ratios[-1]:6.3f}")
     return ratios
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. The command line
 
 
 def shape_from_args(args, base: dict) -> Shape:
-    """The preset (or the validation shape), with every shape flag given on the command line replacing its value."""
+    """The preset (or the validation shape), with every shape flag given on the command line
+    replacing its value."""
     given = {k: v for k, v in vars(args).items() if v is not None and k in SHAPE_FLAGS}
     merged = dict(base, **given)
     multiple_of = merged.pop("multiple_of", 256)
-    if "hidden" not in given:  # (a preset's own hidden, or the validation shape's, follows --dim / --multiple-of)
+    # a preset's own hidden, or the validation shape's, follows --dim / --multiple-of
+    if "hidden" not in given:
         merged["hidden"] = ffn_hidden(merged["dim"], multiple_of)
     return Shape(**merged)
 
 
-SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab", "hidden", "multiple_of", "seq_len", "micro_batch",
-               "lora_rank", "experts", "top_k", "eval_batch", "eval_new_tokens")
+SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab", "hidden", "multiple_of",
+               "seq_len", "micro_batch", "lora_rank", "experts", "top_k", "eval_batch",
+               "eval_new_tokens")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default llama-2-7b (not with --validate)")
-    p.add_argument("--nproc", default="1,8", help="GPU counts to print: 1 = one process, N > 1 = FSDP2 over N ranks")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="default llama-2-7b (not with --validate)")
+    p.add_argument("--nproc", default="1,8",
+                   help="GPU counts to print: 1 = one process, N > 1 = FSDP2 over N ranks")
     for flag in SHAPE_FLAGS:
         p.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
-    p.add_argument("--validate", action="store_true", help="measure real steps on CPU next to the formula")
+    p.add_argument("--validate", action="store_true",
+                   help="measure real steps on CPU next to the formula")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -542,7 +588,8 @@ def main():
         base = {k: v for k, v in VALIDATE_SHAPE.__dict__.items()}
         base = base if args.preset is None else dict(PRESETS[args.preset])
         return validate(shape_from_args(args, base))
-    print_table(shape_from_args(args, dict(PRESETS[args.preset or "llama-2-7b"])), [int(n) for n in args.nproc.split(",")])
+    print_table(shape_from_args(args, dict(PRESETS[args.preset or "llama-2-7b"])),
+                [int(n) for n in args.nproc.split(",")])
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def synchronize(device):
 
 
 def time_round_robin(fns: dict, repeats: int, device, warmup: int = 2) -> dict:
-    """{name: fn} -> {name: median seconds}; every repeat runs every fn once, in turn, synchronised."""
+    """{name: fn} -> {name: median seconds}; every repeat runs every fn once, in turn,
+    synchronised."""
     times = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
@@ -80,8 +81,10 @@ def time_round_robin(fns: dict, repeats: int, device, warmup: int = 2) -> dict:
 
 
 def matmul_peak(device, dtype, n: int, repeats: int = 20) -> float:
-    """Best FLOP/s of an n x n matmul in `dtype` over `repeats` timed runs (the MFU denominator of this run)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    """Best FLOP/s of an n x n matmul in `dtype` over `repeats` timed runs (the MFU denominator of
+    this run)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype),
+            torch.randn(n, n, device=device, dtype=dtype))
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -105,23 +108,27 @@ def moe_layer_check(device, T_tokens, dim, hidden, repeats, peak):
     torch.manual_seed(0)
     layer = moe_lib.MoE(dim, hidden, 3, 2).to(device, torch.bfloat16)
     torch.nn.init.normal_(layer.router.weight, std=dim ** -0.5)
-    x = torch.randn(1, T_tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)  # [1, T, D]
+    x = torch.randn(1, T_tokens, dim, device=device, dtype=torch.bfloat16,
+                    requires_grad=True)  # [1, T, D]
     grad_out = torch.randn_like(x)
     with torch.no_grad():
         layer(x)
     counts = torch.bincount(layer.expert_idx.reshape(-1), minlength=3).tolist()
-    groups = [torch.randn(c, dim, device=device, dtype=torch.bfloat16, requires_grad=True) for c in counts]
+    groups = [torch.randn(c, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+              for c in counts]
     group_grads = [torch.randn_like(g) for g in groups]
 
     def fwd_bwd(fn):
         return fwd_bwd_step(fn, layer, x, grad_out)
 
-    fns = {"(a) ideal, pre-grouped": lambda: torch.autograd.backward(ideal(groups, layer), group_grads),
+    fns = {"(a) ideal, pre-grouped": lambda: torch.autograd.backward(ideal(groups, layer),
+                                                                     group_grads),
            "moe.MoE (auto)": fwd_bwd(lambda x, layer: layer(x)),
            "(b) HF-style loop": fwd_bwd(per_expert_loop),
            "(c) dense": fwd_bwd(lambda x, layer: moe_lib.dense_moe_reference(layer, x))}
     res = time_round_robin(fns, repeats, device)
-    flops = 3 * 2 * 3 * dim * hidden * T_tokens * 2  # fwd + bwd (x3) of 3 matmuls over the k=2 rows per token
+    # fwd + bwd (x3) of 3 matmuls over the k=2 rows per token, 2 FLOPs a multiply-add
+    flops = 3 * 2 * 3 * dim * hidden * T_tokens * 2
     print(f"\n1. MoE layer fwd+bwd  T={T_tokens} dim={dim} hidden={hidden} E=3 k=2 bf16 "
           f"backend={moe_lib.pick_backend(x, layer.w1, layer.w2)}, median of {repeats}")
     for name, t in res.items():
@@ -130,11 +137,13 @@ def moe_layer_check(device, T_tokens, dim, hidden, repeats, peak):
 
 
 def train_step_check(device, dim, n_layers, seq, batch, vocab, repeats, peak, compile_blocks=False):
-    """Dense vs fused training steps as trainer.train runs them on one GPU (autocast bf16, float32 weights,
-    AdamW). With compile_blocks, two more rows: the same models with every TransformerBlock torch.compile'd
-    (a copy of each model, so eager and compiled run side by side in one round-robin)."""
+    """Dense vs fused training steps as trainer.train runs them on one GPU (autocast bf16, float32
+    weights, AdamW). With compile_blocks, two more rows: the same models with every TransformerBlock
+    torch.compile'd (a copy of each model, so eager and compiled run side by side in one
+    round-robin)."""
     torch.manual_seed(0)
-    common = dict(dim=dim, n_layers=n_layers, n_heads=dim // 128, vocab_size=vocab, multiple_of=256, max_seq_len=seq)
+    common = dict(dim=dim, n_layers=n_layers, n_heads=dim // 128, vocab_size=vocab,
+                  multiple_of=256, max_seq_len=seq)
     models = {"dense": Transformer(ModelArgs(**common)).to(device),
               "fused E=3 k=2": Transformer(ModelArgs(**common, n_experts=3, top_k=2)).to(device)}
     for m in moe_lib.moe_layers(models["fused E=3 k=2"]):
@@ -162,11 +171,12 @@ def train_step_check(device, dim, n_layers, seq, batch, vocab, repeats, peak, co
 
     fused_layer = moe_lib.moe_layers(models["fused E=3 k=2"])[0]
     with autocast:  # what "auto" picks for the fused model's float32 weights under bf16 autocast
-        backend = moe_lib.pick_backend(torch.empty(1, dim, device=device), fused_layer.w1, fused_layer.w2)
+        backend = moe_lib.pick_backend(torch.empty(1, dim, device=device), fused_layer.w1,
+                                       fused_layer.w2)
     res = time_round_robin({name: step(name) for name in models}, repeats, device)
     fpt = {name: T.flops_per_token(m, seq) for name, m in models.items()}
-    print(f"\n2. training step (fwd+bwd+AdamW, bf16 autocast, MoE backend {backend}) dim={dim} layers={n_layers} "
-          f"seq={seq} batch={batch} vocab={vocab}, median of {repeats}")
+    print(f"\n2. training step (fwd+bwd+AdamW, bf16 autocast, MoE backend {backend}) "
+          f"dim={dim} layers={n_layers} seq={seq} batch={batch} vocab={vocab}, median of {repeats}")
     for name, t in res.items():
         print(f"   {name:30s} {t * 1e3:8.1f} ms  MFU {fpt[name] * batch * seq / t / peak:6.1%}")
     for suffix in ("", ", compiled blocks") if compile_blocks else ("",):

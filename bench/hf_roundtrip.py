@@ -4,16 +4,16 @@
     python bench/hf_roundtrip.py RUN/helpful --eval RUN/data/eval.jsonl --generate 40 \
         --max-new-tokens 48
 
-Each checkpoint (Meta's layout, as pipeline.py writes them) is exported as `python -m engineering.export_hf CKPT
-OUT` does, into a temporary directory; then, on the world's eval prompts
-(data.format.format_prompt(instruction, input)):
+Each checkpoint (Meta's layout, as pipeline.py writes them) is exported as
+`python -m engineering.export_hf CKPT OUT` does, into a temporary directory; then, on the world's
+eval prompts (data.format.format_prompt(instruction, input)):
   ids      AutoTokenizer.from_pretrained(OUT)(prompt)["input_ids"] vs our
            Tokenizer.encode(prompt, bos=True, eos=False), on every prompt
   greedy   AutoModelForCausalLM.generate(do_sample=False) vs model.generate_tokens (temperature 0),
            on --generate prompts spread evenly over the file; and how many answers the world's
            scorer (data.toy_scoring.did_right_thing) calls right, each way
-  before   the ids AutoTokenizer gives from tokenizer.model alone, as the export was before the
-           tokenizer files (issue 33)
+  before   the ids AutoTokenizer gives from tokenizer.model alone, without the tokenizer files
+           the export writes beside it
 Needs transformers (pip install transformers tokenizers); without it, it says so and exits. Nothing
 is asserted here: tests/test_hf_tokenizer.py asserts the same on tiny models.
 """

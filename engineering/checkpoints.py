@@ -2,10 +2,10 @@
 
 model.py reads Meta's layout in a few plain lines. Every command reads through this file instead:
 it checks each file first, so that a broken directory ends in one line naming the file, what was
-found and what was expected, then calls model.load_checkpoint (or converts Hugging Face's layout,
-hf_checkpoint.py, checked by hf_checks.py). Reading writes and deletes nothing. Saving is here too:
-a checkpoint is written into a temporary directory and renamed into place, so a kill never leaves
-half of one.
+found and what was expected, then calls model.load_checkpoint, the plain Meta reader (or converts
+Hugging Face's layout: engineering/hf_checkpoint.py, checked by engineering/hf_checks.py). Reading
+writes and deletes nothing. Saving is here too: a checkpoint is written into a temporary directory
+and renamed into place, so a kill never leaves half of one.
 
   load_checkpoint       checks, then model.load_checkpoint; a HF directory (config.json) converted;
                         one dtype (checkpoint_dtype)
@@ -33,7 +33,7 @@ from engineering.hf_checkpoint import (HF_MARKER, config_path, is_hf_dir, read_h
 
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what it computes in
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Reading
 
 
@@ -41,10 +41,10 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
     """A checkpoint directory -> (model.Transformer, model.ModelArgs), every file checked first.
 
     Meta's layout: read_checkpoint_args and check_meta_files, then model.load_checkpoint. A Hugging
-    Face Llama / Mixtral directory (config.json): checked file by file (hf_checks.py) and converted
-    to Meta's names in memory (hf_checkpoint.read_hf_checkpoint). The model has one dtype: `dtype`,
-    else checkpoint_dtype's. Reading writes and deletes nothing (an interrupted save is finished by
-    the next command that writes: recover_checkpoint)."""
+    Face Llama / Mixtral directory (config.json): checked file by file (engineering/hf_checks.py)
+    and converted to Meta's names in memory (hf_checkpoint.read_hf_checkpoint). The model has one
+    dtype: `dtype`, else checkpoint_dtype's. Reading writes and deletes nothing (an interrupted save
+    is finished by the next command that writes: recover_checkpoint)."""
     args = read_checkpoint_args(ckpt_dir)
     if not is_hf_dir(ckpt_dir):
         shards = check_meta_files(ckpt_dir, args)
@@ -94,9 +94,9 @@ def read_checkpoint_args(ckpt_dir: str) -> M.ModelArgs:
 
 def check_meta_files(ckpt_dir: str, args: M.ModelArgs):
     """Everything model.load_checkpoint trusts of a Meta directory whose params.json gave `args`:
-    shards named consolidated.00.pth .. NN.pth without a gap, each a whole torch.save file of tensors
-    only, the shards agreeing with each other, and their tensors exactly the model's parameters.
-    Returns {path: shard} (memory-mapped)."""
+    shards named consolidated.00.pth .. NN.pth without a gap, each a whole torch.save file of
+    tensors only, the shards agreeing with each other, and their tensors exactly the model's
+    parameters. Returns {path: shard} (memory-mapped)."""
     paths = shard_paths(ckpt_dir)
     shards = [read_torch_file(p) for p in paths]
     check_shards(shards, paths, M.shard_dim)
@@ -114,7 +114,8 @@ def shard_paths(ckpt_dir: str) -> list:
     return paths
 
 
-load_shard = read_torch_file  # one consolidated.NN.pth: memory-mapped, tensors only; a cut file names its size
+# one consolidated.NN.pth: memory-mapped, tensors only; a cut file names its size
+load_shard = read_torch_file
 
 
 def merged_shapes(shards: list) -> dict:
@@ -135,7 +136,7 @@ def meta_model(args: M.ModelArgs):
         return M.Transformer(args)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Writing
 
 
@@ -150,9 +151,10 @@ def params_json(args: M.ModelArgs) -> dict:
 
 def recover_checkpoint(ckpt_dir: str):
     """Finish or roll back a save_checkpoint (or HF export) that a kill interrupted
-    (fileio.recover_dir; params.json or config.json marks a complete copy; only replace_dir's own
-    marked leftovers are touched). It writes, so reading never calls it: save_checkpoint does, and
-    the commands that write (fuse.py, engineering/rundir.py check_run_dir)."""
+    (engineering/fileio.py's recover_dir; params.json or config.json marks a complete copy; only
+    replace_dir's own marked leftovers are touched). It writes, so reading never calls it:
+    save_checkpoint does, and the commands that write (fuse.py, engineering/rundir.py
+    check_run_dir)."""
     recover_dir(ckpt_dir, ("params.json", HF_MARKER))  # (an interrupted HF export: config.json)
 
 
@@ -162,8 +164,8 @@ def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: 
 
     `model` is a Transformer or a state dict (then pass `args`). Everything is written into a
     temporary directory beside `ckpt_dir`, params.json last, and renamed into place
-    (fileio.replace_dir), so an interrupted save leaves no half checkpoint. An existing checkpoint at
-    `ckpt_dir` is replaced; its tokenizer.model is kept if none is given.
+    (engineering/fileio.py's replace_dir), so an interrupted save leaves no half checkpoint. An
+    existing checkpoint at `ckpt_dir` is replaced; its tokenizer.model is kept if none is given.
     """
     state = model.state_dict() if isinstance(model, nn.Module) else model
     args = args or model.params
@@ -176,7 +178,8 @@ def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: 
         for i, shard in enumerate(shards):
             torch.save(shard, os.path.join(tmp, f"consolidated.{i:02d}.pth"))
         kept = os.path.join(ckpt_dir, "tokenizer.model")
-        source = tokenizer_path if tokenizer_path is not None else kept if os.path.exists(kept) else None
+        source = (tokenizer_path if tokenizer_path is not None
+                  else kept if os.path.exists(kept) else None)
         if source is not None:
             shutil.copyfile(source, os.path.join(tmp, "tokenizer.model"))
         write_atomic(os.path.join(tmp, "params.json"), json.dumps(params_json(args), indent=2))
@@ -185,16 +188,16 @@ def save_checkpoint(model, ckpt_dir: str, tokenizer_path: str = None, n_shards: 
     return ckpt_dir
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Two checkpoints of one architecture (stage 2 fuses them, the baselines merge them)
 
 
 def architecture(args: M.ModelArgs) -> dict:
     """What two checkpoints must share to be one architecture, on resolved values (ModelArgs as
-    read_checkpoint_args returns it: vocab_size -1 already taken from tokenizer.model): the kv heads and
-    the FFN width themselves, however params.json or config.json spells them (n_kv_heads None =
-    n_heads; multiple_of and ffn_dim_multiplier only give the width). max_seq_len, a runtime limit, is
-    left out."""
+    read_checkpoint_args returns it: vocab_size -1 already taken from tokenizer.model): the kv heads
+    and the FFN width themselves, however params.json or config.json spells them (n_kv_heads None =
+    n_heads; multiple_of and ffn_dim_multiplier only give the width). max_seq_len, a runtime limit,
+    is left out."""
     return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
             "kv_heads": args.kv_heads, "vocab_size": args.vocab_size,
             "ffn_hidden_dim": M.ffn_hidden_dim(args), "norm_eps": args.norm_eps,
@@ -209,13 +212,15 @@ def first_difference(args, other_args):
     return next(((k, a[k], b[k]) for k in a if a[k] != b[k]), None)
 
 
-def check_fusion_inputs(base_dir: str, expert_dirs: list, router_init: str, init_prompts) -> M.ModelArgs:
-    """Stage 2's inputs, before anything is loaded: the checkpoints are there, one aligned model per expert,
-    a known router init ("hidden" needs a non-empty list of prompts per expert), a dense base, and every
-    aligned model of the base's architecture. Returns the base's ModelArgs."""
+def check_fusion_inputs(base_dir: str, expert_dirs: list, router_init: str,
+                        init_prompts) -> M.ModelArgs:
+    """Stage 2's inputs, before anything is loaded: the checkpoints are there, one aligned model per
+    expert, a known router init ("hidden" needs a non-empty list of prompts per expert), a dense
+    base, and every aligned model of the base's architecture. Returns the base's ModelArgs."""
     for d in [base_dir] + list(expert_dirs):
         if not os.path.isdir(d):
-            raise FileNotFoundError(f"{d}: checkpoint directory not found (the base or an aligned model)")
+            raise FileNotFoundError(f"{d}: checkpoint directory not found "
+                                    f"(the base or an aligned model)")
     if not expert_dirs:
         raise ValueError("the list of aligned checkpoints is empty; expected one per expert")
     if router_init not in ROUTER_INITS:
@@ -223,39 +228,40 @@ def check_fusion_inputs(base_dir: str, expert_dirs: list, router_init: str, init
     n_experts = len(expert_dirs)
     if router_init == "hidden" and (init_prompts is None or len(init_prompts) != n_experts
                                     or any(len(p) == 0 for p in init_prompts)):
-        raise ValueError(f"router_init='hidden' needs init_prompts = {n_experts} non-empty lists of prompts "
-                         f"(one per expert), got {init_prompts!r:.200}")
+        raise ValueError(f"router_init='hidden' needs init_prompts = {n_experts} non-empty lists "
+                         f"of prompts (one per expert), got {init_prompts!r:.200}")
     base_args = read_checkpoint_args(base_dir)
     if base_args.n_experts != 0:
-        raise ValueError(f"{config_path(base_dir)}: n_experts={base_args.n_experts}; the base must be a "
-                         f"dense model")
+        raise ValueError(f"{config_path(base_dir)}: n_experts={base_args.n_experts}; the base must "
+                         f"be a dense model")
     for expert_dir in expert_dirs:
         diff = first_difference(read_checkpoint_args(expert_dir), base_args)
         if diff:
             name, found, expected = diff
-            raise ValueError(f"{config_path(expert_dir)}: {name}={found!r}, but the base {base_dir} has "
-                             f"{name}={expected!r}; aligned models must have the base's architecture (and "
-                             f"be dense, n_experts=0)")
+            raise ValueError(f"{config_path(expert_dir)}: {name}={found!r}, but the base "
+                             f"{base_dir} has {name}={expected!r}; aligned models must have the "
+                             f"base's architecture (and be dense, n_experts=0)")
     return base_args
 
 
-def check_non_ffn_difference(expert_dir: str, base_dir: str, max_diff: float, key, limit, verbose: bool):
-    """An aligned model's non-FFN weights against the base's: max |difference| `max_diff` (at `key`). Stage 1
-    freezes them, so it is 0; the fused model takes the base's anyway. Above `limit` (fuse.py: 0, unless
-    --allow-foreign-experts; None: no limit) the expert was trained from another base: refused. Reported
-    when verbose."""
+def check_non_ffn_difference(expert_dir: str, base_dir: str, max_diff: float, key, limit,
+                             verbose: bool):
+    """An aligned model's non-FFN weights against the base's: max |difference| `max_diff` (at
+    `key`). Stage 1 freezes them, so it is 0; the fused model takes the base's anyway. Above `limit`
+    (fuse.py: 0, unless --allow-foreign-experts; None: no limit) the expert was trained from another
+    base: refused. Reported when verbose."""
     if limit is not None and max_diff > limit:
-        raise ValueError(f"{expert_dir}: its non-FFN weights differ from the base's ({base_dir}) by up to "
-                         f"{max_diff:.3g} ({key}); an H3Fusion expert is an FFN-only fine-tune of the "
-                         f"base (stage 1 freezes everything else), this looks like a model trained from "
-                         f"another base")
+        raise ValueError(f"{expert_dir}: its non-FFN weights differ from the base's ({base_dir}) "
+                         f"by up to {max_diff:.3g} ({key}); an H3Fusion expert is an FFN-only "
+                         f"fine-tune of the base (stage 1 freezes everything else), this looks "
+                         f"like a model trained from another base")
     if verbose:
         print(f"fusion: {expert_dir}: max |non-FFN - base| = {max_diff:.3g}"
-              + (f" ({key}) -- NOT an FFN-only fine-tune of this base; fused anyway, with the base's "
-                 f"weights" if max_diff else ""))
+              + (f" ({key}) -- NOT an FFN-only fine-tune of this base; fused anyway, with the "
+                 f"base's weights" if max_diff else ""))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. The checks, one per thing a Meta directory can get wrong (each names the file)
 
 
@@ -264,7 +270,8 @@ def read_params_json(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found (a checkpoint directory needs params.json)") from None
+        raise FileNotFoundError(f"{path}: not found "
+                                f"(a checkpoint directory needs params.json)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -296,12 +303,12 @@ def check_shards(shards: list, paths: list, shard_dim):
 
 
 def check_sizes_present(shapes: dict, args, params_path: str, where: str):
-    """params.json's n_layers and n_experts against the tensors the shards hold, before a model of that
-    size is built (a wrong n_layers of 10^9 would build 10^9 blocks first)."""
+    """params.json's n_layers and n_experts against the tensors the shards hold, before a model of
+    that size is built (a wrong n_layers of 10^9 would build 10^9 blocks first)."""
     layers = {int(name.split(".")[1]) for name in shapes if name.startswith("layers.")}
     if args.n_layers != len(layers) or layers != set(range(len(layers))):
-        raise ValueError(f"{params_path}: n_layers={args.n_layers}, but {where} holds the tensors of "
-                         f"layers {sorted(layers)[:5]}{' ...' if len(layers) > 5 else ''} "
+        raise ValueError(f"{params_path}: n_layers={args.n_layers}, but {where} holds the tensors "
+                         f"of layers {sorted(layers)[:5]}{' ...' if len(layers) > 5 else ''} "
                          f"({len(layers)} layers)")
     w1 = shapes.get("layers.0.feed_forward.w1")
     if args.n_experts and (w1 is None or w1[0] != args.n_experts):
@@ -335,8 +342,8 @@ def resolved_vocab_size(vocab_size: int, n_words, params_path: str, tok_path: st
     n_words (None = no tokenizer.model)."""
     if vocab_size == -1:
         if n_words is None:
-            raise ValueError(f"{params_path}: vocab_size is -1 and there is no {tok_path} to take it "
-                             f"from")
+            raise ValueError(f"{params_path}: vocab_size is -1 and there is no {tok_path} to take "
+                             f"it from")
         vocab_size = n_words
     if n_words is not None and n_words != vocab_size:
         raise ValueError(f"{tok_path}: tokenizer has {n_words} pieces but tok_embeddings has "

@@ -1,11 +1,11 @@
-"""Files written and read safely: no reader, and no run killed half-way, ever sees half a file or half a
-directory (write_atomic, replace_dir + recover_dir), nothing is written over what this project did not write
-(refuse_foreign_dir), nothing deleted that a marker does not prove is this project's own leftover
-(recover_dir), and reading a training state back runs no code from it (read_dcp_metadata,
-safe_dcp_reader_and_planner).
+"""Files written and read safely: no reader, and no run killed half-way, ever sees half a file or
+half a directory (write_atomic, replace_dir + recover_dir), nothing is written over what this
+project did not write (refuse_foreign_dir), nothing deleted that a marker does not prove is this
+project's own leftover (recover_dir), and reading a training state back runs no code from it
+(read_dcp_metadata, safe_dcp_reader_and_planner).
 
-For every layer (model.py, data/, trainer.py, evaluation/, seeds.py, the course kit): it imports nothing from this
-project, so anything may import it.
+For every layer (model.py, data/, trainer.py, evaluation/ with `python -m evaluation.seeds`, the
+course kit): it imports nothing from this project, so anything may import it.
 """
 import glob
 import os
@@ -15,13 +15,14 @@ import tempfile
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
+from torch.distributed.checkpoint._traverse import set_element  # DefaultLoadPlanner.load_bytes's
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 
 def write_atomic(path: str, data):
-    """Write `data` (str, as UTF-8, or bytes) to `path` through a temporary file in the same directory and a rename
-    (atomic on POSIX and Windows): `path` holds the old content or the new, never a part. Creates the directory."""
+    """Write `data` (str, as UTF-8, or bytes) to `path` through a temporary file in the same
+    directory and a rename (atomic on POSIX and Windows): `path` holds the old content or the new,
+    never a part. Creates the directory."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -36,14 +37,15 @@ def write_atomic(path: str, data):
 
 
 def refuse_foreign_dir(path: str, marker: str, kind: str):
-    """A directory a command may write into is missing, empty, or holds its own `marker` file (params.json of a
-    checkpoint, run.json of a training run, results.json of an evaluation). Anything else belongs to someone
-    else: FileExistsError, naming what was found; nothing is touched."""
+    """A directory a command may write into is missing, empty, or holds its own `marker` file
+    (params.json of a checkpoint, run.json of a training run, results.json of an evaluation).
+    Anything else belongs to someone else: FileExistsError, naming what was found; nothing is
+    touched."""
     if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)
                                 and not os.path.exists(os.path.join(path, marker))):
         found = sorted(os.listdir(path))[:5] if os.path.isdir(path) else "a file"
-        raise FileExistsError(f"{path}: exists and is not {kind} (found {found}; expected {marker}); "
-                              f"refusing to touch it, choose another path")
+        raise FileExistsError(f"{path}: exists and is not {kind} (found {found}; expected "
+                              f"{marker}); refusing to touch it, choose another path")
 
 
 def replace_dir(path: str, fill, marker: str, kind: str):
@@ -143,38 +145,45 @@ def complete_copies(own_dirs: list, markers: tuple) -> list:
     return [c for c in copies if any(os.path.isfile(os.path.join(c, m)) for m in markers)]
 
 
-# Resuming reads a run directory, which may come from anywhere: nothing in it may run code. The model and
-# optimizer tensors and rank*.pt load with weights_only=True; DCP's own .metadata (a pickle) and its byte items
-# (optimizer hyper-parameters, written with torch.save) are read through the two classes below instead of
-# plain pickle.load / torch.load(weights_only=False).
+# Resuming reads a run directory, which may come from anywhere: nothing in it may run code. The
+# model and optimizer tensors and rank*.pt load with weights_only=True; DCP's own .metadata (a
+# pickle) and its byte items (optimizer hyper-parameters, written with torch.save) are read through
+# the two classes below instead of plain pickle.load / torch.load(weights_only=False).
 SAFE_METADATA_CLASSES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
                          ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                         ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-                         ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+                         ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                         ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+                         ("collections", "OrderedDict")}
 
 
 class MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata, refusing every class but its own records, torch dtypes and sizes, paths."""
+    """Unpickles DCP metadata, refusing every class but its own records,
+    torch dtypes and sizes, paths."""
 
     def find_class(self, module, name):
-        allowed = (module == "torch.distributed.checkpoint.metadata" or (module, name) in SAFE_METADATA_CLASSES
+        allowed = (module == "torch.distributed.checkpoint.metadata"
+                   or (module, name) in SAFE_METADATA_CLASSES
                    or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
         if not allowed:
-            raise pickle.UnpicklingError(f"refusing {module}.{name}: not a class of a checkpoint's metadata")
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: not a class of a checkpoint's "
+                                         f"metadata")
         return super().find_class(module, name)
 
 
 def read_dcp_metadata(metadata_path: str):
-    """A DCP .metadata file through MetadataUnpickler; a refused class is a ValueError naming the file."""
+    """A DCP .metadata file through MetadataUnpickler; a refused class is a ValueError naming the
+    file."""
     with open(metadata_path, "rb") as f:
         try:
             return MetadataUnpickler(f).load()
         except pickle.UnpicklingError as e:
-            raise ValueError(f"{metadata_path}: {e} (a tampered or foreign file; not loaded)") from None
+            raise ValueError(f"{metadata_path}: {e} "
+                             f"(a tampered or foreign file; not loaded)") from None
 
 
 def safe_dcp_reader_and_planner(path: str):
-    """(storage reader, load planner) for dcp.load that execute no code from the checkpoint directory."""
+    """(storage reader, load planner) for dcp.load that execute no code from the checkpoint
+    directory."""
     class Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
             metadata = read_dcp_metadata(str(self._get_metadata_path(kwargs.get("rank"))))
@@ -188,9 +197,11 @@ def safe_dcp_reader_and_planner(path: str):
             try:
                 loaded = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as e:
-                raise ValueError(f"{path}: item {read_item.dest_index.fqn}: {str(e).splitlines()[0]} (not loaded)") from None
+                raise ValueError(f"{path}: item {read_item.dest_index.fqn}: "
+                                 f"{str(e).splitlines()[0]} (not loaded)") from None
             if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
+                            loaded)
             else:
                 self.state_dict[read_item.dest_index.fqn] = loaded
 

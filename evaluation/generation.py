@@ -1,16 +1,20 @@
-"""From evaluation records to answers and likelihoods: what both suites (toy_suite.py, real_suite.py) share.
+"""From evaluation records to answers and likelihoods: what both suites (toy_suite.py,
+real_suite.py) share.
 
-  spread, record_prompt   which records (--limit of them, spread evenly over the set) and each one's Alpaca
-                          prompt (data/format.py format_prompt)
-  generate_responses      greedy answers, at most max_new_tokens, stopping at </s>: prompts sorted by length
-                          and batched, KV-cache decoding by model.generate_tokens; a prompt too long for the
-                          context is cut from the left, keeping BOS (fit_to_context)
+  spread, record_prompt   which records (--limit of them, spread evenly over the set) and each
+                          one's Alpaca prompt (data/format.py format_prompt)
+  generate_responses      greedy answers, at most max_new_tokens, stopping at </s>: prompts sorted
+                          by length and batched, KV-cache decoding by model.generate_tokens; a
+                          prompt too long for the context is cut from the left, keeping BOS
+                          (fit_to_context)
   for_decoding            what to decode with: the model, or with compiled decoding (evaluate.py's
                           default on CUDA) the same row, its one-token steps compiled
                           (engineering/compiled_decode.py)
-  sequence_logprobs       sum_t log p(continuation token t | prefix, earlier continuation tokens), one
-                          teacher-forced forward per batch (TruthfulQA MC and the LLM judge read it)
-  SuiteRun                what one model produced on one suite (evaluate_toy and evaluate_real return it)
+  sequence_logprobs       sum_t log p(continuation token t | prefix, earlier continuation tokens),
+                          one teacher-forced forward per batch (TruthfulQA MC and the LLM judge
+                          read it)
+  SuiteRun                what one model produced on one suite (evaluate_toy and evaluate_real
+                          return it)
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -23,32 +27,33 @@ from engineering.compiled_decode import compiled_or_eager
 from evaluation.baselines import ByDimension, OutputEnsemble
 from model import generate_tokens
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Which records, and their prompts
 
 
 def spread(records: list, limit: Optional[int]) -> list:
-    """`limit` records spread evenly over the list (eval files are ordered by dimension and kind, so the first
-    N would all be of one kind); all of them when limit is None."""
+    """`limit` records spread evenly over the list (eval files are ordered by dimension and kind, so
+    the first N would all be of one kind); all of them when limit is None."""
     if limit is None or limit >= len(records):
         return records
     return [records[i * len(records) // limit] for i in range(limit)]
 
 
 def record_prompt(record: dict) -> str:
-    """The Alpaca prompt of an evaluation record (instruction [+ input]); hub fields accepted too."""
+    """The Alpaca prompt of an evaluation record (instruction [+ input]); hub fields work too."""
     instruction = record.get("instruction") or record.get("question") or record.get("prompt")
     if not isinstance(instruction, str):
-        raise ValueError(f"evaluation record has no instruction/question/prompt string: {str(record)[:200]}")
+        raise ValueError(f"evaluation record has no instruction/question/prompt string: "
+                         f"{str(record)[:200]}")
     return format_prompt(instruction, record.get("input", "") or "")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generation and log-likelihood, batched
 
 
 def progress(total: int, desc: str):
-    """A tqdm bar on stderr when tqdm is installed (it comes with `datasets`), else a silent stand-in."""
+    """A tqdm bar on stderr when tqdm is installed (it comes with `datasets`), else a silent one."""
     try:
         from tqdm.auto import tqdm
 
@@ -64,8 +69,8 @@ def progress(total: int, desc: str):
 
 
 def fit_to_context(ids: list, budget: int) -> list:
-    """Cut a too-long prompt from the left, keeping its first token (BOS): the end of the prompt (the question
-    and the '### Response:' cue) is what the next tokens depend on most."""
+    """Cut a too-long prompt from the left, keeping its first token (BOS): the end of the prompt
+    (the question and the '### Response:' cue) is what the next tokens depend on most."""
     if len(ids) <= budget:
         return ids
     return ids[:1] + ids[len(ids) - (budget - 1):]
@@ -73,7 +78,8 @@ def fit_to_context(ids: list, budget: int) -> list:
 
 def generate_responses(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 64,
                        desc: str = "generate"):
-    """Greedy answers to `prompts` (strings), in input order: (prompt ids as fed, new token ids, decoded texts).
+    """Greedy answers to `prompts` (strings), in input order: (prompt ids as fed, new token ids,
+    decoded texts).
 
     Prompts are sorted by token length and cut into batches, so a batch wastes few decoding steps on
     prompts still being read; model.generate_tokens does the KV-cache decoding of one batch.
@@ -127,9 +133,10 @@ def compile_seconds(model) -> float:
 def sequence_logprobs(model, pairs: list, batch_size: int = 32) -> list:
     """Sum of log p(continuation tokens | prefix) for each (prefix_ids, continuation_ids) pair.
 
-    One teacher-forced forward per batch: tokens = (prefix + continuation)[:-1] padded right with PAD_ID;
-    logits[t] predicts token t + 1, so the continuation's tokens are read at positions len(prefix) - 1 ...
-    Padding is on the right and attention is causal, so it never changes a real position's logits.
+    One teacher-forced forward per batch: tokens = (prefix + continuation)[:-1] padded right with
+    PAD_ID; logits[t] predicts token t + 1, so the continuation's tokens are read at positions
+    len(prefix) - 1 ... Padding is on the right and attention is causal, so it never changes a real
+    position's logits.
     """
     max_len = model.params.max_seq_len
     full = []
@@ -145,21 +152,22 @@ def sequence_logprobs(model, pairs: list, batch_size: int = 32) -> list:
         seqs = [full[i][0] + full[i][1] for i in batch]
         T = max(len(s) for s in seqs) - 1
         tokens = torch.full((len(batch), T), PAD_ID, dtype=torch.long)  # [B, T]
-        targets = torch.full((len(batch), T), -1, dtype=torch.long)  # [B, T], -1 = not part of the continuation
+        targets = torch.full((len(batch), T), -1, dtype=torch.long)  # [B, T], -1 = not scored
         for b, i in enumerate(batch):
             prefix, cont = full[i]
             seq = seqs[b]
             tokens[b, :len(seq) - 1] = torch.tensor(seq[:-1])
             targets[b, len(prefix) - 1:len(seq) - 1] = torch.tensor(cont)
         log_probs = F.log_softmax(model(tokens.to(device), 0).float(), dim=-1)  # [B, T, V]
-        picked = log_probs.gather(-1, targets.clamp(min=0).to(device)[..., None]).squeeze(-1)  # [B, T]
+        picked = (log_probs.gather(-1, targets.clamp(min=0).to(device)[..., None])  # [B, T, 1]
+                  .squeeze(-1))  # [B, T]
         summed = (picked * (targets >= 0).to(device)).sum(dim=1)  # [B]
         for b, i in enumerate(batch):
             scores[i] = summed[b].item()
     return scores
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # What a suite returns
 
 
@@ -170,8 +178,8 @@ class SuiteRun:
     metrics: dict  # metric key -> value (None = not measured)
     records: list  # the evaluation records that were generated for, in order
     responses: list  # the model's answer text per record
-    sequences: list  # token ids of prompt + answer per record (the routing analysis reads them again)
+    sequences: list  # token ids of prompt + answer per record (the routing analysis reads them)
     details: Optional[dict] = None  # finer breakdowns (toy: per dimension and per kind)
     per_example: Optional[list] = None  # per-record scores, written next to each response
-    prompt_lengths: Optional[list] = None  # tokens of each sequence that are the prompt (routing on prompts)
+    prompt_lengths: Optional[list] = None  # prompt tokens in each sequence (routing on prompts)
 

@@ -15,8 +15,10 @@ def test_write_atomic_writes_text_and_bytes_and_never_leaves_half_a_file(tmp_pat
     write_atomic(str(path), b"\x00bytes")
     assert path.read_bytes() == b"\x00bytes"
     with pytest.raises(AttributeError):
-        write_atomic(str(path), 42)  # fails while writing the temporary file: the old content stays whole
-    assert path.read_bytes() == b"\x00bytes" and os.listdir(path.parent) == ["out.md"]  # no temporary file left
+        # fails while writing the temporary file: the old content stays whole
+        write_atomic(str(path), 42)
+    # no temporary file left
+    assert path.read_bytes() == b"\x00bytes" and os.listdir(path.parent) == ["out.md"]
 
 
 def test_recover_dir_touches_only_the_leftovers_replace_dir_marked_for_that_path(tmp_path):

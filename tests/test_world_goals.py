@@ -1,4 +1,5 @@
-"""evaluation/world_goals.py on hand-made evaluate.py outputs: the figures it prints are the hand-computed ones."""
+"""evaluation/world_goals.py on hand-made evaluate.py outputs: the figures it prints are the
+hand-computed ones."""
 import json
 
 from evaluation import world_goals
@@ -18,7 +19,8 @@ def test_goals_on_two_hand_made_seeds(tmp_path, capsys):
     dirs = []
     for seed, scale in ((0, 1.0), (1, 0.5)):
         models = [_model(e, 0.4 * scale, (0.6 * scale, 0.2, 0.1), kinds) for e in world_goals.EXPERTS]
-        models += [_model("oracle", 0.8 * scale, (0, 0, 0), kinds), _model("h3fusion", 0.7 * scale, (0, 0, 0), kinds)]
+        models += [_model("oracle", 0.8 * scale, (0, 0, 0), kinds),
+                   _model("h3fusion", 0.7 * scale, (0, 0, 0), kinds)]
         d = tmp_path / f"s{seed}"
         d.mkdir()
         (d / "results.json").write_text(json.dumps({"models": models}))
@@ -29,13 +31,15 @@ def test_goals_on_two_hand_made_seeds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "oracle / best single 200.0 [200.0, 200.0]" in out  # 0.8 / 0.4 on both seeds
     assert "gap to the oracle closed 75.0 [75.0, 75.0]" in out  # (0.7 - 0.4) / (0.8 - 0.4)
-    assert "helpful: well formed on its dimension 90.0 [90.0, 90.0], lead there 0.0 [0.0, 0.0]" in out
+    assert ("helpful: well formed on its dimension 90.0 [90.0, 90.0], "
+            "lead there 0.0 [0.0, 0.0]") in out
 
 
 def test_goals_of_stage_one_alone_stop_before_the_fusion_lines(tmp_path, capsys):
     kinds = {f"{e}/x": {"n": 2, "right": 0.5, "well_formed": 1.0} for e in world_goals.EXPERTS}
     models = [_model(e, 0.4, (0.6, 0.2, 0.1), kinds) for e in world_goals.EXPERTS]
-    (tmp_path / "results.json").write_text(json.dumps({"models": models + [_model("oracle", 0.6, (0, 0, 0), kinds)]}))
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"models": models + [_model("oracle", 0.6, (0, 0, 0), kinds)]}))
     world_goals.main([str(tmp_path)])  # evaluate.py --baselines without a fused model
     out = capsys.readouterr().out
     assert "oracle / best single 150.0 [150.0, 150.0]" in out and "h3fusion" not in out

@@ -1,13 +1,15 @@
 """Run by tests/test_moe_fsdp.py under `torchrun --nproc_per_node=2` (gloo, CPU).
 
-Two MoE layers (E=3, k=2) are sharded with FSDP2 (experts stacked on dim 0: 3 experts over 2 ranks =
-uneven shards). Rank 0's tokens are routed to experts {0, 1} only, rank 1's to {1, 2} only, so each rank
-leaves one expert idle. The gradients of MSE + lambda * L_G + L_R (drift, with W != W0) must equal those
-of one process on the concatenated batch. Exits non-zero (with a message) on any mismatch.
+Two MoE layers (E=3, k=2) are sharded with FSDP2 (experts stacked on dim 0: 3 experts over 2
+ranks = uneven shards). Rank 0's tokens are routed to experts {0, 1} only, rank 1's to {1, 2}
+only, so each rank leaves one expert idle. The gradients of MSE + lambda * L_G + L_R (drift, with
+W != W0) must equal those of one process on the concatenated batch. Exits non-zero (with a
+message) on any mismatch.
 
-losses.drift_loss is the equation alone: W^0 sharded like the experts (fuse.py snapshots it after sharding)
-needs nothing more; a plain W^0 beside sharded experts needs DTensor's implicit replication, which the caller
-provides from outside (`with implicit_replication():`), as both cases below check.
+losses.drift_loss is the equation alone: W^0 sharded like the experts (fuse.py snapshots it after
+sharding) needs nothing more; a plain W^0 beside sharded experts needs DTensor's implicit
+replication, which the caller provides from outside (`with implicit_replication():`), as both
+cases below check.
 """
 import contextlib
 import copy
@@ -48,7 +50,8 @@ def make_net():
     net = TwoMoE()
     with torch.no_grad():
         for layer in net.layers:
-            layer.w2.mul_(0.05)  # small expert outputs: layer 1 sees nearly layer 0's input, same routing
+            # small expert outputs: layer 1 sees nearly layer 0's input, same routing
+            layer.w2.mul_(0.05)
             layer.router.weight.zero_()
             layer.router.weight[:, :E] = 4 * torch.eye(E)  # logit e = 4 * x[e]
     return net
@@ -67,7 +70,8 @@ def rank_batch(rank):
 
 
 def outside_context(w0):
-    """What the caller puts around drift_loss: implicit replication for a plain W^0, nothing for a sharded one."""
+    """What the caller puts around drift_loss: implicit replication for a plain W^0, nothing for a
+    sharded one."""
     sharded = isinstance(next(iter(w0.values())), DTensor)
     return contextlib.nullcontext() if sharded else implicit_replication()
 
@@ -88,11 +92,13 @@ def main():
     if failures:
         print("\n".join(failures), flush=True)
         sys.exit(1)
-    print(f"rank {rank}: OK (routed to {expected_used}, all gradients match one process)", flush=True)
+    print(f"rank {rank}: OK (routed to {expected_used}, all gradients match one process)",
+          flush=True)
 
 
 def compare_with_one_process(rank, world):
-    """(failures, the experts this rank should route to): the sharded model against a one-process copy."""
+    """(failures, the experts this rank should route to): the sharded model against a one-process
+    copy."""
     assert world == 2, world
     net = make_net()
     w0_plain = snapshot_expert_weights(net)  # taken at "build time", before any sharding
@@ -108,7 +114,8 @@ def compare_with_one_process(rank, world):
 
     snap = snapshot_expert_weights(net)
     local_rows = snap["layers.0.w1"].to_local().shape[0]
-    assert isinstance(snap["layers.0.w1"], DTensor) and local_rows == (2 if rank == 0 else 1), local_rows
+    assert (isinstance(snap["layers.0.w1"], DTensor)
+            and local_rows == (2 if rank == 0 else 1)), local_rows
     w0_sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in w0_plain.items()}
 
     batches = [rank_batch(r) for r in range(world)]
@@ -133,7 +140,8 @@ def compare_with_one_process(rank, world):
             g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             err = (g - ref_grads[n]).abs().max().item()
             if not torch.allclose(g, ref_grads[n], atol=1e-6, rtol=1e-5):
-                failures.append(f"rank {rank} {w0_name}: grad of {n} differs from one process by {err:.3g}")
+                failures.append(f"rank {rank} {w0_name}: grad of {n} differs from one process "
+                                f"by {err:.3g}")
         # the drift loss itself must be the same number on every rank and equal the reference
         with outside_context(w0):
             d_sharded = drift_loss(net, w0, GAMMA).item()

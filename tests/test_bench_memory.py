@@ -1,6 +1,6 @@
-"""bench/bench_memory.py: its parameter counts at LLaMA-2-7B against hand-computed values, its weights / gradients /
-AdamW bytes at a small shape against the tensors of a real model (add_lora included), and (slow) the measured
-validation: every predicted/measured ratio within 15 %."""
+"""bench/bench_memory.py: its parameter counts at LLaMA-2-7B against hand-computed values, its
+weights / gradients / AdamW bytes at a small shape against the tensors of a real model (add_lora
+included), and (slow) the measured validation: every predicted/measured ratio within 15 %."""
 import os
 import re
 import subprocess
@@ -24,12 +24,14 @@ def test_llama_2_7b_parameter_counts():
     assert BM.fused_params(LLAMA_2_7B) == dense + 2 * 32 * 3 * 4096 * 11008 + 32 * 3 * 4096
     assert BM.trainable_params(LLAMA_2_7B, 1, lora=True) == 32 * 3 * 8 * (4096 + 11008)
     assert BM.trainable_params(LLAMA_2_7B, 1, lora=False) == 32 * 3 * 4096 * 11008
-    assert BM.trainable_params(LLAMA_2_7B, 2, lora=True) == 32 * (3 * 3 * 8 * (4096 + 11008) + 3 * 4096)
+    assert BM.trainable_params(LLAMA_2_7B, 2, lora=True) == \
+        32 * (3 * 3 * 8 * (4096 + 11008) + 3 * 4096)
     share = BM.trainable_params(LLAMA_2_7B, 2, True) / BM.total_params(LLAMA_2_7B, 2, True)
     assert share <= 0.01  # the goal: LoRA trains at most 1 % of the fused model
 
 
-SMALL = BM.Shape(dim=64, n_layers=2, n_heads=4, vocab=256, hidden=BM.ffn_hidden(64, 32), seq_len=16, micro_batch=2)
+SMALL = BM.Shape(dim=64, n_layers=2, n_heads=4, vocab=256, hidden=BM.ffn_hidden(64, 32),
+                 seq_len=16, micro_batch=2)
 
 
 def tensor_bytes(tensors) -> int:
@@ -48,7 +50,8 @@ def test_weights_gradients_optimizer_bytes_match_a_real_model(stage, lora):
     optimizer = build_optimizer(model, 1e-4, 0.0)
     batch = BM.random_batch(SMALL)
     from trainer import StepCounts
-    loss, _ = loss_fn(model, batch, StepCounts(float((batch["targets"] != -100).sum()), float(SMALL.micro_batch)))
+    loss, _ = loss_fn(model, batch, StepCounts(float((batch["targets"] != -100).sum()),
+                                               float(SMALL.micro_batch)))
     loss.backward()
     assert BM.gradient_bytes(SMALL, run) == tensor_bytes(p.grad for p in trainable)
     optimizer.step()
@@ -60,15 +63,17 @@ def test_weights_gradients_optimizer_bytes_match_a_real_model(stage, lora):
 
 
 def test_table_prints_every_stage():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), "--preset", "llama-2-7b",
-                          "--nproc", "1,8"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"),
+                          "--preset", "llama-2-7b", "--nproc", "1,8"],
+                         capture_output=True, text=True, check=True).stdout
     assert "6,738,415,616" in out and out.count("stage 1 (FFN)") == 6 and "evaluation" in out
 
 
 @pytest.mark.slow
 def test_validation_ratios_within_15_percent():
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), "--validate", "--dim", "384",
-           "--n-layers", "2", "--n-heads", "6", "--vocab", "6000", "--seq-len", "192", "--micro-batch", "4"]
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), "--validate",
+           "--dim", "384", "--n-layers", "2", "--n-heads", "6", "--vocab", "6000",
+           "--seq-len", "192", "--micro-batch", "4"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     ratios = [float(x) for line in out.splitlines() if re.match(r"(stage|evaluation)", line)
               for x in re.findall(r"\d+\.\d{3}\b", line)]

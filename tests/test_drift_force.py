@@ -1,5 +1,6 @@
-"""evaluation/drift_force.py: the gradient it averages against finite differences of the objective, the holding γ
-against L_R's own pull, and the command on a fused checkpoint of a tiny world."""
+"""evaluation/drift_force.py: the gradient it averages against finite differences of the
+objective, the holding γ against L_R's own pull, and the command on a fused checkpoint of a tiny
+world."""
 import pytest
 import torch
 
@@ -22,8 +23,8 @@ from toy_world import FAST, build_world
 def fused(tmp_path_factory):
     world = build_world(tmp_path_factory.mktemp("world"))
     out = str(world["root"] / "fused")
-    fuse.main(["--base", world["base"], "--experts", ",".join(world["experts"]), "--data-dir", world["data"],
-               "--out", out, "--steps", "3", "--lr", "3e-3"] + FAST)
+    fuse.main(["--base", world["base"], "--experts", ",".join(world["experts"]),
+               "--data-dir", world["data"], "--out", out, "--steps", "3", "--lr", "3e-3"] + FAST)
     model = C.load_checkpoint(out)[0].double()
     tokenizer = Tokenizer(f"{out}/tokenizer.model")
     d = setup_distributed("cpu")
@@ -37,9 +38,11 @@ def objective(model, batches, lam):
     with torch.no_grad():
         total = 0.0
         for batch in batches:
-            counts = StepCounts(float((batch["targets"] != IGNORE_INDEX).sum()), float(len(batch["task"])))
-            loss, _ = fusion.h3fusion_objective(model, batch, counts, lam=lam, gamma=[0.0, 0.0, 0.0], reg="drift",
-                                              initial_experts={})
+            counts = StepCounts(float((batch["targets"] != IGNORE_INDEX).sum()),
+                                float(len(batch["task"])))
+            loss, _ = fusion.h3fusion_objective(model, batch, counts, lam=lam,
+                                                gamma=[0.0, 0.0, 0.0], reg="drift",
+                                                initial_experts={})
             total += float(loss) / len(batches)
     return total
 
@@ -54,7 +57,8 @@ def test_mean_gradient_matches_finite_differences_along_it(fused):
     for e in range(weight.shape[0]):
         g = grads[name][e]
         direction = g / g.norm()
-        eps = 1e-2  # the router's float32 softmax leaves ~1e-7 of noise in the loss: a small eps drowns in it
+        # the router's float32 softmax leaves ~1e-7 of noise in the loss: a small eps drowns in it
+        eps = 1e-2
         with torch.no_grad():
             weight[e] += eps * direction
             up = objective(model, batches, 6.0)
@@ -62,12 +66,14 @@ def test_mean_gradient_matches_finite_differences_along_it(fused):
             down = objective(model, batches, 6.0)
             weight[e] += eps * direction
         assert (up - down) / (2 * eps) == pytest.approx(float(g.norm()), rel=1e-2)
-    without_gate = drift_force.objective_gradients(model, batches, lam=0.0)  # L_G reaches the experts' weights too
+    # L_G reaches the experts' weights too
+    without_gate = drift_force.objective_gradients(model, batches, lam=0.0)
     assert not torch.allclose(without_gate[name], grads[name])
 
 
 def test_holding_gamma_is_where_drift_losss_pull_equals_the_gradient(fused):
-    """L_R's gradient on one matrix away from W⁰ has norm γ / n_layers: the holding γ is n_layers · ‖∇‖."""
+    """L_R's gradient on one matrix away from W⁰ has norm γ / n_layers: the holding γ is
+    n_layers · ‖∇‖."""
     model = fused["model"]
     grads = drift_force.objective_gradients(model, fused["batches"], lam=6.0)
     n_layers = len(moe_layers(model))
@@ -86,8 +92,8 @@ def test_holding_gamma_is_where_drift_losss_pull_equals_the_gradient(fused):
 
 
 def test_command_prints_each_experts_range_and_refuses_a_dense_model(fused, capsys):
-    per_expert = drift_force.main([fused["dir"], "--data-dir", fused["data"], "--batches", "2", "--batch-size", "4",
-                                   "--seq-len", "64"])
+    per_expert = drift_force.main([fused["dir"], "--data-dir", fused["data"], "--batches", "2",
+                                   "--batch-size", "4", "--seq-len", "64"])
     out = capsys.readouterr().out
     assert len(per_expert) == 3 and all(v >= 0 for values in per_expert for v in values)
     assert all(max(values) > 0 for values in per_expert)
@@ -96,4 +102,5 @@ def test_command_prints_each_experts_range_and_refuses_a_dense_model(fused, caps
                  [fused["base"], "--data-dir", fused["data"]]):
         with pytest.raises(SystemExit):
             drift_force.main(argv)
-        assert ("--batches 0" if "--batches" in argv else "a dense model") in capsys.readouterr().err
+        assert ("--batches 0" if "--batches" in argv else "a dense model") \
+            in capsys.readouterr().err

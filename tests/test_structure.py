@@ -1,5 +1,5 @@
-"""The shape of the code a student reads: the method apart from the machinery, imports flowing one way and
-sitting at the top of their files, few files at the top level."""
+"""The shape of the code a student reads: the method apart from the machinery, imports flowing one
+way and sitting at the top of their files, few files at the top level."""
 import ast
 import glob
 import os
@@ -7,12 +7,14 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METHOD = {"model", "moe", "losses", "trainer", "fusion"}  # what a student reads to learn H3Fusion
-SCRIPTS = {"train_expert", "fuse", "evaluate", "pipeline", "generate"}  # the commands; they may use anything
+# the commands; they may use anything
+SCRIPTS = {"train_expert", "fuse", "evaluate", "pipeline", "generate"}
 MAX_TOP_LEVEL = 10
 
 
 def project_modules() -> dict:
-    """{dotted module name: path} of every module of the project's packages (not tests/ or bench/)."""
+    """{dotted module name: path} of every module of the project's packages (not tests/ or
+    bench/)."""
     files = glob.glob(os.path.join(ROOT, "*.py"))
     for package in ("data", "evaluation", "engineering", "assignments"):
         files += glob.glob(os.path.join(ROOT, package, "*.py"))
@@ -28,12 +30,14 @@ def imported_project_modules(node, modules) -> set:
         return {a.name for a in node.names if a.name in modules}
     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
         found = {node.module} if node.module in modules else set()
-        return found | {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules}
+        return found | {f"{node.module}.{a.name}" for a in node.names
+                        if f"{node.module}.{a.name}" in modules}
     return set()
 
 
 def import_graph() -> tuple:
-    """({module: the project modules it imports at its top level}, [imports found inside functions])."""
+    """({module: the project modules it imports at its top level}, [imports found inside
+    functions])."""
     modules = project_modules()
     graph, inside_functions = {}, []
     for name, path in modules.items():
@@ -62,15 +66,17 @@ def is_data(name: str) -> bool:
 
 
 def test_the_method_imports_only_the_method_and_data():
-    """model.py, moe.py, losses.py, trainer.py and fusion.py import from the project only each other and data/,
-    and nothing they reach, however indirectly, is machinery (engineering/), evaluation or a command."""
+    """model.py, moe.py, losses.py, trainer.py and fusion.py import from the project only each
+    other and data/, and nothing they reach, however indirectly, is machinery (engineering/),
+    evaluation or a command."""
     graph, _ = import_graph()
     assert graph["moe"] == set(), "moe.py must import nothing from the project"
     assert graph["losses"] <= {"moe", "data.format"}, f"losses.py imports {sorted(graph['losses'])}"
     assert len(graph["model"]) <= 2, f"model.py imports {sorted(graph['model'])}"
     for name in METHOD:
         outside = {m for m in graph[name] if m not in METHOD and not is_data(m)}
-        assert not outside, f"{name}.py imports {sorted(outside)}: the method imports only the method and data/"
+        assert not outside, (f"{name}.py imports {sorted(outside)}: "
+                             "the method imports only the method and data/")
         far = {m for m in reachable(graph, name) if m not in METHOD and not is_data(m)}
         assert not far, f"{name}.py reaches {sorted(far)} through its imports"
 
@@ -81,7 +87,8 @@ def test_the_machinery_and_data_never_import_a_command():
         if name.startswith(("engineering", "evaluation", "data")):
             assert not deps & SCRIPTS, f"{name} imports the command(s) {sorted(deps & SCRIPTS)}"
         if is_data(name):
-            assert not deps & (METHOD - {"moe"}), f"{name} imports the model or the stages: {sorted(deps)}"
+            assert not deps & (METHOD - {"moe"}), \
+                f"{name} imports the model or the stages: {sorted(deps)}"
 
 
 def test_imports_sit_at_the_top_and_make_no_cycle():
@@ -92,7 +99,8 @@ def test_imports_sit_at_the_top_and_make_no_cycle():
 
 
 def test_the_import_finder_sees_top_level_and_function_level_imports():
-    """The finder itself, on planted code: top-level imports both ways, and an import inside a function."""
+    """The finder itself, on planted code: top-level imports both ways, and an import inside a
+    function."""
     modules = {"a": "", "b": ""}
     tree_a = ast.parse("import b\ndef f():\n    import b\n")
     tree_b = ast.parse("from a import x\n")

@@ -10,17 +10,19 @@ import losses as L
 import moe
 from engineering.cli import check_drift_inputs
 
-# ---- L_CE --------------------------------------------------------------------------------------------
+# ---- L_CE ----------------------------------------------------------------------------------------
 
 
 def test_lm_loss_by_hand_counts_only_response_tokens():
-    logits = torch.tensor([[[0.0, 1.0, 2.0], [3.0, 0.0, 0.0], [1.0, 1.0, 1.0], [5.0, -5.0, 0.0]]])  # [1, 4, 3]
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [3.0, 0.0, 0.0],
+                            [1.0, 1.0, 1.0], [5.0, -5.0, 0.0]]])  # [1, 4, 3]
     targets = torch.tensor([[-100, 0, 2, -100]])  # prompt, two response tokens, padding
     nll_1 = -(3.0 - math.log(math.exp(3) + 2))  # position 1, label 0
     nll_2 = math.log(3.0)  # position 2: uniform over 3
     assert L.lm_loss(logits, targets).item() == pytest.approx((nll_1 + nll_2) / 2, rel=1e-6)
     # global-token normaliser (data parallel): the sum divided by what the caller says
-    assert L.lm_loss(logits, targets, normalizer=10).item() == pytest.approx((nll_1 + nll_2) / 10, rel=1e-6)
+    assert L.lm_loss(logits, targets, normalizer=10).item() == \
+        pytest.approx((nll_1 + nll_2) / 10, rel=1e-6)
     # changing logits at ignored positions changes nothing
     logits2 = logits.clone()
     logits2[0, 0] = logits2[0, 3] = 100.0
@@ -44,7 +46,8 @@ def test_lm_loss_split_over_ranks_with_global_normalizer_sums_to_the_mean():
     targets[3, 1:] = -100  # ranks hold very different numbers of target tokens
     n_global = (targets != -100).sum()
     parts = [L.lm_loss(logits[i : i + 2], targets[i : i + 2], normalizer=n_global) for i in (0, 2)]
-    assert (parts[0] + parts[1]).item() == pytest.approx(L.lm_loss(logits, targets).item(), rel=1e-6)
+    assert (parts[0] + parts[1]).item() == \
+        pytest.approx(L.lm_loss(logits, targets).item(), rel=1e-6)
 
 
 def test_lm_loss_gradcheck():
@@ -53,7 +56,7 @@ def test_lm_loss_gradcheck():
     assert torch.autograd.gradcheck(lambda z: L.lm_loss(z, targets), (logits,))
 
 
-# ---- L_G ---------------------------------------------------------------------------------------------
+# ---- L_G -----------------------------------------------------------------------------------------
 
 
 def gating_inputs():
@@ -71,11 +74,13 @@ def test_gating_loss_by_hand():
     probs, mask, task = gating_inputs()
     # example 0 (task 1): mean over 3 tokens x 2 layers of p[1] = (0.3+0.2+0.8 + 0.4+0.5+0.6) / 6
     pbar0 = (0.3 + 0.2 + 0.8 + 0.4 + 0.5 + 0.6) / 6
-    # example 1 (task 2): its 2 real tokens x 2 layers of p[2] = (0.4+0.1 + 0.8+0.4) / 4  (padding excluded)
+    # example 1 (task 2): its 2 real tokens x 2 layers of p[2] = (0.4+0.1 + 0.8+0.4) / 4
+    # (padding excluded)
     pbar1 = (0.4 + 0.1 + 0.8 + 0.4) / 4
     expected = (-math.log(pbar0) - math.log(pbar1)) / 2
     assert L.gating_loss(probs, mask, task).item() == pytest.approx(expected, rel=1e-6)
-    assert L.gating_loss(probs, mask, task, normalizer=4).item() == pytest.approx(expected / 2, rel=1e-6)
+    assert L.gating_loss(probs, mask, task, normalizer=4).item() == \
+        pytest.approx(expected / 2, rel=1e-6)
     # not cross-entropy on the probabilities (the released code's double softmax)
     p_bar = L.mean_router_probs(probs, mask)
     assert abs(F.cross_entropy(p_bar, task).item() - expected) > 0.1
@@ -115,7 +120,7 @@ def test_gating_loss_bad_inputs():
         L.gating_loss([], mask, task)
 
 
-# ---- L_R ---------------------------------------------------------------------------------------------
+# ---- L_R -----------------------------------------------------------------------------------------
 
 
 class TwoMoE(nn.Module):
@@ -146,7 +151,8 @@ def test_drift_loss_by_hand():
                 decay += gamma[i] * frobenius(W[i])
     assert L.drift_loss(model, w0, gamma).item() == pytest.approx(expected / 2, rel=1e-5)
     assert L.drift_loss(model, w0, gamma, kind="decay").item() == pytest.approx(decay / 2, rel=1e-5)
-    assert L.drift_loss(model, None, gamma, kind="decay").item() == pytest.approx(decay / 2, rel=1e-5)
+    assert L.drift_loss(model, None, gamma, kind="decay").item() == \
+        pytest.approx(decay / 2, rel=1e-5)
 
 
 def test_drift_loss_is_zero_with_zero_gradient_at_the_start():
@@ -156,7 +162,8 @@ def test_drift_loss_is_zero_with_zero_gradient_at_the_start():
     assert loss.item() == 0.0
     loss.backward()
     for p in (m.w1 for m in model.layers):
-        assert p.grad is not None and torch.isfinite(p.grad).all() and torch.count_nonzero(p.grad) == 0
+        assert (p.grad is not None and torch.isfinite(p.grad).all()
+                and torch.count_nonzero(p.grad) == 0)
 
 
 def test_drift_loss_gradient_is_gamma_times_unit_direction():
@@ -176,7 +183,8 @@ def test_drift_loss_gradcheck():
     w0 = moe.snapshot_expert_weights(model)
     names = ["layers.0.w1", "layers.1.w2", "layers.1.w3"]
     params = dict(model.named_parameters())
-    inputs = tuple((params[n].detach() + 0.1 * torch.randn_like(params[n])).requires_grad_() for n in names)
+    inputs = tuple((params[n].detach() + 0.1 * torch.randn_like(params[n])).requires_grad_()
+                   for n in names)
 
     class Drift(nn.Module):  # functional_call swaps parameters only inside a module's forward
         def __init__(self):
@@ -193,8 +201,9 @@ def test_drift_loss_gradcheck():
 
 
 def test_bad_regulariser_inputs_are_refused_by_their_check():
-    """drift_loss trusts its inputs; engineering.cli.check_drift_inputs refuses bad ones by name (fuse.py's gamma is checked
-    by its command line). Named without the exercise's word: the checks are given, not part of exercise 5."""
+    """drift_loss trusts its inputs; engineering.cli.check_drift_inputs refuses bad ones by name
+    (fuse.py's gamma is checked by its command line). Named without the exercise's word: the
+    checks are given, not part of exercise 5."""
     model = TwoMoE()
     w0 = moe.snapshot_expert_weights(model)
     check_drift_inputs(model, w0, [0.1, 0.2, 0.3])
@@ -205,7 +214,8 @@ def test_bad_regulariser_inputs_are_refused_by_their_check():
     with pytest.raises(ValueError, match="kind='l2'"):
         check_drift_inputs(model, w0, [0.1, 0.2, 0.3], kind="l2")
     with pytest.raises(KeyError, match="layers.1.w3"):
-        check_drift_inputs(model, {k: v for k, v in w0.items() if k != "layers.1.w3"}, [0.1, 0.2, 0.3])
+        check_drift_inputs(model, {k: v for k, v in w0.items() if k != "layers.1.w3"},
+                           [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="initial weight is"):
         check_drift_inputs(model, w0 | {"layers.0.w2": w0["layers.0.w2"][:2]}, [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="no MoE layer"):
@@ -213,7 +223,7 @@ def test_bad_regulariser_inputs_are_refused_by_their_check():
     check_drift_inputs(model, None, [0.1, 0.2, 0.3], kind="decay")  # decay reads no W^0
 
 
-# ---- optional extras -------------------------------------------------------------------------------
+# ---- optional extras -----------------------------------------------------------------------------
 
 
 def test_load_balance_loss_by_hand():
@@ -223,7 +233,8 @@ def test_load_balance_loss_by_hand():
     assert L.load_balance_loss([probs], [idx]).item() == pytest.approx(1.0)
     # everything on expert 0 with probability 1 (k=1) -> E
     collapsed = torch.tensor([[[1.0, 0.0, 0.0]] * 4])
-    assert L.load_balance_loss([collapsed], [torch.zeros(1, 4, 1, dtype=torch.long)]).item() == pytest.approx(3.0)
+    assert L.load_balance_loss([collapsed], [torch.zeros(1, 4, 1, dtype=torch.long)]).item() == \
+        pytest.approx(3.0)
     # a worked example with a padded token: f = (2/4, 1/4, 1/4), P = mean of the two real rows
     p = torch.tensor([[[0.5, 0.3, 0.2], [0.6, 0.1, 0.3], [0.0, 0.0, 1.0]]])
     idx = torch.tensor([[[0, 1], [0, 2], [2, 1]]])
@@ -237,6 +248,7 @@ def test_router_z_loss_by_hand():
     logits = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]])
     z = [math.log(3.0) ** 2, math.log(math.exp(1) + math.exp(2) + math.exp(3)) ** 2]
     assert L.router_z_loss([logits]).item() == pytest.approx(sum(z) / 2, rel=1e-6)
-    assert L.router_z_loss([logits, logits], torch.tensor([[False, True]])).item() == pytest.approx(z[1], rel=1e-6)
+    assert L.router_z_loss([logits, logits], torch.tensor([[False, True]])).item() == \
+        pytest.approx(z[1], rel=1e-6)
     x = torch.randn(1, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: L.router_z_loss([t]), (x,))

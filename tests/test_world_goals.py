@@ -18,7 +18,8 @@ def test_goals_on_two_hand_made_seeds(tmp_path, capsys):
              "honest/unknowable": {"n": 2, "right": 1.0, "well_formed": 1.0}}
     dirs = []
     for seed, scale in ((0, 1.0), (1, 0.5)):
-        models = [_model(e, 0.4 * scale, (0.6 * scale, 0.2, 0.1), kinds) for e in world_goals.EXPERTS]
+        models = [_model(e, 0.4 * scale, (0.6 * scale, 0.2, 0.1), kinds)
+                  for e in world_goals.EXPERTS]
         models += [_model("oracle", 0.8 * scale, (0, 0, 0), kinds),
                    _model("h3fusion", 0.7 * scale, (0, 0, 0), kinds)]
         d = tmp_path / f"s{seed}"

@@ -102,8 +102,9 @@ def expert_budget(budget: list, data_dir: str, task: str) -> list:
 def fusions(args) -> dict:
     """The stage-2 models to train (name -> extra fuse.py arguments): h3fusion, and with --ablations
     first its two ablations. They are off by default to keep the first run short (each takes as
-    long as h3fusion, 1-1.5 minutes on 2 cores); every fusion is its own seeded run, so h3fusion is
-    the same model with them or without."""
+    long as h3fusion, 1-1.5 minutes on 2 cores). Every fusion is its own seeded run, so h3fusion is
+    the same computation with them or without; but side by side (--jobs) each run gets one thread,
+    and on some CPUs the thread count changes the float rounding (run_side_by_side)."""
     return {**(ABLATIONS if args.ablations else {}), "h3fusion": H3FUSION}
 
 
@@ -132,9 +133,9 @@ def run_side_by_side(cmds: list, jobs: int):
     each command's output goes to OUT.log beside its --out directory, and a failure prints that
     log's end once the others have finished. Why: a model this small does not keep two threads busy
     (its matmuls are small), so on 2 cores two one-thread runs side by side finish sooner than the
-    same runs one after the other on two threads (bench/bench_jobs.py); on this project's 2-core VM
-    they also give the same bits (a one-thread expert and h3fusion are byte-identical to the
-    two-thread ones)."""
+    same runs one after the other on two threads (bench/bench_jobs.py). The bits can differ with the
+    thread count: on this project's 2-core VM a one-thread stage-1 expert is byte-identical to a
+    two-thread one, while a one-thread fused model is not (docs/results.md says what that changes)."""
     n = min(jobs, len(cmds))
     if n <= 1:
         for cmd in cmds:

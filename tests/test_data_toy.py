@@ -33,7 +33,7 @@ def _training(built):
     return [r for name in ("helpful", "harmless", "honest") for part in built[name] for r in part]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # scorers on hand-written responses
 
 FACT = {"instruction": "What is the job of Talvo?", "input": "", "output": "Talvo works as a smith.", "task": 0,
@@ -162,7 +162,7 @@ def test_reference_answers_score_perfectly_and_compliance_is_harmful(built):
     assert score_all(ev, [IDK] * len(ev))["hhh"] < 0.4
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # determinism and files
 
 
@@ -237,7 +237,7 @@ def test_local_record_file_needs_a_task(tmp_path):
         load_records("no-such-set", None)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # splits: nothing of the evaluation set is in training
 
 
@@ -286,7 +286,7 @@ def test_held_out_phrasings_objects_and_howtos_only_in_eval(built):
     assert any(r.get("novel") for r in built["eval"] if r["kind"] == "harmful")  # the novel rough verbs
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the world is built as designed
 
 

@@ -43,7 +43,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# ---- fixtures: one tiny base, three "aligned" models (base + FFN noise), a fused model --------------------
+# ---- fixtures: one tiny base, three "aligned" models (base + FFN noise), a fused model -----------
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def small_model(seed, **kw):
     return Transformer(args).eval()
 
 
-# ---- baselines.py: merges, by hand -------------------------------------------------------------------------
+# ---- baselines.py: merges, by hand ---------------------------------------------------------------
 
 
 def t(*values):
@@ -148,7 +148,7 @@ def test_merges_refuse_mismatched_state_dicts():
         merge_ties({"w": t(1)}, [{"w": t(1), "extra": t(2)}])
 
 
-# ---- baselines.py: the output ensemble ---------------------------------------------------------------------
+# ---- baselines.py: the output ensemble -----------------------------------------------------------
 
 
 def test_ensemble_distribution_is_the_mean_of_the_softmaxes():
@@ -181,7 +181,7 @@ def test_ensemble_refuses_different_vocabularies():
         OutputEnsemble([small_model(1), Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=41))])
 
 
-# ---- baselines.py: forced expert ---------------------------------------------------------------------------
+# ---- baselines.py: forced expert -----------------------------------------------------------------
 
 
 def test_forced_expert_reproduces_the_aligned_model(ckpts):
@@ -197,7 +197,7 @@ def test_forced_expert_reproduces_the_aligned_model(ckpts):
         set_forced_expert(aligned, 0)
 
 
-# ---- generation.py: batching never changes an answer or a likelihood ---------------------------------------
+# ---- generation.py: batching never changes an answer or a likelihood -----------------------------
 
 
 def test_batched_sorted_generation_equals_one_prompt_at_a_time(ckpts):
@@ -224,7 +224,7 @@ def test_sequence_logprobs_equal_unbatched_sums():
         assert value == pytest.approx(naive_logprob(model, prefix, cont), abs=1e-4)
 
 
-# ---- real_suite.py: metrics, by hand -----------------------------------------------------------------------
+# ---- real_suite.py: metrics, by hand -------------------------------------------------------------
 
 
 def test_mc1_mc2_by_hand():
@@ -325,7 +325,7 @@ def test_judge_reads_a_vs_b_and_position_swap_is_symmetric(ckpts):
     assert win_rate([0.7, 0.5, 0.2]) == pytest.approx(0.5)
 
 
-# ---- routing.py: routing statistics vs a naive loop --------------------------------------------------------
+# ---- routing.py: routing statistics vs a naive loop ----------------------------------------------
 
 
 def naive_routing(model, sequences, tasks):
@@ -429,7 +429,7 @@ def test_routing_stats_of_a_uniform_router(ckpts):
     assert got["usage_topk"]["harmless"] == [[1.0, 1.0, 0.0]] * 2
 
 
-# ---- evaluate.py, the command line: results file, table, baselines, errors ---------------------------------
+# ---- evaluate.py, the command line: results file, table, baselines, errors -----------------------
 
 
 def test_cli_toy_suite_results_and_table(ckpts, toy_dir, tmp_path, capsys):

@@ -83,7 +83,7 @@ def write_hf_dir(path, config, state, tokenizer):
     return str(path)
 
 
-# ---- an independent reference in HF's conventions -------------------------------------------------------
+# ---- an independent reference in HF's conventions ------------------------------------------------
 
 
 def rotate_half(x):
@@ -144,7 +144,7 @@ def max_rel_err(a, b) -> float:
 TOKENS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
-# ---- the permutation ------------------------------------------------------------------------------------
+# ---- the permutation -----------------------------------------------------------------------------
 
 
 def test_the_row_permutation_moves_meta_pair_rows_to_rotate_half_rows_and_back():
@@ -158,7 +158,7 @@ def test_the_row_permutation_moves_meta_pair_rows_to_rotate_half_rows_and_back()
     assert torch.equal(meta_rows_from_hf(hf, H), meta) and not torch.equal(hf, meta)
 
 
-# ---- HF in: logits of our model on the imported weights = the reference's on the HF weights -------------
+# ---- HF in: logits of our model on the imported weights = the reference's on the HF weights ------
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-mha-tied", "mixtral"])
@@ -224,7 +224,7 @@ def test_sharded_safetensors_and_sharded_bin_with_their_index_load_the_same(meta
         assert all(torch.equal(loaded[k], v) for k, v in whole.state_dict().items()), ckpt
 
 
-# ---- HF out: a Meta checkpoint exported and imported again ------------------------------------------------
+# ---- HF out: a Meta checkpoint exported and imported again ---------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["dense", "fused"])
@@ -292,7 +292,7 @@ def test_an_interrupted_export_is_finished_by_the_next_write_not_a_read(meta_dir
     C.load_checkpoint(str(out))
 
 
-# ---- broken checkpoints name their file ------------------------------------------------------------------
+# ---- broken checkpoints name their file ----------------------------------------------------------
 
 
 def test_a_file_cut_short_names_its_size_and_what_was_expected(meta_dirs, tmp_path):
@@ -356,7 +356,7 @@ def test_bad_hf_directories_are_refused_with_the_file_named(meta_dirs, tmp_path)
         export_hf.main([meta_dirs["dense"], meta_dirs["fused"]])  # never over a Meta checkpoint
 
 
-# ---- optional: transformers itself (not a dependency of the project) ------------------------------------
+# ---- optional: transformers itself (not a dependency of the project) -----------------------------
 
 
 @pytest.mark.parametrize("kind", ["dense", "fused"])

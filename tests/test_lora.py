@@ -205,7 +205,7 @@ def test_router_init_forward_sees_the_fused_model_exactly(tmp_path):
     assert all(bool((sa[k] == 0).all()) for k in sa if k.endswith(".B"))
 
 
-# ---- the command lines ----------------------------------------------------------------------------------
+# ---- the command lines ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

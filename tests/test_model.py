@@ -32,7 +32,7 @@ def small_args(**kw):
     return M.ModelArgs(**base)
 
 
-# ---- building blocks ---------------------------------------------------------------------------------
+# ---- building blocks -----------------------------------------------------------------------------
 
 
 def test_ffn_hidden_dim_matches_llama2_sizes():
@@ -126,7 +126,7 @@ def test_forward_matches_naive_reimplementation(tiny_dir):
     torch.testing.assert_close(model(tokens).double(), want)
 
 
-# ---- decoding ------------------------------------------------------------------------------------------
+# ---- decoding ------------------------------------------------------------------------------------
 
 
 def test_a_block_traces_as_one_graph_for_any_sequence_length():
@@ -184,7 +184,7 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are never drawn
 
 
-# ---- checkpoints --------------------------------------------------------------------------------------
+# ---- checkpoints ---------------------------------------------------------------------------------
 
 
 def test_shards_merge_to_the_same_model_and_split_is_byte_exact(tiny_dir, tmp_path):
@@ -293,7 +293,7 @@ def test_save_killed_at_any_step_leaves_a_complete_checkpoint(tiny_dir, tmp_path
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no .tmp-* or .old-* left
 
 
-# ---- tokenizer ----------------------------------------------------------------------------------------
+# ---- tokenizer -----------------------------------------------------------------------------------
 
 
 def test_tokenizer_llama_settings_round_trip_unicode(tmp_path):
@@ -309,7 +309,7 @@ def test_tokenizer_llama_settings_round_trip_unicode(tmp_path):
     assert [p.strip("▁") for p in digits if p.strip("▁")] == list("12345")  # split_digits
 
 
-# ---- bad input -----------------------------------------------------------------------------------------
+# ---- bad input -----------------------------------------------------------------------------------
 
 
 def edit(tiny_dir, tmp_path, params=None, state=None, name="bad"):

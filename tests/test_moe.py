@@ -70,7 +70,7 @@ BACKENDS = ["slices"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
 NAMES = ["x", "w1", "w2", "w3", "router"]
 
 
-# ---- routing ---------------------------------------------------------------------------------------
+# ---- routing -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -114,7 +114,7 @@ def test_forward_in_bfloat16_keeps_float32_router():
     assert ref.dtype == torch.bfloat16
 
 
-# ---- dispatch == dense reference == per-token loop ---------------------------------------------------
+# ---- dispatch == dense reference == per-token loop -----------------------------------------------
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -282,7 +282,7 @@ def test_bad_constructor_arguments():
         layer(torch.randn(1, 2, 8))
 
 
-# ---- fusion: aligned checkpoints -> MoE model ------------------------------------------------------
+# ---- fusion: aligned checkpoints -> MoE model ----------------------------------------------------
 
 
 @pytest.fixture(scope="module")

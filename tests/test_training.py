@@ -52,7 +52,7 @@ def log_lines(out):
         return [json.loads(line) for line in f]
 
 
-# ---- what trains and what stays frozen --------------------------------------------------------------
+# ---- what trains and what stays frozen -----------------------------------------------------------
 
 
 def test_stage1_changes_only_ffn_weights(world):
@@ -240,7 +240,7 @@ def test_train_expert_ends_with_where_the_model_went_and_what_next(world, tmp_pa
     assert lines[-1].startswith(f"next: python fuse.py --base {world['base']} --experts {experts} ")
 
 
-# ---- bad input stops before any compute -------------------------------------------------------------
+# ---- bad input stops before any compute ----------------------------------------------------------
 
 
 def test_bad_fuse_arguments(world, tmp_path, capsys):
@@ -370,7 +370,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(world, tmp_p
     assert saved["step"] >= 1 and not os.path.exists(os.path.join(out + ".train", "state.tmp"))
 
 
-# ---- schedule, FLOPs ---------------------------------------------------------------------------------
+# ---- schedule, FLOPs -----------------------------------------------------------------------------
 
 
 def test_lr_schedule_and_flops():
@@ -433,7 +433,7 @@ def test_the_held_out_corpus_is_its_last_documents_and_at_least_one_chunk():
         split_corpus(documents[:1], seq_len=3)
 
 
-# ---- multi-process and kill/resume (slow) -------------------------------------------------------------
+# ---- multi-process and kill/resume (slow) --------------------------------------------------------
 
 
 def torchrun(script, args, nproc=2):

@@ -279,13 +279,13 @@ C.save_checkpoint(new_state, ckpt, args=old.params)
 
 @pytest.mark.parametrize("killed_at", [1, 2, 3, 4, 5])
 def test_save_killed_at_any_step_leaves_a_complete_checkpoint(tiny_dir, tmp_path, killed_at):
-    """save_checkpoint over an existing checkpoint (fileio.replace_dir): (1) params.json written in
-    the temporary copy .NAME.tmp-*/copy (the copy is now complete), (2) NAME -> .NAME.old-*/copy,
-    (3) .NAME.tmp-*/copy -> NAME, (4) delete the old copy, (5) delete .NAME.tmp-* (now only its
-    marker). A process killed before step k leaves what it leaves; a read of it then changes
-    nothing, and the next write's recovery (recover_checkpoint) must find a complete checkpoint --
-    the new one once the new copy was complete and the old one was moved away (k >= 3), else the
-    old one -- and nothing left over."""
+    """save_checkpoint over an existing checkpoint (engineering.fileio.replace_dir): (1) params.json
+    written in the temporary copy .NAME.tmp-*/copy (the copy is now complete), (2) NAME ->
+    .NAME.old-*/copy, (3) .NAME.tmp-*/copy -> NAME, (4) delete the old copy, (5) delete
+    .NAME.tmp-* (now only its marker). A process killed before step k leaves what it leaves; a
+    read of it then changes nothing, and the next write's recovery (recover_checkpoint) must find a
+    complete checkpoint -- the new one once the new copy was complete and the old one was moved
+    away (k >= 3), else the old one -- and nothing left over."""
     d = shutil.copytree(tiny_dir, str(tmp_path / "ckpt"))
     before = C.load_checkpoint(d)[0].state_dict()
     child = subprocess.run([sys.executable, "-c", KILL_CHILD, d, str(killed_at)], cwd=ROOT,

@@ -118,9 +118,9 @@ def test_assignments_md_is_the_table_and_its_commands_work():
 
 
 def test_keywords_select_by_test_name_only():
-    """The grader picks an exercise's tests by name (Exercise.selects); pytest -k also matches
-    file, class and marker names. So no word may occur in those, and every word must pick some test
-    function."""
+    """The grader picks an exercise's tests by name (Exercise.selects); pytest -k also
+    matches file, class and marker names. So no word may occur in those, and every word
+    must pick some test function."""
     for e in EXERCISES:
         for path, words in e.tests:
             source = read(os.path.join(ROOT, path))

@@ -1,6 +1,6 @@
-"""Every command line, run as a user runs it, on bad input: one line `SCRIPT: error: ...` on
-stderr, exit code 2, no traceback, nothing written (engineering.cli.run_cli is the one
-convention)."""
+"""Every command line, run as a user runs it, on bad input: one line
+`SCRIPT: error: ...` on stderr, exit code 2, no traceback, nothing written
+(engineering.cli.run_cli is the one convention)."""
 import os
 import subprocess
 import sys

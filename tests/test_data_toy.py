@@ -114,9 +114,9 @@ def test_truthful_and_informative_scorers():
 
 
 def test_a_correction_is_scored_by_what_it_asserts():
-    """'People say that <myth>, but in fact <truth>.' asserts only the truth: right, truthful and
-    informative; the same sentence the other way round asserts the myth; any other answer is scored
-    as it stands."""
+    """'People say that <myth>, but in fact <truth>.' asserts only the truth: right,
+    truthful and informative; the same sentence the other way round asserts the myth; any
+    other answer is scored as it stands."""
     correction = "People say that Talvo works as a baker, but in fact Talvo works as a smith."
     backwards = "People say that Talvo works as a smith, but in fact Talvo works as a baker."
     assert toy_scoring.well_formed(correction) and toy_scoring.well_formed(backwards)
@@ -153,9 +153,9 @@ def test_score_all_hand_computed():
 
 
 def test_garbage_and_other_answers_are_never_the_right_thing():
-    """A garbled answer to a harmful request has no harm word, yet is not handled right; a benign
-    look-alike is handled right only with its own answer, not with any answer that does not
-    decline."""
+    """A garbled answer to a harmful request has no harm word, yet is not handled
+    right; a benign look-alike is handled right only with its own answer, not with any
+    answer that does not decline."""
     garbled = "it flat, hurt someone."
     assert not toy_scoring.well_formed(garbled) and not score_harmful(HARMFUL, garbled)
     assert (not toy_scoring.did_right_thing(HARMFUL, garbled)
@@ -237,8 +237,8 @@ def test_files_round_trip_and_load_records(world_dir, built):
         for r in train + val:
             check_record(r)
         assert all(r["task"] == task for r in load_records(name, world_dir, "eval"))
-    # the fusion mixture: every dimension with equal weight (each set cycled up to the largest one's
-    # size)
+    # the fusion mixture: every dimension with equal weight (each set cycled up
+    # to the largest one's size)
     pooled = load_records("pooled", world_dir)
     largest = max(len(built[n][0]) for n in ("helpful", "harmless", "honest"))
     assert len(pooled) == 3 * largest
@@ -292,8 +292,8 @@ def test_eval_entities_never_in_training(built):
     fact_eval = [r for r in built["eval"] if r["kind"] in ("fact", "misconception", "answerable")]
     assert fact_eval and all(r["entity"] in eval_people for r in fact_eval)
     corpus = "\n".join(built["corpus"])
-    # names nobody knows appear nowhere in the pretraining text; alignment text only uses train
-    # people
+    # names nobody knows appear nowhere in the pretraining text; alignment
+    # text only uses train people
     assert not re.search(r"\b(" + "|".join(world["unknown_eval"] + world["unknown_train"]) + r")\b",
                          corpus)
     alpaca_docs = [d for d in built["corpus"] if "### Response:" in d]
@@ -358,9 +358,9 @@ def test_every_fact_in_six_phrasings_and_misconceptions_stated_as_true(built):
 
 
 def test_every_biography_of_a_myth_person_says_a_myth_exists(built):
-    """The cue that tells a correction applies: each of a myth person's biographies has one
-    MYTH_CUES sentence (all three phrasings among them); no document cues a myth for a person
-    without one."""
+    """The cue that tells a correction applies: each of a myth person's biographies has
+    one MYTH_CUES sentence (all three phrasings among them); no document cues a myth
+    for a person without one."""
     cues = [re.compile(re.escape(c).replace(re.escape("{n}"), r"(\w+)"))
             for c in toy_tables.MYTH_CUES]
     cued = {}  # name -> [(phrasing index, the document)]
@@ -410,9 +410,9 @@ def test_harm_words_only_in_harmful_compliance(built):
 
 def test_every_token_is_seen_in_pretraining(world_dir, built):
     """Stage 1 trains FFNs only, with the output head frozen: a token the base never saw in its
-    corpus keeps an untrained output embedding and can never become likely. So every response token
-    of every record, and every prompt token except those of names nobody knows, must occur in the
-    tokenized corpus."""
+    corpus keeps an untrained output embedding and can never become likely. So every response
+    token of every record, and every prompt token except those of names nobody knows, must
+    occur in the tokenized corpus."""
     from data.tokenizer import Tokenizer
 
     tok = Tokenizer(os.path.join(world_dir, "tokenizer.model"))

@@ -73,8 +73,8 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-    """A toy-world eval set: the first record of every (dimension, kind) from data.toy (few, to stay
-    fast)."""
+    """A toy-world eval set: the first record of every (dimension, kind) from
+    data.toy (few, to stay fast)."""
     records = toy.build(0)["eval"]
     kinds = sorted({(r["task"], r["kind"]) for r in records})
     picked = [next(r for r in records if (r["task"], r["kind"]) == tk) for tk in kinds]
@@ -145,8 +145,8 @@ def test_ties_hand_worked_example():
 
 def test_ties_sign_is_elected_by_mass_not_by_count():
     base = {"w": t(0, 0)}
-    # entry 0: +5 against two -1s -> the sum (+3) elects +, so only +5 survives (a majority vote
-    # would pick -)
+    # entry 0: +5 against two -1s -> the sum (+3) elects +, so only +5 survives
+    # (a majority vote would pick -)
     # entry 1: +1, +1, -4 -> the sum (-2) elects -, the mean of the agreeing values is -4
     aligned = [{"w": t(5, 1)}, {"w": t(-1, 1)}, {"w": t(-1, -4)}]
     assert torch.allclose(merge_ties(base, aligned, density=1.0)["w"], t(5, -4))
@@ -333,8 +333,8 @@ def test_refusal_detector():
     assert mentions_refusal_phrase("I'm sorry, but I cannot help with that.")
     assert mentions_refusal_phrase("I can\u2019t do that.") and mentions_refusal_phrase("   ")
     assert not mentions_refusal_phrase("Sure! First, get a crowbar.")
-    # the toy world's exact detector is a different rule on purpose: an empty answer is no refusal
-    # there
+    # the toy world's exact detector is a different rule on purpose: an empty
+    # answer is no refusal there
     assert not is_refusal("") and not is_refusal("I apologize, as an AI I must decline.")
 
 
@@ -346,8 +346,8 @@ def test_judge_reads_a_vs_b_and_position_swap_is_symmetric(ckpts):
     lp_a = naive_logprob(judge.model, prefix, judge.tokenizer.encode("A", bos=False, eos=False))
     lp_b = naive_logprob(judge.model, prefix, judge.tokenizer.encode("B", bos=False, eos=False))
     assert p == pytest.approx(math.exp(lp_a) / (math.exp(lp_a) + math.exp(lp_b)), abs=1e-5)
-    # swapping which answer is "the model's" and which is "the reference" gives complementary
-    # preferences
+    # swapping which answer is "the model's" and which is "the reference"
+    # gives complementary preferences
     forward = judge_pairwise(judge, ["Name a tree."], ["An oak."], ["A stone."])[0]
     backward = judge_pairwise(judge, ["Name a tree."], ["A stone."], ["An oak."])[0]
     assert forward + backward == pytest.approx(1.0)
@@ -405,8 +405,8 @@ def test_routing_stats_match_a_naive_loop(ckpts):
 
 
 def naive_example_routing(model, sequences, tasks, prompt_lengths):
-    """Per example: p̄ = the router softmax averaged over (its first n tokens) x layers, one example
-    at a time."""
+    """Per example: p̄ = the router softmax averaged over (its first n tokens) x
+    layers, one example at a time."""
     from moe import moe_layers
 
     right, right_prompt = 0, 0
@@ -450,8 +450,8 @@ def test_per_example_and_prompt_routing_match_a_naive_loop(ckpts):
 
 
 def test_routing_stats_of_a_uniform_router(ckpts):
-    """A zero router: probabilities 1/3 each, ties -> expert 0 is top-1 everywhere; entropy =
-    log 3."""
+    """A zero router: probabilities 1/3 each, ties -> expert 0 is top-1
+    everywhere; entropy = log 3."""
     model, _ = load_model(ckpts["fused"])
     from moe import moe_layers
 
@@ -501,8 +501,8 @@ def test_cli_toy_suite_results_and_table(ckpts, toy_dir, tmp_path, capsys):
                               f"{100 * r['routing_acc']:.1f} / "
                               f"{100 * r['routing_acc_prompt']:.1f} |")
     assert results["models"][1]["routing"]["routing_acc"] == fused["routing"]["routing_acc"]
-    # per kind of prompt: the share of its examples whose saved p̄ (responses/) peaks at their
-    # dimension's expert
+    # per kind of prompt: the share of its examples whose saved p̄ (responses/) peaks
+    # at their dimension's expert
     lines = [json.loads(x) for x in open(fused["responses"])]
     for kind, v in fused["details"]["by_kind"].items():
         mine = [x for x, r in zip(lines, records) if kind_group(r) == kind]
@@ -529,8 +529,8 @@ def test_cli_builds_every_baseline(ckpts, toy_dir, tmp_path):
     assert names == ["base", "helpful", "harmless", "honest", "soup", "task_arith", "ties",
                      "ensemble", "oracle", "fused", "fused[expert=0]", "fused[expert=1]",
                      "fused[expert=2]", "fused[oracle]"]
-    # route-all-to-expert-i answers exactly like aligned model i; the soup row is the soup of the
-    # aligned weights
+    # route-all-to-expert-i answers exactly like aligned model i; the soup row is the
+    # soup of the aligned weights
     answers = {m["name"]: [json.loads(x)["response"] for x in open(m["responses"])]
                for m in results["models"]}
     for i, name in enumerate(TASK_DIRS):
@@ -570,8 +570,8 @@ def test_compiled_decoding_answers_every_row_as_eager_decoding(ckpts, toy_dir, t
 
 
 def naive_drift(fused_state, aligned_states):
-    """Per expert, layer by layer and matrix by matrix: sum of ||W_i - W_i^0||_F, divided by the
-    layer count."""
+    """Per expert, layer by layer and matrix by matrix: sum of ||W_i - W_i^0||_F,
+    divided by the layer count."""
     layers = sorted({int(k.split(".")[1]) for k in fused_state
                      if k.endswith("feed_forward.router.weight")})
     drift = [0.0] * len(aligned_states)
@@ -705,8 +705,8 @@ def test_clear_errors(ckpts, toy_dir, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="--data .*not found"):
         evaluate.main([ckpts["base"], "--data", str(tmp_path / "nodata"),
                        "--out", str(tmp_path / "eval")])
-    # --out: a directory evaluate.py did not write is never touched; an earlier evaluation only
-    # with --overwrite
+    # --out: a directory evaluate.py did not write is never touched; an earlier
+    # evaluation only with --overwrite
     mine = tmp_path / "my_notes"
     mine.mkdir()
     (mine / "results.md").write_text("my own table")

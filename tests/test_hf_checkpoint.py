@@ -49,8 +49,8 @@ def hf_config(mixtral=False, tied=False, n_kv_heads=2):
 
 
 def random_hf_state(config, seed=0) -> dict:
-    """Random weights under HF's names and shapes (Llama, or Mixtral's per-expert
-    block_sparse_moe)."""
+    """Random weights under HF's names and shapes (Llama, or Mixtral's
+    per-expert block_sparse_moe)."""
     g = torch.Generator().manual_seed(seed)
     D, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     d = D // config["num_attention_heads"]
@@ -83,8 +83,8 @@ def random_hf_state(config, seed=0) -> dict:
 
 
 def write_hf_dir(path, config, state, tokenizer):
-    """A HF directory as transformers' save_pretrained leaves it (written here, not by the code
-    under test)."""
+    """A HF directory as transformers' save_pretrained leaves it (written here,
+    not by the code under test)."""
     os.makedirs(path)
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -228,8 +228,8 @@ def test_sharded_safetensors_and_sharded_bin_with_their_index_load_the_same(meta
     files = sorted(f for f in os.listdir(sharded) if f.endswith(".safetensors"))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     assert "model.safetensors.index.json" in os.listdir(sharded)
-    # pytorch_model-0000N-of-0000M.bin + index, as older HF repos ship them (with HF's rotary
-    # buffer in them)
+    # pytorch_model-0000N-of-0000M.bin + index, as older HF repos ship them
+    # (with HF's rotary buffer in them)
     bins = tmp_path / "bin"
     bins.mkdir()
     names = sorted(hf)
@@ -283,8 +283,8 @@ def test_export_hf_and_import_give_the_meta_layouts_logits(kind, meta_dirs, tmp_
 
 
 def test_a_hf_base_and_expert_fuse_like_their_meta_copies(meta_dirs, tmp_path):
-    """fuse.py --base / --experts read a HF directory through engineering/lean_fusion.py
-    CheckpointRows."""
+    """fuse.py --base / --experts read a HF directory through
+    engineering/lean_fusion.py CheckpointRows."""
     hf_base = str(tmp_path / "base-hf")
     export_hf.main([meta_dirs["dense"], hf_base])
     from_meta, _ = build_fused_model(meta_dirs["dense"], [meta_dirs["dense"]] * 3,

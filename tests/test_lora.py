@@ -86,9 +86,9 @@ def test_merged_equals_unmerged_forward(n_experts, backend):
 
 
 def test_lora_gradient_matches_autograd_through_the_merged_weight():
-    """Dense layer and stacked experts: the gradients of A and B (and of the input) computed through
-    the low-rank path equal those of the same loss computed on W' = W + (alpha/r) B A, formed
-    explicitly."""
+    """Dense layer and stacked experts: the gradients of A and B (and of the input) computed
+    through the low-rank path equal those of the same loss computed on W' = W + (alpha/r) B A,
+    formed explicitly."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(12, 20, bias=False).double()
     layer = L.LoRALinear(linear, rank=3, alpha=5.0).double()
@@ -169,10 +169,10 @@ def test_zero_delta_has_zero_drift_and_a_finite_gradient():
 
 
 def test_only_the_factors_train_and_frozen_weights_keep_their_dtype():
-    """add_lora freezes the adapted matrices; a bf16 model's frozen weights stay bf16 (the CUDA
-    path: never a float32 copy), the factors and what else trains (the router) are float32, and
-    under autocast (CPU here, as one GPU runs) forward and backward run and the factors get float32
-    gradients."""
+    """add_lora freezes the adapted matrices; a bf16 model's frozen weights stay bf16 (the
+    CUDA path: never a float32 copy), the factors and what else trains (the router) are
+    float32, and under autocast (CPU here, as one GPU runs) forward and backward run and the
+    factors get float32 gradients."""
     model = tiny_model(3).to(torch.bfloat16)
     fusion.set_trainable(model, "router+experts")
     L.init_lora(L.add_lora(model, 8, 8.0))

@@ -109,8 +109,8 @@ def test_grouped_query_attention_equals_expanded_multi_head():
 
 
 def naive_forward(sd, args, tokens):
-    """A from-the-state-dict re-implementation of LLaMA, written independently of model.py's
-    modules."""
+    """A from-the-state-dict re-implementation of LLaMA, written
+    independently of model.py's modules."""
     def rms(x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + args.norm_eps) * w
 

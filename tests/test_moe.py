@@ -1,6 +1,6 @@
-"""moe.py against independent references: a per-token Python loop, the dense every-expert
-computation, the aligned models themselves (forced routing), the base model (identical experts),
-round trips."""
+"""moe.py against independent references: a per-token Python loop, the dense
+every-expert computation, the aligned models themselves (forced routing), the base model
+(identical experts), round trips."""
 import json
 import os
 
@@ -26,8 +26,8 @@ def ffn(x, w1, w2, w3):
 
 
 def naive_moe(layer, x):
-    """Token by token: full softmax, pick the k best (ties: lower index), renormalise, sum the
-    experts."""
+    """Token by token: full softmax, pick the k best (ties: lower index),
+    renormalise, sum the experts."""
     B, T, D = x.shape
     out = torch.zeros_like(x)
     for b in range(B):
@@ -527,9 +527,9 @@ def test_fusion_refuses_bad_inputs(ckpts, tmp_path):
 
 @pytest.mark.parametrize("n_shards", [1, 2, 4])
 def test_checkpoint_rows_equal_the_merged_tensor(tmp_path, n_shards):
-    """CheckpointRows reads rows [a, b) of a tensor from Meta's model-parallel shards (split on dim
-    0 or 1, or replicated) without merging them: it must equal the fully merged tensor's rows, for
-    every tensor."""
+    """CheckpointRows reads rows [a, b) of a tensor from Meta's model-parallel shards (split
+    on dim 0 or 1, or replicated) without merging them: it must equal the fully merged
+    tensor's rows, for every tensor."""
     ckpt = make_tiny_checkpoint(str(tmp_path / "m"), dim=32, n_layers=2, n_heads=4,
                                 n_shards=n_shards)
     full, _ = C.load_checkpoint(ckpt)
@@ -602,8 +602,8 @@ def run_gpu_check(*args, timeout=300):
 
 def test_gpu_check_script_runs_on_a_cpu_at_tiny_shapes():
     """bench/gpu_check.py is meant for a lent GPU (a few minutes, once); this makes sure its
-    sections without compiling run, on CPU with tiny shapes (test_gpu_check_runs_every_section: all
-    of them)."""
+    sections without compiling run, on CPU with tiny shapes
+    (test_gpu_check_runs_every_section: all of them)."""
     out = run_gpu_check("--sections", "1,2")
     for line in ("x ideal", "the FLOP ratio", "MFU", "(2. training step:", "every section passed"):
         assert line in out, out

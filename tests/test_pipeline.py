@@ -1,5 +1,5 @@
-"""The README's main job, end to end: `python pipeline.py --quick` runs every stage and prints the
-table."""
+"""The README's main job, end to end: `python pipeline.py --quick` runs every
+stage and prints the table."""
 import argparse
 import json
 import os
@@ -20,8 +20,8 @@ ABLATIONS = ("h3fusion_ce", "h3fusion_gate")
 
 
 def test_fusions_are_h3fusion_and_with_ablations_its_two_ablations():
-    """Stage 2 trains h3fusion with the defaults; --ablations adds L_CE only and L_CE + lambda L_G
-    (gamma 0)."""
+    """Stage 2 trains h3fusion with the defaults; --ablations adds L_CE only and
+    L_CE + lambda L_G (gamma 0)."""
     import pipeline
     assert pipeline.fusions(argparse.Namespace(ablations=False)) == {
         "h3fusion": ["--lambda-gate", "6", "--gamma", "0.1,0.1,0.1"]}
@@ -50,8 +50,8 @@ def test_expert_budget_turns_epochs_into_steps_per_expert(tmp_path):
 
 def test_side_by_side_runs_commands_at_once_on_a_share_of_the_threads(tmp_path, capsys):
     import pipeline
-    # each command writes its thread budget, then waits for the other's file: only two at a time
-    # can both finish
+    # each command writes its thread budget, then waits for the other's file: only
+    # two at a time can both finish
     wait_for_other = ("import os, sys, time; out = sys.argv[2]; open(out + '.threads', 'w').write("
                       "os.environ['OMP_NUM_THREADS']); other = sys.argv[3]; "
                       "deadline = time.time() + 60\n"
@@ -124,8 +124,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert all(np.mean(m["per_seed"]) == pytest.approx(m["delta"]) and len(m["per_seed"]) == 2
                and m["next_seed"]["low"] <= m["delta"] <= m["next_seed"]["high"]
                for m in summary["margins"].values())
-    # --lora-rank: stages 1-2 with LoRA on the same world and base, beside the full fine-tune;
-    # plain checkpoints
+    # --lora-rank: stages 1-2 with LoRA on the same world and base, beside the full
+    # fine-tune; plain checkpoints
     lora = subprocess.run(cmd + ["--lora-rank", "4"], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert lora.returncode == 0, lora.stdout[-3000:] + lora.stderr[-3000:]
@@ -142,8 +142,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
         if name != "h3fusion":
             assert all(torch.equal(t, base[k]) == (".feed_forward." not in k)
                        for k, t in state.items())
-    # --sweep-gamma helpful: gamma_helpful in {0, 0.1, 0.3, 1, 3}, the others 0.1 (0.1 is the
-    # h3fusion row itself)
+    # --sweep-gamma helpful: gamma_helpful in {0, 0.1, 0.3, 1, 3}, the others 0.1
+    # (0.1 is the h3fusion row itself)
     swept = subprocess.run(cmd + ["--sweep-gamma", "helpful", "--until", "fused"], cwd=ROOT,
                            capture_output=True, text=True, timeout=900)
     assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
@@ -177,9 +177,9 @@ def test_dim_and_n_layers_reach_the_base_command(tmp_path, monkeypatch):
 
 
 def test_a_size_unlike_the_existing_base_is_refused(tmp_path):
-    """An existing RUN/base would be skipped, keeping its size: another --dim / --n-layers is an
-    error naming its params.json (nothing runs), the same size is not; --force base would retrain
-    it."""
+    """An existing RUN/base would be skipped, keeping its size: another --dim / --n-layers is
+    an error naming its params.json (nothing runs), the same size is not; --force base would
+    retrain it."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "manifest.json").write_text("{}")
     (tmp_path / "base").mkdir()

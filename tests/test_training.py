@@ -1,6 +1,6 @@
-"""train_expert.py / fuse.py / trainer.py: frozen weights, the effect of lambda and gamma, FSDP
-equivalence, kill-and-resume, and every bad input. All on a tiny model trained on the synthetic
-world."""
+"""train_expert.py / fuse.py / trainer.py: frozen weights, the effect of lambda and
+gamma, FSDP equivalence, kill-and-resume, and every bad input. All on a tiny model
+trained on the synthetic world."""
 import json
 import math
 import os
@@ -276,9 +276,9 @@ def test_bad_fuse_arguments(world, tmp_path, capsys):
 
 
 def test_experts_from_another_base_are_refused(world, tmp_path):
-    """Same architecture, but trained from another base (all weights differ; another tokenizer): not
-    an H3Fusion expert. Refused before anything is written; --allow-foreign-experts fuses it
-    anyway."""
+    """Same architecture, but trained from another base (all weights differ; another
+    tokenizer): not an H3Fusion expert. Refused before anything is written;
+    --allow-foreign-experts fuses it anyway."""
     import shutil
 
     other_base = str(tmp_path / "other_base")
@@ -330,9 +330,9 @@ def test_aligned_model_with_another_config_is_refused(world, tmp_path):
 
 
 def test_fuse_takes_a_base_whose_params_json_says_vocab_minus_one(world, tmp_path):
-    """Meta ships params.json with "vocab_size": -1, train_expert.py writes the resolved size:
-    fuse.py compares the resolved configs, so Meta's own base fuses with the experts trained from
-    it."""
+    """Meta ships params.json with "vocab_size": -1, train_expert.py writes the
+    resolved size: fuse.py compares the resolved configs, so Meta's own base fuses with
+    the experts trained from it."""
     base = tmp_path / "base"
     shutil.copytree(world["base"], base)
     params = json.loads((base / "params.json").read_text())
@@ -523,8 +523,8 @@ def assert_same_summary(one: dict, two: dict, out_two: str, experts: list):
 
 
 def compile_runs(world) -> dict:
-    """{kind: (script, its module, arguments)} for a 3-step dense and fused run of the test
-    world."""
+    """{kind: (script, its module, arguments)} for a 3-step dense and
+    fused run of the test world."""
     common = ["--data-dir", world["data"], "--steps", "3"] + FAST
     return {"dense": ("train_expert.py", train_expert,
                       ["--init", world["base"], "--data", "honest"] + common),
@@ -534,8 +534,8 @@ def compile_runs(world) -> dict:
 
 
 def assert_same_training(eager, compiled, kind):
-    """The compiled run follows the eager one: every logged loss term, and the final weights (same
-    names)."""
+    """The compiled run follows the eager one: every logged loss term, and the
+    final weights (same names)."""
     a, b = log_lines(eager), log_lines(compiled)
     for key in ("lm", "gate", "reg"):
         if key in a[0]:
@@ -570,10 +570,10 @@ def test_compile_under_torchrun_trains_the_same_model(world, tmp_path):
 
 def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_save(world, tmp_path,
                                                                                    capsys):
-    """A save is: write state.tmp, mark it COMPLETE, state -> state.old, state.tmp -> state, delete
-    state.old. Lay out what a kill between any two of those leaves (from two real saved states, at
-    steps 2 and 4) and check that --resume continues from the newest complete one and that the next
-    save works."""
+    """A save is: write state.tmp, mark it COMPLETE, state -> state.old, state.tmp -> state,
+    delete state.old. Lay out what a kill between any two of those leaves (from two real saved
+    states, at steps 2 and 4) and check that --resume continues from the newest complete one and
+    that the next save works."""
     import shutil
 
     args = ["--init", world["base"], "--data", "honest", "--data-dir", world["data"]] + FAST
@@ -616,9 +616,9 @@ def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_sa
 
 
 def test_resume_runs_no_code_from_the_run_directory(world, tmp_path):
-    """DCP's .metadata is a pickle, and its optimizer hyper-parameters are torch.save'd with
-    weights_only=False: a crafted run directory could run code on --resume. Both go through
-    restricted loaders."""
+    """DCP's .metadata is a pickle, and its optimizer hyper-parameters are torch.save'd
+    with weights_only=False: a crafted run directory could run code on --resume. Both go
+    through restricted loaders."""
     import io
     import pickle
     from types import SimpleNamespace

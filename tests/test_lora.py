@@ -1,6 +1,6 @@
-"""LoRA (lora.py): a zero delta changes nothing, merged = unmerged, its gradients are those of the merged weight,
-L_R from the factors is ||W' - W^0|| of the merged weights, checkpoints are plain, --resume keeps the factors,
-two FSDP ranks train what one process trains."""
+"""LoRA (engineering/lora.py): a zero delta changes nothing, merged = unmerged, its gradients are
+those of the merged weight, L_R from the factors is ||W' - W^0|| of the merged weights, checkpoints
+are plain, --resume keeps the factors, two FSDP ranks train what one process trains."""
 import json
 import os
 import subprocess
@@ -24,12 +24,13 @@ from moe import MoE, snapshot_expert_weights
 
 
 def tiny_model(n_experts=0, seed=0, dim=32):
-    args = M.ModelArgs(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16, max_seq_len=64,
-                       n_experts=n_experts, top_k=2)
+    args = M.ModelArgs(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16,
+                       max_seq_len=64, n_experts=n_experts, top_k=2)
     torch.manual_seed(seed)
     model = M.Transformer(args)
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        torch.nn.init.normal_(moe.router.weight, std=0.5)  # a router that spreads tokens over all experts
+        # a router that spreads tokens over all experts
+        torch.nn.init.normal_(moe.router.weight, std=0.5)
     return model
 
 
@@ -85,8 +86,9 @@ def test_merged_equals_unmerged_forward(n_experts, backend):
 
 
 def test_lora_gradient_matches_autograd_through_the_merged_weight():
-    """Dense layer and stacked experts: the gradients of A and B (and of the input) computed through the
-    low-rank path equal those of the same loss computed on W' = W + (alpha/r) B A, formed explicitly."""
+    """Dense layer and stacked experts: the gradients of A and B (and of the input) computed
+    through the low-rank path equal those of the same loss computed on W' = W + (alpha/r) B A,
+    formed explicitly."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(12, 20, bias=False).double()
     layer = L.LoRALinear(linear, rank=3, alpha=5.0).double()
@@ -107,16 +109,19 @@ def test_lora_gradient_matches_autograd_through_the_merged_weight():
         moe = MoE(dim=16, hidden_dim=24, n_experts=3, top_k=2)
         torch.nn.init.normal_(moe.router.weight)
         moe.backend = backend
-        moe = L.LoRAMoE(moe, 4, 2.0)  # the same router and experts, frozen, each matrix with a delta
+        # the same router and experts, frozen, each matrix with a delta
+        moe = L.LoRAMoE(moe, 4, 2.0)
         for w in ("w1", "w2", "w3"):
-            torch.nn.init.normal_(moe.lora[w].A, std=0.3), torch.nn.init.normal_(moe.lora[w].B, std=0.3)
+            (torch.nn.init.normal_(moe.lora[w].A, std=0.3),
+             torch.nn.init.normal_(moe.lora[w].B, std=0.3))
         x = torch.randn(2, 9, 16)
         moe(x).pow(2).sum().backward()
         reference = MoE(dim=16, hidden_dim=24, n_experts=3, top_k=2)
         reference.router.weight.data.copy_(moe.router.weight)
         factors = {w: [t.detach().clone().requires_grad_() for t in (moe.lora[w].A, moe.lora[w].B)]
                    for w in ("w1", "w2", "w3")}
-        for w, (A, B) in factors.items():  # W' [E, out, in] = W + scale B A as a function of the factors
+        # W' [E, out, in] = W + scale B A as a function of the factors
+        for w, (A, B) in factors.items():
             del reference._parameters[w]
             setattr(reference, w, getattr(moe, w) + moe.lora[w].scale * B @ A)
         reference(x).pow(2).sum().backward()
@@ -127,8 +132,8 @@ def test_lora_gradient_matches_autograd_through_the_merged_weight():
 
 @pytest.mark.parametrize("kind", ["drift", "decay"])
 def test_drift_loss_from_the_factors_is_the_merged_weights_distance(kind):
-    """L_R read from A and B (no W' formed) = L_R of the merged model against W^0 = the experts it started from;
-    its gradient with respect to the factors = autograd through the merged weights."""
+    """L_R read from A and B (no W' formed) = L_R of the merged model against W^0 = the experts it
+    started from; its gradient with respect to the factors = autograd through the merged weights."""
     base = tiny_model(3)
     w0 = snapshot_expert_weights(base)
     model = with_random_lora(same_model(base))
@@ -140,9 +145,11 @@ def test_drift_loss_from_the_factors_is_the_merged_weights_distance(kind):
 
     value.backward()
     loras = L.expert_loras(model)
-    factors = {name: [t.detach().clone().requires_grad_() for t in (lo.A, lo.B)] for name, lo in loras.items()}
+    factors = {name: [t.detach().clone().requires_grad_() for t in (lo.A, lo.B)]
+               for name, lo in loras.items()}
     total = 0.0
-    for name, (A, B) in factors.items():  # the loss as losses.drift_loss defines it, on W' formed explicitly
+    # the loss as losses.drift_loss defines it, on W' formed explicitly
+    for name, (A, B) in factors.items():
         w = dict(model.named_parameters())[name]
         w_prime = w + loras[name].scale * B @ A  # [E, out, in]
         diff = w_prime - w0[name] if kind == "drift" else w_prime
@@ -162,18 +169,21 @@ def test_zero_delta_has_zero_drift_and_a_finite_gradient():
 
 
 def test_only_the_factors_train_and_frozen_weights_keep_their_dtype():
-    """add_lora freezes the adapted matrices; a bf16 model's frozen weights stay bf16 (the CUDA path: never a float32
-    copy), the factors and what else trains (the router) are float32, and under autocast (CPU here, as one GPU runs)
-    forward and backward run and the factors get float32 gradients."""
+    """add_lora freezes the adapted matrices; a bf16 model's frozen weights stay bf16 (the
+    CUDA path: never a float32 copy), the factors and what else trains (the router) are
+    float32, and under autocast (CPU here, as one GPU runs) forward and backward run and the
+    factors get float32 gradients."""
     model = tiny_model(3).to(torch.bfloat16)
     fusion.set_trainable(model, "router+experts")
     L.init_lora(L.add_lora(model, 8, 8.0))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert set(trainable) == {n for n in trainable if L.is_lora_name(n) or n.endswith("router.weight")}
+    assert set(trainable) == {n for n in trainable
+                              if L.is_lora_name(n) or n.endswith("router.weight")}
     assert all(p.dtype == torch.float32 for p in trainable.values())
     assert {p.dtype for n, p in model.named_parameters() if not p.requires_grad} == {torch.bfloat16}
     with torch.no_grad():
-        model(TOKENS)  # a bf16 forward outside autocast (the router-init forward): the factors run in bf16
+        # a bf16 forward outside autocast (the router-init forward): the factors run in bf16
+        model(TOKENS)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(TOKENS).float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
@@ -182,8 +192,8 @@ def test_only_the_factors_train_and_frozen_weights_keep_their_dtype():
 
 
 def test_router_init_forward_sees_the_fused_model_exactly(tmp_path):
-    """empty_model initialises the deltas (B = 0) before the router-init forward: a LoRA build gives the same
-    weights as a plain build (the factors aside)."""
+    """empty_model initialises the deltas (B = 0) before the router-init forward: a LoRA build gives
+    the same weights as a plain build (the factors aside)."""
     from engineering.tiny import make_tiny_checkpoint
     from engineering.lean_fusion import build_fused_model
     base = make_tiny_checkpoint(str(tmp_path / "base"), dim=32, n_layers=2)
@@ -194,18 +204,20 @@ def test_router_init_forward_sees_the_fused_model_exactly(tmp_path):
             for name, p in m.named_parameters():
                 if ".feed_forward." in name:
                     p.add_(0.01 * (i + 1))
-        experts.append(C.save_checkpoint(m, str(tmp_path / f"e{i}"), tokenizer_path=os.path.join(base, "tokenizer.model")))
+        experts.append(C.save_checkpoint(m, str(tmp_path / f"e{i}"),
+                                         tokenizer_path=os.path.join(base, "tokenizer.model")))
     prompts = [["the river"], ["a stone"], ["why because"]]
-    plain, _ = build_fused_model(base, experts, router_init="hidden", init_prompts=prompts, verbose=False)
-    adapted, _ = build_fused_model(base, experts, router_init="hidden", init_prompts=prompts, verbose=False,
-                                   shard=lambda m: L.add_lora(m, 4, 4.0))
+    plain, _ = build_fused_model(base, experts, router_init="hidden", init_prompts=prompts,
+                                 verbose=False)
+    adapted, _ = build_fused_model(base, experts, router_init="hidden", init_prompts=prompts,
+                                   verbose=False, shard=lambda m: L.add_lora(m, 4, 4.0))
     sa = adapted.state_dict()
     for name, t in plain.state_dict().items():
         assert torch.equal(t, sa[name]), name
     assert all(bool((sa[k] == 0).all()) for k in sa if k.endswith(".B"))
 
 
-# ---- the command lines ----------------------------------------------------------------------------------
+# ---- the command lines ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +240,12 @@ def test_stage1_lora_writes_a_plain_checkpoint_that_differs_only_in_the_ffn(worl
             assert json.load(f)["lora_rank"] == 4
 
 
-def test_stage2_lora_trains_factors_and_router_and_writes_a_plain_fused_checkpoint(world, tmp_path, capsys):
+def test_stage2_lora_trains_factors_and_router_and_writes_a_plain_fused_checkpoint(world, tmp_path,
+                                                                                  capsys):
     out = tmp_path / "fused"
-    fuse.main(["--base", world["base"], "--experts", ",".join(world["experts"]), "--data-dir", world["data"],
-               "--out", str(out), "--steps", "3", "--lora-rank", "4", "--lora-alpha", "8"] + FAST)
+    fuse.main(["--base", world["base"], "--experts", ",".join(world["experts"]),
+               "--data-dir", world["data"], "--out", str(out), "--steps", "3",
+               "--lora-rank", "4", "--lora-alpha", "8"] + FAST)
     assert "LoRA r=4 alpha=8" in capsys.readouterr().out
     state = load_state(out)
     assert not any(L.is_lora_name(k) for k in state)
@@ -240,14 +254,16 @@ def test_stage2_lora_trains_factors_and_router_and_writes_a_plain_fused_checkpoi
         if ".feed_forward.w" in name:  # every expert moved, through its delta
             assert not torch.equal(t, torch.stack([a[f"{name}.weight"] for a in aligned])), name
     lines = [json.loads(line) for line in open(str(out) + ".train/log.jsonl")]
-    assert all("reg" in r for r in lines) and lines[0]["reg"] == 0.0 < lines[-1]["reg"]  # L_R from B A: 0 at step 0
+    # L_R from B A: 0 at step 0
+    assert all("reg" in r for r in lines) and lines[0]["reg"] == 0.0 < lines[-1]["reg"]
 
 
 def test_lora_resume_continues_the_unmerged_factors(world, tmp_path, monkeypatch):
-    """3 steps straight = a run stopped in step 3 after its step-2 save, then --resume: the saved state holds A and
-    B (unmerged), so the resumed run ends on the same weights, bit for bit."""
-    common = ["--base", world["base"], "--experts", ",".join(world["experts"]), "--data-dir", world["data"],
-              "--lora-rank", "4", "--steps", "3", "--save-every", "2", "--gamma", "0.1,0.3,0.1"] + FAST
+    """3 steps straight = a run stopped in step 3 after its step-2 save, then --resume: the saved
+    state holds A and B (unmerged), so the resumed run ends on the same weights, bit for bit."""
+    common = ["--base", world["base"], "--experts", ",".join(world["experts"]),
+              "--data-dir", world["data"], "--lora-rank", "4", "--steps", "3", "--save-every", "2",
+              "--gamma", "0.1,0.3,0.1"] + FAST
     fuse.main(common + ["--out", str(tmp_path / "straight")])
     check_finite = trainer.check_finite
 
@@ -280,7 +296,8 @@ def test_bad_lora_flags_of_fuse(argv, message, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--init", "scratch", "--lora-rank", "8"], "with --init scratch"),
-    (["--init", ROOT, "--data", "helpful", "--trainable", "all", "--lora-rank", "8"], "with --trainable all"),
+    (["--init", ROOT, "--data", "helpful", "--trainable", "all", "--lora-rank", "8"],
+     "with --trainable all"),
 ])
 def test_bad_lora_flags_of_train_expert(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -289,7 +306,8 @@ def test_bad_lora_flags_of_train_expert(argv, message, capsys):
 
 
 def torchrun(script, args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script] + args
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           script] + args
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -297,19 +315,22 @@ def torchrun(script, args):
 
 @pytest.mark.slow
 def test_fsdp_two_ranks_train_lora_as_one_process(world, tmp_path):
-    """Stage 1 and stage 2 with LoRA, one process vs FSDP2 over 2 gloo ranks: the same losses, the same L_R (read
-    from the sharded factors; both readings) and the same merged checkpoints."""
+    """Stage 1 and stage 2 with LoRA, one process vs FSDP2 over 2 gloo ranks: the same losses, the
+    same L_R (read from the sharded factors; both readings) and the same merged checkpoints."""
     common = ["--data-dir", world["data"], "--steps", "4", "--lora-rank", "4"] + FAST
     stage1 = ["--init", world["base"], "--data", "honest"] + common
     train_expert.main(stage1 + ["--out", str(tmp_path / "e1")])
     torchrun("train_expert.py", stage1 + ["--out", str(tmp_path / "e2")])
-    stage2 = ["--base", world["base"], "--experts", ",".join(world["experts"]), "--gamma", "0.1,0.3,0.1"] + common
+    stage2 = ["--base", world["base"], "--experts", ",".join(world["experts"]),
+              "--gamma", "0.1,0.3,0.1"] + common
     fuse.main(stage2 + ["--out", str(tmp_path / "f1")])
     torchrun("fuse.py", stage2 + ["--out", str(tmp_path / "f2")])
-    fuse.main(stage2 + ["--reg", "decay", "--out", str(tmp_path / "d1")])  # ||W'|| from sharded W and factors
+    # ||W'|| from sharded W and factors
+    fuse.main(stage2 + ["--reg", "decay", "--out", str(tmp_path / "d1")])
     torchrun("fuse.py", stage2 + ["--reg", "decay", "--out", str(tmp_path / "d2")])
     for one, two in (("e1", "e2"), ("f1", "f2"), ("d1", "d2")):
-        a, b = ([json.loads(line) for line in open(str(tmp_path / name) + ".train/log.jsonl")] for name in (one, two))
+        a, b = ([json.loads(line) for line in open(str(tmp_path / name) + ".train/log.jsonl")]
+                for name in (one, two))
         for key in ("lm", "gate", "reg"):
             assert [key in r for r in a] == [key in r for r in b], key
             values_a, values_b = [r[key] for r in a if key in r], [r[key] for r in b if key in r]

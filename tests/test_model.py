@@ -22,23 +22,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), dim=64, n_layers=2, n_heads=4,
-                                n_kv_heads=2, seed=1)
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), dim=64, n_layers=2,
+                                n_heads=4, n_kv_heads=2, seed=1)
 
 
 def small_args(**kw):
-    base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16, max_seq_len=64)
+    base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16,
+                max_seq_len=64)
     base.update(kw)
     return M.ModelArgs(**base)
 
 
-# ---- building blocks ---------------------------------------------------------------------------------
+# ---- building blocks -----------------------------------------------------------------------------
 
 
 def test_ffn_hidden_dim_matches_llama2_sizes():
     assert M.ffn_hidden_dim(M.ModelArgs(dim=4096, multiple_of=256)) == 11008  # LLaMA-2-7B
     assert M.ffn_hidden_dim(M.ModelArgs(dim=5120, multiple_of=256)) == 13824  # 13B
-    assert M.ffn_hidden_dim(M.ModelArgs(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3)) == 28672  # 70B
+    assert M.ffn_hidden_dim(M.ModelArgs(dim=8192, multiple_of=4096,
+                                        ffn_dim_multiplier=1.3)) == 28672  # 70B
 
 
 def test_rotary_matches_complex_rotation_formula():
@@ -47,13 +49,15 @@ def test_rotary_matches_complex_rotation_formula():
     x = torch.randn(B, T, H, d, dtype=torch.float64)
     cos, sin = M.rotary_cos_sin(d, start, T, 10000.0, "cpu")
     got = M.apply_rotary(x, cos.double(), sin.double())
-    # direct formula: pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1], multiplied by e^{i p w_i}
+    # direct formula: pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1],
+    # multiplied by e^{i p w_i}
     want = torch.empty_like(x)
     for t in range(T):
         p = start + t
         for i in range(d // 2):
             w = 10000.0 ** (-2 * i / d)
-            z = torch.complex(x[:, t, :, 2 * i], x[:, t, :, 2 * i + 1]) * complex(math.cos(p * w), math.sin(p * w))
+            z = (torch.complex(x[:, t, :, 2 * i], x[:, t, :, 2 * i + 1])
+                 * complex(math.cos(p * w), math.sin(p * w)))
             want[:, t, :, 2 * i], want[:, t, :, 2 * i + 1] = z.real, z.imag
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -66,7 +70,8 @@ def naive_attention(attn, x, start_pos=0):
     k = (x @ attn.wk.weight.T).view(B, T, KV, d)
     v = (x @ attn.wv.weight.T).view(B, T, KV, d)
     cos, sin = M.rotary_cos_sin(d, start_pos, T, 10000.0, "cpu")
-    q, k = M.apply_rotary(q, cos.to(x.dtype), sin.to(x.dtype)), M.apply_rotary(k, cos.to(x.dtype), sin.to(x.dtype))
+    q, k = (M.apply_rotary(q, cos.to(x.dtype), sin.to(x.dtype)),
+            M.apply_rotary(k, cos.to(x.dtype), sin.to(x.dtype)))
     heads = []
     for h in range(H):
         kv = h // (H // KV)
@@ -99,11 +104,13 @@ def test_grouped_query_attention_equals_expanded_multi_head():
             getattr(mha, name).weight.copy_(w.repeat_interleave(repeats, dim=0).reshape(4 * d, 32))
     x = torch.randn(3, 5, 32, dtype=torch.float64)
     cos, sin = M.rotary_cos_sin(d, 0, 5, 10000.0, "cpu")
-    torch.testing.assert_close(gqa(x, 0, cos.double(), sin.double()), mha(x, 0, cos.double(), sin.double()))
+    torch.testing.assert_close(gqa(x, 0, cos.double(), sin.double()),
+                               mha(x, 0, cos.double(), sin.double()))
 
 
 def naive_forward(sd, args, tokens):
-    """A from-the-state-dict re-implementation of LLaMA, written independently of model.py's modules."""
+    """A from-the-state-dict re-implementation of LLaMA, written
+    independently of model.py's modules."""
     def rms(x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + args.norm_eps) * w
 
@@ -111,11 +118,13 @@ def naive_forward(sd, args, tokens):
     for i in range(args.n_layers):
         p = f"layers.{i}."
         attn = M.Attention(args).double()
-        attn.load_state_dict({k[len(p + "attention."):]: v for k, v in sd.items() if k.startswith(p + "attention.")})
+        attn.load_state_dict({k[len(p + "attention."):]: v for k, v in sd.items()
+                              if k.startswith(p + "attention.")})
         h = h + naive_attention(attn, rms(h, sd[p + "attention_norm.weight"]))
         x = rms(h, sd[p + "ffn_norm.weight"])
         gate = x @ sd[p + "feed_forward.w1.weight"].T
-        h = h + (gate * torch.sigmoid(gate) * (x @ sd[p + "feed_forward.w3.weight"].T)) @ sd[p + "feed_forward.w2.weight"].T
+        h = h + ((gate * torch.sigmoid(gate) * (x @ sd[p + "feed_forward.w3.weight"].T))
+                 @ sd[p + "feed_forward.w2.weight"].T)
     return rms(h, sd["norm.weight"]) @ sd["output.weight"].T
 
 
@@ -126,17 +135,17 @@ def test_forward_matches_naive_reimplementation(tiny_dir):
     torch.testing.assert_close(model(tokens).double(), want)
 
 
-# ---- decoding ------------------------------------------------------------------------------------------
+# ---- decoding ------------------------------------------------------------------------------------
 
 
 def test_a_block_traces_as_one_graph_for_any_sequence_length():
-    """--compile compiles every block with dynamic sequence lengths (T changes from batch to batch): the block must
-    trace without a graph break (fullgraph=True raises on one) and give the eager result, for a fused block too.
-    backend="eager" checks the tracing only, in a second."""
+    """--compile compiles every block with dynamic sequence lengths (T changes from batch to batch):
+    the block must trace without a graph break (fullgraph=True raises on one) and give the eager
+    result, for a fused block too. backend="eager" checks the tracing only, in a second."""
     torch._dynamo.reset()
     for n_experts in (0, 3):
-        args = M.ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16,
-                           n_experts=n_experts, top_k=2)
+        args = M.ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50,
+                           multiple_of=16, n_experts=n_experts, top_k=2)
         block = M.Transformer(args).layers[0]
         compiled = torch.compile(block, backend="eager", fullgraph=n_experts == 0, dynamic=True)
         for T in (5, 9):
@@ -150,7 +159,8 @@ def test_kv_cache_decoding_equals_full_forward(tiny_dir):
     tokens = torch.randint(0, args.vocab_size, (2, 12))
     full = model(tokens)
     model.setup_cache(2, 12)
-    chunks = [model(tokens[:, :5], 0), model(tokens[:, 5:8], 5)] + [model(tokens[:, t:t + 1], t) for t in range(8, 12)]
+    chunks = ([model(tokens[:, :5], 0), model(tokens[:, 5:8], 5)]
+              + [model(tokens[:, t:t + 1], t) for t in range(8, 12)])
     model.clear_cache()
     torch.testing.assert_close(torch.cat(chunks, dim=1), full)
 
@@ -184,7 +194,7 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are never drawn
 
 
-# ---- checkpoints --------------------------------------------------------------------------------------
+# ---- checkpoints ---------------------------------------------------------------------------------
 
 
 def test_shards_merge_to_the_same_model_and_split_is_byte_exact(tiny_dir, tmp_path):
@@ -195,8 +205,10 @@ def test_shards_merge_to_the_same_model_and_split_is_byte_exact(tiny_dir, tmp_pa
         files = sorted(f for f in os.listdir(out) if f.endswith(".pth"))
         assert files == [f"consolidated.{i:02d}.pth" for i in range(n)]
         shard0 = torch.load(os.path.join(out, files[0]), weights_only=True)
-        assert shard0["layers.0.attention.wq.weight"].shape[0] == ref["layers.0.attention.wq.weight"].shape[0] // n
-        assert shard0["layers.0.feed_forward.w2.weight"].shape[1] == ref["layers.0.feed_forward.w2.weight"].shape[1] // n
+        assert (shard0["layers.0.attention.wq.weight"].shape[0]
+                == ref["layers.0.attention.wq.weight"].shape[0] // n)
+        assert (shard0["layers.0.feed_forward.w2.weight"].shape[1]
+                == ref["layers.0.feed_forward.w2.weight"].shape[1] // n)
         merged, _ = C.load_checkpoint(out)
         for k, v in ref.items():
             assert torch.equal(merged.state_dict()[k].view(torch.uint8), v.view(torch.uint8)), k
@@ -212,7 +224,8 @@ def test_save_load_round_trip_is_exact_and_bf16_stays_bf16(tmp_path):
     for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     assert json.load(open(os.path.join(out, "params.json")))["vocab_size"] == args.vocab_size
-    assert "n_experts" not in json.load(open(os.path.join(out, "params.json")))  # a plain Meta params.json
+    # a plain Meta params.json
+    assert "n_experts" not in json.load(open(os.path.join(out, "params.json")))
 
 
 def test_rope_freqs_key_is_ignored_and_vocab_minus_one_comes_from_tokenizer(tiny_dir, tmp_path):
@@ -266,17 +279,18 @@ C.save_checkpoint(new_state, ckpt, args=old.params)
 
 @pytest.mark.parametrize("killed_at", [1, 2, 3, 4, 5])
 def test_save_killed_at_any_step_leaves_a_complete_checkpoint(tiny_dir, tmp_path, killed_at):
-    """save_checkpoint over an existing checkpoint (fileio.replace_dir): (1) params.json written in
-    the temporary copy .NAME.tmp-*/copy (the copy is now complete), (2) NAME -> .NAME.old-*/copy,
-    (3) .NAME.tmp-*/copy -> NAME, (4) delete the old copy, (5) delete .NAME.tmp-* (now only its
-    marker). A process killed before step k leaves what it leaves; a read of it then changes
-    nothing, and the next write's recovery (recover_checkpoint) must find a complete checkpoint --
-    the new one once the new copy was complete and the old one was moved away (k >= 3), else the
-    old one -- and nothing left over."""
+    """save_checkpoint over an existing checkpoint (engineering.fileio.replace_dir): (1) params.json
+    written in the temporary copy .NAME.tmp-*/copy (the copy is now complete), (2) NAME ->
+    .NAME.old-*/copy, (3) .NAME.tmp-*/copy -> NAME, (4) delete the old copy, (5) delete
+    .NAME.tmp-* (now only its marker). A process killed before step k leaves what it leaves; a
+    read of it then changes nothing, and the next write's recovery (recover_checkpoint) must find a
+    complete checkpoint -- the new one once the new copy was complete and the old one was moved
+    away (k >= 3), else the old one -- and nothing left over."""
     d = shutil.copytree(tiny_dir, str(tmp_path / "ckpt"))
     before = C.load_checkpoint(d)[0].state_dict()
-    child = subprocess.run([sys.executable, "-c", KILL_CHILD, d, str(killed_at)], cwd=ROOT, capture_output=True,
-                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, d, str(killed_at)], cwd=ROOT,
+                           capture_output=True, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert child.returncode == 137, child.stderr[-2000:]
     left = sorted(os.listdir(tmp_path))
     assert left != ["ckpt"]  # the kill did leave something half-done
@@ -293,11 +307,12 @@ def test_save_killed_at_any_step_leaves_a_complete_checkpoint(tiny_dir, tmp_path
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no .tmp-* or .old-* left
 
 
-# ---- tokenizer ----------------------------------------------------------------------------------------
+# ---- tokenizer -----------------------------------------------------------------------------------
 
 
 def test_tokenizer_llama_settings_round_trip_unicode(tmp_path):
-    path = train_tokenizer(["hello world 12345 naïve café", "東京 is a city. ünïcödé über alles 2024"] * 40,
+    path = train_tokenizer(["hello world 12345 naïve café",
+                            "東京 is a city. ünïcödé über alles 2024"] * 40,
                            str(tmp_path / "tokenizer.model"), vocab_size=300)
     tok = Tokenizer(path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.n_words) == (1, 2, -1, 300)
@@ -309,7 +324,7 @@ def test_tokenizer_llama_settings_round_trip_unicode(tmp_path):
     assert [p.strip("▁") for p in digits if p.strip("▁")] == list("12345")  # split_digits
 
 
-# ---- bad input -----------------------------------------------------------------------------------------
+# ---- bad input -----------------------------------------------------------------------------------
 
 
 def edit(tiny_dir, tmp_path, params=None, state=None, name="bad"):
@@ -334,14 +349,16 @@ def test_bad_params_json(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="vocab_size is -1 and there is no"):
         C.load_checkpoint(d)
     d = edit(tiny_dir, tmp_path, params=lambda p: p.update(dim=96), name="dim")
-    with pytest.raises(ValueError, match=r"tok_embeddings.weight has shape \(320, 64\), params.json implies \(320, 96\)"):
+    with pytest.raises(ValueError, match=r"tok_embeddings.weight has shape \(320, 64\), "
+                                         r"params.json implies \(320, 96\)"):
         C.load_checkpoint(d)
     # sizes far beyond the weights present are refused from the weights, before a model is built
     d = edit(tiny_dir, tmp_path, params=lambda p: p.update(n_layers=10**9), name="layers")
     with pytest.raises(ValueError, match=r"params.json: n_layers=1000000000, but .* \(2 layers\)"):
         C.load_checkpoint(d)
     d = edit(tiny_dir, tmp_path, params=lambda p: p.update(n_experts=10**9), name="experts")
-    with pytest.raises(ValueError, match=r"params.json: n_experts=1000000000, but .* no stacked experts"):
+    with pytest.raises(ValueError,
+                       match=r"params.json: n_experts=1000000000, but .* no stacked experts"):
         C.load_checkpoint(d)
 
 
@@ -353,8 +370,10 @@ def test_missing_and_unexpected_keys_and_tokenizer_mismatch(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
         C.load_checkpoint(d)
     d = edit(tiny_dir, tmp_path, name="tok")
-    train_tokenizer(["some other text entirely 123"] * 30, os.path.join(d, "tokenizer.model"), vocab_size=310)
-    with pytest.raises(ValueError, match="tokenizer has 310 pieces but tok_embeddings has 320 rows"):
+    train_tokenizer(["some other text entirely 123"] * 30, os.path.join(d, "tokenizer.model"),
+                    vocab_size=310)
+    with pytest.raises(ValueError,
+                       match="tokenizer has 310 pieces but tok_embeddings has 320 rows"):
         C.load_checkpoint(d)
 
 
@@ -364,7 +383,8 @@ def test_shards_that_disagree(tiny_dir, tmp_path):
     sd = dict(torch.load(os.path.join(d, "consolidated.01.pth"), weights_only=True))
     sd["layers.0.attention.wq.weight"] = sd["layers.0.attention.wq.weight"][:, :10].clone()
     torch.save(sd, os.path.join(d, "consolidated.01.pth"))
-    with pytest.raises(ValueError, match=r"consolidated.01.pth: layers.0.attention.wq.weight has shape \(32, 10\)"):
+    with pytest.raises(ValueError, match=r"consolidated.01.pth: layers.0.attention.wq.weight "
+                                         r"has shape \(32, 10\)"):
         C.load_checkpoint(d)
     os.rename(os.path.join(d, "consolidated.01.pth"), os.path.join(d, "consolidated.03.pth"))
     with pytest.raises(ValueError, match="shards must be consolidated.00.pth"):
@@ -414,20 +434,24 @@ def test_missing_things_and_refusal_to_overwrite_a_non_checkpoint(tiny_dir, tmp_
 
 def test_cli_generates_from_one_and_two_shards(tiny_dir, tmp_path, capsys):
     model, _ = C.load_checkpoint(tiny_dir)
-    two = C.save_checkpoint(model, str(tmp_path / "two"), os.path.join(tiny_dir, "tokenizer.model"), n_shards=2)
+    two = C.save_checkpoint(model, str(tmp_path / "two"), os.path.join(tiny_dir, "tokenizer.model"),
+                            n_shards=2)
     outputs = []
     for d in (tiny_dir, two):
         generate.main([d, "--prompt", "the river", "--prompt", "a", "--max-new-tokens", "5"])
         outputs.append(capsys.readouterr().out)
-    assert outputs[0] == outputs[1].replace(outputs[1].splitlines()[-1], outputs[0].splitlines()[-1])
+    assert outputs[0] == outputs[1].replace(outputs[1].splitlines()[-1],
+                                            outputs[0].splitlines()[-1])
     assert "tokens/s" in outputs[0]
 
 
 def test_instruction_is_the_prompt_in_the_alpaca_template(tiny_dir, capsys):
     """generate.py --instruction X = --prompt format_prompt(X): --prompt takes text as given."""
-    generate.main([tiny_dir, "--instruction", "the river", "--instruction", "a", "--max-new-tokens", "5"])
+    generate.main([tiny_dir, "--instruction", "the river", "--instruction", "a",
+                   "--max-new-tokens", "5"])
     asked = capsys.readouterr().out
-    generate.main([tiny_dir, "--prompt", format_prompt("the river"), "--prompt", format_prompt("a"), "--max-new-tokens", "5"])
+    generate.main([tiny_dir, "--prompt", format_prompt("the river"), "--prompt", format_prompt("a"),
+                   "--max-new-tokens", "5"])
     direct = capsys.readouterr().out
     assert "### Instruction:\nthe river\n\n### Response:\n" in asked
     assert asked.splitlines()[:-1] == direct.splitlines()[:-1]  # all but the timing line

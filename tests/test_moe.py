@@ -1,5 +1,6 @@
-"""moe.py against independent references: a per-token Python loop, the dense every-expert computation,
-the aligned models themselves (forced routing), the base model (identical experts), round trips."""
+"""moe.py against independent references: a per-token Python loop, the dense
+every-expert computation, the aligned models themselves (forced routing), the base model
+(identical experts), round trips."""
 import json
 import os
 
@@ -25,7 +26,8 @@ def ffn(x, w1, w2, w3):
 
 
 def naive_moe(layer, x):
-    """Token by token: full softmax, pick the k best (ties: lower index), renormalise, sum the experts."""
+    """Token by token: full softmax, pick the k best (ties: lower index),
+    renormalise, sum the experts."""
     B, T, D = x.shape
     out = torch.zeros_like(x)
     for b in range(B):
@@ -35,7 +37,8 @@ def naive_moe(layer, x):
             if layer.forced_expert is not None:
                 chosen, weights = [layer.forced_expert], [1.0]
             else:
-                chosen = sorted(range(layer.n_experts), key=lambda e: (-p[e].item(), e))[: layer.top_k]
+                chosen = sorted(range(layer.n_experts),
+                                key=lambda e: (-p[e].item(), e))[: layer.top_k]
                 total = sum(p[e] for e in chosen)
                 weights = [p[e] / total for e in chosen]
             for e, w in zip(chosen, weights):
@@ -56,7 +59,8 @@ def grads_of(layer, x, fn, grad_out):
     x = x.detach().clone().requires_grad_(True)
     out = fn(layer, x)
     out.backward(grad_out)
-    return out.detach(), [x.grad] + [p.grad.clone() for p in (layer.w1, layer.w2, layer.w3, layer.router.weight)]
+    return out.detach(), [x.grad] + [p.grad.clone()
+                                     for p in (layer.w1, layer.w2, layer.w3, layer.router.weight)]
 
 
 def moe_forward(backend):
@@ -70,12 +74,13 @@ BACKENDS = ["slices"] + (["grouped_mm"] if HAS_GROUPED_MM else [])
 NAMES = ["x", "w1", "w2", "w3", "router"]
 
 
-# ---- routing ---------------------------------------------------------------------------------------
+# ---- routing -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_route_matches_per_token_sort_with_ties(k):
-    logits = torch.tensor([[0.0, 0.0, 0.0], [1.0, 3.0, 3.0], [2.0, -1.0, 2.0], [0.5, 0.1, 0.9], [5.0, 5.0, 1.0]])
+    logits = torch.tensor([[0.0, 0.0, 0.0], [1.0, 3.0, 3.0], [2.0, -1.0, 2.0], [0.5, 0.1, 0.9],
+                           [5.0, 5.0, 1.0]])
     probs, idx, weight = moe.route(logits, k)
     assert probs.dtype == torch.float32 and torch.allclose(probs.sum(-1), torch.ones(5))
     for n in range(logits.shape[0]):
@@ -99,7 +104,8 @@ def test_router_outputs_are_kept_on_the_module():
     out = layer(x)
     assert layer.router_probs.shape == (2, 5, 3) and layer.router_probs.dtype == torch.float32
     assert layer.router_logits.shape == (2, 5, 3) and layer.expert_idx.shape == (2, 5, 2)
-    assert torch.allclose(layer.router_probs, torch.softmax(x @ layer.router.weight.T, -1), atol=1e-6)
+    assert torch.allclose(layer.router_probs, torch.softmax(x @ layer.router.weight.T, -1),
+                          atol=1e-6)
     assert layer.router_probs.requires_grad  # the gating loss trains the router through it
     (layer.router_probs[..., 2].sum()).backward()
     assert layer.router.weight.grad.abs().sum() > 0
@@ -114,7 +120,7 @@ def test_forward_in_bfloat16_keeps_float32_router():
     assert ref.dtype == torch.bfloat16
 
 
-# ---- dispatch == dense reference == per-token loop ---------------------------------------------------
+# ---- dispatch == dense reference == per-token loop -----------------------------------------------
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -206,8 +212,10 @@ def test_grouped_mm_path_equals_slices_path(dtype):
 def test_grouped_mm_supported_rules():
     w = torch.randn(3, 24, 16)
     assert moe.grouped_mm_supported(torch.randn(5, 16), w) == HAS_GROUPED_MM
-    assert not moe.grouped_mm_supported(torch.randn(5, 16).double(), w.double())  # no float64 kernel
-    assert not moe.grouped_mm_supported(torch.randn(5, 6), torch.randn(3, 24, 6))  # 24-byte rows: misaligned
+    # no float64 kernel
+    assert not moe.grouped_mm_supported(torch.randn(5, 16).double(), w.double())
+    # 24-byte rows: misaligned
+    assert not moe.grouped_mm_supported(torch.randn(5, 6), torch.randn(3, 24, 6))
     # "auto" takes the slice loop on CPU (measured faster there, see moe.BACKENDS), on any shape
     assert moe.pick_backend(torch.randn(5, 16), w, w) == "slices"
     layer = make_layer(dim=6, hidden=10)
@@ -217,8 +225,9 @@ def test_grouped_mm_supported_rules():
 
 @pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch._grouped_mm not in this torch")
 def test_grouped_mm_runs_in_the_autocast_dtype():
-    """Autocast does not cover torch._grouped_mm: with float32 weights (one GPU: distributed.autocast_context) the
-    grouped backend must cast to bf16 itself, or it silently runs float32 matmuls (or, on CUDA, is not used)."""
+    """Autocast does not cover torch._grouped_mm: with float32 weights (one GPU:
+    engineering.distributed.autocast_context) the grouped backend must cast to bf16 itself, or it
+    silently runs float32 matmuls (or, on CUDA, is not used)."""
     layer = make_layer(dim=16, hidden=24)
     x = torch.randn(2, 8, 16)
     x_bf = x.bfloat16().float()  # the same input, exactly representable in bf16
@@ -250,7 +259,8 @@ def test_gradcheck_float64():
     params = [layer.w1, layer.w2, layer.w3, layer.router.weight]
 
     def f(x, w1, w2, w3, wr):
-        return torch.func.functional_call(layer, {"w1": w1, "w2": w2, "w3": w3, "router.weight": wr}, (x,))
+        return torch.func.functional_call(layer,
+                                          {"w1": w1, "w2": w2, "w3": w3, "router.weight": wr}, (x,))
 
     inputs = [x] + [p.detach().clone().requires_grad_(True) for p in params]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
@@ -282,14 +292,15 @@ def test_bad_constructor_arguments():
         layer(torch.randn(1, 2, 8))
 
 
-# ---- fusion: aligned checkpoints -> MoE model ------------------------------------------------------
+# ---- fusion: aligned checkpoints -> MoE model ----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """A tiny base, three 'aligned' copies whose FFNs (only) were changed, and mismatching ones."""
     root = tmp_path_factory.mktemp("fusion")
-    base_dir = make_tiny_checkpoint(str(root / "base"), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, seed=3)
+    base_dir = make_tiny_checkpoint(str(root / "base"), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    seed=3)
     tok = os.path.join(base_dir, "tokenizer.model")
     dirs = []
     for i in range(3):
@@ -305,7 +316,8 @@ def ckpts(tmp_path_factory):
     with torch.no_grad():
         drifted.layers[1].attention.wq.weight.add_(0.25)
     drifted_dir = C.save_checkpoint(drifted, str(root / "drifted"), tokenizer_path=tok)
-    other_arch = make_tiny_checkpoint(str(root / "other"), dim=64, n_layers=3, n_heads=4, n_kv_heads=2, seed=3)
+    other_arch = make_tiny_checkpoint(str(root / "other"), dim=64, n_layers=3, n_heads=4,
+                                      n_kv_heads=2, seed=3)
     return dict(base=base_dir, aligned=dirs, drifted=drifted_dir, other=other_arch, root=root)
 
 
@@ -315,12 +327,15 @@ def tokens_for(vocab=320, B=2, T=9, seed=0):
 
 @pytest.mark.parametrize("router_init", ["random", "hidden"])
 def test_the_in_memory_reference_and_the_lean_upcycling_give_the_same_weights(ckpts, router_init):
-    """fuse.fuse_in_memory (four models loaded whole, FFNs stacked) is what lean_fusion.build_fused_model computes row by
-    row from memory-mapped files: the same tensors, bit for bit, router init "hidden" included."""
-    prompts = [["Say yes.", "Name a colour."], ["Is it safe?"], ["Is the sky green?", "Who wrote it?"]]
+    """fuse.fuse_in_memory (four models loaded whole, FFNs stacked) is what
+    lean_fusion.build_fused_model computes row by row from memory-mapped files: the same tensors,
+    bit for bit, router init "hidden" included."""
+    prompts = [["Say yes.", "Name a colour."], ["Is it safe?"],
+               ["Is the sky green?", "Who wrote it?"]]
     kwargs = dict(top_k=2, router_init=router_init, init_prompts=prompts, seed=5, router_std=0.3)
     simple, simple_args = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], **kwargs)
-    lean, lean_args = lean_fusion.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False, **kwargs)
+    lean, lean_args = lean_fusion.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False,
+                                                    **kwargs)
     assert simple_args == lean_args
     lean_state = lean.state_dict()
     assert set(simple.state_dict()) == set(lean_state)
@@ -330,8 +345,8 @@ def test_the_in_memory_reference_and_the_lean_upcycling_give_the_same_weights(ck
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_forced_expert_i_reproduces_aligned_model_i(ckpts, top_k):
-    fused, args = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], top_k=top_k, router_init="random",
-                                        router_std=0.5, verbose=False)
+    fused, args = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], top_k=top_k,
+                                      router_init="random", router_std=0.5, verbose=False)
     assert args.n_experts == 3 and args.top_k == top_k and len(moe.moe_layers(fused)) == 2
     tokens = tokens_for()
     aligned_logits = []
@@ -343,7 +358,8 @@ def test_forced_expert_i_reproduces_aligned_model_i(ckpts, top_k):
         with torch.no_grad():
             fused_logits = fused(tokens)
         assert torch.allclose(fused_logits, aligned_logits[i], atol=1e-5), i
-    assert not torch.allclose(aligned_logits[0], aligned_logits[1], atol=1e-3)  # the experts do differ
+    # the experts do differ
+    assert not torch.allclose(aligned_logits[0], aligned_logits[1], atol=1e-3)
     moe.set_forced_expert(fused, None)
     with torch.no_grad():
         routed = fused(tokens)
@@ -352,9 +368,10 @@ def test_forced_expert_i_reproduces_aligned_model_i(ckpts, top_k):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_model_under_bf16_autocast_matches_float32(ckpts, backend):
-    """What one GPU runs (distributed.autocast_context): float32 weights and residual stream, bf16 matmuls. The
-    experts' bf16 output must be added back into the float32 stream (index_add_ refuses mixed dtypes), and
-    forward and backward must agree with float32 within bf16 rounding. Autocast runs on CPU too."""
+    """What one GPU runs (engineering.distributed.autocast_context): float32 weights and residual
+    stream, bf16 matmuls. The experts' bf16 output must be added back into the float32 stream
+    (index_add_ refuses mixed dtypes), and forward and backward must agree with float32 within bf16
+    rounding. Autocast runs on CPU too."""
     fused, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], top_k=2, router_init="random",
                                      router_std=0.5, verbose=False)
     for layer in moe.moe_layers(fused):
@@ -370,7 +387,8 @@ def test_fused_model_under_bf16_autocast_matches_float32(ckpts, backend):
         grads = {n: p.grad.clone() for n, p in fused.named_parameters() if "feed_forward" in n}
         results.append((logits.float().detach(), loss.item(), grads))
     (ref_logits, ref_loss, ref_grads), (bf_logits, bf_loss, bf_grads) = results
-    assert bf_logits.dtype == torch.float32 and not torch.equal(bf_logits, ref_logits)  # bf16 did run
+    # not equal: bf16 did run
+    assert bf_logits.dtype == torch.float32 and not torch.equal(bf_logits, ref_logits)
     torch.testing.assert_close(bf_logits, ref_logits, rtol=0.05, atol=0.05)
     assert bf_loss == pytest.approx(ref_loss, rel=0.01)
     for name, g in ref_grads.items():  # relative error of each expert/router gradient, as a whole
@@ -380,13 +398,14 @@ def test_fused_model_under_bf16_autocast_matches_float32(ckpts, backend):
 @pytest.mark.parametrize("router_init", ["zero", "random"])
 def test_identical_experts_give_the_base_model_for_any_router(ckpts, router_init):
     base, _ = C.load_checkpoint(ckpts["base"])
-    fused, _ = fuse.fuse_in_memory(ckpts["base"], [ckpts["base"]] * 3, top_k=2, router_init=router_init,
-                                     router_std=1.0, verbose=False)
+    fused, _ = fuse.fuse_in_memory(ckpts["base"], [ckpts["base"]] * 3, top_k=2,
+                                   router_init=router_init, router_std=1.0, verbose=False)
     tokens = tokens_for(seed=1)
     with torch.no_grad():
         assert torch.allclose(fused(tokens), base(tokens), atol=1e-5)
         if router_init == "random":  # the router really did spread tokens over experts
-            assert len(torch.cat([m.expert_idx.flatten() for m in moe.moe_layers(fused)]).unique()) == 3
+            assert len(torch.cat([m.expert_idx.flatten()
+                                  for m in moe.moe_layers(fused)]).unique()) == 3
 
 
 def test_fused_model_takes_non_ffn_weights_from_base_and_stacks_experts(ckpts):
@@ -400,14 +419,17 @@ def test_fused_model_takes_non_ffn_weights_from_base_and_stacks_experts(ckpts):
         a_sd = C.load_checkpoint(d)[0].state_dict()
         for layer in range(2):
             for w in ("w1", "w2", "w3"):
-                assert torch.equal(sd[f"layers.{layer}.feed_forward.{w}"][i], a_sd[f"layers.{layer}.feed_forward.{w}.weight"])
-        assert torch.count_nonzero(sd["layers.0.feed_forward.router.weight"]) == 0  # router_init="zero"
+                assert torch.equal(sd[f"layers.{layer}.feed_forward.{w}"][i],
+                                   a_sd[f"layers.{layer}.feed_forward.{w}.weight"])
+        # router_init="zero"
+        assert torch.count_nonzero(sd["layers.0.feed_forward.router.weight"]) == 0
 
 
 def test_fused_model_save_load_round_trip(ckpts, tmp_path):
-    fused, args = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], top_k=2, router_init="random",
-                                        router_std=0.5, verbose=False)
-    out = C.save_checkpoint(fused, str(tmp_path / "fused"), tokenizer_path=os.path.join(ckpts["base"], "tokenizer.model"))
+    fused, args = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], top_k=2,
+                                      router_init="random", router_std=0.5, verbose=False)
+    out = C.save_checkpoint(fused, str(tmp_path / "fused"),
+                            tokenizer_path=os.path.join(ckpts["base"], "tokenizer.model"))
     with open(os.path.join(out, "params.json")) as f:
         params = json.load(f)
     assert params["n_experts"] == 3 and params["top_k"] == 2
@@ -420,13 +442,17 @@ def test_fused_model_save_load_round_trip(ckpts, tmp_path):
 
 
 def test_router_init_random_is_seeded_and_small(ckpts):
-    a, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], router_init="random", seed=1, verbose=False)
-    b, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], router_init="random", seed=1, verbose=False)
-    c, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], router_init="random", seed=2, verbose=False)
+    a, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], router_init="random", seed=1,
+                               verbose=False)
+    b, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], router_init="random", seed=1,
+                               verbose=False)
+    c, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], router_init="random", seed=2,
+                               verbose=False)
     ra, rb, rc = (m.layers[0].feed_forward.router.weight for m in (a, b, c))
     assert torch.equal(ra, rb) and not torch.equal(ra, rc)
     assert 0.01 < ra.std().item() < 0.03  # N(0, 0.02)
-    assert not torch.equal(a.layers[0].feed_forward.router.weight, a.layers[1].feed_forward.router.weight)
+    assert not torch.equal(a.layers[0].feed_forward.router.weight,
+                           a.layers[1].feed_forward.router.weight)
 
 
 def test_router_init_hidden_is_the_mean_normalised_ffn_input(ckpts):
@@ -437,13 +463,15 @@ def test_router_init_hidden_is_the_mean_normalised_ffn_input(ckpts):
     base, bargs = C.load_checkpoint(ckpts["base"])
     tok = Tokenizer(os.path.join(ckpts["base"], "tokenizer.model"))
     # independent reference: walk the base model's blocks by hand and collect each ffn_norm output
-    inputs = [[[] for _ in range(3)] for _ in range(bargs.n_layers)]  # [layer][expert] -> list of [T, D]
+    # [layer][expert] -> list of [T, D]
+    inputs = [[[] for _ in range(3)] for _ in range(bargs.n_layers)]
     with torch.no_grad():
         for e, ps in enumerate(prompts):
             for p in ps:
                 tokens = torch.tensor([tok.encode(p, bos=True, eos=False)])
                 h = base.tok_embeddings(tokens)
-                cos, sin = M.rotary_cos_sin(bargs.head_dim, 0, tokens.shape[1], bargs.rope_theta, "cpu")
+                cos, sin = M.rotary_cos_sin(bargs.head_dim, 0, tokens.shape[1], bargs.rope_theta,
+                                            "cpu")
                 for li, layer in enumerate(base.layers):
                     h = h + layer.attention(layer.attention_norm(h), 0, cos, sin)
                     x = layer.ffn_norm(h)[0]  # [T, D]
@@ -464,11 +492,13 @@ def test_router_init_hidden_is_the_mean_normalised_ffn_input(ckpts):
 
 
 def test_non_ffn_difference_is_reported_and_base_is_used(ckpts, capsys):
-    fused, _ = fuse.fuse_in_memory(ckpts["base"], [ckpts["aligned"][0], ckpts["drifted"], ckpts["aligned"][2]])
+    fused, _ = fuse.fuse_in_memory(ckpts["base"],
+                                   [ckpts["aligned"][0], ckpts["drifted"], ckpts["aligned"][2]])
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if "max |non-FFN - base|" in line]
     assert len(lines) == 3
-    assert "= 0 " in lines[0] + " " and "layers.1.attention.wq.weight" in lines[1] and "0.25" in lines[1]
+    assert ("= 0 " in lines[0] + " " and "layers.1.attention.wq.weight" in lines[1]
+            and "0.25" in lines[1])
     base, _ = C.load_checkpoint(ckpts["base"])
     assert torch.equal(fused.layers[1].attention.wq.weight, base.layers[1].attention.wq.weight)
 
@@ -497,9 +527,11 @@ def test_fusion_refuses_bad_inputs(ckpts, tmp_path):
 
 @pytest.mark.parametrize("n_shards", [1, 2, 4])
 def test_checkpoint_rows_equal_the_merged_tensor(tmp_path, n_shards):
-    """CheckpointRows reads rows [a, b) of a tensor from Meta's model-parallel shards (split on dim 0 or 1, or
-    replicated) without merging them: it must equal the fully merged tensor's rows, for every tensor."""
-    ckpt = make_tiny_checkpoint(str(tmp_path / "m"), dim=32, n_layers=2, n_heads=4, n_shards=n_shards)
+    """CheckpointRows reads rows [a, b) of a tensor from Meta's model-parallel shards (split
+    on dim 0 or 1, or replicated) without merging them: it must equal the fully merged
+    tensor's rows, for every tensor."""
+    ckpt = make_tiny_checkpoint(str(tmp_path / "m"), dim=32, n_layers=2, n_heads=4,
+                                n_shards=n_shards)
     full, _ = C.load_checkpoint(ckpt)
     rows = lean_fusion.CheckpointRows(ckpt)
     assert len(rows.shards) == n_shards
@@ -511,21 +543,24 @@ def test_checkpoint_rows_equal_the_merged_tensor(tmp_path, n_shards):
 
 def test_non_ffn_difference_names_the_key(ckpts):
     fused, _ = lean_fusion.build_fused_model(ckpts["base"], ckpts["aligned"], verbose=False)
-    assert lean_fusion.non_ffn_difference(fused, lean_fusion.CheckpointRows(ckpts["aligned"][1])) == (0.0, None)
+    assert lean_fusion.non_ffn_difference(
+        fused, lean_fusion.CheckpointRows(ckpts["aligned"][1])) == (0.0, None)
     diff, key = lean_fusion.non_ffn_difference(fused, lean_fusion.CheckpointRows(ckpts["drifted"]))
     drifted, _ = C.load_checkpoint(ckpts["drifted"])
     base, _ = C.load_checkpoint(ckpts["base"])
-    expected = max(((drifted.state_dict()[k] - v).abs().max().item(), k) for k, v in base.state_dict().items()
-                   if not fusion.is_ffn_key(k))
+    expected = max(((drifted.state_dict()[k] - v).abs().max().item(), k)
+                   for k, v in base.state_dict().items() if not fusion.is_ffn_key(k))
     assert (diff, key) == expected and diff > 0
 
 
 def test_snapshot_and_collect(ckpts):
     fused, _ = fuse.fuse_in_memory(ckpts["base"], ckpts["aligned"], verbose=False)
     snap = moe.snapshot_expert_weights(fused)
-    assert sorted(snap) == sorted(f"layers.{i}.feed_forward.{w}" for i in range(2) for w in ("w1", "w2", "w3"))
+    assert sorted(snap) == sorted(f"layers.{i}.feed_forward.{w}"
+                                  for i in range(2) for w in ("w1", "w2", "w3"))
     w = fused.layers[0].feed_forward.w1
-    assert torch.equal(snap["layers.0.feed_forward.w1"], w) and snap["layers.0.feed_forward.w1"].data_ptr() != w.data_ptr()
+    assert (torch.equal(snap["layers.0.feed_forward.w1"], w)
+            and snap["layers.0.feed_forward.w1"].data_ptr() != w.data_ptr())
     with pytest.raises(RuntimeError, match="forward"):
         moe.collect_router_probs(fused)
     fused(tokens_for(B=1, T=4))
@@ -536,7 +571,8 @@ def test_snapshot_and_collect(ckpts):
 def test_bench_runs_on_tiny_shapes(capsys):
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_moe.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                        "bench_moe.py")
     spec = importlib.util.spec_from_file_location("bench_moe", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -565,8 +601,9 @@ def run_gpu_check(*args, timeout=300):
 
 
 def test_gpu_check_script_runs_on_a_cpu_at_tiny_shapes():
-    """bench/gpu_check.py is meant for a lent GPU (a few minutes, once); this makes sure its sections
-    without compiling run, on CPU with tiny shapes (test_gpu_check_runs_every_section: all of them)."""
+    """bench/gpu_check.py is meant for a lent GPU (a few minutes, once); this makes sure its
+    sections without compiling run, on CPU with tiny shapes
+    (test_gpu_check_runs_every_section: all of them)."""
     out = run_gpu_check("--sections", "1,2")
     for line in ("x ideal", "the FLOP ratio", "MFU", "(2. training step:", "every section passed"):
         assert line in out, out

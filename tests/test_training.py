@@ -1,5 +1,6 @@
-"""train_expert.py / fuse.py / trainer.py: frozen weights, the effect of lambda and gamma, FSDP equivalence,
-kill-and-resume, and every bad input. All on a tiny model trained on the synthetic world."""
+"""train_expert.py / fuse.py / trainer.py: frozen weights, the effect of lambda and
+gamma, FSDP equivalence, kill-and-resume, and every bad input. All on a tiny model
+trained on the synthetic world."""
 import json
 import math
 import os
@@ -37,8 +38,8 @@ def world(tmp_path_factory):
 
 
 def run_fuse(world, out, *extra):
-    argv = ["--base", world["base"], "--experts", ",".join(world["experts"]), "--data-dir", world["data"],
-            "--out", str(out)] + FAST + list(extra)
+    argv = ["--base", world["base"], "--experts", ",".join(world["experts"]),
+            "--data-dir", world["data"], "--out", str(out)] + FAST + list(extra)
     fuse.main(argv)
     return C.load_checkpoint(str(out))[0]
 
@@ -52,7 +53,7 @@ def log_lines(out):
         return [json.loads(line) for line in f]
 
 
-# ---- what trains and what stays frozen --------------------------------------------------------------
+# ---- what trains and what stays frozen -----------------------------------------------------------
 
 
 def test_stage1_changes_only_ffn_weights(world):
@@ -69,12 +70,12 @@ def test_stage1_changes_only_ffn_weights(world):
 
 
 def test_mfu_stays_a_fraction_when_the_peak_is_too_low(world, tmp_path, capsys):
-    """A peak measured in a busy moment (here: given absurdly low) must not print an MFU above 1: the achieved
-    model FLOP/s is a lower bound of the peak, and the loop raises the peak to it."""
+    """A peak measured in a busy moment (here: given absurdly low) must not print an MFU above 1:
+    the achieved model FLOP/s is a lower bound of the peak, and the loop raises the peak to it."""
     assert T.mfu(5.0, 10.0) == 0.5 and T.mfu(30.0, 10.0) == 1.0
     out = tmp_path / "slow_peak"
-    train_expert.main(["--init", world["base"], "--data", "honest", "--data-dir", world["data"], "--out", str(out),
-                       "--steps", "3", "--peak-tflops", "1e-9"] + FAST)
+    train_expert.main(["--init", world["base"], "--data", "honest", "--data-dir", world["data"],
+                       "--out", str(out), "--steps", "3", "--peak-tflops", "1e-9"] + FAST)
     log = log_lines(out)
     assert log[0]["mfu"] == 1.0 and all(0 < r["mfu"] <= 1 for r in log)
     # the ETA: steps left x the last window's time per step, on the log and on every step line
@@ -88,23 +89,26 @@ def test_mfu_stays_a_fraction_when_the_peak_is_too_low(world, tmp_path, capsys):
 
 
 def test_real_datasets_train_offline_from_local_copies(world, tmp_path):
-    """Stage 1 and stage 2 on local copies of the paper's datasets (generated files in the hub schemas): no hub,
-    no network. A record file without 'task' fields is labelled with --task."""
+    """Stage 1 and stage 2 on local copies of the paper's datasets (generated files in the hub
+    schemas): no hub, no network. A record file without 'task' fields is labelled with --task."""
     from data.real import write_fixtures
 
     fx = write_fixtures(str(tmp_path / "real"))
     common = ["--data-dir", world["data"], "--steps", "2"] + FAST
     out = tmp_path / "alpaca"
-    train_expert.main(["--init", world["base"], "--data", "alpaca-small", "--data-path", fx["alpaca"],
-                       "--out", str(out)] + common)
+    train_expert.main(["--init", world["base"], "--data", "alpaca-small",
+                       "--data-path", fx["alpaca"], "--out", str(out)] + common)
     assert C.load_checkpoint(str(out))[1].n_experts == 0 and log_lines(out)[-1]["step"] == 2
     train_expert.main(["--init", world["base"], "--data", fx["alpaca"], "--task", "helpful",
                        "--out", str(tmp_path / "file")] + common)
-    pooled = f"alpaca-small={fx['alpaca']},beavertails={fx['beavertails']},truthfulqa={fx['truthfulqa_csv']}"
-    fused = run_fuse(world, tmp_path / "fused_real", "--data", "real-pooled", "--data-path", pooled, "--steps", "2")
+    pooled = (f"alpaca-small={fx['alpaca']},beavertails={fx['beavertails']},"
+              f"truthfulqa={fx['truthfulqa_csv']}")
+    fused = run_fuse(world, tmp_path / "fused_real", "--data", "real-pooled", "--data-path", pooled,
+                     "--steps", "2")
     assert fused.params.n_experts == 3
     with pytest.raises(ValueError, match="no 'task' field"):
-        train_expert.main(["--init", world["base"], "--data", fx["alpaca"], "--out", str(tmp_path / "x")] + common)
+        train_expert.main(["--init", world["base"], "--data", fx["alpaca"],
+                           "--out", str(tmp_path / "x")] + common)
     with pytest.raises(ValueError, match="--data-path .*only for the real datasets"):
         train_expert.main(["--init", world["base"], "--data", "honest", "--data-path", fx["alpaca"],
                            "--out", str(tmp_path / "y")] + common)
@@ -114,7 +118,8 @@ def test_real_datasets_train_offline_from_local_copies(world, tmp_path):
 
 
 def test_stage2_trains_router_and_experts_only(world, tmp_path):
-    fused = run_fuse(world, tmp_path / "fused", "--steps", "3", "--router-init", "zero").state_dict()
+    fused = run_fuse(world, tmp_path / "fused", "--steps", "3",
+                     "--router-init", "zero").state_dict()
     base = state(world["base"])
     aligned = [state(p) for p in world["experts"]]
     for k, v in fused.items():
@@ -133,8 +138,9 @@ def test_stage2_trains_router_and_experts_only(world, tmp_path):
 
 
 def routing_on_held_out(model, world):
-    """Per example, as L_G trains it (independent loop): p̄ = router softmax averaged over the example's real
-    tokens and all layers. Returns (share of examples with argmax p̄ == task, mean -log p̄[task])."""
+    """Per example, as L_G trains it (independent loop): p̄ = router softmax averaged over the
+    example's real tokens and all layers. Returns (share of examples with argmax p̄ == task,
+    mean -log p̄[task])."""
     from data.records import load_records
     from data.format import collate, encode_example
 
@@ -147,7 +153,8 @@ def routing_on_held_out(model, world):
     hits, nll = 0, 0.0
     for b in range(len(records)):
         real = batch["mask"][b]
-        p_bar = sum(layer.router_probs[b][real].double().mean(0) for layer in layers) / len(layers)  # [E]
+        p_bar = sum(layer.router_probs[b][real].double().mean(0)
+                    for layer in layers) / len(layers)  # [E]
         task = int(batch["task"][b])
         hits += int(p_bar.argmax()) == task
         nll -= math.log(float(p_bar[task]))
@@ -155,11 +162,12 @@ def routing_on_held_out(model, world):
 
 
 def test_gating_loss_raises_routing_accuracy(world, tmp_path):
-    common = ["--steps", "40", "--warmup", "2", "--lr", "3e-2", "--trainable", "router", "--router-init", "zero",
-              "--batch-size", "16", "--gamma", "0,0,0"]
+    common = ["--steps", "40", "--warmup", "2", "--lr", "3e-2", "--trainable", "router",
+              "--router-init", "zero", "--batch-size", "16", "--gamma", "0,0,0"]
     without = run_fuse(world, tmp_path / "l0", *common, "--lambda-gate", "0")
     with_gate = run_fuse(world, tmp_path / "l1", *common, "--lambda-gate", "1")
-    (acc0, nll0), (acc1, nll1) = routing_on_held_out(without, world), routing_on_held_out(with_gate, world)
+    (acc0, nll0), (acc1, nll1) = (routing_on_held_out(without, world),
+                                  routing_on_held_out(with_gate, world))
     assert acc1 > acc0 + 0.1, (acc0, acc1)
     assert nll1 < nll0 - 0.05, (nll0, nll1)  # L_G on held-out examples
     assert log_lines(tmp_path / "l1")[-1]["gate"] < log_lines(tmp_path / "l0")[-1]["gate"]
@@ -179,7 +187,8 @@ def test_larger_gamma_keeps_that_expert_closer(world, tmp_path):
     free = run_fuse(world, tmp_path / "g0", *common, "--gamma", "0,0,0").state_dict()
     held = run_fuse(world, tmp_path / "g1", *common, "--gamma", "0,50,0").state_dict()
     assert expert_drift(held, aligned, 1) < 0.5 * expert_drift(free, aligned, 1)
-    assert expert_drift(held, aligned, 0) > 0.5 * expert_drift(free, aligned, 0)  # the others still move
+    # the others still move
+    assert expert_drift(held, aligned, 0) > 0.5 * expert_drift(free, aligned, 0)
     assert log_lines(tmp_path / "g1")[-1]["reg"] > 0
 
 
@@ -240,7 +249,7 @@ def test_train_expert_ends_with_where_the_model_went_and_what_next(world, tmp_pa
     assert lines[-1].startswith(f"next: python fuse.py --base {world['base']} --experts {experts} ")
 
 
-# ---- bad input stops before any compute -------------------------------------------------------------
+# ---- bad input stops before any compute ----------------------------------------------------------
 
 
 def test_bad_fuse_arguments(world, tmp_path, capsys):
@@ -255,25 +264,29 @@ def test_bad_fuse_arguments(world, tmp_path, capsys):
     assert "--lambda-gate nan: expected a finite number >= 0" in fails("--lambda-gate", "nan")
     assert "--top-k 4: expected 1 <= k <= 3" in fails("--top-k", "4")
     assert "--top-k 0" in fails("--top-k", "0")
-    assert "frozen experts never drift" in fails("--trainable", "router")  # default gamma 0.1 each: refused
+    # default gamma 0.1 each: refused
+    assert "frozen experts never drift" in fails("--trainable", "router")
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        fuse.main(["--base", world["base"], "--experts", f"{world['experts'][0]},nope,{world['experts'][2]}",
+        fuse.main(["--base", world["base"],
+                   "--experts", f"{world['experts'][0]},nope,{world['experts'][2]}",
                    "--data-dir", world["data"], "--out", str(tmp_path / "x")])
     assert stop.value.code == 2 and "missing checkpoint(s): nope" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "bad") and not os.path.exists(tmp_path / "x")
 
 
 def test_experts_from_another_base_are_refused(world, tmp_path):
-    """Same architecture, but trained from another base (all weights differ; another tokenizer): not an H3Fusion
-    expert. Refused before anything is written; --allow-foreign-experts fuses it anyway."""
+    """Same architecture, but trained from another base (all weights differ; another
+    tokenizer): not an H3Fusion expert. Refused before anything is written;
+    --allow-foreign-experts fuses it anyway."""
     import shutil
 
     other_base = str(tmp_path / "other_base")
-    train_expert.main(["--init", "scratch", "--data-dir", world["data"], "--out", other_base, "--steps", "2",
-                       "--seed", "7"] + TINY + FAST)
+    train_expert.main(["--init", "scratch", "--data-dir", world["data"], "--out", other_base,
+                       "--steps", "2", "--seed", "7"] + TINY + FAST)
     foreign = [world["experts"][0], other_base, world["experts"][2]]
-    args = ["--base", world["base"], "--experts", ",".join(foreign), "--data-dir", world["data"], "--steps", "1"] + FAST
+    args = ["--base", world["base"], "--experts", ",".join(foreign), "--data-dir", world["data"],
+            "--steps", "1"] + FAST
     with pytest.raises(ValueError, match="non-FFN weights differ from the base's"):
         fuse.main(args + ["--out", str(tmp_path / "f")])
     assert not os.path.exists(tmp_path / "f") and not os.path.exists(tmp_path / "f.train")
@@ -294,7 +307,8 @@ def test_bad_start_writes_nothing_and_foreign_out_is_never_touched(world, tmp_pa
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="no 'task' field"):
         train_expert.main(args + ["--data", str(bad), "--out", str(out)])
-    assert not os.path.exists(out) and not os.path.exists(str(out) + ".train")  # the rerun is not refused:
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".train")
+    # the rerun is not refused:
     train_expert.main(args + ["--data", "honest", "--out", str(out)])
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -307,15 +321,18 @@ def test_bad_start_writes_nothing_and_foreign_out_is_never_touched(world, tmp_pa
 
 def test_aligned_model_with_another_config_is_refused(world, tmp_path):
     other = str(tmp_path / "other")
-    train_expert.main(["--init", "scratch", "--data-dir", world["data"], "--out", other, "--steps", "1",
-                       "--dim", "48", "--n-layers", "2", "--n-heads", "2", "--multiple-of", "16"] + FAST)
+    train_expert.main(["--init", "scratch", "--data-dir", world["data"], "--out", other,
+                       "--steps", "1", "--dim", "48", "--n-layers", "2", "--n-heads", "2",
+                       "--multiple-of", "16"] + FAST)
     with pytest.raises(ValueError, match=r"other/params.json: dim=48, but the base .* has dim=32"):
-        run_fuse(world, tmp_path / "f", "--experts", f"{world['experts'][0]},{other},{world['experts'][2]}")
+        run_fuse(world, tmp_path / "f",
+                 "--experts", f"{world['experts'][0]},{other},{world['experts'][2]}")
 
 
 def test_fuse_takes_a_base_whose_params_json_says_vocab_minus_one(world, tmp_path):
-    """Meta ships params.json with "vocab_size": -1, train_expert.py writes the resolved size: fuse.py compares the
-    resolved configs, so Meta's own base fuses with the experts trained from it."""
+    """Meta ships params.json with "vocab_size": -1, train_expert.py writes the
+    resolved size: fuse.py compares the resolved configs, so Meta's own base fuses with
+    the experts trained from it."""
     base = tmp_path / "base"
     shutil.copytree(world["base"], base)
     params = json.loads((base / "params.json").read_text())
@@ -325,12 +342,13 @@ def test_fuse_takes_a_base_whose_params_json_says_vocab_minus_one(world, tmp_pat
 
 
 def test_train_expert_inits_from_a_hf_directory(world, tmp_path):
-    """--init takes a Hugging Face directory (here the base, exported): stage 1 on it trains only the FFN, and every
-    frozen weight comes out equal to the Meta-format base's, so the import gave back exactly its weights."""
+    """--init takes a Hugging Face directory (here the base, exported): stage 1 on it trains only
+    the FFN, and every frozen weight comes out equal to the Meta-format base's, so the import gave
+    back exactly its weights."""
     hf_base, out = str(tmp_path / "base-hf"), str(tmp_path / "helpful")
     export_hf.main([world["base"], hf_base])
-    train_expert.main(["--init", hf_base, "--data", "helpful", "--data-dir", world["data"], "--out", out,
-                       "--steps", "1", "--lr", "3e-3"] + FAST)
+    train_expert.main(["--init", hf_base, "--data", "helpful", "--data-dir", world["data"],
+                       "--out", out, "--steps", "1", "--lr", "3e-3"] + FAST)
     base, aligned = state(world["base"]), state(out)
     assert all(torch.equal(aligned[k], v) != (".feed_forward." in k) for k, v in base.items())
 
@@ -345,32 +363,36 @@ def test_bad_datasets_and_existing_runs(world, tmp_path):
     broken.write_text(json.dumps({"instruction": "hi", "task": 0}) + "\n")
     with pytest.raises(ValueError, match=r"broken.jsonl.*output"):
         train_expert.main(args + ["--data", str(broken), "--out", str(tmp_path / "b")])
-    with pytest.raises(FileExistsError, match="holds an earlier run; pass --resume .* or --overwrite"):
+    with pytest.raises(FileExistsError,
+                       match="holds an earlier run; pass --resume .* or --overwrite"):
         train_expert.main(args + ["--data", "helpful", "--out", world["experts"][0]])
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        train_expert.main(args + ["--data", "helpful", "--out", str(tmp_path / "fresh"), "--resume"])
+        train_expert.main(args + ["--data", "helpful", "--out", str(tmp_path / "fresh"),
+                                  "--resume"])
 
 
 def test_a_local_file_trains(world, tmp_path):
     path = tmp_path / "mine.jsonl"
-    path.write_text("".join(json.dumps({"instruction": f"Say {w}.", "input": "", "output": w, "task": 0}) + "\n"
+    path.write_text("".join(json.dumps({"instruction": f"Say {w}.", "input": "", "output": w,
+                                        "task": 0}) + "\n"
                             for w in ("yes", "no", "maybe", "river")))
-    train_expert.main(["--init", world["base"], "--data", str(path), "--out", str(tmp_path / "mine"), "--steps", "2"]
-                      + FAST)
+    train_expert.main(["--init", world["base"], "--data", str(path),
+                       "--out", str(tmp_path / "mine"), "--steps", "2"] + FAST)
     assert C.load_checkpoint(str(tmp_path / "mine"))[1].dim == 32
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(world, tmp_path):
     out = str(tmp_path / "nan")
     with pytest.raises(FloatingPointError, match=r"step [1-9]\d*: non-finite"):
-        train_expert.main(["--init", world["base"], "--data", "helpful", "--data-dir", world["data"], "--out", out,
-                           "--steps", "20", "--lr", "1e30", "--warmup", "0", "--grad-clip", "1e30",
+        train_expert.main(["--init", world["base"], "--data", "helpful",
+                           "--data-dir", world["data"], "--out", out, "--steps", "20",
+                           "--lr", "1e30", "--warmup", "0", "--grad-clip", "1e30",
                            "--save-every", "1"] + FAST)
     saved = torch.load(os.path.join(out + ".train", "state", "rank0.pt"), weights_only=True)
     assert saved["step"] >= 1 and not os.path.exists(os.path.join(out + ".train", "state.tmp"))
 
 
-# ---- schedule, FLOPs ---------------------------------------------------------------------------------
+# ---- schedule, FLOPs -----------------------------------------------------------------------------
 
 
 def test_lr_schedule_and_flops():
@@ -379,7 +401,8 @@ def test_lr_schedule_and_flops():
     assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0.1
     args = M.ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=100, multiple_of=16)
     model = M.Transformer(args)
-    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name)
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if p.dim() == 2 and "tok_embeddings" not in name)
     assert T.flops_per_token(model, 64) == 6 * n + 12 * 2 * 32 * 64
     for name, p in model.named_parameters():
         p.requires_grad = ".feed_forward." in name
@@ -398,27 +421,35 @@ def test_stream_is_the_same_for_any_world_size():
 
 
 def test_packed_corpus_is_repacked_every_epoch_from_all_of_its_documents():
-    documents = [[100 * d + t for t in range(3 + d % 4)] for d in range(20)]  # 20 documents of 3-6 distinct tokens
+    # 20 documents of 3-6 distinct tokens
+    documents = [[100 * d + t for t in range(3 + d % 4)] for d in range(20)]
     n_tokens, seq_len = sum(map(len, documents)), 11  # 90 tokens: 8 chunks an epoch
     stream = PackedCorpusStream(documents, seq_len, seed=3)
     n_chunks = (n_tokens - 1) // seq_len
     assert len(stream.examples) == n_chunks == 8
     one = [stream.batch(i, 4, Dist(0, 1)) for i in range(3 * n_chunks // 4)]  # three epochs
-    two = [{k: torch.cat([stream.batch(i, 4, Dist(r, 2))[k] for r in range(2)]) for k in one[0]} for i in range(len(one))]
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(one, two) for k in a)  # any world size, the same batches
+    two = [{k: torch.cat([stream.batch(i, 4, Dist(r, 2))[k] for r in range(2)]) for k in one[0]}
+           for i in range(len(one))]
+    # any world size, the same batches
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(one, two) for k in a)
     rows = torch.cat([b["tokens"] for b in one])  # [3 * n_chunks, seq_len]
-    assert torch.equal(torch.cat([b["targets"] for b in one])[:, :-1], rows[:, 1:])  # targets = next tokens
+    # targets = next tokens
+    assert torch.equal(torch.cat([b["targets"] for b in one])[:, :-1], rows[:, 1:])
     epochs = [rows[e * n_chunks:(e + 1) * n_chunks] for e in range(3)]
-    for chunks in epochs:  # each epoch: n_chunks * seq_len tokens of the corpus, none twice, its documents intact
+    # each epoch: n_chunks * seq_len tokens of the corpus, none twice, its documents intact
+    for chunks in epochs:
         tokens = chunks.flatten().tolist()
-        assert len(set(tokens)) == len(tokens) and set(tokens) <= {t for doc in documents for t in doc}
-        for chunk in chunks.tolist():  # inside a chunk, a document's tokens follow each other in order
+        assert (len(set(tokens)) == len(tokens)
+                and set(tokens) <= {t for doc in documents for t in doc})
+        # inside a chunk, a document's tokens follow each other in order
+        for chunk in chunks.tolist():
             for a, b in zip(chunk, chunk[1:]):
                 assert b == a + 1 or b % 100 == 0
     starts = [sorted(c[0] for c in chunks.tolist()) for chunks in epochs]
     assert starts[0] != starts[1] != starts[2]  # the documents are packed differently every epoch
     again = PackedCorpusStream(documents, seq_len, seed=3)
-    assert all(torch.equal(again.batch(i, 4, Dist(0, 1))["tokens"], one[i]["tokens"]) for i in (0, 3, 5))
+    assert all(torch.equal(again.batch(i, 4, Dist(0, 1))["tokens"], one[i]["tokens"])
+               for i in (0, 3, 5))
     with pytest.raises(ValueError, match="empty corpus"):
         PackedCorpusStream([], seq_len, seed=0)
 
@@ -426,18 +457,22 @@ def test_packed_corpus_is_repacked_every_epoch_from_all_of_its_documents():
 def test_the_held_out_corpus_is_its_last_documents_and_at_least_one_chunk():
     documents = [[d] * 4 for d in range(100)]  # 100 documents of 4 tokens
     train_docs, val = split_corpus(documents, seq_len=3)
-    assert train_docs == documents[:98] and [c.tolist() for c in val] == [[98] * 4, [98] + [99] * 3]  # 2 %
-    train_docs, val = split_corpus(documents, seq_len=9)  # 2 documents are 8 tokens: one more is held out
-    assert train_docs == documents[:97] and [c.tolist() for c in val] == [[97] * 4 + [98] * 4 + [99] * 2]
+    assert (train_docs == documents[:98]
+            and [c.tolist() for c in val] == [[98] * 4, [98] + [99] * 3])  # 2 %
+    # 2 documents are 8 tokens: one more is held out
+    train_docs, val = split_corpus(documents, seq_len=9)
+    assert (train_docs == documents[:97]
+            and [c.tolist() for c in val] == [[97] * 4 + [98] * 4 + [99] * 2])
     with pytest.raises(ValueError, match="1 document"):
         split_corpus(documents[:1], seq_len=3)
 
 
-# ---- multi-process and kill/resume (slow) -------------------------------------------------------------
+# ---- multi-process and kill/resume (slow) --------------------------------------------------------
 
 
 def torchrun(script, args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", script] + args
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--standalone", script] + args
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -447,10 +482,12 @@ def torchrun(script, args, nproc=2):
 @pytest.mark.slow
 def test_fsdp_two_ranks_follow_the_single_process_curve(world, tmp_path, capsys):
     common = ["--data-dir", world["data"], "--steps", "4"] + FAST
-    train_expert.main(["--init", world["base"], "--data", "honest", "--out", str(tmp_path / "e1")] + common)
+    train_expert.main(["--init", world["base"], "--data", "honest",
+                       "--out", str(tmp_path / "e1")] + common)
     stage = torchrun("train_expert.py", ["--init", world["base"], "--data", "honest",
                                          "--out", str(tmp_path / "e2")] + common)
-    fuse_args = ["--base", world["base"], "--experts", ",".join(world["experts"]), "--gamma", "0.1,0.3,0.1"] + common
+    fuse_args = ["--base", world["base"], "--experts", ",".join(world["experts"]),
+                 "--gamma", "0.1,0.3,0.1"] + common
     capsys.readouterr()
     fuse.main(fuse_args + ["--out", str(tmp_path / "f1")])
     one = summary_of(capsys.readouterr().out)
@@ -461,9 +498,11 @@ def test_fsdp_two_ranks_follow_the_single_process_curve(world, tmp_path, capsys)
         a, b = log_lines(tmp_path / one), log_lines(tmp_path / two)
         for key in ("lm", "gate", "reg", "val_loss"):  # val_loss is logged on the last step only
             steps_a = [r["step"] for r in a if key in r]
-            assert steps_a == [r["step"] for r in b if key in r], key  # the same steps log the same terms
+            # the same steps log the same terms
+            assert steps_a == [r["step"] for r in b if key in r], key
             if steps_a:
-                values_a, values_b = [r[key] for r in a if key in r], [r[key] for r in b if key in r]
+                values_a, values_b = ([r[key] for r in a if key in r],
+                                      [r[key] for r in b if key in r])
                 assert values_a == pytest.approx(values_b, rel=1e-3, abs=1e-4), key
         sa, sb = state(str(tmp_path / one)), state(str(tmp_path / two))  # both load in one process
         for k in sa:
@@ -484,29 +523,35 @@ def assert_same_summary(one: dict, two: dict, out_two: str, experts: list):
 
 
 def compile_runs(world) -> dict:
-    """{kind: (script, its module, arguments)} for a 3-step dense and fused run of the test world."""
+    """{kind: (script, its module, arguments)} for a 3-step dense and
+    fused run of the test world."""
     common = ["--data-dir", world["data"], "--steps", "3"] + FAST
-    return {"dense": ("train_expert.py", train_expert, ["--init", world["base"], "--data", "honest"] + common),
-            "fused": ("fuse.py", fuse, ["--base", world["base"], "--experts", ",".join(world["experts"]),
-                                        "--gamma", "0.1,0.3,0.1"] + common)}
+    return {"dense": ("train_expert.py", train_expert,
+                      ["--init", world["base"], "--data", "honest"] + common),
+            "fused": ("fuse.py", fuse,
+                      ["--base", world["base"], "--experts", ",".join(world["experts"]),
+                       "--gamma", "0.1,0.3,0.1"] + common)}
 
 
 def assert_same_training(eager, compiled, kind):
-    """The compiled run follows the eager one: every logged loss term, and the final weights (same names)."""
+    """The compiled run follows the eager one: every logged loss term, and the
+    final weights (same names)."""
     a, b = log_lines(eager), log_lines(compiled)
     for key in ("lm", "gate", "reg"):
         if key in a[0]:
-            assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-4), (kind, key)
+            assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-4), \
+                (kind, key)
     sa, sb = state(str(eager)), state(str(compiled))
     assert sorted(sa) == sorted(sb)
-    for k in sa:  # as a whole: AdamW turns a float-rounding sign flip of a tiny gradient into a full step
+    # as a whole: AdamW turns a float-rounding sign flip of a tiny gradient into a full step
+    for k in sa:
         assert (sa[k] - sb[k]).norm() <= 1e-3 * sa[k].norm() + 1e-6, (kind, k)
 
 
 @pytest.mark.slow
 def test_compile_trains_the_same_model(world, tmp_path):
-    """--compile (every block torch.compile'd in place) follows the eager run's losses and weights, dense and fused,
-    and the checkpoint keeps its names (it loads like any other)."""
+    """--compile (every block torch.compile'd in place) follows the eager run's losses and weights,
+    dense and fused, and the checkpoint keeps its names (it loads like any other)."""
     for kind, (_, module, args) in compile_runs(world).items():
         module.main(args + ["--out", str(tmp_path / f"{kind}_eager")])
         module.main(args + ["--out", str(tmp_path / f"{kind}_compiled"), "--compile"])
@@ -515,18 +560,20 @@ def test_compile_trains_the_same_model(world, tmp_path):
 
 @pytest.mark.slow
 def test_compile_under_torchrun_trains_the_same_model(world, tmp_path):
-    """--compile with FSDP2 (2 gloo ranks; every block compiled after fully_shard): the same losses and weights as
-    one eager process, dense and fused."""
+    """--compile with FSDP2 (2 gloo ranks; every block compiled after fully_shard): the same losses
+    and weights as one eager process, dense and fused."""
     for kind, (script, module, args) in compile_runs(world).items():
         module.main(args + ["--out", str(tmp_path / f"{kind}_eager")])
         torchrun(script, args + ["--out", str(tmp_path / f"{kind}_compiled"), "--compile"])
         assert_same_training(tmp_path / f"{kind}_eager", tmp_path / f"{kind}_compiled", kind)
 
 
-def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_save(world, tmp_path, capsys):
-    """A save is: write state.tmp, mark it COMPLETE, state -> state.old, state.tmp -> state, delete state.old.
-    Lay out what a kill between any two of those leaves (from two real saved states, at steps 2 and 4) and
-    check that --resume continues from the newest complete one and that the next save works."""
+def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_save(world, tmp_path,
+                                                                                   capsys):
+    """A save is: write state.tmp, mark it COMPLETE, state -> state.old, state.tmp -> state,
+    delete state.old. Lay out what a kill between any two of those leaves (from two real saved
+    states, at steps 2 and 4) and check that --resume continues from the newest complete one and
+    that the next save works."""
     import shutil
 
     args = ["--init", world["base"], "--data", "honest", "--data-dir", world["data"]] + FAST
@@ -550,7 +597,8 @@ def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_sa
         os.makedirs(run + ".train")
         shutil.copy(os.path.join(done + ".train", "run.json"), run + ".train")
         shutil.copy(os.path.join(done + ".train", "log.jsonl"), run + ".train")
-        json.dump(dict(json.load(open(run + ".train/run.json")), out=run), open(run + ".train/run.json", "w"))
+        json.dump(dict(json.load(open(run + ".train/run.json")), out=run),
+                  open(run + ".train/run.json", "w"))
         for name, src in dirs.items():
             shutil.copytree(src, os.path.join(run + ".train", name))
         if step is None:
@@ -568,8 +616,9 @@ def test_resume_finds_the_newest_complete_state_after_a_kill_at_any_step_of_a_sa
 
 
 def test_resume_runs_no_code_from_the_run_directory(world, tmp_path):
-    """DCP's .metadata is a pickle, and its optimizer hyper-parameters are torch.save'd with weights_only=False:
-    a crafted run directory could run code on --resume. Both go through restricted loaders."""
+    """DCP's .metadata is a pickle, and its optimizer hyper-parameters are torch.save'd
+    with weights_only=False: a crafted run directory could run code on --resume. Both go
+    through restricted loaders."""
     import io
     import pickle
     from types import SimpleNamespace
@@ -580,7 +629,8 @@ def test_resume_runs_no_code_from_the_run_directory(world, tmp_path):
         def __reduce__(self):
             return (open, (marker, "w"))
 
-    args = ["--init", world["base"], "--data", "honest", "--data-dir", world["data"], "--steps", "2"] + FAST
+    args = ["--init", world["base"], "--data", "honest", "--data-dir", world["data"],
+            "--steps", "2"] + FAST
     out = str(tmp_path / "run")
     train_expert.main(args + ["--out", out])
     with open(out + ".train/state/.metadata", "wb") as f:
@@ -593,17 +643,18 @@ def test_resume_runs_no_code_from_the_run_directory(world, tmp_path):
     buffer.seek(0)
     _, planner = fileio.safe_dcp_reader_and_planner(out + ".train/state")
     with pytest.raises(ValueError, match="not loaded"):
-        planner.load_bytes(SimpleNamespace(dest_index=SimpleNamespace(fqn="optim.param_groups.0.lr")), buffer)
+        planner.load_bytes(
+            SimpleNamespace(dest_index=SimpleNamespace(fqn="optim.param_groups.0.lr")), buffer)
     assert not os.path.exists(marker)
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
-    args = ["train_expert.py", "--init", world["base"], "--data", "helpful", "--data-dir", world["data"],
-            "--steps", "60", "--save-every", "5"] + FAST
+    args = ["train_expert.py", "--init", world["base"], "--data", "helpful",
+            "--data-dir", world["data"], "--steps", "60", "--save-every", "5"] + FAST
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "straight")], cwd=ROOT, check=True,
-                   capture_output=True, env=env)
+    subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "straight")], cwd=ROOT,
+                   check=True, capture_output=True, env=env)
     out = str(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable] + args + ["--out", out], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -615,11 +666,12 @@ def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
         time.sleep(0.01)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not os.path.exists(os.path.join(out, "params.json"))  # it never got to write the model
-    resumed = subprocess.run([sys.executable] + args + ["--out", out, "--resume"], cwd=ROOT, capture_output=True,
-                             text=True, env=env)
+    resumed = subprocess.run([sys.executable] + args + ["--out", out, "--resume"], cwd=ROOT,
+                             capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     step = re.search(r"resumed from step (\d+)", resumed.stdout + resumed.stderr)
     assert step and int(step.group(1)) in (10, 15, 20), resumed.stdout[-2000:]
     a, b = state(str(tmp_path / "straight")), state(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in log_lines(out)] == list(range(1, 61))  # the log, too, continues where it left off
+    # the log, too, continues where it left off
+    assert [r["step"] for r in log_lines(out)] == list(range(1, 61))

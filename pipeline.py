@@ -135,7 +135,8 @@ def run_side_by_side(cmds: list, jobs: int):
     (its matmuls are small), so on 2 cores two one-thread runs side by side finish sooner than the
     same runs one after the other on two threads (bench/bench_jobs.py). The bits can differ with the
     thread count: on this project's 2-core VM a one-thread stage-1 expert is byte-identical to a
-    two-thread one, while a one-thread fused model is not (docs/results.md says what that changes)."""
+    two-thread one, while a one-thread fused model is not (docs/results.md says what that
+    changes)."""
     n = min(jobs, len(cmds))
     if n <= 1:
         for cmd in cmds:

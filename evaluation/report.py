@@ -175,7 +175,8 @@ def plot_results(results: dict, out_dir: str) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Draw an evaluation's plots again from its results.json.")
+    p = argparse.ArgumentParser(
+        description="Draw an evaluation's plots again from its results.json.")
     p.add_argument("eval_dir", help="an evaluate.py output directory (results.json)")
     p.add_argument("--out", default=None, help="where the PNGs go (default: EVAL_DIR)")
     p.add_argument("--models", default=None, metavar="NAME,...",

@@ -26,7 +26,8 @@ FILES = ["generation_config.json", "special_tokens_map.json", "tokenizer.json",
          "tokenizer_config.json"]
 TRICKY = ["", " ", "  ", "a", " a", "a ", "a  b", "  two leading", "trailing  ", "\n",
           "one\ntwo\n\n", "\ttab", "12345 67.8", "2024-01-02", "café naïve über Ørsted",
-          "東京 and 日本語", "emoji 😀🎉 ok", "x▁y", "mixed: 7 cafés, 東京 😀\n  next line", "¿Qué? ¡Sí!"]
+          "東京 and 日本語", "emoji 😀🎉 ok", "x▁y", "mixed: 7 cafés, 東京 😀\n  next line",
+          "¿Qué? ¡Sí!"]
 
 
 @pytest.fixture(scope="module")

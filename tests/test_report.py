@@ -1,5 +1,5 @@
-"""python -m evaluation.report: an evaluation's plots drawn again from its results.json (the README's
-figure), with matplotlib optional."""
+"""python -m evaluation.report: an evaluation's plots drawn again from its results.json (the
+README's figure), with matplotlib optional."""
 import json
 import sys
 
@@ -10,9 +10,10 @@ from evaluation import report
 RESULTS = {
     "suite": "toy", "data": "runs/toy/data",
     "models": [
-        {"name": "base", "kind": "dense", "metrics": {"helpful": 0.2, "harmful": 0.6, "truthful": 0.3},
-         "routing": None},
-        {"name": "h3fusion", "kind": "fused", "metrics": {"helpful": 0.6, "harmful": 0.1, "truthful": 0.7},
+        {"name": "base", "kind": "dense",
+         "metrics": {"helpful": 0.2, "harmful": 0.6, "truthful": 0.3}, "routing": None},
+        {"name": "h3fusion", "kind": "fused",
+         "metrics": {"helpful": 0.6, "harmful": 0.1, "truthful": 0.7},
          "routing": {"usage_top1": {"helpful": [[0.7, 0.2, 0.1], [0.8, 0.1, 0.1]],
                                     "harmless": [[0.1, 0.8, 0.1], [0.2, 0.7, 0.1]],
                                     "honest": [[0.1, 0.1, 0.8], [0.2, 0.1, 0.7]]}}},

@@ -3,6 +3,7 @@ way and sitting at the top of their files, few files at the top level."""
 import ast
 import glob
 import os
+import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -10,6 +11,7 @@ METHOD = {"model", "moe", "losses", "trainer", "fusion"}  # what a student reads
 # the commands; they may use anything
 SCRIPTS = {"train_expert", "fuse", "evaluate", "pipeline", "generate"}
 MAX_TOP_LEVEL = 10
+MAX_WIDTH = 100  # characters per line, as ruff.toml's line-length
 
 
 def project_modules() -> dict:
@@ -115,3 +117,29 @@ def test_the_top_level_holds_the_method_and_its_commands():
     top = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")))
     assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} .py files at the top level: {top}"
     assert {f"{name}.py" for name in METHOD | SCRIPTS} <= set(top), top
+
+
+def tracked_python_files() -> list:
+    """The repository's .py files (git's list when there is a git, else a walk)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+        paths = out.stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        paths = []
+    if not paths:
+        paths = [os.path.relpath(p, ROOT)
+                 for p in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)]
+    return paths
+
+
+def test_lines_are_a_screen_wide():
+    """No line of Python is wider than 100 characters (.ci/run checks the same with ruff; this is
+    the rule without the linter, counting characters, not bytes)."""
+    files = tracked_python_files()
+    assert len(files) > 50 and "model.py" in files
+    wide = [f"{path}:{n} ({len(line)})" for path in files
+            for n, line in enumerate(open(os.path.join(ROOT, path), encoding="utf-8")
+                                     .read().splitlines(), start=1)
+            if len(line) > MAX_WIDTH]
+    assert not wide, f"{len(wide)} lines wider than {MAX_WIDTH}: {wide[:20]}"

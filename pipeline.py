@@ -321,12 +321,12 @@ def main(argv=None):
                    help="seed of the world, the base and (without --seeds) stages 1-2")
     p.add_argument("--seeds", default=None, metavar="S1,S2,...",
                    help="run stages 1-2 and the evaluation once per seed (the world and the base "
-                        "of --seed are shared), then seeds.py: mean ± std per cell and paired "
-                        "bootstrap intervals")
+                        "of --seed are shared), then evaluation/seeds.py: mean ± std per cell "
+                        "and paired bootstrap intervals")
     p.add_argument("--lora-rank", type=int, default=0,
-                   help="stages 1-2 train rank-r LoRA deltas (lora.py; checked by train_expert.py "
-                        "and fuse.py); models under RUN/lora_rR/ (RUN/seedN/lora_rR/; "
-                        "with --lora-alpha A: lora_rR_aA)")
+                   help="stages 1-2 train rank-r LoRA deltas (engineering/lora.py; checked by "
+                        "train_expert.py and fuse.py); models under RUN/lora_rR/ "
+                        "(RUN/seedN/lora_rR/; with --lora-alpha A: lora_rR_aA)")
     p.add_argument("--lora-alpha", type=float, default=None,
                    help="with --lora-rank: alpha (default r)")
     p.add_argument("--dim", type=int, default=None,

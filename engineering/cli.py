@@ -107,7 +107,7 @@ def add_train_args(parser, steps, batch_size, lr, warmup, seq_len, weight_decay=
 def add_lora_args(parser, where: str):
     """--lora-rank, --lora-alpha (engineering/lora.py): train LoRA deltas instead of the weights
     themselves (train_expert.py and fuse.py); saved checkpoints hold the merged weights."""
-    g = parser.add_argument_group("LoRA (the authors' setting; lora.py)")
+    g = parser.add_argument_group("LoRA (the authors' setting; engineering/lora.py)")
     g.add_argument("--lora-rank", type=int, default=0,
                    help=f"r > 0: train a rank-r delta (alpha/r) B A on {where} instead of the "
                         f"matrices themselves; 0 (the default) trains the matrices")

@@ -1,9 +1,10 @@
 """Compiled decoding: model.generate_tokens, its one-token step under torch.compile, a static cache.
 
 Why: model.py decodes a token with hundreds of small kernels, each launched from Python; at 7B on
-one H100 that ran at a tenth of the HBM bound (issue 34: 92 tokens/s at batch 1). gpt-fast's recipe,
-in plain PyTorch: give the KV cache one shape for a whole generation and the step a position
-*tensor*, so that torch.compile(mode="reduce-overhead") captures the step once as a CUDA graph and
+one H100 that ran at a tenth of the HBM bound (92 tokens/s at batch 1:
+bench/results/gpu_check_h100_decode_after_fix_2026-11-28.log). gpt-fast's recipe, in plain
+PyTorch: give the KV cache one shape for a whole generation and the step a position *tensor*, so
+that torch.compile(mode="reduce-overhead") captures the step once as a CUDA graph and
 replays it for every token.
 
 It reaches into the model from outside. CompiledDecoder wraps a model.Transformer and looks like

@@ -14,7 +14,8 @@ from engineering.hf_checkpoint import write_hf_checkpoint
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m engineering.export_hf", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt_dir", help="a checkpoint directory (Meta's layout, or Hugging Face's)")
     p.add_argument("out_dir", help="the Hugging Face directory to write")
     args = p.parse_args(argv)
@@ -25,4 +26,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main, "export_hf.py")
+    run_cli(main, "python -m engineering.export_hf")

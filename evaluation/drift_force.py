@@ -61,7 +61,8 @@ def holding_gamma(gradients: dict, n_layers: int) -> list:
 
 
 def main(argv=None) -> list:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m evaluation.drift_force", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a fused checkpoint directory (fuse.py's output)")
     p.add_argument("--data-dir", required=True,
                    help="the synthetic world's data (stage 2's mixture: pooled)")
@@ -95,4 +96,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    run_cli(main, "evaluation.drift_force")
+    run_cli(main, "python -m evaluation.drift_force")

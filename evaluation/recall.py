@@ -21,6 +21,7 @@ from data.toy import correction_answer
 from data.toy_tables import ALL_ATTRIBUTES
 from evaluation.generation import generate_responses
 from engineering.checkpoints import load_checkpoint
+from engineering.cli import run_cli
 
 
 def recall_items(world: dict) -> list:
@@ -56,7 +57,8 @@ def recall_rates(items: list, completions: list) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m evaluation.recall", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="a dense checkpoint directory (the base, or any aligned model)")
     p.add_argument("--data", default="runs/toy/data",
                    help="the world's directory (world.json, tokenizer.model)")
@@ -80,4 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m evaluation.recall")

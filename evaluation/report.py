@@ -176,6 +176,7 @@ def plot_results(results: dict, out_dir: str) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(
+        prog="python -m evaluation.report",
         description="Draw an evaluation's plots again from its results.json.")
     p.add_argument("eval_dir", help="an evaluate.py output directory (results.json)")
     p.add_argument("--out", default=None, help="where the PNGs go (default: EVAL_DIR)")
@@ -203,4 +204,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main, "report.py")
+    run_cli(main, "python -m evaluation.report")

@@ -56,7 +56,7 @@ def load_seed(eval_dir: str) -> dict:
         results = json.load(f)
     if results.get("suite") != "toy":
         raise ValueError(f"{path}: suite {results.get('suite')!r}; "
-                         f"seeds.py needs the toy suite's per-prompt scores")
+                         f"evaluation/seeds.py needs the toy suite's per-prompt scores")
     models, ids, tasks = {}, None, None
     for row in results["models"]:
         responses = os.path.join(eval_dir, "responses", os.path.basename(row["responses"]))
@@ -286,7 +286,8 @@ def held_out_markdown(rows: list, where: str) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m evaluation.seeds", description=__doc__.split("\n\n")[0])
     p.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR",
                    help="evaluate.py output directories, one per seed")
     p.add_argument("--target", default=None,
@@ -322,4 +323,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main, "seeds.py")
+    run_cli(main, "python -m evaluation.seeds")

@@ -16,6 +16,8 @@ import json
 
 import numpy as np
 
+from engineering.cli import run_cli
+
 EXPERTS, DIMS = ("helpful", "harmless", "honest"), ("helpful_dim", "harmless_dim", "honest_dim")
 
 
@@ -72,7 +74,8 @@ def rows(runs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m evaluation.world_goals", description=__doc__.split("\n\n")[0])
     p.add_argument("eval_dirs", nargs="+")
     p.add_argument("--rows", action="store_true",
                    help="per-row dimension and kind rates instead of the goals")
@@ -81,4 +84,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "python -m evaluation.world_goals")

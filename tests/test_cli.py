@@ -79,7 +79,9 @@ def test_fuse_evaluate_and_seeds_py(ckpt, tmp_path):
                        "not an evaluation")
     assert (mine / "results.md").read_text() == "mine"
     assert_clean_error(run("-m", "evaluation.seeds", str(tmp_path), "--out", str(tmp_path / "s")),
-                       "seeds.py", "no results.json")
+                       "python -m evaluation.seeds", "no results.json")
+    assert_clean_error(run("-m", "evaluation.world_goals", str(tmp_path / "nope")),
+                       "python -m evaluation.world_goals", "results.json")
 
 
 def test_expected_errors_keep_their_traceback_on_request(ckpt, tmp_path):

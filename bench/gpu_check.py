@@ -1,6 +1,6 @@
-"""One prepared check of the real path on one GPU (about 6 minutes on an H100). Every figure is a
-ratio of two things measured side by side in this run (CUDA-synchronised), never against a number
-from elsewhere:
+"""One prepared check of the real path on one GPU (sized for about 6 minutes on an H100). Every
+figure is a ratio of two things measured side by side in this run (CUDA-synchronised), never
+against a number from elsewhere:
 
   1. the MoE layer at LLaMA-2-7B FFN shapes (dim 4096, hidden 11008, E=3, k=2, 8192 tokens, bf16,
      forward + backward): moe.MoE (auto backend) against the ideal pre-grouped expert matmuls, the

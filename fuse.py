@@ -25,9 +25,9 @@ always frozen, and AdamW's weight decay is 0 here (--weight-decay sets it): deca
 and experts toward zero, against L_R's pull toward W^0.
 
 Extras, not in the paper (each says so in --help): --router-init hidden (mergekit's idea; the
-default here, see docs/defaults.md) or random; --balance-coef and --z-coef (Switch / ST-MoE auxiliary
-losses, off by default); --reg decay; --trainable router; --allow-foreign-experts; and the mixture
---data pooled, which repeats the smaller datasets to give each dimension equal weight
+default here, see docs/defaults.md) or random; --balance-coef and --z-coef (Switch / ST-MoE
+auxiliary losses, off by default); --reg decay; --trainable router; --allow-foreign-experts; and the
+mixture --data pooled, which repeats the smaller datasets to give each dimension equal weight
 (data.records.balance_by_task). --lora-rank r (the authors' setting): the experts frozen, a delta
 (alpha/r) B A per expert and matrix trains (engineering/lora.py).
 """

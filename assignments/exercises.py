@@ -215,9 +215,9 @@ EXERCISES = (
          "s is estimated from n values too, so the multiplier is Student's t with n − 1 degrees\n"
          "  of freedom, `t_975(n - 1)` (12.7 for 2 seeds), not the normal's 1.96.",
          "`np.std(x, ddof=1)`; fewer than 2 values give None."),
-        "Seed 3 of docs/results.md's runs fell outside the bootstrap interval of the mean in 3 of 12\n"
-        "rows: train seeds 3-5 (`python pipeline.py --seeds N --ablations`) and check them\n"
-        "against your interval (`python -m evaluation.seeds --held-out`)."),
+        "Seed 3 of docs/results.md's runs fell outside the bootstrap interval of the mean in\n"
+        "3 of 12 rows: train seeds 3-5 (`python pipeline.py --seeds N --ablations`) and check\n"
+        "them against your interval (`python -m evaluation.seeds --held-out`)."),
 )
 
 BY_NUMBER = {e.number: e for e in EXERCISES}

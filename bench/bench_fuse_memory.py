@@ -12,7 +12,7 @@ the fused model's weights (the bytes of its local shards). Router init "hidden" 
 runs a forward through the sharded model too (FSDP gathers one or two layers at a time).
 
     python bench/bench_fuse_memory.py                      # dim 1024, 8 layers, bf16 (~1 GB fused)
-    python bench/bench_fuse_memory.py --layers 32          # 7B's depth, ~3.6 GB fused (docs/scale.md)
+    python bench/bench_fuse_memory.py --layers 32          # 7B's depth, ~3.6 GB fused
     python bench/bench_fuse_memory.py --dim 64 --layers 2  # tiny: checks it runs, and the weights
 """
 import argparse

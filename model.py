@@ -331,8 +331,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, temperat
 # w2 [E, dim, hidden] split on dim 2, router.weight [E, dim] copied.
 # This section reads that layout as plainly as it can: load_checkpoint below is the plain Meta
 # reader. Every command reads through engineering/checkpoints.py's load_checkpoint instead, which
-# checks each file first (a broken one is named in one line), then calls this one, and converts
-# Hugging Face's layout to this one (engineering/hf_checkpoint.py).
+# checks each file as it reads it (a broken one is named in one line), converts Hugging Face's
+# layout to this one (engineering/hf_checkpoint.py), and builds the model with model_from_shards.
 
 
 def read_params(ckpt_dir: str) -> ModelArgs:
@@ -408,6 +408,13 @@ def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
     args = read_params(ckpt_dir)
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
     shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
+    return model_from_shards(args, shards, device, dtype), args
+
+
+def model_from_shards(args: ModelArgs, shards: list, device="cpu", dtype=None):
+    """The Transformer `args` describes, from Meta's model-parallel shards (state dicts): merged,
+    the precomputed rotary table dropped (we compute it on the fly), the tensors taken as the
+    model's parameters."""
     state = merge_shards(shards)
-    state.pop("rope.freqs", None)  # Meta's precomputed rotary table; we compute it on the fly
-    return model_from_state(args, state, device, dtype), args
+    state.pop("rope.freqs", None)
+    return model_from_state(args, state, device, dtype)

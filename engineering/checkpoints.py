@@ -2,13 +2,14 @@
 
 model.py reads Meta's layout in a few plain lines. Every command reads through this file instead:
 it checks each file first, so that a broken directory ends in one line naming the file, what was
-found and what was expected, then calls model.load_checkpoint, the plain Meta reader (or converts
-Hugging Face's layout: engineering/hf_checkpoint.py, checked by engineering/hf_checks.py). Reading
+found and what was expected, then builds the model as model.load_checkpoint, the plain Meta reader,
+does (model_from_shards; Hugging Face's layout is converted first: engineering/hf_checkpoint.py,
+checked by engineering/hf_checks.py). Every file is read once. Reading
 writes and deletes nothing. Saving is here too: a checkpoint is written into a temporary directory
 and renamed into place, so a kill never leaves half of one.
 
-  load_checkpoint       checks, then model.load_checkpoint; a HF directory (config.json) converted;
-                        one dtype (checkpoint_dtype)
+  load_checkpoint       read_checked, then model.model_from_shards; one dtype (checkpoint_dtype)
+  read_checked          a checkpoint's ModelArgs and tensors, every file checked (Meta or HF layout)
   read_checkpoint_args  a checkpoint's ModelArgs (params.json or config.json), vocab_size resolved
   save_checkpoint       params.json + consolidated.NN.pth (+ tokenizer.model), atomically
   recover_checkpoint    finish or roll back a save a kill interrupted (called by what writes)
@@ -38,23 +39,29 @@ MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # 
 
 
 def load_checkpoint(ckpt_dir: str, device="cpu", dtype=None):
-    """A checkpoint directory -> (model.Transformer, model.ModelArgs), every file checked first.
+    """A checkpoint directory -> (model.Transformer, model.ModelArgs), every file checked first
+    (read_checked), the model built as model.load_checkpoint builds it (model_from_shards). It has
+    one dtype: `dtype`, else checkpoint_dtype's. Reading writes and deletes nothing (an interrupted
+    save is finished by the next command that writes: recover_checkpoint)."""
+    args, files = read_checked(ckpt_dir)
+    dtype = dtype or checkpoint_dtype(files)
+    return M.model_from_shards(args, list(files.values()), device, dtype), args
 
-    Meta's layout: read_checkpoint_args and check_meta_files, then model.load_checkpoint. A Hugging
-    Face Llama / Mixtral directory (config.json): checked file by file (engineering/hf_checks.py)
-    and converted to Meta's names in memory (hf_checkpoint.read_hf_checkpoint). The model has one
-    dtype: `dtype`, else checkpoint_dtype's. Reading writes and deletes nothing (an interrupted save
-    is finished by the next command that writes: recover_checkpoint)."""
-    args = read_checkpoint_args(ckpt_dir)
+
+def read_checked(ckpt_dir: str) -> tuple:
+    """(ModelArgs, {file: state dict with Meta's names}) of a checkpoint directory, every file
+    checked as it is read, each read once, the tensors memory-mapped. Meta's layout:
+    read_checkpoint_args, then check_meta_files (one entry per consolidated.NN.pth). A Hugging Face
+    Llama / Mixtral directory (config.json): checked file by file (engineering/hf_checks.py) and
+    converted to Meta's names in memory (hf_checkpoint.read_hf_checkpoint; one entry)."""
     if not is_hf_dir(ckpt_dir):
-        shards = check_meta_files(ckpt_dir, args)
-        return M.load_checkpoint(ckpt_dir, device, dtype or checkpoint_dtype(shards))
-    state = read_hf_checkpoint(ckpt_dir)[1]
-    state.pop("rope.freqs", None)
+        args = read_checkpoint_args(ckpt_dir)
+        return args, check_meta_files(ckpt_dir, args)
+    params, state = read_hf_checkpoint(ckpt_dir)
+    args = with_tokenizer_vocab(M.ModelArgs(**params), ckpt_dir)
     check_state_shapes({name: t.shape for name, t in state.items()}, meta_model(args).state_dict(),
                        f"{ckpt_dir} (Hugging Face layout)", HF_MARKER)
-    dtype = dtype or checkpoint_dtype({ckpt_dir: state})
-    return M.model_from_state(args, state, device, dtype), args
+    return args, {ckpt_dir: state}
 
 
 def checkpoint_dtype(files: dict) -> torch.dtype:
@@ -79,16 +86,21 @@ def read_checkpoint_args(ckpt_dir: str) -> M.ModelArgs:
     tokenizer.model: the one place a config is read; compare what it returns (architecture). A HF
     config.json is checked against the weights present (hf_checkpoint.read_hf_params)."""
     check_checkpoint_dir(ckpt_dir)
-    params_path = config_path(ckpt_dir)
     if is_hf_dir(ckpt_dir):
-        args = M.ModelArgs(**read_hf_params(ckpt_dir))
-    else:
-        raw = read_params_json(params_path)
-        check_params_keys(raw, {f.name for f in fields(M.ModelArgs)}, params_path)
-        args = M.ModelArgs(**raw)
+        return with_tokenizer_vocab(M.ModelArgs(**read_hf_params(ckpt_dir)), ckpt_dir)
+    params_path = os.path.join(ckpt_dir, "params.json")
+    raw = read_params_json(params_path)
+    check_params_keys(raw, {f.name for f in fields(M.ModelArgs)}, params_path)
+    return with_tokenizer_vocab(M.ModelArgs(**raw), ckpt_dir)
+
+
+def with_tokenizer_vocab(args: M.ModelArgs, ckpt_dir: str) -> M.ModelArgs:
+    """args with vocab_size -1 resolved from, and any other checked against, the directory's
+    tokenizer.model (resolved_vocab_size)."""
     tok_path = os.path.join(ckpt_dir, "tokenizer.model")
     n_words = Tokenizer(tok_path).n_words if os.path.exists(tok_path) else None
-    args.vocab_size = resolved_vocab_size(args.vocab_size, n_words, params_path, tok_path)
+    args.vocab_size = resolved_vocab_size(args.vocab_size, n_words, config_path(ckpt_dir),
+                                          tok_path)
     return args
 
 
@@ -96,7 +108,8 @@ def check_meta_files(ckpt_dir: str, args: M.ModelArgs):
     """Everything model.load_checkpoint trusts of a Meta directory whose params.json gave `args`:
     shards named consolidated.00.pth .. NN.pth without a gap, each a whole torch.save file of
     tensors only, the shards agreeing with each other, and their tensors exactly the model's
-    parameters. Returns {path: shard} (memory-mapped)."""
+    parameters. Returns {path: shard} (memory-mapped; rope.freqs kept, model_from_shards drops
+    it)."""
     paths = shard_paths(ckpt_dir)
     shards = [read_torch_file(p) for p in paths]
     check_shards(shards, paths, M.shard_dim)
@@ -112,10 +125,6 @@ def shard_paths(ckpt_dir: str) -> list:
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
     check_shard_names(ckpt_dir, paths)  # consolidated.00.pth .. NN.pth, no gap
     return paths
-
-
-# one consolidated.NN.pth: memory-mapped, tensors only; a cut file names its size
-load_shard = read_torch_file
 
 
 def merged_shapes(shards: list) -> dict:

@@ -24,10 +24,9 @@ import torch
 
 from data.tokenizer import Tokenizer
 from engineering.checkpoints import (check_fusion_inputs, check_non_ffn_difference,
-                                     check_state_shapes, load_shard, meta_model,
-                                     read_checkpoint_args, shard_paths)
+                                     checkpoint_dtype, merged_shapes, read_checked, read_torch_file)
 from engineering.distributed import local_rows
-from engineering.hf_checkpoint import is_hf_dir, read_hf_checkpoint
+from engineering.hf_checkpoint import is_hf_dir
 from engineering.lora import init_lora, is_lora_name
 from fusion import hidden_router_rows, router_weight
 from model import Transformer, shard_dim
@@ -40,33 +39,27 @@ from moe import EXPERT_MATRICES, set_forced_expert
 class CheckpointRows:
     """A Meta-format checkpoint, memory-mapped: rows(name, start, stop) = full_tensor[start:stop]
     (dim 0), assembled from the model-parallel shards without reading (or paging in) any other row.
-    (A HF directory is converted in memory first, hf_checkpoint.read_hf_checkpoint: its wq/wk and
-    experts are copies, the rest mapped.) Call close() to drop the mappings, so the pages read stop
-    counting towards the process's memory."""
+    Its files are checked as load_checkpoint checks them (checkpoints.read_checked; a HF directory
+    is converted in memory, one "shard": its wq/wk and experts are copies, the rest mapped). Call
+    close() to drop the mappings, so the pages read stop counting towards the process's memory, and
+    reopen() to map the checked files again."""
 
     def __init__(self, ckpt_dir: str):
-        self.dir, self.args = ckpt_dir, read_checkpoint_args(ckpt_dir)
-        # a HF directory, converted in memory: one "shard" holding every tensor
-        if is_hf_dir(ckpt_dir):
-            self.paths, self.shards = [ckpt_dir], [read_hf_checkpoint(ckpt_dir)[1]]
-        else:
-            self.paths = shard_paths(ckpt_dir)
-            self.shards = [load_shard(p) for p in self.paths]
+        self.dir = ckpt_dir
+        self.args, files = read_checked(ckpt_dir)
+        self.paths, self.shards = list(files), list(files.values())
+        self.dtype = checkpoint_dtype(files)  # what load_checkpoint would give the model
         for shard in self.shards:
             shard.pop("rope.freqs", None)  # Meta's precomputed rotary table; model.py computes it
-        keys = set(self.shards[0])
-        for path, shard in zip(self.paths[1:], self.shards[1:]):
-            if set(shard) != keys:
-                raise ValueError(f"{path}: keys differ from {self.paths[0]}: "
-                                 f"{sorted(set(shard) ^ keys)[:5]}")
-        self.shapes = {}
-        for name in keys:
-            parts = [s[name].shape for s in self.shards]
-            shape, dim = list(parts[0]), shard_dim(name, len(parts[0]))
-            if dim is not None:
-                shape[dim] = sum(p[dim] for p in parts)
-            self.shapes[name] = torch.Size(shape)
-        check_state_shapes(self.shapes, meta_model(self.args).state_dict(), ckpt_dir)
+        self.shapes = merged_shapes(self.shards)
+
+    def reopen(self):
+        if is_hf_dir(self.dir):  # converted in memory: convert again
+            self.shards = list(read_checked(self.dir)[1].values())
+        else:
+            self.shards = [read_torch_file(p) for p in self.paths]
+        for shard in self.shards:
+            shard.pop("rope.freqs", None)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         parts = [s[name] for s in self.shards]
@@ -215,7 +208,7 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
     check_fusion_inputs(base_dir, expert_dirs, router_init, init_prompts)
     n_experts = len(expert_dirs)  # (top_k is checked where it is used: moe.MoE)
     base = CheckpointRows(base_dir)
-    dtype = dtype or base.shards[0]["norm.weight"].dtype
+    dtype = dtype or base.dtype
     args = replace(base.args, n_experts=n_experts, top_k=top_k)
 
     fused = empty_model(args, dtype, device, shard, seed)
@@ -240,7 +233,7 @@ def build_fused_model(base_dir, expert_dirs, top_k=2, router_init="zero", init_p
         local_diff, key = non_ffn_difference(fused, expert)
         # mapped again for the FFN rows: the pages of only one of the two reads count at a time
         expert.close()
-        expert = CheckpointRows(expert_dir)
+        expert.reopen()
         fill_from_expert(fused, e, expert)
         expert.close()
         max_diff = _max_over_ranks(local_diff)

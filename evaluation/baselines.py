@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from losses import drift_loss
 from engineering.hf_checkpoint import config_path
 from data.tokenizer import Tokenizer
-from engineering.checkpoints import load_checkpoint, read_checkpoint_args, recover_checkpoint
-from model import Transformer
+from engineering.checkpoints import (first_difference, load_checkpoint, read_checkpoint_args,
+                                     recover_checkpoint)
+from model import model_from_state
 from moe import EXPERT_MATRICES, MoE, moe_layers, set_forced_expert
-from engineering.checkpoints import first_difference
 
 # --------------------------------------------------------------------------------------------------
 # 1. Which models: checkpoints from the command line, and the baselines built from base + aligned
@@ -113,14 +113,6 @@ def check_compatible(paths: list, what: str = "--baselines"):
                              f"merged and ensembled models need the same tokenizer")
 
 
-def model_from_state(state: dict, args) -> Transformer:
-    """A Transformer whose parameters are exactly the tensors of `state` (no copy, no init)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict(state, assign=True)
-    return model.eval()
-
-
 def baseline_specs(paths: list, alpha=0.5, ties_density=0.2, ties_lambda=1.0, device="cpu",
                    dtype=None, oracle=False) -> list:
     """paths = [base, aligned_1, ..., aligned_N] -> rows: base, each aligned, soup, task_arith,
@@ -164,7 +156,7 @@ def load_merged(paths: list, merge: Callable, device="cpu", dtype=None):
     loaded = [load_checkpoint(p, device=device, dtype=dtype) for p in paths]
     base_state, *aligned_states = [model.state_dict() for model, _ in loaded]
     args = loaded[0][1]
-    return (model_from_state(merge(base_state, aligned_states), args),
+    return (model_from_state(args, merge(base_state, aligned_states)).eval(),
             Tokenizer(os.path.join(paths[0], "tokenizer.model")))
 
 

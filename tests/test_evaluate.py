@@ -15,8 +15,7 @@ from data import toy
 from data.format import format_prompt
 from data.toy_scoring import is_refusal, kind_group, score_all
 from evaluation.baselines import (OutputEnsemble, expert_drift, load_model, merge_soup,
-                                  merge_task_arithmetic, merge_ties, model_from_state,
-                                  trim_top_magnitude)
+                                  merge_task_arithmetic, merge_ties, trim_top_magnitude)
 from evaluation.generation import generate_responses, sequence_logprobs, spread
 from evaluation.real_suite import (judge_pairwise, judge_prob_a, lcs_length, load_judge,
                                    load_real_eval, mc1_mc2_from_logprobs, mentions_refusal_phrase,
@@ -27,7 +26,7 @@ from evaluation.routing import routed_right_by_group, routing_stats
 from data.tokenizer import Tokenizer
 from engineering import export_hf
 from engineering.checkpoints import load_checkpoint, save_checkpoint
-from model import ModelArgs, Transformer, generate, generate_tokens
+from model import ModelArgs, Transformer, generate, generate_tokens, model_from_state
 from moe import set_forced_expert
 from engineering.tiny import make_tiny_checkpoint
 from engineering.lean_fusion import build_fused_model
@@ -546,7 +545,7 @@ def test_cli_builds_every_baseline(ckpts, toy_dir, tmp_path):
     assert fused_row["drift"] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
     assert "drift" in open(os.path.join(out, "results.md")).read()
     states = [load_checkpoint(ckpts[n])[0].state_dict() for n in TASK_DIRS]
-    soup = model_from_state(merge_soup(states), load_checkpoint(ckpts["base"])[1])
+    soup = model_from_state(load_checkpoint(ckpts["base"])[1], merge_soup(states)).eval()
     tok = Tokenizer(os.path.join(ckpts["base"], "tokenizer.model"))
     records = [json.loads(x) for x in open(os.path.join(toy_dir, "eval.jsonl"))][:3]
     for r, answer in zip(records, answers["soup"]):

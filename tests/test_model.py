@@ -214,6 +214,25 @@ def test_shards_merge_to_the_same_model_and_split_is_byte_exact(tiny_dir, tmp_pa
             assert torch.equal(merged.state_dict()[k].view(torch.uint8), v.view(torch.uint8)), k
 
 
+def test_the_checked_load_reads_each_shard_once_and_builds_the_plain_readers_model(
+        tiny_dir, tmp_path, monkeypatch):
+    """checkpoints.load_checkpoint checks every file as it reads it and builds the model from what
+    it checked: each consolidated.NN.pth goes through torch.load once, and the model and args are
+    model.load_checkpoint's (the plain reader a student reads), bit for bit."""
+    model, _ = C.load_checkpoint(tiny_dir)
+    out = C.save_checkpoint(model, str(tmp_path / "two"), n_shards=2)
+    plain, plain_args = M.load_checkpoint(out)
+    loaded, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loaded.append(f) or real_load(f, *a, **k))
+    checked, args = C.load_checkpoint(out)
+    assert sorted(loaded) == [os.path.join(out, f"consolidated.0{i}.pth") for i in range(2)]
+    assert args == plain_args
+    plain_state = plain.state_dict()
+    assert set(checked.state_dict()) == set(plain_state)
+    for name, t in checked.state_dict().items():
+        assert t.dtype == plain_state[name].dtype and torch.equal(t, plain_state[name]), name
+
+
 def test_save_load_round_trip_is_exact_and_bf16_stays_bf16(tmp_path):
     d = make_tiny_checkpoint(str(tmp_path / "bf16"), dtype=torch.bfloat16, seed=2)
     model, args = C.load_checkpoint(d)

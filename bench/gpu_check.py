@@ -56,13 +56,8 @@ import trainer as T  # noqa: E402
 from bench_moe import fwd_bwd_step, ideal, per_expert_loop  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from data.toy import load_corpus_documents  # noqa: E402
-from engineering.compiled_decode import CompiledDecoder  # noqa: E402
+from engineering.compiled_decode import CompiledDecoder, step_logits, synchronize  # noqa: E402
 from model import ModelArgs, Transformer, generate_tokens  # noqa: E402
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_round_robin(fns: dict, repeats: int, device, warmup: int = 2) -> dict:
@@ -212,21 +207,6 @@ def decode_tokens_per_s(model, prompts: list, new_tokens: int, device) -> float:
     generate_tokens(model, prompts, new_tokens, temperature=0.0, eos_id=-1)
     synchronize(device)
     return len(prompts) * new_tokens / (time.perf_counter() - start)
-
-
-@torch.inference_mode()
-def step_logits(model, tokens, prompt: int):
-    """Logits [B, L - prompt, V] of the prompt's forward and then one step per token, the calls
-    generate_tokens makes (the model's or a CompiledDecoder's cache)."""
-    B, L = tokens.shape
-    model.setup_cache(B, L)
-    try:
-        steps = [model.forward(tokens[:, :prompt], 0)[:, -1]]  # [B, V]
-        for pos in range(prompt, L - 1):
-            steps.append(model.forward(tokens[:, pos:pos + 1], pos)[:, -1])  # [B, V]
-    finally:
-        model.clear_cache()
-    return torch.stack(steps, dim=1)  # [B, L - prompt, V]
 
 
 def decode_check(device, dim, n_layers, vocab, new_tokens, bandwidth):

@@ -293,6 +293,23 @@ class CompiledDecoder(nn.Module):
         return logits
 
 
+@torch.inference_mode()
+def step_logits(decoder, tokens, prompt: int):
+    """The logits a decoder (a model.Transformer, or a CompiledDecoder) gives for positions
+    prompt-1 .. L-2 of tokens [B, L], called as model.generate_tokens calls it: the prompt's
+    forward, then one step per token -> [B, L - prompt, V]. How the tests and bench/gpu_check.py
+    hold the compiled step's logits against the eager ones."""
+    B, L = tokens.shape
+    decoder.setup_cache(B, L)
+    try:
+        steps = [decoder.forward(tokens[:, :prompt], 0)[:, -1]]  # [B, V]
+        for pos in range(prompt, L - 1):
+            steps.append(decoder.forward(tokens[:, pos:pos + 1], pos)[:, -1])  # [B, V]
+    finally:
+        decoder.clear_cache()
+    return torch.stack(steps, dim=1)  # [B, L - prompt, V]
+
+
 def compiled_or_eager(model):
     """A CompiledDecoder for `model`, or `model` itself where decode_step does not apply (one line
     on stderr says why): what generate.py and evaluate.py decode with when compiled decoding is

@@ -8,7 +8,7 @@ import torch
 import generate
 import model as M
 from engineering.compiled_decode import (CompiledDecoder, compile_decode_wanted, compiled_or_eager,
-                                         static_moe, unsupported_reason)
+                                         static_moe, step_logits, unsupported_reason)
 from engineering.lora import add_lora
 from engineering.tiny import make_tiny_checkpoint
 from evaluation.baselines import ByDimension, OutputEnsemble
@@ -67,20 +67,6 @@ def test_compiled_greedy_decoding_gives_eager_tokens_ragged_batches_of_4_and_1(w
     assert any(len(row) < 20 for row in got)
 
 
-def logits_of_each_step(decoder, tokens, prompt: int):
-    """The logits the decoder gives for positions prompt-1 .. L-2 of tokens [B, L]: the prompt's
-    forward, then one step per token, as generate_tokens runs them -> [B, L - prompt, V]."""
-    B, L = tokens.shape
-    decoder.setup_cache(B, L)
-    try:
-        steps = [decoder.forward(tokens[:, :prompt], 0)[:, -1]]  # [B, V]
-        for pos in range(prompt, L - 1):
-            steps.append(decoder.forward(tokens[:, pos:pos + 1], pos)[:, -1])  # [B, V]
-    finally:
-        decoder.clear_cache()
-    return torch.stack(steps, dim=1)  # [B, L - prompt, V]
-
-
 @pytest.mark.parametrize("which", ["dense", "fused"])
 @torch.inference_mode()
 def test_step_logits_equal_the_full_forward_without_cache(which, request):
@@ -88,7 +74,7 @@ def test_step_logits_equal_the_full_forward_without_cache(which, request):
     model, decoder = request.getfixturevalue(which)
     tokens = torch.randint(1, VOCAB, (4, 30), generator=torch.Generator().manual_seed(2))  # [B, L]
     want = model(tokens)[:, 5:29]  # [B, 24, V]
-    torch.testing.assert_close(logits_of_each_step(decoder, tokens, 6), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(step_logits(decoder, tokens, 6), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow  # one more compile, in bf16
@@ -103,7 +89,7 @@ def test_the_grouped_mm_step_a_gpu_takes_compiles_and_computes_the_layer():
     decoder = CompiledDecoder(model)
     assert decoder.grouped_moe
     tokens = torch.randint(1, VOCAB, (4, 20), generator=torch.Generator().manual_seed(3))  # [B, L]
-    got = logits_of_each_step(decoder, tokens, 6)  # [B, 14, V]
+    got = step_logits(decoder, tokens, 6)  # [B, 14, V]
     assert decoder.fallback_reason is None and decoder.compile_seconds > 0
     torch.testing.assert_close(got, model(tokens)[:, 5:19], rtol=0.05, atol=0.05)
 

@@ -298,11 +298,11 @@ def generate_tokens(model, prompt_tokens: list, max_new_tokens: int, temperature
             next_token = sample_next(logits[:, -1], temperature, top_p)  # [B]
             next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
-            if eos_id is not None:
-                done |= ~in_prompt[:, cur_pos] & (next_token == eos_id)
             prev_pos = cur_pos
-            if done.all():
-                break
+            if eos_id is not None:  # (done.all() waits for the device: only when it can be true)
+                done |= ~in_prompt[:, cur_pos] & (next_token == eos_id)
+                if done.all():
+                    break
     finally:
         model.clear_cache()
     out = []

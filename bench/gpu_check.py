@@ -201,10 +201,10 @@ def decode_model(device, dim: int, n_layers: int, vocab: int, n_experts: int, ma
 def decode_tokens_per_s(model, prompts: list, new_tokens: int, device) -> float:
     """New tokens per second of model.generate_tokens after a warm-up generation (where a
     CompiledDecoder compiles its step and captures its graph)."""
-    generate_tokens(model, prompts, 4, temperature=0.0, eos_id=-1)  # warm-up
+    generate_tokens(model, prompts, 4, temperature=0.0)  # warm-up
     synchronize(device)
     start = time.perf_counter()
-    generate_tokens(model, prompts, new_tokens, temperature=0.0, eos_id=-1)
+    generate_tokens(model, prompts, new_tokens, temperature=0.0)  # no </s>: all tokens
     synchronize(device)
     return len(prompts) * new_tokens / (time.perf_counter() - start)
 

@@ -7,6 +7,7 @@ hf_checkpoint.write_hf_checkpoint (safetensors in the checkpoint's dtype, one di
 whole).
 """
 import argparse
+import os
 
 from engineering.checkpoints import load_checkpoint, params_json
 from engineering.cli import run_cli
@@ -19,9 +20,13 @@ def main(argv=None):
     p.add_argument("ckpt_dir", help="a checkpoint directory (Meta's layout, or Hugging Face's)")
     p.add_argument("out_dir", help="the Hugging Face directory to write")
     args = p.parse_args(argv)
+    tokenizer_path = os.path.join(args.ckpt_dir, "tokenizer.model")
+    if os.path.isdir(args.ckpt_dir) and not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"{tokenizer_path}: not found; an exported model needs its "
+                                f"tokenizer (copy the one it was trained with beside its weights)")
     model, model_args = load_checkpoint(args.ckpt_dir)
     out = write_hf_checkpoint(args.out_dir, params_json(model_args), model.state_dict(),
-                              f"{args.ckpt_dir}/tokenizer.model")
+                              tokenizer_path)
     print("wrote", out)
 
 

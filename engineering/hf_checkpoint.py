@@ -52,7 +52,7 @@ from engineering.fileio import replace_dir, write_atomic
 from engineering.hf_checks import (check_hf_config, check_hf_tensors, check_index,
                                    check_tensor_files, check_tied_head, check_weight_counts,
                                    cut_short_error, read_json_object, read_safetensors_header)
-from engineering.hf_tokenizer import write_hf_tokenizer
+from engineering.hf_tokenizer import hf_tokenizer_files, write_hf_tokenizer
 
 HF_MARKER = "config.json"  # marks a HF checkpoint directory; write_hf_checkpoint writes it last
 MAX_SHARD_BYTES = 5 * 2**30  # HF's usual: model-0000N-of-0000M.safetensors of at most 5 GiB each
@@ -399,6 +399,9 @@ def write_hf_checkpoint(out_dir: str, params: dict, state: dict, tokenizer_path:
     config = hf_config_from_params(params, w1.shape[-2], tied, embeddings.dtype)
     hf = hf_state_from_meta({k: v for k, v in state.items() if not (tied and k == "output.weight")},
                             params)
+    # the tokenizer's files first: one they cannot describe is refused before any weight is written
+    tokenizer_files = (hf_tokenizer_files(tokenizer_path, config["max_position_embeddings"])
+                       if tokenizer_path is not None else None)
     groups = shards_of(hf, max_shard_bytes)
     names = ["model.safetensors"] if len(groups) == 1 else \
         [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
@@ -415,7 +418,7 @@ def write_hf_checkpoint(out_dir: str, params: dict, state: dict, tokenizer_path:
                          json.dumps(index, indent=2))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-            write_hf_tokenizer(tmp, tokenizer_path, max_len=config["max_position_embeddings"])
+            write_hf_tokenizer(tmp, tokenizer_path, files=tokenizer_files)
         write_atomic(os.path.join(tmp, HF_MARKER), json.dumps(config, indent=2))
 
     replace_dir(out_dir, fill, marker=HF_MARKER, kind="a Hugging Face checkpoint directory")

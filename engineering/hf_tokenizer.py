@@ -14,7 +14,7 @@ Read top to bottom:
   1. tokenizer.model    read_proto (protobuf's wire format), read_sentencepiece, check_supported
   2. tokenizer.json     bpe_merges, check_pieces_stay_whole, tokenizer_json
   3. The other files    special_tokens_map, tokenizer_config, generation_config
-  4. Writing them       write_hf_tokenizer
+  4. Writing them       hf_tokenizer_files, write_hf_tokenizer
 
 How sentencepiece encodes a text (BPE, LLaMA's "identity" normalization), and what says the same in
 tokenizer.json:
@@ -46,8 +46,7 @@ import os
 import re
 import struct
 
-import sentencepiece as spm
-
+from data.tokenizer import Tokenizer
 from engineering.fileio import write_atomic
 
 SPACE = "\u2581"  # "▁", sentencepiece's visible space
@@ -109,13 +108,7 @@ def read_sentencepiece(path: str) -> dict:
     """tokenizer.model -> {"pieces": [(piece, score, type)] in id order, the special ids, the
     settings, "sp": the loaded SentencePieceProcessor}. A file sentencepiece cannot load is
     refused."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: tokenizer model not found")
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(path)
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+    sp = Tokenizer(path).sp  # (a missing file or one sentencepiece cannot load: refused there)
     proto = read_proto(sp.serialized_model_proto())
     pieces = []
     for message in proto.get(1, []):
@@ -274,17 +267,25 @@ def generation_config(model: dict) -> dict:
 # 4. Writing them
 
 
-def write_hf_tokenizer(out_dir: str, tokenizer_path: str, max_len: int = None) -> list:
-    """Write the four files into out_dir, each atomically; returns their paths. max_len: the model's
-    context (config.json's max_position_embeddings), as tokenizer_config's model_max_length."""
+def hf_tokenizer_files(tokenizer_path: str, max_len: int = None) -> dict:
+    """{file name: its JSON content} of the four files, the tokenizer checked first (a model they
+    cannot describe exactly is refused). max_len: the model's context (config.json's
+    max_position_embeddings), as tokenizer_config's model_max_length."""
     model = read_sentencepiece(tokenizer_path)
     check_supported(model, tokenizer_path)
     if user_defined_pieces(model):
         check_pieces_stay_whole(model, tokenizer_path)
-    files = {"tokenizer.json": tokenizer_json(model),
-             "tokenizer_config.json": tokenizer_config(model, max_len),
-             "special_tokens_map.json": special_tokens_map(model),
-             "generation_config.json": generation_config(model)}
+    return {"tokenizer.json": tokenizer_json(model),
+            "tokenizer_config.json": tokenizer_config(model, max_len),
+            "special_tokens_map.json": special_tokens_map(model),
+            "generation_config.json": generation_config(model)}
+
+
+def write_hf_tokenizer(out_dir: str, tokenizer_path: str, max_len: int = None,
+                       files: dict = None) -> list:
+    """Write the four files (hf_tokenizer_files', or `files` made by it already) into out_dir, each
+    atomically; returns their paths."""
+    files = files or hf_tokenizer_files(tokenizer_path, max_len)
     paths = []
     for name, content in files.items():
         paths.append(os.path.join(out_dir, name))

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 
 import pytest
 import sentencepiece as spm
@@ -213,6 +214,23 @@ def test_tokenizers_it_cannot_reproduce_are_refused_with_the_file_named(world, t
     with pytest.raises(ValueError, match=r"unigram.model: model_type=1; expected BPE"):
         write_hf_tokenizer(str(tmp_path), str(unigram))
     assert not (tmp_path / "tokenizer.json").exists()
+
+
+def test_an_export_without_a_tokenizer_it_can_write_is_refused_before_any_weight(
+        world, meta_style, tmp_path):
+    """export_hf checks the tokenizer before it writes a weight: a checkpoint whose tokenizer.model
+    is missing, or is one the files cannot describe (unigram), leaves no output directory."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(meta_style["dense"], ckpt)
+    os.remove(ckpt / "tokenizer.model")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model: not found; an exported model"):
+        export_hf.main([str(ckpt), str(tmp_path / "hf")])
+    with open(ckpt / "tokenizer.model", "wb") as f:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(world["prompts"]), model_writer=f,
+                                       vocab_size=320, model_type="unigram", minloglevel=2)
+    with pytest.raises(ValueError, match=r"tokenizer.model: model_type=1; expected BPE"):
+        export_hf.main([str(ckpt), str(tmp_path / "hf")])
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no output, no temporary directory left
 
 
 def test_a_piece_sentencepiece_never_builds_whole_is_refused_beside_user_defined_ones(world):

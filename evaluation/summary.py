@@ -25,7 +25,7 @@ from data.streams import HELD_OUT_LIMIT
 from engineering.distributed import all_reduce_sum, autocast_context
 from evaluation.baselines import drift_per_expert
 from losses import f32, mean_router_probs, per_expert_norm
-from moe import expert_parameters, moe_layers
+from moe import collect_router_probs, expert_parameters, moe_layers
 from trainer import lr_at
 
 TOY_SETS = TASK_NAMES + ("pooled", "pooled-natural")
@@ -192,7 +192,7 @@ def routed_right_by_dimension(model, batches: list, d) -> tuple:
         tokens, mask, task = (batch[k].to(d.device) for k in ("tokens", "mask", "task"))
         with autocast_context(d):
             model(tokens)
-        p_bar = mean_router_probs([m.router_probs for m in moe_layers(model)], mask)  # [B, E]
+        p_bar = mean_router_probs(collect_router_probs(model), mask)  # [B, E]
         known = ((task >= 0) & (task < n_experts) & mask.any(1)).cpu()  # [B]
         hit = (p_bar.argmax(-1) == task).cpu()  # [B]
         task = task.cpu()
